@@ -1,0 +1,1573 @@
+#!/usr/bin/env python3
+"""ccproxy: one local endpoint for Claude Code in front of many Anthropic-compatible relays.
+
+Claude Code (or any Anthropic SDK, or curl) sets ANTHROPIC_BASE_URL to this proxy once.
+Every request under /v1/ is relayed to the provider selected in the web UI; switching takes
+effect on the next request. Streams are relayed piece by piece as they arrive (read1, write),
+never buffered. The proxy does not translate between API formats: providers must speak the
+Anthropic Messages API.
+
+Data flow: client -> Handler (auth, route) -> Store.view (config snapshot + selection)
+-> build the upstream request (headers, auth, presets, model mapping) -> pooled
+http.client connection -> relay the response (chunked to the client) -> one log line.
+
+Sections, in file order (grep -n '^# ===' ccproxy.py):
+  constants, errors, config, pure HTTP helpers, upstream client, relay, web UI API,
+  request handler, server factory and CLI.
+
+Run:   python3 ccproxy.py [--config config.json] [--host H] [--port P] [--debug]
+       (first run creates config.json from config.in.json with a random APIKEY)
+Test:  python3 -m pip install -r requirements-dev.txt && python3 -m pytest
+
+Security: binds 127.0.0.1 by default; refuses a non-loopback bind while APIKEY is empty or
+the placeholder; client keys are compared in constant time; logs never carry keys, tokens
+or prompts (bodies are logged only with --debug, truncated and redacted).
+Standard library only; runs on Python 3.8 and newer.
+"""
+
+import argparse
+import base64
+import concurrent.futures
+import hmac
+import http.client
+import http.server
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import ssl
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections import deque
+
+# ============================================================================ constants
+
+VERSION = "1.0.0"
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(HERE, "config.json")
+TEMPLATE_CONFIG = os.path.join(HERE, "config.in.json")
+WEBUI_FILE = os.path.join(HERE, "webui.html")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 3456
+PLACEHOLDER_APIKEY = "sk-ccproxy-CHANGE-ME"
+DEFAULT_API_TIMEOUT_MS = 600000     # must exceed Claude Code's own 300 s stream watchdog
+DEFAULT_MAX_BODY_MB = 64            # Claude Code sends 100 KB to 20 MB (images)
+CONNECT_TIMEOUT_S = 10.0
+CLIENT_TIMEOUT_S = 120.0            # a client socket idle this long is closed
+LISTEN_BACKLOG = 1024               # the stdlib default of 5 drops connects under load
+RELAY_CHUNK = 65536                 # upper bound for one read1(); it returns what is there
+POOL_MAX_IDLE = 32                  # idle upstream connections kept per origin
+POOL_IDLE_S = 30.0                  # older idle connections are closed, not reused
+REFRESH_TIMEOUT_S = 20.0            # one provider's /v1/models discovery
+REFRESH_WORKERS = 16
+MODELS_PAGE_LIMIT = 1000
+MAX_MODEL_PAGES = 20
+SHUTDOWN_GRACE_S = 5.0              # in-flight streams get this long on SIGTERM/Ctrl-C
+AUTH_FAIL_LIMIT = 10                # wrong keys from one address within AUTH_FAIL_WINDOW_S
+AUTH_FAIL_WINDOW_S = 60.0
+AUTH_LOCKOUT_S = 60.0
+DEBUG_BODY_CHARS = 2000
+STATE_SUFFIX = ".state.json"
+ANTHROPIC_VERSION = "2023-06-01"
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+AUTH_STYLES = ("bearer", "x-api-key", "both")
+MODEL_VARS = ("ANTHROPIC_MODEL", "ANTHROPIC_DEFAULT_OPUS_MODEL", "ANTHROPIC_DEFAULT_SONNET_MODEL",
+              "ANTHROPIC_DEFAULT_HAIKU_MODEL", "ANTHROPIC_SMALL_FAST_MODEL")
+FAMILY_VARS = (("haiku", "ANTHROPIC_DEFAULT_HAIKU_MODEL"), ("sonnet", "ANTHROPIC_DEFAULT_SONNET_MODEL"),
+               ("opus", "ANTHROPIC_DEFAULT_OPUS_MODEL"))
+TOP_KEYS = ("HOST", "PORT", "APIKEY", "LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_MB", "MODEL_MAPPING",
+            "env-models", "HeaderOverrides", "RequestOverrides", "Providers")
+PROVIDER_KEYS = ("name", "api_base_url", "api_key", "models", "comment", "env-models", "auth", "proxy")
+
+# RFC 9110 section 7.6.1: hop-by-hop fields, plus every token listed in Connection.
+HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                        "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"))
+# Set by the proxy itself, never copied from the client.
+REQUEST_OWN = frozenset(("host", "content-length", "accept-encoding", "expect",
+                         "x-api-key", "authorization"))
+RESPONSE_OWN = frozenset(("content-length",))
+
+log = logging.getLogger("ccproxy")
+
+# ============================================================================ errors
+
+
+class ProxyError(Exception):
+    """An error answered to the client in Anthropic's shape."""
+
+    status = 500
+    kind = "api_error"
+    retry = True
+
+    def __init__(self, message, status=None, kind=None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        if kind is not None:
+            self.kind = kind
+
+
+class ClientError(ProxyError):
+    status = 400
+    kind = "invalid_request_error"
+
+
+class AuthError(ProxyError):
+    status = 401
+    kind = "authentication_error"
+
+
+class NotFound(ProxyError):
+    status = 404
+    kind = "not_found_error"
+
+
+class NoProvider(ProxyError):
+    """Nothing to relay to: a retry cannot fix it, so Claude Code is told not to retry."""
+
+    retry = False
+
+
+class UpstreamError(ProxyError):
+    status = 502
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; `problems` holds one line per problem."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# ============================================================================ config
+
+
+class Provider:
+    """One entry of Providers[], validated. A provider without a URL is a separator."""
+
+    __slots__ = ("name", "api_base_url", "base_url", "api_key", "models", "comment",
+                 "env_models", "auth", "proxy")
+
+    def __init__(self, name, api_base_url, api_key, models, comment, env_models, auth, proxy):
+        self.name = name
+        self.api_base_url = api_base_url
+        self.base_url = derive_base_url(api_base_url) if api_base_url else ""
+        self.api_key = api_key
+        self.models = tuple(models)
+        self.comment = comment
+        self.env_models = env_models
+        self.auth = auth
+        self.proxy = proxy
+
+    @property
+    def usable(self):
+        return bool(self.base_url)
+
+
+class Config:
+    """A validated, read-only snapshot of config.json."""
+
+    def __init__(self, path, raw, providers):
+        self.path = path
+        self.raw = raw
+        self.host = raw.get("HOST", DEFAULT_HOST)
+        self.port = raw.get("PORT", DEFAULT_PORT)
+        self.apikey = raw.get("APIKEY", "")
+        self.log_level = raw.get("LOG_LEVEL", "INFO")
+        self.api_timeout_s = raw.get("API_TIMEOUT_MS", DEFAULT_API_TIMEOUT_MS) / 1000.0
+        self.max_body_bytes = int(raw.get("MAX_BODY_MB", DEFAULT_MAX_BODY_MB) * 1024 * 1024)
+        self.model_mapping = raw.get("MODEL_MAPPING", True)
+        self.env_models = strip_comments(raw.get("env-models", {}))
+        self.header_presets = strip_comments(raw.get("HeaderOverrides", {}))
+        self.request_presets = strip_comments(raw.get("RequestOverrides", {}))
+        self.providers = tuple(providers)
+        self.by_name = {p.name: p for p in providers}
+        self.loaded_at = time.time()
+
+    def secrets(self):
+        return [s for s in [self.apikey] + [p.api_key for p in self.providers] if s]
+
+
+def strip_comments(obj):
+    return {k: v for k, v in obj.items() if not k.startswith("_")}
+
+
+def _check_str_map(value, where, problems, allowed=None, header=False):
+    if not isinstance(value, dict):
+        problems.append("%s must be an object of name -> string" % where)
+        return
+    for key, val in value.items():
+        if key.startswith("_"):
+            continue
+        if allowed is not None and key not in allowed:
+            problems.append("%s.%s is not a model variable — use one of %s"
+                            % (where, key, ", ".join(allowed)))
+        elif not isinstance(val, str):
+            problems.append("%s.%s must be a string" % (where, key))
+        elif header and ("\r" in val or "\n" in val or "\r" in key or "\n" in key):
+            problems.append("%s.%s contains a line break, which would split the HTTP header"
+                            % (where, key))
+        elif header and not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", key):
+            problems.append("%s: %r is not a valid HTTP header name" % (where, key))
+
+
+def _check_presets(value, where, problems, header):
+    if not isinstance(value, dict):
+        problems.append("%s must be an object of preset name -> preset" % where)
+        return
+    for name, preset in value.items():
+        if name.startswith("_"):
+            continue
+        if not isinstance(preset, dict):
+            problems.append("%s.%s must be an object (the preset's %s)"
+                            % (where, name, "headers" if header else "body fields"))
+        elif header:
+            _check_str_map(preset, "%s.%s" % (where, name), problems, header=True)
+
+
+def _check_provider(index, entry, names, problems):
+    where = "Providers[%d]" % index
+    if not isinstance(entry, dict):
+        problems.append("%s must be an object" % where)
+        return None
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.strip():
+        problems.append("%s.name must be a non-empty string" % where)
+        return None
+    where = "Providers[%d] (%s)" % (index, name)
+    if name in names:
+        problems.append("%s: duplicate provider name — names must be unique" % where)
+    names.add(name)
+    url = entry.get("api_base_url", "")
+    if not isinstance(url, str):
+        problems.append("%s.api_base_url must be a string" % where)
+        url = ""
+    elif url:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            problems.append("%s.api_base_url must be an http(s) URL such as "
+                            "https://relay.example/v1/messages" % where)
+    for key in ("api_key", "comment"):
+        if not isinstance(entry.get(key, ""), str):
+            problems.append("%s.%s must be a string" % (where, key))
+    models = entry.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        problems.append("%s.models must be a list of model id strings" % where)
+        models = []
+    _check_str_map(entry.get("env-models", {}), where + ".env-models", problems, MODEL_VARS)
+    auth = entry.get("auth")
+    if auth is not None and auth not in AUTH_STYLES:
+        problems.append("%s.auth must be one of %s" % (where, ", ".join(AUTH_STYLES)))
+    proxy = entry.get("proxy", "")
+    if not isinstance(proxy, str):
+        problems.append("%s.proxy must be a string such as http://127.0.0.1:7890" % where)
+        proxy = ""
+    elif proxy and urllib.parse.urlsplit(proxy).scheme != "http":
+        problems.append("%s.proxy must be an http://host:port proxy URL (CONNECT)" % where)
+    env_models = entry.get("env-models", {})
+    return Provider(name, url.strip(), str(entry.get("api_key", "")), [m for m in models if m],
+                    str(entry.get("comment", "")),
+                    strip_comments(env_models) if isinstance(env_models, dict) else {}, auth, proxy)
+
+
+def validate_config(raw, path="config.json"):
+    """Return a Config for a parsed config object, or raise ConfigError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(["%s: the top level must be a JSON object" % path])
+    problems = []
+    if not isinstance(raw.get("HOST", DEFAULT_HOST), str):
+        problems.append("HOST must be a string such as 127.0.0.1")
+    port = raw.get("PORT", DEFAULT_PORT)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        problems.append("PORT must be a whole number from 0 to 65535")
+    if not isinstance(raw.get("APIKEY", ""), str):
+        problems.append("APIKEY must be a string")
+    if raw.get("LOG_LEVEL", "INFO") not in LOG_LEVELS:
+        problems.append("LOG_LEVEL must be one of %s" % ", ".join(LOG_LEVELS))
+    for key, default in (("API_TIMEOUT_MS", DEFAULT_API_TIMEOUT_MS), ("MAX_BODY_MB", DEFAULT_MAX_BODY_MB)):
+        value = raw.get(key, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            problems.append("%s must be a positive number" % key)
+    if not isinstance(raw.get("MODEL_MAPPING", True), bool):
+        problems.append("MODEL_MAPPING must be true or false")
+    _check_str_map(raw.get("env-models", {}), "env-models", problems, MODEL_VARS)
+    _check_presets(raw.get("HeaderOverrides", {}), "HeaderOverrides", problems, header=True)
+    _check_presets(raw.get("RequestOverrides", {}), "RequestOverrides", problems, header=False)
+    entries = raw.get("Providers", [])
+    providers = []
+    if not isinstance(entries, list):
+        problems.append("Providers must be a list of provider objects")
+        entries = []
+    names = set()
+    for index, entry in enumerate(entries):
+        provider = _check_provider(index, entry, names, problems)
+        if provider is not None:
+            providers.append(provider)
+    if problems:
+        raise ConfigError(["%s: %s" % (path, p) for p in problems])
+    for key in raw:
+        if not key.startswith("_") and key not in TOP_KEYS:
+            log.warning("%s: unknown key %s is ignored", path, key)
+    return Config(path, raw, providers)
+
+
+def load_config(path):
+    """Read and validate config.json; raise ConfigError with readable lines."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(["%s: no such file — copy config.in.json to it, or run ccproxy.py "
+                           "once without --config to create it" % path])
+    except OSError as exc:
+        raise ConfigError(["%s: cannot be read (%s)" % (path, exc.strerror or exc)])
+    except UnicodeDecodeError:
+        raise ConfigError(["%s: is not UTF-8 text" % path])
+    except json.JSONDecodeError as exc:
+        raise ConfigError(["%s: line %d column %d: invalid JSON (%s)"
+                           % (path, exc.lineno, exc.colno, exc.msg)])
+    return validate_config(raw, path)
+
+
+def write_atomic(path, text, mode=None):
+    """Write text to path so that a crash leaves either the old or the new file, never half."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename is done
+    finally:
+        os.close(dir_fd)
+
+
+def state_path_for(config_path):
+    root, ext = os.path.splitext(os.path.abspath(config_path))
+    return root + STATE_SUFFIX
+
+
+class Target:
+    """Everything a request needs about one provider, resolved once per change of state."""
+
+    __slots__ = ("provider", "name", "scheme", "host", "port", "prefix", "netloc", "models",
+                 "model_set", "env_models", "header_preset", "header_preset_name",
+                 "request_preset", "request_preset_name", "proxy", "pool_key",
+                 "refresh", "models_source")
+
+    def __init__(self, config, provider, choices, discovered):
+        self.provider = provider
+        self.name = provider.name
+        parts = urllib.parse.urlsplit(provider.base_url)
+        self.scheme = parts.scheme
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.prefix = parts.path.rstrip("/")
+        self.netloc = parts.netloc.rsplit("@", 1)[-1]
+        found = discovered.get(provider.name) or {}
+        models = found.get("models")
+        self.models_source = "discovered" if models else "config"
+        self.models = tuple(models) if models else provider.models
+        self.model_set = frozenset(self.models)
+        self.refresh = found.get("result")
+        self.env_models = effective_env_models(config.env_models, provider.env_models)
+        self.header_preset_name = choices.get("header_override")
+        self.request_preset_name = choices.get("request_override")
+        self.header_preset = config.header_presets.get(self.header_preset_name)
+        self.request_preset = config.request_presets.get(self.request_preset_name)
+        self.proxy = provider.proxy or env_proxy_for(self.scheme, self.host)
+        self.pool_key = (self.scheme, self.host, self.port, self.proxy)
+
+
+class View:
+    """What one request reads: the config and the resolved targets, swapped in whole."""
+
+    __slots__ = ("config", "targets", "selected")
+
+    def __init__(self, config, targets, selected):
+        self.config = config
+        self.targets = targets
+        self.selected = selected
+
+    @property
+    def target(self):
+        return self.targets.get(self.selected)
+
+
+class Store:
+    """The proxy's shared mutable state, guarding itself with one lock.
+
+    Requests read `store.view` once (an attribute read of an immutable object); every change
+    builds a new View under the lock and swaps it in, then persists the state file.
+    """
+
+    def __init__(self, config):
+        self.lock = threading.RLock()
+        self.config_path = config.path
+        self.state_path = state_path_for(config.path)
+        self.reload_error = None
+        self.state = self._read_state()
+        self.view = None
+        self._install(config)
+
+    def _read_state(self):
+        try:
+            with open(self.state_path, "r", encoding="utf-8") as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            state = {}
+        except (OSError, ValueError) as exc:
+            log.warning("%s: unreadable state file ignored (%s)", self.state_path, exc)
+            state = {}
+        if not isinstance(state, dict):
+            state = {}
+        for key in ("choices", "discovered"):
+            if not isinstance(state.get(key), dict):
+                state[key] = {}
+        return state
+
+    def _install(self, config):
+        state = self.state
+        targets = {}
+        for provider in config.providers:
+            if provider.usable:
+                choices = state["choices"].get(provider.name) or {}
+                targets[provider.name] = Target(config, provider, choices, state["discovered"])
+        selected = state.get("selected")
+        if selected not in targets:
+            selected = next(iter(targets), None)
+        self.view = View(config, targets, selected)
+
+    def _save(self):
+        state = dict(self.state, selected=self.view.selected)
+        try:
+            write_atomic(self.state_path, json.dumps(state, ensure_ascii=False, indent=1) + "\n")
+        except OSError as exc:
+            log.error("%s: cannot save state (%s)", self.state_path, exc.strerror or exc)
+
+    def reload(self):
+        """Re-read config.json; on error keep the running config and return the problems."""
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            with self.lock:
+                self.reload_error = exc.problems
+            log.error("reload failed, running config kept:\n  %s", "\n  ".join(exc.problems))
+            return exc.problems
+        with self.lock:
+            self.reload_error = None
+            self._install(config)
+        log.info("config reloaded: %d providers", len(config.providers))
+        return None
+
+    def _require(self, name):
+        if name not in self.view.targets:
+            if name in self.view.config.by_name:
+                raise ClientError("provider %r has no api_base_url (a separator), so it cannot "
+                                  "be used" % name)
+            raise NotFound("no provider named %r — names are listed by GET /api/state" % name)
+
+    def select(self, name):
+        with self.lock:
+            self._require(name)
+            self.state["selected"] = name
+            self._install(self.view.config)
+            self._save()
+        log.info("selected provider %s", name)
+
+    def set_overrides(self, name, header_override, request_override):
+        config = self.view.config
+        for preset, presets, kind in ((header_override, config.header_presets, "HeaderOverrides"),
+                                      (request_override, config.request_presets, "RequestOverrides")):
+            if preset is not None and preset not in presets:
+                raise NotFound("no %s preset named %r" % (kind, preset))
+        with self.lock:
+            self._require(name)
+            self.state["choices"][name] = {"header_override": header_override,
+                                           "request_override": request_override}
+            self._install(self.view.config)
+            self._save()
+
+    def set_discovered(self, results):
+        """Store refresh results: {name: (models or None, result dict)}."""
+        with self.lock:
+            discovered = self.state["discovered"]
+            for name, (models, result) in results.items():
+                entry = dict(discovered.get(name) or {})
+                entry["result"] = result
+                if models:
+                    entry["models"] = models
+                discovered[name] = entry
+            self._install(self.view.config)
+            self._save()
+
+
+# ============================================================================ pure HTTP helpers
+
+_MESSAGES_TAIL = re.compile(r"/v1/messages/?$")
+_MODEL_SUFFIX = re.compile(r"\[[^\[\]]*\]$")
+
+
+def derive_base_url(api_base_url):
+    """The provider's origin plus any path prefix: only a trailing /v1/messages is removed.
+
+    https://api.deepseek.com/anthropic/v1/messages -> https://api.deepseek.com/anthropic
+    """
+    url = api_base_url.strip()
+    url = _MESSAGES_TAIL.sub("", url)
+    return url.rstrip("/")
+
+
+def connection_tokens(headers):
+    tokens = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            tokens.update(t.strip().lower() for t in value.split(","))
+    return tokens
+
+
+def end_to_end(headers, own):
+    """Drop hop-by-hop headers (and those named in Connection) and the ones we set ourselves."""
+    drop = HOP_BY_HOP | own | connection_tokens(headers)
+    return [(k, v) for k, v in headers if k.lower() not in drop]
+
+
+def client_key(headers):
+    """The key a client sent and the style it used: (key, 'x-api-key'|'bearer'|None)."""
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "x-api-key" and value:
+            return value.strip(), "x-api-key"
+        if lname == "authorization" and value[:7].lower() == "bearer ":
+            return value[7:].strip(), "bearer"
+    return "", None
+
+
+def auth_headers(key, style):
+    if style == "bearer":
+        return [("Authorization", "Bearer " + key)]
+    if style == "both":
+        return [("x-api-key", key), ("Authorization", "Bearer " + key)]
+    return [("x-api-key", key)]
+
+
+def apply_header_preset(headers, preset):
+    """Set each header of the preset (replacing any of the same name); "" removes it."""
+    if not preset:
+        return headers
+    names = {k.lower() for k in preset}
+    out = [(k, v) for k, v in headers if k.lower() not in names]
+    out.extend((k, v) for k, v in preset.items() if v != "" and not k.startswith("_"))
+    return out
+
+
+def apply_request_preset(body, preset):
+    """Return a copy of body with the preset merged in: objects merge, null deletes a field."""
+    out = dict(body)
+    for key, value in preset.items():
+        if key.startswith("_"):
+            continue
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = apply_request_preset(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def effective_env_models(global_env, provider_env):
+    """Global env-models overlaid by the provider's own; empty values count as unset."""
+    merged = {k: v for k, v in global_env.items() if v}
+    merged.update((k, v) for k, v in provider_env.items() if v)
+    return merged
+
+
+def map_model(model, models, env_models):
+    """The model to send for a requested one, given the provider's models and env-models.
+
+    A [1m]-style suffix is removed (relays reject it). A model the provider does not list is
+    replaced by the env-models entry for its family (haiku/sonnet/opus), else ANTHROPIC_MODEL.
+    """
+    bare = _MODEL_SUFFIX.sub("", model)
+    if bare in models:
+        return bare
+    lower = bare.lower()
+    for family, var in FAMILY_VARS:
+        if family in lower and env_models.get(var):
+            return env_models[var]
+    return env_models.get("ANTHROPIC_MODEL") or bare
+
+
+def error_body(kind, message):
+    return json.dumps({"type": "error", "error": {"type": kind, "message": message}},
+                      ensure_ascii=False).encode("utf-8")
+
+
+def sse_error(kind, message):
+    return b"event: error\ndata: " + error_body(kind, message) + b"\n\n"
+
+
+def key_hint(key):
+    if not key:
+        return ""
+    if len(key) <= 8:
+        return "…" + key[-2:]
+    head = key[:3] if not key.startswith("sk-") else "sk-"
+    return head + "…" + key[-4:]
+
+
+_SECRETISH = re.compile(r"\b(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+")
+
+
+def redact(text, secret_values=()):
+    """Remove every configured secret and anything shaped like an API key from text."""
+    for value in secret_values:
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return _SECRETISH.sub(r"\1***", text)
+
+
+def parse_model_list(obj):
+    """Model ids from Anthropic's {"data":[{"id"}]} or OpenAI's {"object":"list","data":[…]}."""
+    if isinstance(obj, dict):
+        items = obj.get("data")
+    elif isinstance(obj, list):
+        items = obj
+    else:
+        items = None
+    if not isinstance(items, list):
+        raise ValueError("the JSON has no \"data\" list of models")
+    ids = []
+    for item in items:
+        model_id = item.get("id") if isinstance(item, dict) else item
+        if isinstance(model_id, str) and model_id and model_id not in ids:
+            ids.append(model_id)
+    return ids
+
+
+def model_page(models, query):
+    """Anthropic's GET /v1/models list shape for our models, honouring limit/after_id/before_id."""
+    params = urllib.parse.parse_qs(query)
+    try:
+        limit = max(1, min(1000, int(params.get("limit", ["20"])[0])))
+    except ValueError:
+        raise ClientError("limit must be a whole number from 1 to 1000")
+    ids = list(models)
+    after, before = params.get("after_id", [None])[0], params.get("before_id", [None])[0]
+    if after in ids:
+        ids = ids[ids.index(after) + 1:]
+    if before in ids:
+        ids = ids[:ids.index(before)][-limit:]
+    page = ids[:limit]
+    return {"data": [model_object(m) for m in page], "has_more": len(ids) > len(page),
+            "first_id": page[0] if page else None, "last_id": page[-1] if page else None}
+
+
+def model_object(model_id):
+    return {"type": "model", "id": model_id, "display_name": model_id,
+            "created_at": "1970-01-01T00:00:00Z"}
+
+
+def env_proxy_for(scheme, host):
+    """The proxy URL from HTTPS_PROXY/HTTP_PROXY for this host, honouring NO_PROXY, or ''."""
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get(scheme, "")
+    if not url or urllib.request.proxy_bypass_environment(host, proxies):
+        return ""
+    return url if "://" in url else "http://" + url
+
+
+# ============================================================================ upstream client
+
+_TLS = ssl.create_default_context()
+
+
+def open_connection(scheme, host, port, proxy, timeout):
+    """A connected http.client connection to host:port, tunnelled through proxy if given."""
+    cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+    kwargs = {"context": _TLS} if scheme == "https" else {}
+    if proxy:
+        parts = urllib.parse.urlsplit(proxy)
+        conn = cls(parts.hostname, parts.port or 8080, timeout=CONNECT_TIMEOUT_S, **kwargs)
+        tunnel_headers = {}
+        if parts.username:
+            creds = "%s:%s" % (urllib.parse.unquote(parts.username),
+                               urllib.parse.unquote(parts.password or ""))
+            tunnel_headers["Proxy-Authorization"] = \
+                "Basic " + base64.b64encode(creds.encode()).decode()
+        conn.set_tunnel(host, port, headers=tunnel_headers)
+    else:
+        conn = cls(host, port, timeout=CONNECT_TIMEOUT_S, **kwargs)
+    conn.connect()
+    conn.sock.settimeout(timeout)
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
+
+
+class Pool:
+    """Idle keep-alive upstream connections, per origin (and proxy), safe across threads."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.idle = {}
+        self.opened = 0
+
+    def get(self, key, timeout):
+        """(connection, reused) — an idle one if fresh enough, else a new one."""
+        now = time.monotonic()
+        with self.lock:
+            stack = self.idle.get(key)
+            while stack:
+                conn, since = stack.pop()
+                if now - since < POOL_IDLE_S:
+                    conn.sock.settimeout(timeout)
+                    return conn, True
+                conn.close()
+        conn = open_connection(key[0], key[1], key[2], key[3], timeout)
+        with self.lock:
+            self.opened += 1
+        return conn, False
+
+    def put(self, key, conn):
+        with self.lock:
+            stack = self.idle.setdefault(key, [])
+            if len(stack) < POOL_MAX_IDLE:
+                stack.append((conn, time.monotonic()))
+                return
+        conn.close()
+
+    def close(self):
+        with self.lock:
+            stacks, self.idle = self.idle, {}
+        for stack in stacks.values():
+            for conn, _ in stack:
+                conn.close()
+
+
+def describe_network_error(exc):
+    """A short reason in words for a failed upstream connection."""
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return "host name not found"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "TLS certificate not trusted (%s)" % exc.verify_message
+    if isinstance(exc, ssl.SSLError):
+        return "TLS error (%s)" % (exc.reason or exc)
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected,
+                        http.client.IncompleteRead)):
+        return "connection closed by the provider"
+    if isinstance(exc, http.client.HTTPException):
+        return "bad HTTP from the provider (%s)" % type(exc).__name__
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+
+
+NETWORK_ERRORS = (OSError, http.client.HTTPException)
+
+
+def send_upstream(pool, target, method, path, headers, body, timeout):
+    """Send one request and return (connection, response) once the status line has arrived.
+
+    A pooled connection the provider has closed meanwhile is retried once on a new one:
+    nothing reached the provider in that case.
+    """
+    url = target.prefix + path
+    for attempt in (0, 1):
+        conn, reused = pool.get(target.pool_key, timeout)
+        try:
+            conn.putrequest(method, url, skip_host=True, skip_accept_encoding=True)
+            for name, value in headers:
+                conn.putheader(name, value)
+            conn.endheaders(body if body else None)
+            return conn, conn.getresponse()
+        except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+            conn.close()
+            if not reused or attempt:
+                raise
+        except BaseException:
+            conn.close()
+            raise
+    raise AssertionError("unreachable")
+
+
+def fetch_models(provider, timeout=REFRESH_TIMEOUT_S):
+    """Discover a provider's models from <base>/v1/models: (ids, None) or (None, reason)."""
+    parts = urllib.parse.urlsplit(provider.base_url)
+    scheme, host = parts.scheme, parts.hostname
+    port = parts.port or (443 if scheme == "https" else 80)
+    proxy = provider.proxy or env_proxy_for(scheme, host)
+    headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "anthropic-version": ANTHROPIC_VERSION,
+               "Accept": "application/json", "User-Agent": "ccproxy/" + VERSION}
+    if provider.api_key:
+        headers.update(auth_headers(provider.api_key, "both"))
+    ids, after = [], None
+    deadline = time.monotonic() + timeout
+    try:
+        conn = open_connection(scheme, host, port, proxy, timeout)
+    except NETWORK_ERRORS as exc:
+        return None, describe_network_error(exc)
+    try:
+        for _ in range(MAX_MODEL_PAGES):
+            query = {"limit": MODELS_PAGE_LIMIT}
+            if after:
+                query["after_id"] = after
+            conn.sock.settimeout(max(0.1, deadline - time.monotonic()))
+            conn.request("GET", parts.path.rstrip("/") + "/v1/models?" + urllib.parse.urlencode(query),
+                         headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+            kind = resp.getheader("Content-Type", "")
+            looks_html = "html" in kind or raw.lstrip()[:1] == b"<"
+            if resp.status != 200:
+                return None, "HTTP %d%s" % (resp.status, " (HTML page, not JSON)" if looks_html else "")
+            if looks_html:
+                return None, "an HTML page instead of JSON"
+            try:
+                obj = json.loads(raw)
+                page = parse_model_list(obj)
+            except ValueError as exc:
+                return None, "not a model list (%s)" % str(exc)[:80]
+            ids.extend(m for m in page if m not in ids)
+            if not (isinstance(obj, dict) and obj.get("has_more") and obj.get("last_id")):
+                break
+            after = obj["last_id"]
+    except NETWORK_ERRORS as exc:
+        return None, describe_network_error(exc)
+    finally:
+        conn.close()
+    if not ids:
+        return None, "the provider listed no models"
+    return ids, None
+
+
+def refresh_models(store, names=None, timeout=REFRESH_TIMEOUT_S):
+    """Discover models for the named providers (all usable ones if None), concurrently."""
+    view = store.view
+    providers = [t.provider for n, t in view.targets.items() if names is None or n in names]
+    results = {}
+
+    def one(provider):
+        started = time.monotonic()
+        models, reason = fetch_models(provider, timeout)
+        ms = int((time.monotonic() - started) * 1000)
+        result = {"ok": models is not None, "ms": ms, "at": time.time(),
+                  "count": len(models) if models else 0,
+                  "message": ("%d models in %d ms" % (len(models), ms)) if models else reason}
+        return provider.name, models, result
+
+    if providers:
+        workers = min(REFRESH_WORKERS, len(providers))
+        with concurrent.futures.ThreadPoolExecutor(workers) as executor:
+            for name, models, result in executor.map(one, providers):
+                results[name] = (models, result)
+        store.set_discovered(results)
+    return {name: result for name, (models, result) in results.items()}
+
+
+# ============================================================================ relay
+
+
+def read_request_body(handler, limit):
+    """The request body (Content-Length or chunked), at most limit bytes, else 413."""
+    te = (handler.headers.get("Transfer-Encoding") or "").lower()
+    if "chunked" in te:
+        parts, total = [], 0
+        while True:
+            line = handler.rfile.readline(1024)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise ClientError("malformed chunked request body")
+            if size == 0:
+                while handler.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailer fields are dropped
+                return b"".join(parts)
+            total += size
+            if total > limit:
+                raise ProxyError("request body exceeds MAX_BODY_MB", 413, "request_too_large")
+            parts.append(handler.rfile.read(size))
+            handler.rfile.readline(8)
+    length = handler.headers.get("Content-Length")
+    if not length:
+        return b""
+    try:
+        size = int(length)
+    except ValueError:
+        raise ClientError("Content-Length is not a number")
+    if size > limit:
+        raise ProxyError("request body of %d MB exceeds MAX_BODY_MB (%d MB)"
+                         % (size >> 20, limit >> 20), 413, "request_too_large")
+    body = handler.rfile.read(size)
+    if len(body) != size:
+        raise ClientError("request body ended early")
+    return body
+
+
+def prepare_body(view, target, path, body):
+    """(body bytes, model requested, model sent). Parses JSON only if something may change."""
+    config = view.config
+    if not body or not path.startswith("/v1/messages") or \
+            not (config.model_mapping or target.request_preset):
+        return body, None, None
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return body, None, None  # not ours to judge: the provider answers it
+    if not isinstance(obj, dict):
+        return body, None, None
+    requested = obj.get("model")
+    changed = obj
+    if target.request_preset:
+        changed = apply_request_preset(obj, target.request_preset)
+    sent = changed.get("model")
+    if config.model_mapping and isinstance(sent, str):
+        sent = map_model(sent, target.model_set, target.env_models)
+        if sent != changed.get("model"):
+            changed = dict(changed, model=sent)
+    if changed is obj:
+        return body, requested, sent
+    return json.dumps(changed, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), requested, sent
+
+
+def upstream_headers(client_headers, target, body):
+    key, style = client_key(client_headers)
+    headers = end_to_end(client_headers, REQUEST_OWN)
+    headers.append(("Host", target.netloc))
+    headers.extend(auth_headers(target.provider.api_key, target.provider.auth or style or "x-api-key"))
+    headers = apply_header_preset(headers, target.header_preset)
+    headers.append(("Accept-Encoding", "identity"))
+    if body:
+        headers.append(("Content-Length", str(len(body))))
+    return headers
+
+
+class Exchange:
+    """Facts about one relayed request, for the log line."""
+
+    __slots__ = ("provider", "model_in", "model_out", "status", "bytes_out", "ttfb_ms", "note")
+
+    def __init__(self):
+        self.provider = self.model_in = self.model_out = self.note = None
+        self.status = 0
+        self.bytes_out = 0
+        self.ttfb_ms = None
+
+
+def relay(handler, exchange, started):
+    """Relay the handler's request to the selected provider and stream the answer back."""
+    view = handler.server.store.view
+    target = view.target
+    if target is None:
+        raise NoProvider("ccproxy has no provider to relay to — add one with an api_base_url to "
+                         "Providers in %s, then reload" % view.config.path)
+    exchange.provider = target.name
+    body = read_request_body(handler, view.config.max_body_bytes)
+    body, exchange.model_in, exchange.model_out = prepare_body(view, target, handler.path, body)
+    headers = upstream_headers(list(handler.headers.items()), target, body)
+    if handler.server.debug:
+        log.debug("-> %s %s body: %s", target.name, handler.path,
+                  redact(body[:DEBUG_BODY_CHARS].decode("utf-8", "replace"), view.config.secrets()))
+    pool = handler.server.pool
+    try:
+        conn, resp = send_upstream(pool, target, handler.command, handler.path, headers, body,
+                                   view.config.api_timeout_s)
+    except (socket.timeout, TimeoutError) as exc:
+        raise UpstreamTimeout("provider %s did not answer in time (%s)"
+                              % (target.name, describe_network_error(exc)))
+    except NETWORK_ERRORS as exc:
+        raise UpstreamError("provider %s at %s could not be reached: %s"
+                            % (target.name, target.netloc, describe_network_error(exc)))
+    exchange.status = resp.status
+    reusable = False
+    try:
+        reusable = stream_response(handler, resp, exchange, started, target.name)
+    finally:
+        if reusable and not resp.will_close:
+            pool.put(target.pool_key, conn)
+        else:
+            conn.close()
+
+
+def stream_response(handler, resp, exchange, started, provider_name):
+    """Copy the upstream response to the client. Returns True if the upstream connection
+    was read to its end and may be reused."""
+    no_body = handler.command == "HEAD" or resp.status in (204, 304) or resp.status < 200
+    length = resp.getheader("Content-Length")
+    is_sse = "text/event-stream" in (resp.getheader("Content-Type") or "")
+    sized = no_body or (length is not None and not is_sse)
+    data = b""
+    if sized and not no_body:
+        # A sized, non-streaming answer: read it whole, then send it with its length.
+        try:
+            data = resp.read()
+        except NETWORK_ERRORS as exc:
+            raise UpstreamError("provider %s broke off its answer: %s"
+                                % (provider_name, describe_network_error(exc)))
+    handler.send_response_only(resp.status)
+    for name, value in end_to_end(resp.getheaders(), RESPONSE_OWN):
+        handler.send_header(name, value)
+    handler.send_header("x-ccproxy-provider", provider_name)
+    if sized:
+        if length is not None:
+            handler.send_header("Content-Length", str(len(data)) if data else length)
+        handler.end_headers()
+        handler.wfile.write(data)
+        exchange.ttfb_ms = (time.monotonic() - started) * 1000
+        exchange.bytes_out = len(data)
+        if no_body:
+            resp.read()
+        return True
+    # A stream, or a body of unknown length: relay each piece the moment it arrives.
+    # HTTP/1.1 clients get it re-framed as chunked so the connection stays reusable;
+    # HTTP/1.0 clients get it close-delimited.
+    chunked = handler.request_version != "HTTP/1.0"
+    if chunked:
+        handler.send_header("Transfer-Encoding", "chunked")
+    else:
+        handler.close_connection = True
+    handler.end_headers()
+    write = handler.wfile.write
+    read1 = resp.read1
+    try:
+        while True:
+            try:
+                data = read1(RELAY_CHUNK)
+            except NETWORK_ERRORS as exc:
+                reason = describe_network_error(exc)
+                exchange.note = "upstream failed mid-stream: " + reason
+                if is_sse:
+                    # Claude Code answers an SSE error by re-sending without streaming,
+                    # which is better for the user than a hang or a silent cut.
+                    data = sse_error("api_error", "ccproxy: provider %s broke off the stream: %s"
+                                     % (provider_name, reason))
+                    write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                if chunked:
+                    write(b"0\r\n\r\n")
+                return False
+            if not data:
+                break
+            if exchange.ttfb_ms is None:
+                exchange.ttfb_ms = (time.monotonic() - started) * 1000
+            write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            exchange.bytes_out += len(data)
+        if chunked:
+            write(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError, socket.timeout, TimeoutError):
+        exchange.note = "client went away mid-stream"
+        handler.close_connection = True
+        return False
+    return True
+
+
+# ============================================================================ web UI API
+
+
+class Throttle:
+    """Counts wrong keys per client address; too many within a window locks it out a while."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.failures = {}
+        self.locked_until = {}
+
+    def blocked(self, addr):
+        with self.lock:
+            until = self.locked_until.get(addr)
+            if until is None:
+                return False
+            if until > time.monotonic():
+                return True
+            del self.locked_until[addr]
+            return False
+
+    def failed(self, addr):
+        now = time.monotonic()
+        with self.lock:
+            times = self.failures.setdefault(addr, deque())
+            times.append(now)
+            while times and now - times[0] > AUTH_FAIL_WINDOW_S:
+                times.popleft()
+            if len(times) >= AUTH_FAIL_LIMIT:
+                self.locked_until[addr] = now + AUTH_LOCKOUT_S
+                del self.failures[addr]
+
+
+def provider_summary(target, provider):
+    out = {"name": provider.name, "comment": provider.comment,
+           "api_base_url": provider.api_base_url, "base_url": provider.base_url,
+           "separator": target is None, "key_hint": key_hint(provider.api_key),
+           "has_key": bool(provider.api_key), "auth": provider.auth, "proxy": bool(provider.proxy)}
+    if target is not None:
+        out.update(models=list(target.models), models_source=target.models_source,
+                   header_override=target.header_preset_name,
+                   request_override=target.request_preset_name,
+                   env_models=target.env_models, refresh=target.refresh)
+    return out
+
+
+def api_state(handler, body):
+    view = handler.server.store.view
+    config = view.config
+    return 200, {
+        "version": VERSION,
+        "selected": view.selected,
+        "proxy_url": handler.proxy_url(),
+        "config_path": os.path.abspath(config.path),
+        "loaded_at": config.loaded_at,
+        "reload_error": handler.server.store.reload_error,
+        "model_mapping": config.model_mapping,
+        "env_models": effective_env_models(config.env_models, {}),
+        "header_overrides": config.header_presets,
+        "request_overrides": config.request_presets,
+        "providers": [provider_summary(view.targets.get(p.name), p) for p in config.providers],
+    }
+
+
+def _field(body, name, required=True, nullable=False):
+    if not isinstance(body, dict):
+        raise ClientError("the request body must be a JSON object")
+    if name not in body:
+        if required:
+            raise ClientError("missing field %r" % name)
+        return None
+    value = body[name]
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str):
+        raise ClientError("field %r must be a string%s" % (name, " or null" if nullable else ""))
+    return value
+
+
+def api_select(handler, body):
+    handler.server.store.select(_field(body, "provider"))
+    return api_state(handler, None)
+
+
+def api_reload(handler, body):
+    problems = handler.server.store.reload()
+    if problems:
+        return 400, {"type": "error", "error": {"type": "invalid_request_error",
+                                                "message": "\n".join(problems)},
+                     "problems": problems}
+    return api_state(handler, None)
+
+
+def api_overrides(handler, body):
+    name = _field(body, "provider")
+    header = _field(body, "header_override", required=False, nullable=True)
+    request = _field(body, "request_override", required=False, nullable=True)
+    handler.server.store.set_overrides(name, header, request)
+    return api_state(handler, None)
+
+
+def api_refresh(handler, body):
+    name = _field(body or {}, "provider", required=False, nullable=True)
+    store = handler.server.store
+    if name is not None:
+        store._require(name)
+    results = refresh_models(store, None if name is None else [name])
+    return 200, {"results": results}
+
+
+def api_key(handler, name):
+    store = handler.server.store
+    provider = store.view.config.by_name.get(name)
+    if provider is None:
+        raise NotFound("no provider named %r" % name)
+    return 200, {"name": name, "api_key": provider.api_key}
+
+
+API_ROUTES = {
+    ("GET", "/api/state"): api_state,
+    ("POST", "/api/select"): api_select,
+    ("POST", "/api/reload"): api_reload,
+    ("POST", "/api/overrides"): api_overrides,
+    ("POST", "/api/refresh-models"): api_refresh,
+}
+KEY_ROUTE = re.compile(r"^/api/providers/(.+)/key$")
+
+
+# ============================================================================ request handler
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Thin: parse, authenticate, route; the work is done by the functions above."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "ccproxy/" + VERSION
+    timeout = CLIENT_TIMEOUT_S
+
+    def setup(self):
+        super().setup()
+        # Without this, Nagle's algorithm holds the first small SSE write until the client's
+        # delayed ACK (40 ms on Linux) arrives.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_HEAD(self):
+        self.dispatch()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD
+
+    def do_OPTIONS(self):
+        # No CORS: a page on another origin must not drive this API (its preflight fails).
+        self.send_error_json(ProxyError("cross-origin requests are not allowed", 403,
+                                        "permission_error"))
+
+    def dispatch(self):
+        started = time.monotonic()
+        path, _, query = self.path.partition("?")
+        exchange = None
+        busy = self.server.busy
+        busy.add(self.connection)
+        try:
+            if path.startswith("/v1/"):
+                exchange = Exchange()
+                self.authenticate()
+                if self.command in ("GET", "HEAD") and (path == "/v1/models" or path.startswith("/v1/models/")):
+                    exchange.status = 200
+                    self.local_models(path, query)
+                    return
+                relay(self, exchange, started)
+            elif path.startswith("/api/") and path != "/api/hello":
+                self.authenticate()
+                self.api(path)
+            elif path in ("/", "/index.html") or path in ("/api/hello", "/healthz"):
+                self.public(path)
+            else:
+                raise NotFound("no route for %s %s" % (self.command, path))
+        except ProxyError as exc:
+            if exchange is not None:
+                exchange.status = exc.status
+                exchange.note = str(exc)
+            self.send_error_json(exc)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            busy.discard(self.connection)
+            if exchange is not None:
+                self.log_exchange(exchange, started)
+
+    # -- authentication and routing
+
+    def authenticate(self):
+        throttle, addr = self.server.throttle, self.client_address[0]
+        if throttle.blocked(addr):
+            raise ProxyError("too many wrong API keys from %s — wait a minute" % addr, 429,
+                             "rate_limit_error")
+        apikey = self.server.store.view.config.apikey
+        if not apikey:
+            return  # no key set: allowed on loopback only, make_server refuses anything else
+        key, _ = client_key(self.headers.items())
+        if hmac.compare_digest(key.encode(), apikey.encode()):
+            return
+        throttle.failed(addr)
+        raise AuthError("invalid or missing API key — send ccproxy's APIKEY as x-api-key or "
+                        "Authorization: Bearer")
+
+    def public(self, path):
+        if path in ("/api/hello", "/healthz"):
+            self.send_json(200, {"ok": True, "service": "ccproxy", "version": VERSION})
+            return
+        if self.command == "HEAD":
+            self.send_bytes(200, b"", "text/html; charset=utf-8")
+            return
+        try:
+            with open(WEBUI_FILE, "rb") as f:
+                page = f.read()
+        except OSError:
+            raise NotFound("webui.html is missing beside ccproxy.py")
+        self.send_bytes(200, page, "text/html; charset=utf-8",
+                        [("Cache-Control", "no-store"), ("X-Frame-Options", "DENY"),
+                         ("Content-Security-Policy", "default-src 'self'; style-src 'self' "
+                          "'unsafe-inline'; script-src 'self' 'unsafe-inline'; img-src 'self' data:")])
+
+    def api(self, path):
+        match = KEY_ROUTE.match(path)
+        if match and self.command == "GET":
+            status, obj = api_key(self, urllib.parse.unquote(match.group(1)))
+        else:
+            route = API_ROUTES.get((self.command, path))
+            if route is None:
+                raise NotFound("no API route %s %s" % (self.command, path))
+            body = None
+            if self.command == "POST":
+                raw = read_request_body(self, 1 << 20)
+                try:
+                    body = json.loads(raw) if raw.strip() else {}
+                except ValueError:
+                    raise ClientError("the request body is not valid JSON")
+            status, obj = route(self, body)
+        self.send_json(status, obj)
+
+    def local_models(self, path, query):
+        view = self.server.store.view
+        target = view.target
+        if target is None:
+            raise NoProvider("ccproxy has no provider selected — add one to %s" % view.config.path)
+        if path == "/v1/models":
+            self.send_json(200, model_page(target.models, query))
+        elif urllib.parse.unquote(path[len("/v1/models/"):]) in target.model_set:
+            self.send_json(200, model_object(urllib.parse.unquote(path[len("/v1/models/"):])))
+        else:
+            raise NotFound("model %s is not offered by provider %s" % (path[11:], target.name))
+
+    # -- responses
+
+    def proxy_url(self):
+        host = self.headers.get("Host")
+        if not host:
+            host = "%s:%d" % self.server.server_address[:2]
+        return "http://" + host
+
+    def send_bytes(self, status, data, content_type, extra=()):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in extra:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_json(self, status, obj, extra=()):
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        self.send_bytes(status, data, "application/json", extra)
+
+    def send_error_json(self, exc):
+        extra = [] if exc.retry else [("x-should-retry", "false")]
+        if exc.status == 429:
+            extra.append(("retry-after", str(int(AUTH_LOCKOUT_S))))
+        if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length"):
+            self.close_connection = True  # an unread body would be taken as the next request
+            extra.append(("Connection", "close"))
+        try:
+            self.send_bytes(exc.status, error_body(exc.kind, str(exc)), "application/json", extra)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    # -- logging: metadata only; the default access log is replaced
+
+    def log_exchange(self, exchange, started):
+        total = (time.monotonic() - started) * 1000
+        model = exchange.model_in or "-"
+        if exchange.model_out and exchange.model_out != exchange.model_in:
+            model = "%s → %s" % (exchange.model_in, exchange.model_out)
+        line = "%s %s %s → %s model %s %d %dB ttfb %s total %dms%s" % (
+            self.client_address[0], self.command, self.path.partition("?")[0],
+            exchange.provider or "-", model, exchange.status, exchange.bytes_out,
+            "%dms" % exchange.ttfb_ms if exchange.ttfb_ms is not None else "-", total,
+            " (%s)" % exchange.note if exchange.note else "")
+        log.info("%s", redact(line, self.server.store.view.config.secrets()))
+
+    def log_request(self, code="-", size="-"):
+        pass
+
+    def log_message(self, format, *args):
+        log.warning("%s %s", self.client_address[0],
+                    redact(format % args, self.server.store.view.config.secrets()))
+
+
+# ============================================================================ server factory and CLI
+
+
+class ProxyServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer that knows its open connections, so it can stop cleanly."""
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = LISTEN_BACKLOG
+    allow_reuse_address = True
+
+    def __init__(self, address, store, debug=False):
+        self.store = store
+        self.debug = debug
+        self.pool = Pool()
+        self.throttle = Throttle()
+        self.conn_lock = threading.Lock()
+        self.connections = {}   # every open client socket -> its thread
+        self.busy = set()       # the sockets in the middle of a request
+        super().__init__(address, Handler)
+
+    def process_request(self, request, client_address):
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                  daemon=True, name="ccproxy-conn")
+        with self.conn_lock:
+            self.connections[request] = thread
+        thread.start()
+
+    def shutdown_request(self, request):
+        with self.conn_lock:
+            self.connections.pop(request, None)
+        super().shutdown_request(request)
+
+    def close_connections(self, grace=0.0):
+        """Wait up to grace seconds for requests in flight to finish, then cut every connection."""
+        deadline = time.monotonic() + grace
+        while self.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self.conn_lock:
+            remaining = dict(self.connections)
+        for sock in remaining:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the other side
+        for thread in remaining.values():
+            thread.join(2.0)
+
+    def server_close(self):
+        super().server_close()
+        self.close_connections()
+        self.pool.close()
+
+
+def is_loopback(host):
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return False
+    return all(info[4][0].startswith("127.") or info[4][0] == "::1" for info in infos)
+
+
+def make_server(config_path, host=None, port=None, debug=False):
+    """Build (not start) the proxy server. Raises ConfigError for an unusable config."""
+    config = load_config(config_path)
+    host = config.host if host is None else host
+    port = config.port if port is None else port
+    if not is_loopback(host) and config.apikey in ("", PLACEHOLDER_APIKEY):
+        raise ConfigError(["%s: refusing to listen on %s while APIKEY is %s — set APIKEY to a long "
+                           "random secret (e.g. python3 -c 'import secrets;print(secrets."
+                           "token_urlsafe(24))') or bind 127.0.0.1"
+                           % (config.path, host, "empty" if not config.apikey else "the placeholder")])
+    store = Store(config)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    ProxyServer.address_family = family
+    return ProxyServer((host, port), store, debug)
+
+
+def create_config(path):
+    """First run: config.json from config.in.json with a fresh random APIKEY."""
+    with open(TEMPLATE_CONFIG, "r", encoding="utf-8") as f:
+        raw = json.load(f)
+    raw["APIKEY"] = "sk-ccproxy-" + secrets.token_urlsafe(24)
+    write_atomic(path, json.dumps(raw, ensure_ascii=False, indent=2) + "\n", mode=0o600)
+    return raw["APIKEY"]
+
+
+def claude_env(url, key):
+    return {"ANTHROPIC_BASE_URL": url, "ANTHROPIC_AUTH_TOKEN": key}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="ccproxy.py",
+        description="Relay Claude Code's Anthropic API calls to the provider selected in the web UI.")
+    parser.add_argument("--config", default=os.environ.get("CCPROXY_CONFIG", DEFAULT_CONFIG),
+                        help="config file (default: config.json beside ccproxy.py, or $CCPROXY_CONFIG);"
+                             " created from config.in.json with a random APIKEY if missing")
+    parser.add_argument("--host", help="address to bind, overrides HOST (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind, overrides PORT (default 3456)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="overrides LOG_LEVEL")
+    parser.add_argument("--debug", action="store_true",
+                        help="log request bodies too (truncated, keys redacted); for troubleshooting")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config file, print the problems, and exit (0 = valid)")
+    parser.add_argument("--version", action="version", version="ccproxy " + VERSION)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
+                        level=logging.INFO)
+    created_key = None
+    if not os.path.exists(args.config) and not args.check:
+        try:
+            created_key = create_config(args.config)
+        except (OSError, ValueError) as exc:
+            print("ccproxy: cannot create %s from config.in.json: %s" % (args.config, exc), file=sys.stderr)
+            return 2
+    try:
+        if args.check:
+            load_config(args.config)
+            print("%s: OK" % args.config)
+            return 0
+        server = make_server(args.config, args.host, args.port, args.debug)
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print("ccproxy: cannot listen on %s:%s: %s" % (args.host, args.port, exc.strerror or exc),
+              file=sys.stderr)
+        return 2
+    config = server.store.view.config
+    level = "DEBUG" if args.debug else (args.log_level or config.log_level)
+    logging.getLogger().setLevel(level)
+    host, port = server.server_address[:2]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = "http://%s:%d" % ("[%s]" % shown if ":" in shown else shown, port)
+    print("ccproxy %s listening on %s (config %s)" % (VERSION, url, os.path.abspath(args.config)),
+          flush=True)
+    print("  web UI: %s/   provider: %s" % (url, server.store.view.selected or "(none configured)"),
+          flush=True)
+    if created_key:
+        print("  created %s with a new APIKEY (the web UI password): %s" % (args.config, created_key))
+        print("  Claude Code ~/.claude/settings.json:")
+        print(json.dumps({"env": claude_env(url, created_key)}, indent=2), flush=True)
+
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
+            target=server.store.reload, daemon=True).start())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    log.info("stopping: waiting up to %.0f s for open requests", SHUTDOWN_GRACE_S)
+    server.close_connections(SHUTDOWN_GRACE_S)
+    server.server_close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

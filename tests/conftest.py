@@ -1,0 +1,130 @@
+"""Fixtures: a mock Anthropic upstream, a config file pointing at it, and the real proxy."""
+
+import http.client
+import json
+import logging
+import os
+import sys
+import threading
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import ccproxy  # noqa: E402
+from mock_upstream import MockUpstream  # noqa: E402
+
+APIKEY = "sk-ccproxy-test-3f9a7c1e5b"
+KEY_A = "sk-alpha-secret-0123456789"
+KEY_B = "sk-beta-secret-9876543210"
+
+
+@pytest.fixture
+def upstream():
+    mock = MockUpstream()
+    yield mock
+    mock.close()
+
+
+@pytest.fixture
+def upstream2():
+    mock = MockUpstream(models=("glm-4.6", "kimi-k2"))
+    yield mock
+    mock.close()
+
+
+def make_config(upstream, upstream2=None, **top):
+    providers = [{"name": "alpha", "comment": "first", "api_base_url": upstream.url + "/v1/messages",
+                  "api_key": KEY_A, "models": ["claude-sonnet-4-5", "claude-haiku-4-5"]}]
+    if upstream2 is not None:
+        providers.append({"name": "----", "api_base_url": ""})
+        providers.append({"name": "beta", "api_base_url": upstream2.url + "/anthropic/v1/messages",
+                          "api_key": KEY_B, "models": ["glm-4.6"], "auth": "bearer",
+                          "env-models": {"ANTHROPIC_DEFAULT_SONNET_MODEL": "glm-4.6",
+                                         "ANTHROPIC_DEFAULT_HAIKU_MODEL": "glm-4.6"}})
+    config = {"_comment": "test", "HOST": "127.0.0.1", "PORT": 0, "APIKEY": APIKEY,
+              "LOG_LEVEL": "INFO", "HeaderOverrides": {"ua": {"User-Agent": "relay-ua", "x-app": ""}},
+              "RequestOverrides": {"nothink": {"thinking": None, "metadata": {"tag": "x"}}},
+              "Providers": providers}
+    config.update(top)
+    return config
+
+
+def write_config(path, config):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, ensure_ascii=False, indent=2)
+    return str(path)
+
+
+@pytest.fixture
+def config_file(tmp_path, upstream, upstream2):
+    return write_config(tmp_path / "config.json", make_config(upstream, upstream2))
+
+
+class RunningProxy:
+    def __init__(self, server):
+        self.server = server
+        self.port = server.server_address[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def store(self):
+        return self.server.store
+
+    def call(self, method, path, body=None, headers=None, key=APIKEY, timeout=10):
+        """(status, headers dict lowercased, body bytes) of one request on a new connection."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            hdrs = {"anthropic-version": "2023-06-01"}
+            if key is not None:
+                hdrs["x-api-key"] = key
+            hdrs.update(headers or {})
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body).encode()
+                hdrs.setdefault("Content-Type", "application/json")
+            conn.request(method, path, body=body, headers=hdrs)
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def api(self, method, path, body=None, key=APIKEY):
+        status, _, data = self.call(method, path, body, key=key)
+        return status, json.loads(data) if data else None
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def start_proxy(config_path, **kwargs):
+    return RunningProxy(ccproxy.make_server(config_path, "127.0.0.1", 0, **kwargs))
+
+
+@pytest.fixture
+def proxy(config_file):
+    running = start_proxy(config_file)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def log_lines(caplog):
+    caplog.set_level(logging.DEBUG, logger="ccproxy")
+    return caplog
+
+
+def wait_for(predicate, timeout=5.0):
+    """Poll until predicate() is true (the proxy logs after the response has gone out)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

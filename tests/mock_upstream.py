@@ -1,0 +1,223 @@
+"""A stdlib mock of the Anthropic Messages API, for tests and the benchmark.
+
+It answers /v1/messages (JSON or SSE, with a delay between events), /v1/messages/count_tokens
+and /v1/models (paginated), records every request it receives, counts TCP connections, and
+fails on demand: queue actions with `fail_next(...)`.
+"""
+
+import http.server
+import json
+import socket
+import threading
+import time
+
+USAGE_IN = {"input_tokens": 11, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 3}
+
+
+class Recorded:
+    def __init__(self, handler, body):
+        self.method = handler.command
+        self.path = handler.path
+        self.header_list = list(handler.headers.items())
+        self.headers = {k.lower(): v for k, v in self.header_list}
+        self.body = body
+        self.at = time.monotonic()
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+
+def sse(event, data):
+    return ("event: %s\ndata: %s\n\n" % (event, json.dumps(data))).encode()
+
+
+def message_events(model, words, delay=0.0):
+    """The SSE events of one reply; each after the first is made `delay` seconds later."""
+    yield sse("message_start", {"type": "message_start", "message": {
+        "id": "msg_mock", "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "usage": dict(USAGE_IN, output_tokens=1)}})
+    yield sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                      "content_block": {"type": "text", "text": ""}})
+    for i in range(words):
+        time.sleep(delay)
+        yield sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                          "delta": {"type": "text_delta", "text": "w%d " % i},
+                                          "sent_at": time.time()})
+    yield sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+    yield sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                "usage": {"output_tokens": words}})
+    yield sse("message_stop", {"type": "message_stop"})
+
+
+class MockHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.mock.connected()
+
+    def do_HEAD(self):
+        self.handle_any()
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD
+
+    def handle_any(self):
+        mock = self.server.mock
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        mock.record(Recorded(self, body))
+        action = mock.take_action()
+        if action is not None and self.act(action, body):
+            return
+        path = self.path.partition("?")[0]
+        if path.endswith("/v1/models"):
+            self.models()
+        elif path.endswith("/v1/messages/count_tokens"):
+            self.send_json(200, {"input_tokens": 42})
+        elif path.endswith("/v1/messages"):
+            self.messages(body)
+        else:
+            self.send_json(404, {"type": "error", "error": {"type": "not_found_error",
+                                                            "message": "mock: no " + path}})
+
+    def act(self, action, body):
+        """Carry out a queued failure; return True if the request is fully answered."""
+        kind = action.get("kind")
+        if kind == "close":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return True
+        if kind == "stall":
+            time.sleep(action.get("seconds", 5))
+            self.close_connection = True
+            return True
+        if kind == "status":
+            data = action.get("body", b"")
+            if isinstance(data, dict):
+                data = json.dumps(data).encode()
+            self.send_response(action["status"])
+            self.send_header("Content-Type", action.get("content_type", "application/json"))
+            for name, value in action.get("headers", {}).items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return True
+        if kind == "cut":
+            self.messages(body, cut_after=action.get("after", 2))
+            return True
+        return False
+
+    def send_json(self, status, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("request-id", "req_mock")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def models(self):
+        from urllib.parse import parse_qs, urlsplit
+        mock = self.server.mock
+        query = parse_qs(urlsplit(self.path).query)
+        ids = list(mock.models)
+        if mock.models_shape == "openai":
+            self.send_json(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in ids]})
+            return
+        if "after_id" in query and query["after_id"][0] in ids:
+            ids = ids[ids.index(query["after_id"][0]) + 1:]
+        page = ids[:mock.models_page]
+        self.send_json(200, {"data": [{"type": "model", "id": m, "display_name": m,
+                                       "created_at": "2025-01-01T00:00:00Z"} for m in page],
+                             "has_more": len(ids) > len(page),
+                             "first_id": page[0] if page else None,
+                             "last_id": page[-1] if page else None})
+
+    def messages(self, body, cut_after=None):
+        mock = self.server.mock
+        try:
+            req = json.loads(body or b"{}")
+        except ValueError:
+            self.send_json(400, {"type": "error", "error": {"type": "invalid_request_error",
+                                                            "message": "mock: body is not JSON"}})
+            return
+        model = req.get("model", "unknown")
+        if not req.get("stream"):
+            self.send_json(200, {"id": "msg_mock", "type": "message", "role": "assistant",
+                                 "model": model, "content": [{"type": "text", "text": "hello"}],
+                                 "stop_reason": "end_turn",
+                                 "usage": dict(USAGE_IN, output_tokens=7)})
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("request-id", "req_mock")
+        self.end_headers()
+        try:
+            for n, event in enumerate(message_events(model, mock.words, mock.event_delay)):
+                if cut_after is not None and n >= cut_after:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            mock.aborted.set()
+
+
+class MockUpstream:
+    """A running mock provider on 127.0.0.1; close() stops it."""
+
+    def __init__(self, models=("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1")):
+        self.models = list(models)
+        self.models_page = 20
+        self.models_shape = "anthropic"
+        self.words = 5
+        self.event_delay = 0.0
+        self.requests = []
+        self.connections = 0
+        self.actions = []
+        self.aborted = threading.Event()
+        self.lock = threading.Lock()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MockHandler)
+        self.server.daemon_threads = True
+        self.server.mock = self
+        self.port = self.server.server_address[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def connected(self):
+        with self.lock:
+            self.connections += 1
+
+    def record(self, recorded):
+        with self.lock:
+            self.requests.append(recorded)
+
+    def take_action(self):
+        with self.lock:
+            return self.actions.pop(0) if self.actions else None
+
+    def fail_next(self, kind="status", **action):
+        """Queue a failure for the next request: status (status=, body=, headers=), close,
+        stall (seconds=), or cut (after=N events)."""
+        with self.lock:
+            self.actions.append(dict(action, kind=kind))
+
+    @property
+    def last(self):
+        return self.requests[-1]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

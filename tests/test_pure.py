@@ -1,0 +1,142 @@
+"""Tier 1: the pure transformations, called directly."""
+
+import json
+
+import pytest
+
+import ccproxy
+
+
+@pytest.mark.parametrize("url, base", [
+    ("https://api.anthropic.com/v1/messages", "https://api.anthropic.com"),
+    ("https://api.deepseek.com/anthropic/v1/messages", "https://api.deepseek.com/anthropic"),
+    ("https://relay.example/anthropic/v1/messages/", "https://relay.example/anthropic"),
+    ("https://relay.example/", "https://relay.example"),
+    ("https://relay.example/api", "https://relay.example/api"),
+    ("http://127.0.0.1:8080/v1/messages", "http://127.0.0.1:8080"),
+    # only a trailing /v1/messages goes: the same text elsewhere stays
+    ("https://v1/messages.example/x/v1/messages", "https://v1/messages.example/x"),
+    ("  https://relay.example/v1/messages  ", "https://relay.example"),
+])
+def test_derive_base_url(url, base):
+    assert ccproxy.derive_base_url(url) == base
+
+
+MODELS = frozenset(["claude-sonnet-4-5", "glm-4.6"])
+ENV = {"ANTHROPIC_DEFAULT_HAIKU_MODEL": "glm-4.5-air", "ANTHROPIC_DEFAULT_SONNET_MODEL": "glm-4.6",
+       "ANTHROPIC_MODEL": "glm-4.6-default"}
+
+
+@pytest.mark.parametrize("model, models, env, sent", [
+    ("claude-sonnet-4-5", MODELS, ENV, "claude-sonnet-4-5"),            # listed: kept
+    ("claude-sonnet-4-5[1m]", MODELS, ENV, "claude-sonnet-4-5"),        # suffix removed
+    ("claude-sonnet-4-5-20250929", MODELS, ENV, "glm-4.6"),             # family: sonnet
+    ("claude-3-5-haiku-20241022", MODELS, ENV, "glm-4.5-air"),          # family: haiku
+    ("claude-opus-4-1", MODELS, ENV, "glm-4.6-default"),                # no opus entry: ANTHROPIC_MODEL
+    ("some-model", MODELS, ENV, "glm-4.6-default"),
+    ("claude-opus-4-1[1m]", MODELS, {}, "claude-opus-4-1"),             # no mapping: bare name
+    ("CLAUDE-HAIKU-4-5", frozenset(), ENV, "glm-4.5-air"),              # family match ignores case
+])
+def test_map_model(model, models, env, sent):
+    assert ccproxy.map_model(model, models, env) == sent
+
+
+def test_effective_env_models_overlay_and_empty_values():
+    merged = ccproxy.effective_env_models(
+        {"ANTHROPIC_MODEL": "a", "ANTHROPIC_DEFAULT_HAIKU_MODEL": "h", "ANTHROPIC_DEFAULT_OPUS_MODEL": ""},
+        {"ANTHROPIC_MODEL": "b", "ANTHROPIC_DEFAULT_HAIKU_MODEL": ""})
+    assert merged == {"ANTHROPIC_MODEL": "b", "ANTHROPIC_DEFAULT_HAIKU_MODEL": "h"}
+
+
+def test_end_to_end_drops_hop_by_hop_and_connection_tokens():
+    headers = [("Connection", "keep-alive, X-Trace"), ("Keep-Alive", "timeout=5"), ("X-Trace", "1"),
+               ("TE", "trailers"), ("Transfer-Encoding", "chunked"), ("Upgrade", "h2c"),
+               ("Proxy-Authorization", "Basic x"), ("Host", "me"), ("Content-Length", "3"),
+               ("anthropic-version", "2023-06-01"), ("anthropic-beta", "a,b"), ("x-app", "cli"),
+               ("X-Stainless-OS", "Linux"), ("User-Agent", "claude-cli/2"), ("x-api-key", "k")]
+    kept = ccproxy.end_to_end(headers, ccproxy.REQUEST_OWN)
+    assert kept == [("anthropic-version", "2023-06-01"), ("anthropic-beta", "a,b"), ("x-app", "cli"),
+                    ("X-Stainless-OS", "Linux"), ("User-Agent", "claude-cli/2")]
+
+
+@pytest.mark.parametrize("headers, found", [
+    ([("x-api-key", "k1")], ("k1", "x-api-key")),
+    ([("Authorization", "Bearer k2")], ("k2", "bearer")),
+    ([("authorization", "bearer  k3 ")], ("k3", "bearer")),
+    ([("Authorization", "Basic abc")], ("", None)),
+    ([], ("", None)),
+])
+def test_client_key(headers, found):
+    assert ccproxy.client_key(headers) == found
+
+
+@pytest.mark.parametrize("style, expected", [
+    ("bearer", [("Authorization", "Bearer K")]),
+    ("x-api-key", [("x-api-key", "K")]),
+    ("both", [("x-api-key", "K"), ("Authorization", "Bearer K")]),
+])
+def test_auth_headers(style, expected):
+    assert ccproxy.auth_headers("K", style) == expected
+
+
+def test_header_preset_replaces_case_insensitively_and_empty_removes():
+    headers = [("user-agent", "claude-cli/1"), ("x-app", "cli"), ("anthropic-version", "v")]
+    out = ccproxy.apply_header_preset(headers, {"User-Agent": "relay", "X-App": "", "_comment": "c"})
+    assert out == [("anthropic-version", "v"), ("User-Agent", "relay")]
+    assert ccproxy.apply_header_preset(headers, None) is headers
+
+
+def test_request_preset_merges_deletes_and_does_not_mutate():
+    body = {"model": "m", "thinking": {"type": "enabled"}, "metadata": {"user_id": "u"}, "new": [1]}
+    out = ccproxy.apply_request_preset(body, {"thinking": None, "metadata": {"tag": "t"},
+                                              "temperature": 0, "_comment": "x"})
+    assert out == {"model": "m", "metadata": {"user_id": "u", "tag": "t"}, "new": [1], "temperature": 0}
+    assert body["thinking"] == {"type": "enabled"} and "tag" not in body["metadata"]
+
+
+def test_redact_removes_configured_secrets_and_key_shapes():
+    text = "key sk-ant-api03-abcdefghijkl and custom-secret-123 and sk-short"
+    out = ccproxy.redact(text, ["custom-secret-123"])
+    assert "abcdefghijkl" not in out and "custom-secret-123" not in out
+    assert "sk-ant-ap***" in out
+
+
+@pytest.mark.parametrize("key, hint", [
+    ("sk-ant-api03-abcdefgh1234", "sk-…1234"), ("abcdefghijkl", "abc…ijkl"), ("short", "…rt"), ("", ""),
+])
+def test_key_hint_never_shows_the_key(key, hint):
+    assert ccproxy.key_hint(key) == hint
+
+
+@pytest.mark.parametrize("obj, ids", [
+    ({"data": [{"type": "model", "id": "a"}, {"id": "b"}], "has_more": False}, ["a", "b"]),
+    ({"object": "list", "data": [{"id": "x", "object": "model"}, {"id": "x"}]}, ["x"]),
+    ({"data": ["plain", "ids"]}, ["plain", "ids"]),
+])
+def test_parse_model_list(obj, ids):
+    assert ccproxy.parse_model_list(obj) == ids
+
+
+@pytest.mark.parametrize("obj", [{"models": []}, "text", {"data": "x"}])
+def test_parse_model_list_rejects_other_shapes(obj):
+    with pytest.raises(ValueError):
+        ccproxy.parse_model_list(obj)
+
+
+def test_model_page_paginates_like_anthropic():
+    models = ["m%d" % i for i in range(5)]
+    page = ccproxy.model_page(models, "limit=2")
+    assert [m["id"] for m in page["data"]] == ["m0", "m1"] and page["has_more"]
+    assert page["first_id"] == "m0" and page["last_id"] == "m1"
+    page = ccproxy.model_page(models, "limit=2&after_id=m3")
+    assert [m["id"] for m in page["data"]] == ["m4"] and not page["has_more"]
+    assert page["data"][0]["type"] == "model"
+    with pytest.raises(ccproxy.ClientError):
+        ccproxy.model_page(models, "limit=x")
+
+
+def test_error_shapes():
+    assert json.loads(ccproxy.error_body("not_found_error", "no")) == {
+        "type": "error", "error": {"type": "not_found_error", "message": "no"}}
+    frame = ccproxy.sse_error("api_error", "cut")
+    assert frame.startswith(b"event: error\ndata: {") and frame.endswith(b"\n\n")
