@@ -1,0 +1,205 @@
+"""Config validation, the state file, reload (API and SIGHUP) and the command line."""
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import ccproxy
+from conftest import APIKEY, ROOT, make_config, start_proxy, wait_for, write_config
+
+GOOD = {"APIKEY": "k", "Providers": [{"name": "a", "api_base_url": "https://a.example/v1/messages"}]}
+
+
+def bad(**changes):
+    raw = json.loads(json.dumps(GOOD))
+    raw.update(changes)
+    return raw
+
+
+@pytest.mark.parametrize("raw, message", [
+    (bad(PORT="3456"), "PORT must be a whole number"),
+    (bad(PORT=70000), "PORT must be a whole number"),
+    (bad(LOG_LEVEL="LOUD"), "LOG_LEVEL must be one of"),
+    (bad(API_TIMEOUT_MS=0), "API_TIMEOUT_MS must be a positive number"),
+    (bad(MODEL_MAPPING="yes"), "MODEL_MAPPING must be true or false"),
+    (bad(Providers={}), "Providers must be a list"),
+    (bad(Providers=[{"name": "a", "api_base_url": "ftp://x/v1/messages"}]),
+     "Providers[0] (a).api_base_url must be an http(s) URL"),
+    (bad(Providers=[{"name": "a", "api_base_url": "relay.example/v1/messages"}]),
+     "Providers[0] (a).api_base_url must be an http(s) URL"),
+    (bad(Providers=[{"name": "a"}, {"name": "a"}]), "Providers[1] (a): duplicate provider name"),
+    (bad(Providers=[{"api_base_url": "https://x"}]), "Providers[0].name must be a non-empty string"),
+    (bad(Providers=[{"name": "a", "models": "m1"}]), "Providers[0] (a).models must be a list"),
+    (bad(Providers=[{"name": "a", "auth": "basic"}]), "Providers[0] (a).auth must be one of"),
+    (bad(Providers=[{"name": "a", "proxy": "socks5://h:1"}]), "Providers[0] (a).proxy must be an http://"),
+    (bad(Providers=[{"name": "a", "api_key": 5}]), "Providers[0] (a).api_key must be a string"),
+    (bad(HeaderOverrides={"p": "User-Agent: x"}), "HeaderOverrides.p must be an object"),
+    (bad(HeaderOverrides={"p": {"User-Agent": 5}}), "HeaderOverrides.p.User-Agent must be a string"),
+    (bad(HeaderOverrides={"p": {"X-A": "a\r\nX-Evil: 1"}}), "HeaderOverrides.p.X-A contains a line break"),
+    (bad(HeaderOverrides={"p": {"Bad Name": "v"}}), "is not a valid HTTP header name"),
+    (bad(RequestOverrides={"p": ["thinking"]}), "RequestOverrides.p must be an object"),
+    (bad(**{"env-models": {"ANTHROPIC_SONET_MODEL": "x"}}), "env-models.ANTHROPIC_SONET_MODEL is not a model variable"),
+    ([1, 2], "the top level must be a JSON object"),
+])
+def test_each_problem_gets_one_clear_line(raw, message):
+    with pytest.raises(ccproxy.ConfigError) as info:
+        ccproxy.validate_config(raw, "config.json")
+    assert any(p.startswith("config.json: ") and message in p for p in info.value.problems), info.value.problems
+
+
+def test_all_problems_are_reported_together():
+    raw = bad(PORT=-1, LOG_LEVEL="x", Providers=[{"name": "a"}, {"name": "a", "auth": "?"}])
+    with pytest.raises(ccproxy.ConfigError) as info:
+        ccproxy.validate_config(raw)
+    assert len(info.value.problems) == 4
+
+
+def test_comments_separators_and_template_are_valid():
+    with open(os.path.join(ROOT, "config.in.json"), encoding="utf-8") as f:
+        config = ccproxy.validate_config(json.load(f))
+    assert [p.name for p in config.providers if not p.usable] == ["----- relays -----"]
+    deepseek = config.by_name["deepseek"]
+    assert deepseek.base_url == "https://api.deepseek.com/anthropic"
+    assert "_comment" not in config.header_presets
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "invalid JSON"), ("", "invalid JSON"), (b"\xff\xfe{}", "is not UTF-8"),
+])
+def test_unreadable_files(tmp_path, text, message):
+    path = tmp_path / "config.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ccproxy.ConfigError) as info:
+        ccproxy.load_config(str(path))
+    assert message in info.value.problems[0] and str(path) in info.value.problems[0]
+
+
+# -- state file
+
+
+def test_selection_and_presets_survive_a_restart(config_file):
+    proxy = start_proxy(config_file)
+    proxy.store.select("beta")
+    proxy.store.set_overrides("alpha", "ua", None)
+    proxy.stop()
+    state_path = ccproxy.state_path_for(config_file)
+    assert os.path.dirname(state_path) == os.path.dirname(os.path.abspath(config_file))
+    with open(state_path, encoding="utf-8") as f:
+        assert json.load(f)["selected"] == "beta"
+    proxy = start_proxy(config_file)
+    try:
+        assert proxy.store.view.selected == "beta"
+        assert proxy.store.view.targets["alpha"].header_preset_name == "ua"
+    finally:
+        proxy.stop()
+    leftovers = [n for n in os.listdir(os.path.dirname(state_path)) if n.startswith(".")]
+    assert leftovers == []   # no temp file left behind by the atomic writes
+
+
+def test_a_corrupt_state_file_is_ignored(config_file):
+    with open(ccproxy.state_path_for(config_file), "w") as f:
+        f.write('{"selected": "bet')
+    proxy = start_proxy(config_file)
+    try:
+        assert proxy.store.view.selected == "alpha"
+    finally:
+        proxy.stop()
+
+
+def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = str(tmp_path / "s.json")
+    ccproxy.write_atomic(path, "old")
+    with pytest.raises(TypeError):   # the write fails half-way: not text
+        ccproxy.write_atomic(path, 42)
+    with open(path) as f:
+        assert f.read() == "old"
+    assert os.listdir(tmp_path) == ["s.json"]
+
+
+# -- reload
+
+
+def test_reload_swaps_in_a_valid_config_and_keeps_the_old_one_on_error(tmp_path, upstream, upstream2):
+    path = tmp_path / "config.json"
+    write_config(path, make_config(upstream))
+    proxy = start_proxy(str(path))
+    try:
+        write_config(path, make_config(upstream, upstream2))
+        status, state = proxy.api("POST", "/api/reload")
+        assert status == 200 and [p["name"] for p in state["providers"]] == ["alpha", "----", "beta"]
+        path.write_text('{"Providers": [{"name": "x", "api_base_url": "nope"}]')
+        status, err = proxy.api("POST", "/api/reload")
+        assert status == 400 and "invalid JSON" in err["error"]["message"]
+        path.write_text(json.dumps({"APIKEY": APIKEY, "Providers": [{"name": "x", "api_base_url": "nope"}]}))
+        status, err = proxy.api("POST", "/api/reload")
+        assert status == 400 and any("api_base_url must be an http(s) URL" in p for p in err["problems"])
+        status, state = proxy.api("GET", "/api/state")
+        assert [p["name"] for p in state["providers"]] == ["alpha", "----", "beta"]
+        assert state["reload_error"] and proxy.call("POST", "/v1/messages", {"model": "m"})[0] == 200
+    finally:
+        proxy.stop()
+
+
+def run_cli(*args, timeout=30, **kwargs):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "ccproxy.py")] + list(args),
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def test_help_and_version():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--config", "--host", "--port", "--debug", "--log-level", "--check", "--version"):
+        assert flag in result.stdout
+    assert run_cli("--version").stdout.startswith("ccproxy ")
+
+
+def test_bad_config_exits_2_with_one_line_per_problem(tmp_path):
+    path = write_config(tmp_path / "config.json", bad(PORT="x", Providers=[{"name": "a"}, {"name": "a"}]))
+    result = run_cli("--config", path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in result.stderr
+    assert run_cli("--check", "--config", path).returncode == 2
+    good = write_config(tmp_path / "good.json", GOOD)
+    assert run_cli("--check", "--config", good).returncode == 0
+
+
+@pytest.mark.parametrize("apikey", ["", ccproxy.PLACEHOLDER_APIKEY])
+def test_refuses_to_listen_beyond_loopback_without_a_real_key(tmp_path, apikey):
+    path = write_config(tmp_path / "config.json", dict(GOOD, APIKEY=apikey))
+    with pytest.raises(ccproxy.ConfigError) as info:
+        ccproxy.make_server(path, "0.0.0.0", 0)
+    assert "refusing to listen on 0.0.0.0" in info.value.problems[0]
+    server = ccproxy.make_server(path, "127.0.0.1", 0)   # loopback is fine
+    server.server_close()
+
+
+def test_sighup_reloads_and_sigterm_stops_cleanly(tmp_path, upstream, upstream2):
+    path = tmp_path / "config.json"
+    write_config(path, make_config(upstream))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"), "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = proc.stdout.readline()
+        port = int(banner.split("http://127.0.0.1:")[1].split()[0])
+        write_config(path, dict(make_config(upstream, upstream2), PORT=port))
+        proc.send_signal(signal.SIGHUP)
+
+        def providers():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/api/state", headers={"x-api-key": APIKEY})
+            names = [p["name"] for p in json.loads(conn.getresponse().read())["providers"]]
+            conn.close()
+            return names
+        assert wait_for(lambda: "beta" in providers())
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+        assert proc.returncode == 0 and "Traceback" not in err and "stopped" in err
+    finally:
+        proc.kill()
+        proc.wait()
