@@ -491,7 +491,7 @@ class Store:
         log.info("config reloaded: %d providers", len(config.providers))
         return None
 
-    def _require(self, name):
+    def require(self, name):
         if name not in self.view.targets:
             if name in self.view.config.by_name:
                 raise ClientError("provider %r has no api_base_url (a separator), so it cannot "
@@ -500,7 +500,7 @@ class Store:
 
     def select(self, name):
         with self.lock:
-            self._require(name)
+            self.require(name)
             self.state["selected"] = name
             self._install(self.view.config)
             self._save()
@@ -513,7 +513,7 @@ class Store:
             if preset is not None and preset not in presets:
                 raise NotFound("no %s preset named %r" % (kind, preset))
         with self.lock:
-            self._require(name)
+            self.require(name)
             self.state["choices"][name] = {"header_override": header_override,
                                            "request_override": request_override}
             self._install(self.view.config)
@@ -628,6 +628,18 @@ def map_model(model, models, env_models):
         if family in lower and env_models.get(var):
             return env_models[var]
     return env_models.get("ANTHROPIC_MODEL") or bare
+
+
+def claude_settings(base_url, key, env_models, auth=None):
+    """A Claude Code settings object ({"env": …}) that talks to base_url; empty values left out.
+
+    A provider that wants x-api-key gets ANTHROPIC_API_KEY (sent as x-api-key), any other
+    ANTHROPIC_AUTH_TOKEN (sent as Authorization: Bearer).
+    """
+    env = {"ANTHROPIC_BASE_URL": base_url,
+           "ANTHROPIC_API_KEY" if auth == "x-api-key" else "ANTHROPIC_AUTH_TOKEN": key}
+    env.update(env_models)
+    return {"env": {k: v for k, v in env.items() if v}}
 
 
 def error_body(kind, message):
@@ -1151,6 +1163,7 @@ def api_state(handler, body):
         "reload_error": handler.server.store.reload_error,
         "model_mapping": config.model_mapping,
         "env_models": effective_env_models(config.env_models, {}),
+        "proxy_settings": claude_settings(handler.proxy_url(), "", effective_env_models(config.env_models, {})),
         "header_overrides": config.header_presets,
         "request_overrides": config.request_presets,
         "providers": [provider_summary(view.targets.get(p.name), p) for p in config.providers],
@@ -1198,17 +1211,21 @@ def api_refresh(handler, body):
     name = _field(body or {}, "provider", required=False, nullable=True)
     store = handler.server.store
     if name is not None:
-        store._require(name)
+        store.require(name)
     results = refresh_models(store, None if name is None else [name])
     return 200, {"results": results}
 
 
 def api_key(handler, name):
-    store = handler.server.store
-    provider = store.view.config.by_name.get(name)
-    if provider is None:
-        raise NotFound("no provider named %r" % name)
-    return 200, {"name": name, "api_key": provider.api_key}
+    """One provider's key, and a settings.json that talks to it directly."""
+    view = handler.server.store.view
+    target = view.targets.get(name)
+    if target is None:
+        handler.server.store.require(name)
+    provider = target.provider
+    return 200, {"name": name, "api_key": provider.api_key,
+                 "settings": claude_settings(provider.base_url, provider.api_key, target.env_models,
+                                             provider.auth)}
 
 
 API_ROUTES = {
@@ -1490,10 +1507,6 @@ def create_config(path):
     return raw["APIKEY"]
 
 
-def claude_env(url, key):
-    return {"ANTHROPIC_BASE_URL": url, "ANTHROPIC_AUTH_TOKEN": key}
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="ccproxy.py",
@@ -1549,7 +1562,7 @@ def main(argv=None):
     if created_key:
         print("  created %s with a new APIKEY (the web UI password): %s" % (args.config, created_key))
         print("  Claude Code ~/.claude/settings.json:")
-        print(json.dumps({"env": claude_env(url, created_key)}, indent=2), flush=True)
+        print(json.dumps(claude_settings(url, created_key, {}), indent=2), flush=True)
 
     def stop(signum, frame):
         threading.Thread(target=server.shutdown, daemon=True).start()

@@ -1,0 +1,142 @@
+"""The web UI's JSON API: every route, auth failures and bad input."""
+
+import json
+
+import pytest
+
+import ccproxy
+from conftest import APIKEY, KEY_A, KEY_B, start_proxy
+
+
+def test_state_lists_providers_without_full_keys(proxy):
+    status, state = proxy.api("GET", "/api/state")
+    assert status == 200 and state["selected"] == "alpha"
+    assert state["proxy_url"] == proxy.url
+    assert [p["name"] for p in state["providers"]] == ["alpha", "----", "beta"]
+    alpha, sep, beta = state["providers"]
+    assert sep["separator"] and not alpha["separator"]
+    assert alpha["key_hint"] == "sk-…6789" and beta["base_url"].endswith("/anthropic")
+    assert beta["env_models"]["ANTHROPIC_DEFAULT_SONNET_MODEL"] == "glm-4.6"
+    assert state["header_overrides"] == {"ua": {"User-Agent": "relay-ua", "x-app": ""}}
+    assert "nothink" in state["request_overrides"]
+    text = json.dumps(state)
+    assert KEY_A not in text and KEY_B not in text and APIKEY not in text
+
+
+def test_select(proxy):
+    status, state = proxy.api("POST", "/api/select", {"provider": "beta"})
+    assert status == 200 and state["selected"] == "beta" and proxy.store.view.selected == "beta"
+
+
+@pytest.mark.parametrize("body, status, kind", [
+    ({"provider": "nope"}, 404, "not_found_error"),
+    ({"provider": "----"}, 400, "invalid_request_error"),     # a separator cannot be selected
+    ({"provider": 3}, 400, "invalid_request_error"),
+    ({}, 400, "invalid_request_error"),
+    ([], 400, "invalid_request_error"),
+])
+def test_select_bad_input(proxy, body, status, kind):
+    got, err = proxy.api("POST", "/api/select", body)
+    assert got == status and err["type"] == "error" and err["error"]["type"] == kind
+    assert proxy.store.view.selected == "alpha"
+
+
+def test_malformed_json_is_400(proxy):
+    status, _, data = proxy.call("POST", "/api/select", b"{provider:", {"Content-Type": "application/json"})
+    assert status == 400 and "not valid JSON" in json.loads(data)["error"]["message"]
+
+
+def test_overrides(proxy):
+    status, state = proxy.api("POST", "/api/overrides",
+                              {"provider": "beta", "header_override": "ua", "request_override": None})
+    beta = state["providers"][2]
+    assert status == 200 and beta["header_override"] == "ua" and beta["request_override"] is None
+    assert proxy.api("POST", "/api/overrides", {"provider": "beta", "header_override": "zz"})[0] == 404
+    assert proxy.api("POST", "/api/overrides", {"provider": "beta", "request_override": 1})[0] == 400
+    assert proxy.api("POST", "/api/overrides", {"provider": "zz"})[0] == 404
+
+
+def test_provider_key_and_settings(proxy):
+    status, got = proxy.api("GET", "/api/providers/beta/key")
+    assert status == 200 and got["api_key"] == KEY_B
+    env = got["settings"]["env"]
+    assert env["ANTHROPIC_BASE_URL"].endswith("/anthropic") and env["ANTHROPIC_AUTH_TOKEN"] == KEY_B
+    assert env["ANTHROPIC_DEFAULT_SONNET_MODEL"] == "glm-4.6" and "" not in env.values()
+    assert proxy.api("GET", "/api/providers/nope/key")[0] == 404
+    assert proxy.api("GET", "/api/providers/%2D%2D%2D%2D/key")[0] == 400
+
+
+def test_refresh_models_one_and_all(proxy, upstream, upstream2):
+    upstream.models = ["m%02d" % i for i in range(45)]        # three pages of 20
+    status, got = proxy.api("POST", "/api/refresh-models", {"provider": "alpha"})
+    result = got["results"]["alpha"]
+    assert status == 200 and result["ok"] and result["count"] == 45
+    assert result["message"].startswith("45 models in ")
+    assert proxy.store.view.targets["alpha"].models == tuple(upstream.models)
+    got_headers = upstream.last.headers
+    assert got_headers["x-api-key"] == KEY_A and got_headers["authorization"] == "Bearer " + KEY_A
+    upstream2.models_shape = "openai"
+    upstream.fail_next(status=200, body=b"<html>login</html>", content_type="text/html")
+    status, got = proxy.api("POST", "/api/refresh-models", {})
+    assert got["results"]["beta"]["ok"] and got["results"]["beta"]["count"] == 2
+    assert not got["results"]["alpha"]["ok"] and "HTML" in got["results"]["alpha"]["message"]
+    # a failed refresh keeps the previously discovered list
+    assert len(proxy.store.view.targets["alpha"].models) == 45
+    status, state = proxy.api("GET", "/api/state")
+    assert state["providers"][0]["refresh"]["ok"] is False
+
+
+@pytest.mark.parametrize("status, body, ctype, reason", [
+    (401, b"<html>denied</html>", "text/html", "HTTP 401 (HTML page, not JSON)"),
+    (200, b"{\"models\": []}", "application/json", "not a model list"),
+    (200, b"not json", "application/json", "not a model list"),
+])
+def test_refresh_failures_in_words(proxy, upstream, status, body, ctype, reason):
+    upstream.fail_next(status=status, body=body, content_type=ctype)
+    _, got = proxy.api("POST", "/api/refresh-models", {"provider": "alpha"})
+    assert reason in got["results"]["alpha"]["message"]
+    assert proxy.store.view.targets["alpha"].models == ("claude-sonnet-4-5", "claude-haiku-4-5")
+
+
+def test_discovered_models_survive_a_restart(config_file, upstream):
+    upstream.models = ["fresh-1", "fresh-2"]
+    proxy = start_proxy(config_file)
+    proxy.api("POST", "/api/refresh-models", {"provider": "alpha"})
+    proxy.stop()
+    proxy = start_proxy(config_file)
+    try:
+        assert proxy.store.view.targets["alpha"].models == ("fresh-1", "fresh-2")
+        page = json.loads(proxy.call("GET", "/v1/models")[2])
+        assert [m["id"] for m in page["data"]] == ["fresh-1", "fresh-2"]
+    finally:
+        proxy.stop()
+    with open(config_file, encoding="utf-8") as f:
+        assert "fresh-1" not in f.read()           # config.json itself is not rewritten
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/api/state"), ("POST", "/api/select"), ("POST", "/api/reload"), ("POST", "/api/overrides"),
+    ("POST", "/api/refresh-models"), ("GET", "/api/providers/alpha/key"),
+])
+def test_every_route_needs_the_key(proxy, method, path):
+    status, err = proxy.api(method, path, {"provider": "alpha"}, key=None)
+    assert status == 401 and err["error"]["type"] == "authentication_error"
+
+
+def test_unknown_api_route(proxy):
+    assert proxy.api("GET", "/api/nothing")[0] == 404
+    assert proxy.api("DELETE", "/api/state")[0] == 404
+
+
+def test_ten_wrong_keys_lock_the_address_out(proxy):
+    for _ in range(ccproxy.AUTH_FAIL_LIMIT):
+        assert proxy.api("GET", "/api/state", key="guess")[0] == 401
+    status, headers, data = proxy.call("GET", "/api/state")        # even the right key now
+    assert status == 429 and headers["retry-after"] and json.loads(data)["error"]["type"] == "rate_limit_error"
+
+
+def test_page_is_served_without_auth(proxy):
+    status, headers, data = proxy.call("GET", "/", key=None)
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert b"<title>ccproxy</title>" in data and b"https://" not in data.split(b"<script>")[0]
+    assert headers["x-frame-options"] == "DENY"
