@@ -1248,6 +1248,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "ccproxy/" + VERSION
     timeout = CLIENT_TIMEOUT_S
 
+    headers_sent = False
+
+    def end_headers(self):
+        self.headers_sent = True
+        super().end_headers()
+
     def setup(self):
         super().setup()
         # Without this, Nagle's algorithm holds the first small SSE write until the client's
@@ -1266,6 +1272,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def dispatch(self):
         started = time.monotonic()
+        self.headers_sent = False
         path, _, query = self.path.partition("?")
         exchange = None
         busy = self.server.busy
@@ -1293,6 +1300,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_error_json(exc)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except Exception:
+            # The one place an unexpected error is reported: once, with its traceback.
+            log.exception("internal error on %s %s", self.command, path)
+            if exchange is not None:
+                exchange.status = 500
+            if self.headers_sent:
+                self.close_connection = True
+            else:
+                self.send_error_json(ProxyError("ccproxy internal error — see its log"))
         finally:
             busy.discard(self.connection)
             if exchange is not None:
@@ -1465,6 +1481,13 @@ class ProxyServer(http.server.ThreadingHTTPServer):
                 pass  # already closed by the other side
         for thread in remaining.values():
             thread.join(2.0)
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError, socket.timeout, TimeoutError)):
+            log.debug("%s: connection dropped (%s)", client_address[0], type(exc).__name__)
+        else:
+            log.exception("internal error serving %s", client_address[0])
 
     def server_close(self):
         super().server_close()

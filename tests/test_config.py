@@ -203,3 +203,25 @@ def test_sighup_reloads_and_sigterm_stops_cleanly(tmp_path, upstream, upstream2)
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_first_run_creates_config_with_a_random_key(tmp_path):
+    path = tmp_path / "config.json"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"), "--config", str(path),
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = [proc.stdout.readline() for _ in range(8)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)
+    with open(path, encoding="utf-8") as f:
+        created = json.load(f)
+    key = created["APIKEY"]
+    assert key.startswith("sk-ccproxy-") and key != ccproxy.PLACEHOLDER_APIKEY and len(key) > 30
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    text = "".join(banner)
+    assert "http://127.0.0.1:" in text and key in text and '"ANTHROPIC_BASE_URL"' in text
+    with open(os.path.join(ROOT, "config.in.json"), encoding="utf-8") as f:
+        template = json.load(f)
+    assert list(created) == list(template)           # every key and comment, in order
+    assert proc.returncode == 0

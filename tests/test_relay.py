@@ -383,3 +383,14 @@ def test_debug_logs_bodies_but_still_no_keys(config_file, upstream, log_lines):
         proxy.stop()
     assert "secret prompt 7731" in log_lines.text
     assert KEY_A not in log_lines.text and APIKEY not in log_lines.text
+
+
+def test_an_unexpected_error_is_answered_500_and_logged_once(proxy, upstream, log_lines, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(ccproxy, "prepare_body", broken)
+    status, _, data = proxy.call("POST", "/v1/messages", MESSAGE)
+    assert status == 500 and json.loads(data)["error"]["type"] == "api_error"
+    assert wait_for(lambda: log_lines.text.count("Traceback") == 1)
+    monkeypatch.undo()
+    assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200

@@ -1,0 +1,90 @@
+"""run.sh start|stop|restart|status|logs, driven as a user would, from another directory."""
+
+import http.client
+import os
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+from conftest import APIKEY, ROOT, make_config, write_config
+
+pytestmark = pytest.mark.skipif(not shutil.which("bash"), reason="run.sh needs bash")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def env(tmp_path, upstream):
+    config = dict(make_config(upstream), PORT=free_port())
+    path = write_config(tmp_path / "config.json", config)
+    env = dict(os.environ, CONFIG=path, PIDFILE=str(tmp_path / "ccproxy.pid"),
+               LOGFILE=str(tmp_path / "ccproxy.log"), STOP_WAIT_S="10")
+    env["port"] = str(config["PORT"])
+    yield env
+    subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "stop"], env=env, cwd=str(tmp_path),
+                   capture_output=True, timeout=30)
+
+
+def run(env, *args):
+    return subprocess.run(["bash", os.path.join(ROOT, "run.sh")] + list(args), env=env,
+                          cwd="/", capture_output=True, text=True, timeout=60)
+
+
+def request(port):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("POST", "/v1/messages", b'{"model": "m"}', {"x-api-key": APIKEY})
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_start_status_stop(env):
+    result = run(env, "start")
+    assert result.returncode == 0, result.stderr
+    assert "http://127.0.0.1:%s/" % env["port"] in result.stdout
+    assert request(int(env["port"])) == 200
+    assert "already running" in run(env, "start").stdout
+    status = run(env, "status")
+    assert status.returncode == 0 and "is running" in status.stdout
+    assert run(env, "restart").returncode == 0
+    assert run(env, "stop").returncode == 0
+    assert not os.path.exists(env["PIDFILE"])
+    status = run(env, "status")
+    assert status.returncode == 3 and "not running" in status.stdout
+    with open(env["LOGFILE"], encoding="utf-8") as f:
+        log = f.read()
+    assert "listening on" in log and "stopped" in log and "Traceback" not in log
+
+
+def test_stale_pid_file_is_handled(env):
+    with open(env["PIDFILE"], "w") as f:
+        f.write("999999\n")
+    assert "not running" in run(env, "status").stdout
+    assert not os.path.exists(env["PIDFILE"])
+    assert run(env, "start").returncode == 0
+
+
+def test_failed_start_shows_the_log_tail(env, tmp_path):
+    with open(env["CONFIG"], "w") as f:
+        f.write('{"PORT": "x"}')
+    result = run(env, "start")
+    assert result.returncode != 0
+    assert "PORT must be a whole number" in result.stderr
+    assert not os.path.exists(env["PIDFILE"])
+
+
+def test_truncated_log_stays_clean(env):
+    assert run(env, "start").returncode == 0
+    request(int(env["port"]))
+    subprocess.run(["truncate", "-s", "0", env["LOGFILE"]], check=True)
+    request(int(env["port"]))
+    run(env, "stop")
+    with open(env["LOGFILE"], "rb") as f:
+        data = f.read()
+    assert data and not data.startswith(b"\0")          # appended, not written at the old offset
