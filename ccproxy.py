@@ -325,11 +325,12 @@ def validate_config(raw, path="config.json"):
     return Config(path, raw, providers)
 
 
-def load_config(path):
-    """Read and validate config.json; raise ConfigError with readable lines."""
+def read_config(path):
+    """(text, parsed JSON) of a config file; ConfigError with one readable line if unreadable."""
     try:
         with open(path, "r", encoding="utf-8") as f:
-            raw = json.load(f)
+            text = f.read()
+        raw = json.loads(text)
     except FileNotFoundError:
         raise ConfigError(["%s: no such file — copy config.in.json to it, or run ccproxy.py "
                            "once without --config to create it" % path])
@@ -340,12 +341,19 @@ def load_config(path):
     except json.JSONDecodeError as exc:
         raise ConfigError(["%s: line %d column %d: invalid JSON (%s)"
                            % (path, exc.lineno, exc.colno, exc.msg)])
-    return validate_config(raw, path)
+    return text, raw
+
+
+def load_config(path):
+    """Read and validate a config file; raise ConfigError with one readable line per problem."""
+    return validate_config(read_config(path)[1], path)
 
 
 def write_atomic(path, text, mode=None):
     """Write text to path so that a crash leaves either the old or the new file, never half."""
     directory = os.path.dirname(os.path.abspath(path))
+    if mode is None and os.path.exists(path):
+        mode = os.stat(path).st_mode & 0o7777    # a rewrite keeps the file's permissions
     fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
@@ -886,12 +894,12 @@ def fetch_models(provider, timeout=REFRESH_TIMEOUT_S):
     return ids, None
 
 
-def refresh_models(store, names=None, timeout=REFRESH_TIMEOUT_S):
-    """Discover models for the named providers (all usable ones if None), concurrently."""
-    view = store.view
-    providers = [t.provider for n, t in view.targets.items() if names is None or n in names]
-    results = {}
+def discover_all(providers, timeout=REFRESH_TIMEOUT_S):
+    """Discover several providers' models concurrently: {name: (ids or None, result)}.
 
+    result = {"ok", "count", "ms", "at", "message"}; message is "N models in M ms" or the
+    reason in words.
+    """
     def one(provider):
         started = time.monotonic()
         models, reason = fetch_models(provider, timeout)
@@ -901,13 +909,27 @@ def refresh_models(store, names=None, timeout=REFRESH_TIMEOUT_S):
                   "message": ("%d models in %d ms" % (len(models), ms)) if models else reason}
         return provider.name, models, result
 
+    results = {}
     if providers:
-        workers = min(REFRESH_WORKERS, len(providers))
-        with concurrent.futures.ThreadPoolExecutor(workers) as executor:
+        with concurrent.futures.ThreadPoolExecutor(min(REFRESH_WORKERS, len(providers))) as executor:
             for name, models, result in executor.map(one, providers):
                 results[name] = (models, result)
+    return results
+
+
+def refresh_models(store, names=None, timeout=REFRESH_TIMEOUT_S):
+    """Discover models for the named providers (all usable ones if None) and keep them."""
+    providers = [t.provider for n, t in store.view.targets.items() if names is None or n in names]
+    results = discover_all(providers, timeout)
+    if results:
         store.set_discovered(results)
     return {name: result for name, (models, result) in results.items()}
+
+
+def filter_models(models, spec):
+    """Models matching any comma-separated keyword of spec (case-insensitive); all if empty."""
+    words = [w.strip().lower() for w in (spec or "").split(",") if w.strip()]
+    return [m for m in models if not words or any(w in m.lower() for w in words)]
 
 
 # ============================================================================ relay

@@ -140,3 +140,14 @@ def test_error_shapes():
         "type": "error", "error": {"type": "not_found_error", "message": "no"}}
     frame = ccproxy.sse_error("api_error", "cut")
     assert frame.startswith(b"event: error\ndata: {") and frame.endswith(b"\n\n")
+
+
+@pytest.mark.parametrize("spec, kept", [
+    ("", ["claude-sonnet-4-5", "claude-haiku-4-5", "glm-4.6"]),
+    ("4-5", ["claude-sonnet-4-5", "claude-haiku-4-5"]),
+    ("SONNET, glm", ["claude-sonnet-4-5", "glm-4.6"]),
+    (" , ", ["claude-sonnet-4-5", "claude-haiku-4-5", "glm-4.6"]),
+    ("opus", []),
+])
+def test_filter_models(spec, kept):
+    assert ccproxy.filter_models(["claude-sonnet-4-5", "claude-haiku-4-5", "glm-4.6"], spec) == kept

@@ -1,0 +1,334 @@
+"""tools/: each output checked the way its target program reads it."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import urllib.parse
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import ccp2ccr  # noqa: E402
+import ccp2ccswitch  # noqa: E402
+import ccp2cliproxy  # noqa: E402
+import ccp_update_model  # noqa: E402
+
+yaml = pytest.importorskip("yaml", reason="PyYAML is a test-only dependency")
+
+NASTY_NAME = '中转 "x" v1.2'
+NASTY_KEY = "sk: #x \"q\" \\ 'y'"
+
+# A hand-formatted config: 4-space indent, comments, unknown keys, UTF-8, inline lists.
+TEMPLATE = """{
+    "_comment": "我的配置 — keep me",
+    "HOST": "127.0.0.1",
+    "PORT": 3456,
+    "APIKEY": "sk-ccproxy-tools-0123456789",
+    "x-unknown-top": {"kept": [1, 2]},
+    "env-models": {"ANTHROPIC_MODEL": ""},
+    "Providers": [
+        {
+            "name": "alpha",
+            "api_base_url": "%(one)s/v1/messages",
+            "api_key": "sk-alpha-1",
+            "models": %(alpha_models)s,
+            "_note": "keeps its place"
+        },
+        {"name": "----- 分隔 -----", "api_base_url": ""},
+        {
+            "name": "%(nasty_json)s",
+            "comment": "prefix kept",
+            "api_base_url": "%(two)s/anthropic/v1/messages",
+            "api_key": %(nasty_key_json)s,
+            "env-models": {"ANTHROPIC_DEFAULT_HAIKU_MODEL": "glm-4.5-air", "ANTHROPIC_MODEL": "glm-4.6"},
+            "custom": true
+        },
+        {"name": "a.b", "api_base_url": "%(dead)s/v1/messages", "api_key": "k-ab", "models": ["old-1"]},
+        {"name": "a_b", "api_base_url": "%(one)s", "api_key": "k-a_b", "models": []},
+        {"name": "nokey", "api_base_url": "%(one)s/v1/messages", "models": ["m"]}
+    ]
+}
+"""
+
+
+@pytest.fixture
+def dead_url():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return "http://127.0.0.1:%d" % s.getsockname()[1]
+
+
+@pytest.fixture
+def fields(upstream, upstream2, dead_url):
+    upstream2.models = ["glm-4.6", "glm-4.5-air", "kimi-k2"]
+    return {"one": upstream.url, "two": upstream2.url, "dead": dead_url,
+            "nasty_json": NASTY_NAME.replace('"', '\\"'), "nasty_key_json": json.dumps(NASTY_KEY),
+            "alpha_models": '["claude-old"]'}
+
+
+@pytest.fixture
+def config_path(tmp_path, fields):
+    path = tmp_path / "config.json"
+    path.write_text(TEMPLATE % fields, encoding="utf-8")
+    return str(path)
+
+
+def run_tool(name, *args, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", name)] + list(args),
+                          capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+# -- ccp_update_model.py
+
+
+def test_updater_rewrites_only_models(config_path, fields, upstream):
+    original = open(config_path, encoding="utf-8").read()
+    result = run_tool("ccp_update_model.py", "--input", config_path, "--timeout", "5")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "OK alpha: 3 models" in out and "OK %s: 3 models" % NASTY_NAME in out
+    assert "FAIL a.b: connection refused" in out and "kept its 1 models" in out
+    assert "fastest:" in out and "updated 3 of 4 providers" in out
+    assert "skipped nokey: it has no api_key" in result.stderr
+    new = open(config_path, encoding="utf-8").read()
+    assert open(config_path + ".bak", encoding="utf-8").read() == original
+    inline = "[%s]" % ", ".join(json.dumps(m) for m in upstream.models)
+    expected = original.replace('"models": ["claude-old"]', '"models": ' + inline)   # inline stays inline
+    # the nasty provider had no models key: it is added after its last member
+    expected = expected.replace('"custom": true\n', '"custom": true,\n            "models": [\n'
+                                + ",\n".join(" " * 16 + json.dumps(m) for m in ["glm-4.6", "glm-4.5-air", "kimi-k2"])
+                                + "\n            ]\n")
+    expected = expected.replace('"api_key": "k-a_b", "models": []', '"api_key": "k-a_b", "models": [%s]'
+                                % ", ".join(json.dumps(m) for m in upstream.models))
+    assert new == expected
+
+
+def test_updater_filter_dry_run_and_exit_codes(config_path, tmp_path, upstream):
+    before = open(config_path, encoding="utf-8").read()
+    result = run_tool("ccp_update_model.py", "--input", config_path, "--filter", "haiku,kimi", "--dry-run")
+    assert result.returncode == 0 and "dry run" in result.stdout
+    assert "OK alpha: 1 models" in result.stdout and open(config_path, encoding="utf-8").read() == before
+    assert not os.path.exists(config_path + ".bak")
+    out = tmp_path / "other.json"
+    assert run_tool("ccp_update_model.py", "--input", config_path, "--output", str(out), "--filter", "haiku").returncode == 0
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["Providers"][0]["models"] == ["claude-haiku-4-5"]
+    result = run_tool("ccp_update_model.py", "--input", config_path, "--filter", "nothing-matches")
+    assert result.returncode == 1 and "none matches" in result.stdout
+
+
+def test_updater_exits_1_when_every_provider_fails(tmp_path, dead_url):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"Providers": [{"name": "x", "api_base_url": dead_url, "api_key": "k",
+                                               "models": ["keep"]}]}))
+    before = path.read_text()
+    result = run_tool("ccp_update_model.py", "--input", str(path))
+    assert result.returncode == 1 and "FAIL x: connection refused" in result.stdout
+    assert path.read_text() == before
+
+
+def test_updater_reports_html_pages_in_words(config_path, upstream):
+    upstream.fail_next(status=401, body=b"<html>login</html>", content_type="text/html")
+    result = run_tool("ccp_update_model.py", "--input", config_path, "--dry-run")
+    assert "HTTP 401 (HTML page, not JSON)" in result.stdout
+
+
+@pytest.mark.parametrize("tool", ["ccp_update_model.py", "ccp2ccr.py", "ccp2ccswitch.py", "ccp2cliproxy.py"])
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"), ("{nope", "invalid JSON"), ('{"PORT": "x"}', "PORT must be a whole number")])
+def test_bad_input_one_line_exit_2_no_output(tool, content, message, tmp_path):
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    out = tmp_path / "out.file"
+    result = run_tool(tool, "--input", str(path), "--output", str(out))
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("tool", ["ccp_update_model.py", "ccp2ccr.py", "ccp2ccswitch.py", "ccp2cliproxy.py",
+                                  "ccp2ccr.sh", "ccp2ccswitch.sh", "ccp2cliproxy.sh"])
+def test_help(tool):
+    command = ["bash"] if tool.endswith(".sh") else [sys.executable]
+    result = subprocess.run(command + [os.path.join(ROOT, "tools", tool), "--help"], capture_output=True,
+                            text=True, timeout=30, cwd="/")
+    assert result.returncode == 0 and "--input" in result.stdout and "--output" in result.stdout
+
+
+# -- ccp2ccr.py
+
+
+def test_ccr_file_follows_ccr_rules(config_path, tmp_path):
+    out = tmp_path / "cc-router.json"
+    result = run_tool("ccp2ccr.py", "--input", config_path, "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "v3" in result.stdout and "skipped nokey" in result.stderr
+    assert "skipped %s: it has no models" % NASTY_NAME in result.stderr
+    ccr = json.loads(out.read_text(encoding="utf-8"))
+    assert set(ccr) <= {"HOST", "PORT", "APIKEY", "LOG", "API_TIMEOUT_MS", "PROXY_URL", "Providers", "Router"}
+    assert ccr["PORT"] != 3456 and ccr["HOST"] == "127.0.0.1"
+    names = [p["name"] for p in ccr["Providers"]]
+    assert names == ["alpha", "a.b"] and len(set(names)) == len(names)
+    for provider in ccr["Providers"]:
+        assert set(provider) == {"name", "api_base_url", "api_key", "models", "transformer", "protocol"}
+        assert "," not in provider["name"] and provider["models"]
+        assert provider["api_base_url"].endswith("/v1/messages")
+        assert provider["transformer"] == {"use": ["Anthropic"]} and provider["protocol"] == "anthropic_messages"
+    name, model = ccr["Router"]["default"].split(",")
+    assert name == "alpha" and model in ccr["Providers"][0]["models"]
+
+
+def test_ccr_update_models_keeps_prefix_and_routes_to_current(config_path, tmp_path, fields):
+    out = tmp_path / "cc-router.json"
+    result = run_tool("ccp2ccr.py", "--input", config_path, "--output", str(out), "--update-models",
+                      "--timeout", "5", "--current", NASTY_NAME)
+    assert result.returncode == 0, result.stderr
+    ccr = json.loads(out.read_text(encoding="utf-8"))
+    nasty = next(p for p in ccr["Providers"] if p["name"] == NASTY_NAME)
+    assert nasty["api_base_url"] == fields["two"] + "/anthropic/v1/messages"
+    assert nasty["api_key"] == NASTY_KEY and nasty["models"] == ["glm-4.6", "glm-4.5-air", "kimi-k2"]
+    assert ccr["Router"]["default"] == NASTY_NAME + ",glm-4.6"        # its ANTHROPIC_MODEL
+    assert ccr["Router"]["background"] == NASTY_NAME + ",glm-4.5-air"
+    assert run_tool("ccp2ccr.py", "--input", config_path, "--output", str(tmp_path / "x"),
+                    "--current", "nope").returncode == 2
+
+
+# -- ccp2ccswitch.py
+
+ALLOWED_PRAGMAS = {"foreign_keys", "user_version"}
+
+
+def replay_ccswitch_import(sql_text):
+    """Import an SQL file the way CC Switch does: header, fresh database, authorizer, commit."""
+    assert sql_text.splitlines()[0] == "-- CC Switch SQLite 导出"
+    db = sqlite3.connect(":memory:")
+
+    def authorizer(action, arg1, arg2, dbname, source):
+        if action == sqlite3.SQLITE_ATTACH:
+            return sqlite3.SQLITE_DENY
+        if action == sqlite3.SQLITE_PRAGMA and arg1 not in ALLOWED_PRAGMAS:
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    db.set_authorizer(authorizer)
+    db.executescript(sql_text)
+    db.set_authorizer(None)
+    assert not db.in_transaction
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert set(ccp2ccswitch.TABLES) <= tables
+    assert 0 <= db.execute("PRAGMA user_version").fetchone()[0] <= 17
+    return db
+
+
+def test_ccswitch_sql_imports_cleanly(config_path, tmp_path, fields):
+    out, links = tmp_path / "cc-switch.sql", tmp_path / "links.txt"
+    result = run_tool("ccp2ccswitch.py", "--input", config_path, "--output", str(out), "--links", str(links))
+    assert result.returncode == 0, result.stderr
+    assert "REPLACES its whole database" in result.stdout
+    db = replay_ccswitch_import(out.read_text(encoding="utf-8"))
+    rows = db.execute("SELECT id, app_type, name, settings_config, category, sort_index, created_at, meta, "
+                      "is_current, notes FROM providers ORDER BY sort_index").fetchall()
+    assert [r[2] for r in rows] == ["alpha", NASTY_NAME, "a.b", "a_b"]
+    ids = [r[0] for r in rows]
+    assert all(ids) and len(set(ids)) == 4 and all(i.startswith("ccp-") for i in ids)
+    assert [r[5] for r in rows] == [0, 1, 2, 3] and sum(r[8] for r in rows) == 1 and rows[0][8] == 1
+    assert all(r[1] == "claude" and r[4] == "custom" and r[7] == "{}" and r[6] > 0 for r in rows)
+    env = json.loads(rows[1][3])["env"]
+    assert env == {"ANTHROPIC_BASE_URL": fields["two"] + "/anthropic", "ANTHROPIC_AUTH_TOKEN": NASTY_KEY,
+                   "ANTHROPIC_DEFAULT_HAIKU_MODEL": "glm-4.5-air", "ANTHROPIC_MODEL": "glm-4.6"}
+    assert rows[1][9] == "prefix kept"
+    endpoints = db.execute("SELECT provider_id, url FROM provider_endpoints").fetchall()
+    assert len(endpoints) == 4 and {e[0] for e in endpoints} == set(ids)
+    link = links.read_text(encoding="utf-8").splitlines()[1]
+    assert link.startswith("ccswitch://v1/import?")
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(link).query))
+    assert query["name"] == NASTY_NAME and query["apiKey"] == NASTY_KEY and query["app"] == "claude"
+    assert query["endpoint"] == fields["two"] + "/anthropic" and query["haikuModel"] == "glm-4.5-air"
+
+
+def test_ccswitch_current_and_errors(config_path, tmp_path):
+    out = tmp_path / "cc.sql"
+    assert run_tool("ccp2ccswitch.py", "--input", config_path, "--output", str(out),
+                    "--current", "a_b").returncode == 0
+    db = replay_ccswitch_import(out.read_text(encoding="utf-8"))
+    assert db.execute("SELECT name FROM providers WHERE is_current=1").fetchall() == [("a_b",)]
+    out.unlink()
+    result = run_tool("ccp2ccswitch.py", "--input", config_path, "--output", str(out), "--current", "nope")
+    assert result.returncode == 2 and "names no exportable provider" in result.stderr and not out.exists()
+
+
+def test_export_cc_settings_file(config_path, tmp_path, fields):
+    out = tmp_path / "settings.json"
+    result = run_tool("ccp2ccswitch.py", "--input", config_path, "--export-cc", "--provider", NASTY_NAME,
+                      "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text(encoding="utf-8")) == {"env": {
+        "ANTHROPIC_BASE_URL": fields["two"] + "/anthropic", "ANTHROPIC_AUTH_TOKEN": NASTY_KEY,
+        "ANTHROPIC_DEFAULT_HAIKU_MODEL": "glm-4.5-air", "ANTHROPIC_MODEL": "glm-4.6"}}
+    result = run_tool("ccp2ccswitch.py", "--input", config_path, "--export-cc", "--current", "alpha", cwd=str(tmp_path))
+    written = [n for n in os.listdir(tmp_path) if n.startswith("claude-settings-alpha")]
+    assert result.returncode == 0 and len(written) == 1
+    env = json.loads((tmp_path / written[0]).read_text())["env"]
+    assert env == {"ANTHROPIC_BASE_URL": fields["one"], "ANTHROPIC_AUTH_TOKEN": "sk-alpha-1"}   # nothing empty
+
+
+def test_provider_ids_are_unique_and_never_empty():
+    names = ["a.b", "a_b", "a b", "中转", "中转站", "", "--"]
+    ids = [ccp2ccswitch.provider_id("", n) for n in names]
+    assert all(ids) and len(set(ids)) == len(ids)
+    assert ccp2ccswitch.provider_id("", "a.b") == ccp2ccswitch.provider_id("", "a.b")   # stable
+
+
+# -- ccp2cliproxy.py
+
+CLIPROXY_TOP = {"host", "port", "api-keys", "claude-api-key"}
+CLIPROXY_ENTRY = {"api-key", "base-url", "models", "proxy-url", "headers", "prefix", "priority"}
+
+
+def test_cliproxy_yaml_parses_and_round_trips(config_path, tmp_path, fields):
+    out = tmp_path / "cliproxy.yaml"
+    result = run_tool("ccp2cliproxy.py", "--input", config_path, "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    data = yaml.safe_load(out.read_text(encoding="utf-8"))
+    assert set(data) == CLIPROXY_TOP
+    assert data["host"] == "127.0.0.1" and data["port"] == 8317
+    assert data["api-keys"] == ["sk-ccproxy-tools-0123456789"]
+    entries = data["claude-api-key"]
+    assert len(entries) == 4
+    for entry in entries:
+        assert set(entry) <= CLIPROXY_ENTRY
+        assert not entry["base-url"].endswith("/") and "/v1" not in entry["base-url"]
+        for model in entry.get("models", []):
+            assert set(model) == {"name", "alias"}
+    nasty = entries[1]
+    assert nasty["api-key"] == NASTY_KEY and nasty["base-url"] == fields["two"] + "/anthropic"
+    assert entries[0]["models"] == [{"name": "claude-old", "alias": "claude-old"}]
+
+
+def test_wrappers_run_from_any_directory(config_path, tmp_path):
+    result = subprocess.run(["bash", os.path.join(ROOT, "tools", "ccp2cliproxy.sh"), "--output", "x.yaml"],
+                            capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+                            env=dict(os.environ, CONFIG=config_path))
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load((tmp_path / "x.yaml").read_text(encoding="utf-8"))["port"] == 8317
+
+
+@pytest.mark.parametrize("before, after", [
+    ('{"Providers": [{"name": "a", "models": []}]}', '{"Providers": [{"name": "a", "models": ["x", "y"]}]}'),
+    ('{"Providers": [{"name": "a"}]}', '{"Providers": [{"name": "a", "models": ["x", "y"]}]}'),
+    ('{\n  "Providers": [\n    {\n      "name": "a",\n      "models": []\n    }\n  ]\n}',
+     '{\n  "Providers": [\n    {\n      "name": "a",\n      "models": [\n        "x",\n        "y"\n      ]\n    }\n  ]\n}'),
+    ('{\n\t"Providers": [{"name": "a", "models": ["old"], "k": {"models": 1}}]\n}',
+     '{\n\t"Providers": [{"name": "a", "models": ["x", "y"], "k": {"models": 1}}]\n}'),
+    ('{"_c": "models: []", "Providers": [{"name": "a \\"models\\"", "models": [\n "o"\n]}]}',
+     '{"_c": "models: []", "Providers": [{"name": "a \\"models\\"", "models": [\n "x",\n "y"\n]}]}'),
+])
+def test_replace_models_touches_nothing_else(before, after):
+    assert ccp_update_model.replace_models(before, {0: ["x", "y"]}) == after
+    assert json.loads(after)["Providers"][0]["models"] == ["x", "y"]
