@@ -28,6 +28,7 @@ Standard library only; runs on Python 3.8 and newer.
 import argparse
 import base64
 import concurrent.futures
+import email.utils
 import hmac
 import http.client
 import http.server
@@ -70,6 +71,11 @@ REFRESH_TIMEOUT_S = 20.0            # one provider's /v1/models discovery
 REFRESH_WORKERS = 16
 MODELS_PAGE_LIMIT = 1000
 MAX_MODEL_PAGES = 20
+DEFAULT_FIRST_BYTE_TIMEOUT_MS = 60000   # a stream's status + first event, when a fallback remains
+DEFAULT_COOLDOWN_MS = 60000         # a failed provider is skipped this long (or its Retry-After)
+MAX_COOLDOWN_S = 3600.0
+COUNT_TOKENS_MEMORY_S = 3600.0      # how long "this provider has no count_tokens" is remembered
+FIRST_EVENT_MAX_BYTES = 1 << 20     # held before relaying a stream; more means "not SSE framing"
 SHUTDOWN_GRACE_S = 5.0              # in-flight streams get this long on SIGTERM/Ctrl-C
 AUTH_FAIL_LIMIT = 10                # wrong keys from one address within AUTH_FAIL_WINDOW_S
 AUTH_FAIL_WINDOW_S = 60.0
@@ -85,7 +91,11 @@ MODEL_VARS = ("ANTHROPIC_MODEL", "ANTHROPIC_DEFAULT_OPUS_MODEL", "ANTHROPIC_DEFA
 FAMILY_VARS = (("haiku", "ANTHROPIC_DEFAULT_HAIKU_MODEL"), ("sonnet", "ANTHROPIC_DEFAULT_SONNET_MODEL"),
                ("opus", "ANTHROPIC_DEFAULT_OPUS_MODEL"))
 TOP_KEYS = ("HOST", "PORT", "APIKEY", "LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_MB", "MODEL_MAPPING",
-            "env-models", "HeaderOverrides", "RequestOverrides", "Providers")
+            "env-models", "HeaderOverrides", "RequestOverrides", "Providers", "Fallback",
+            "FIRST_BYTE_TIMEOUT_MS", "COOLDOWN_MS")
+# Failures that move a request to the next provider, if no byte has reached the client yet.
+FAILOVER_STATUSES = frozenset([401, 403, 408, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524, 529])
+COUNT_TOKENS_MISSING = frozenset([404, 405, 501])
 PROVIDER_KEYS = ("name", "api_base_url", "api_key", "models", "comment", "env-models", "auth", "proxy")
 
 # RFC 9110 section 7.6.1: hop-by-hop fields, plus every token listed in Connection.
@@ -107,6 +117,7 @@ class ProxyError(Exception):
     status = 500
     kind = "api_error"
     retry = True
+    headers = ()
 
     def __init__(self, message, status=None, kind=None):
         super().__init__(message)
@@ -191,6 +202,9 @@ class Config:
         self.api_timeout_s = raw.get("API_TIMEOUT_MS", DEFAULT_API_TIMEOUT_MS) / 1000.0
         self.max_body_bytes = int(raw.get("MAX_BODY_MB", DEFAULT_MAX_BODY_MB) * 1024 * 1024)
         self.model_mapping = raw.get("MODEL_MAPPING", True)
+        self.fallback = tuple(raw.get("Fallback", ()))
+        self.first_byte_timeout_s = raw.get("FIRST_BYTE_TIMEOUT_MS", DEFAULT_FIRST_BYTE_TIMEOUT_MS) / 1000.0
+        self.cooldown_s = raw.get("COOLDOWN_MS", DEFAULT_COOLDOWN_MS) / 1000.0
         self.env_models = strip_comments(raw.get("env-models", {}))
         self.header_presets = strip_comments(raw.get("HeaderOverrides", {}))
         self.request_presets = strip_comments(raw.get("RequestOverrides", {}))
@@ -284,6 +298,18 @@ def _check_provider(index, entry, names, problems):
                     strip_comments(env_models) if isinstance(env_models, dict) else {}, auth, proxy)
 
 
+def _check_fallback(value, providers, problems):
+    usable = {p.name for p in providers if p.usable}
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        problems.append("Fallback must be a list of provider names")
+        return
+    for index, name in enumerate(value):
+        if name not in usable:
+            problems.append("Fallback[%d]: %r is not a provider with an api_base_url" % (index, name))
+    if len(set(value)) != len(value):
+        problems.append("Fallback names a provider twice")
+
+
 def validate_config(raw, path="config.json"):
     """Return a Config for a parsed config object, or raise ConfigError listing every problem."""
     if not isinstance(raw, dict):
@@ -298,7 +324,9 @@ def validate_config(raw, path="config.json"):
         problems.append("APIKEY must be a string")
     if raw.get("LOG_LEVEL", "INFO") not in LOG_LEVELS:
         problems.append("LOG_LEVEL must be one of %s" % ", ".join(LOG_LEVELS))
-    for key, default in (("API_TIMEOUT_MS", DEFAULT_API_TIMEOUT_MS), ("MAX_BODY_MB", DEFAULT_MAX_BODY_MB)):
+    for key, default in (("API_TIMEOUT_MS", DEFAULT_API_TIMEOUT_MS), ("MAX_BODY_MB", DEFAULT_MAX_BODY_MB),
+                         ("FIRST_BYTE_TIMEOUT_MS", DEFAULT_FIRST_BYTE_TIMEOUT_MS),
+                         ("COOLDOWN_MS", DEFAULT_COOLDOWN_MS)):
         value = raw.get(key, default)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             problems.append("%s must be a positive number" % key)
@@ -317,6 +345,7 @@ def validate_config(raw, path="config.json"):
         provider = _check_provider(index, entry, names, problems)
         if provider is not None:
             providers.append(provider)
+    _check_fallback(raw.get("Fallback", []), providers, problems)
     if problems:
         raise ConfigError(["%s: %s" % (path, p) for p in problems])
     for key in raw:
@@ -421,12 +450,14 @@ class Target:
 class View:
     """What one request reads: the config and the resolved targets, swapped in whole."""
 
-    __slots__ = ("config", "targets", "selected")
+    __slots__ = ("config", "targets", "selected", "fallback", "fallback_enabled")
 
-    def __init__(self, config, targets, selected):
+    def __init__(self, config, targets, selected, fallback=(), fallback_enabled=True):
         self.config = config
         self.targets = targets
         self.selected = selected
+        self.fallback = fallback
+        self.fallback_enabled = fallback_enabled
 
     @property
     def target(self):
@@ -475,7 +506,11 @@ class Store:
         selected = state.get("selected")
         if selected not in targets:
             selected = next(iter(targets), None)
-        self.view = View(config, targets, selected)
+        # The web UI's edited fallback list, if any, else config.json's Fallback.
+        edited = state.get("fallback") or {}
+        names = edited.get("providers")
+        names = config.fallback if names is None else [n for n in names if n in targets]
+        self.view = View(config, targets, selected, tuple(names), edited.get("enabled", True))
 
     def _save(self):
         state = dict(self.state, selected=self.view.selected)
@@ -524,6 +559,19 @@ class Store:
             self.require(name)
             self.state["choices"][name] = {"header_override": header_override,
                                            "request_override": request_override}
+            self._install(self.view.config)
+            self._save()
+
+    def set_fallback(self, enabled, names):
+        """Save the web UI's fallback list (names None = back to config.json's Fallback)."""
+        if names is not None:
+            for name in names:
+                self.require(name)
+            if len(set(names)) != len(names):
+                raise ClientError("the fallback list names a provider twice")
+        with self.lock:
+            self.state["fallback"] = {"enabled": bool(enabled),
+                                      "providers": None if names is None else list(names)}
             self._install(self.view.config)
             self._save()
 
@@ -636,6 +684,51 @@ def map_model(model, models, env_models):
         if family in lower and env_models.get(var):
             return env_models[var]
     return env_models.get("ANTHROPIC_MODEL") or bare
+
+
+def retry_after_seconds(value, now=None):
+    """Seconds from a Retry-After header (delay-seconds or HTTP-date, RFC 9110 §10.2.3), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def is_signature_error(status, body):
+    """A 400 caused by thinking-block signatures another provider made."""
+    if status != 400:
+        return False
+    text = body[:4096].decode("utf-8", "replace").lower()
+    return "signature" in text and "thinking" in text
+
+
+def strip_thinking(body):
+    """A copy of a Messages request without thinking blocks or signatures in assistant turns.
+
+    Signatures are only valid for the provider that made them; after a switch they are
+    rejected. An assistant turn left empty keeps a short text block (empty content is invalid).
+    """
+    messages = []
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if message.get("role") != "assistant" or not isinstance(content, list):
+            messages.append(message)
+            continue
+        blocks = []
+        for block in content:
+            if isinstance(block, dict):
+                if block.get("type") in ("thinking", "redacted_thinking"):
+                    continue
+                block = {k: v for k, v in block.items() if k != "signature"}
+            blocks.append(block)
+        messages.append(dict(message, content=blocks or [{"type": "text", "text": "(thinking omitted)"}]))
+    return dict(body, messages=messages)
 
 
 def claude_settings(base_url, key, env_models, auth=None):
@@ -820,7 +913,7 @@ NETWORK_ERRORS = (OSError, http.client.HTTPException)
 
 
 def send_upstream(pool, target, method, path, headers, body, timeout):
-    """Send one request and return (connection, response) once the status line has arrived.
+    """Send one request; (connection, response, socket) once the status line has arrived.
 
     A pooled connection the provider has closed meanwhile is retried once on a new one:
     nothing reached the provider in that case.
@@ -828,12 +921,13 @@ def send_upstream(pool, target, method, path, headers, body, timeout):
     url = target.prefix + path
     for attempt in (0, 1):
         conn, reused = pool.get(target.pool_key, timeout)
+        sock = conn.sock    # http.client drops conn.sock for a Connection: close answer
         try:
             conn.putrequest(method, url, skip_host=True, skip_accept_encoding=True)
             for name, value in headers:
                 conn.putheader(name, value)
             conn.endheaders(body if body else None)
-            return conn, conn.getresponse()
+            return conn, conn.getresponse(), sock
         except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
             conn.close()
             if not reused or attempt:
@@ -1012,62 +1106,225 @@ def upstream_headers(client_headers, target, body):
 class Exchange:
     """Facts about one relayed request, for the log line."""
 
-    __slots__ = ("provider", "model_in", "model_out", "status", "bytes_out", "ttfb_ms", "note")
+    __slots__ = ("provider", "model_in", "model_out", "status", "bytes_out", "ttfb_ms", "note",
+                 "attempts")
 
     def __init__(self):
         self.provider = self.model_in = self.model_out = self.note = None
         self.status = 0
         self.bytes_out = 0
         self.ttfb_ms = None
+        self.attempts = []
+
+
+class Failure:
+    """Why one provider could not answer a request, and what it said if it answered."""
+
+    __slots__ = ("label", "status", "headers", "body", "error", "cooldown_s")
+
+    def __init__(self, label, status=None, headers=(), body=b"", error=None, cooldown_s=None):
+        self.label = label            # for x-ccproxy-attempts and the log: "529", "timeout"…
+        self.status = status          # the provider's status, None for a network failure
+        self.headers = headers
+        self.body = body
+        self.error = error            # the ProxyError to answer if this is the last failure
+        self.cooldown_s = cooldown_s
+
+
+class Health:
+    """Which providers are cooling down after a failure, and which lack count_tokens."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.cooling = {}             # name -> (until, reason), time.time() based
+        self.no_count_tokens = {}     # name -> until
+
+    def cool_down(self, name, seconds, reason):
+        with self.lock:
+            self.cooling[name] = (time.time() + min(seconds, MAX_COOLDOWN_S), reason)
+
+    def recovered(self, name):
+        if name in self.cooling:
+            with self.lock:
+                self.cooling.pop(name, None)
+
+    def is_cooling(self, name, now):
+        entry = self.cooling.get(name)
+        return entry is not None and entry[0] > now
+
+    def snapshot(self):
+        now = time.time()
+        with self.lock:
+            return {n: {"until": u, "reason": r} for n, (u, r) in self.cooling.items() if u > now}
+
+    def lacks_count_tokens(self, name):
+        until = self.no_count_tokens.get(name)
+        return until is not None and until > time.time()
+
+    def remember_no_count_tokens(self, name):
+        with self.lock:
+            self.no_count_tokens[name] = time.time() + COUNT_TOKENS_MEMORY_S
+
+
+def candidates(view, health):
+    """The providers to try in order: the selected one, then the fallback list, skipping any
+    that are cooling down. If all are cooling down the selected one is tried anyway."""
+    names = [view.selected] + [n for n in (view.fallback if view.fallback_enabled else ())
+                               if n != view.selected]
+    now = time.time()
+    chosen = [view.targets[n] for n in names if n in view.targets and not health.is_cooling(n, now)]
+    if not chosen and view.selected in view.targets:
+        chosen = [view.targets[view.selected]]
+    return chosen
+
+
+_STREAM_FLAG = re.compile(rb'"stream"\s*:\s*true')
 
 
 def relay(handler, exchange, started):
-    """Relay the handler's request to the selected provider and stream the answer back."""
-    view = handler.server.store.view
-    target = view.target
-    if target is None:
+    """Relay the handler's request: to the selected provider, and on a failure before any
+    byte reached the client, to the next fallback provider."""
+    server = handler.server
+    view = server.store.view
+    chain = candidates(view, server.health)
+    if not chain:
         raise NoProvider("ccproxy has no provider to relay to — add one with an api_base_url to "
                          "Providers in %s, then reload" % view.config.path)
-    exchange.provider = target.name
     body = read_request_body(handler, view.config.max_body_bytes)
-    body, exchange.model_in, exchange.model_out = prepare_body(view, target, handler.path, body)
-    headers = upstream_headers(list(handler.headers.items()), target, body)
-    if handler.server.debug:
-        log.debug("-> %s %s body: %s", target.name, handler.path,
-                  redact(body[:DEBUG_BODY_CHARS].decode("utf-8", "replace"), view.config.secrets()))
+    if handler.path.startswith("/v1/messages/count_tokens") and server.health.lacks_count_tokens(chain[0].name):
+        # Claude Code estimates by itself after a 404; spare the relay the burst from /context.
+        exchange.provider = chain[0].name
+        raise NotFound("provider %s does not offer count_tokens" % chain[0].name)
+    # Anthropic's JSON escapes quotes inside strings, so this only matches a real "stream" key.
+    stream = bool(_STREAM_FLAG.search(body))
+    client_headers = list(handler.headers.items())
+    failure = None
+    for index, target in enumerate(chain):
+        exchange.provider = target.name
+        last = index == len(chain) - 1
+        failure = attempt(handler, exchange, started, view, target, body, client_headers, stream, last)
+        if failure is None:
+            server.health.recovered(target.name)
+            return
+        exchange.attempts.append("%s %s" % (target.name, failure.label))
+        if view.fallback_enabled and view.fallback:
+            server.health.cool_down(target.name, failure.cooldown_s, failure.label)
+    answer_failure(handler, exchange, failure)
+
+
+def answer_failure(handler, exchange, failure):
+    """Every candidate failed: give the client the last provider's answer as it was, so its
+    own retry logic sees the real status; our own error for a network failure."""
+    if failure.status is None:
+        if len(exchange.attempts) > 1:
+            failure.error.headers = [("x-ccproxy-attempts", ", ".join(exchange.attempts))]
+        raise failure.error
+    exchange.status = failure.status
+    handler.send_response_only(failure.status)
+    for name, value in end_to_end(failure.headers, RESPONSE_OWN):
+        handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(failure.body)))
+    handler.send_header("x-ccproxy-provider", exchange.provider)
+    if len(exchange.attempts) > 1:
+        handler.send_header("x-ccproxy-attempts", ", ".join(exchange.attempts))
+    handler.end_headers()
+    handler.wfile.write(failure.body)
+    exchange.bytes_out = len(failure.body)
+
+
+def attempt(handler, exchange, started, view, target, raw_body, client_headers, stream, last):
+    """Try one provider. Returns None once the answer has gone to the client, or the Failure
+    that should move the request on (nothing has been sent to the client then)."""
+    config = view.config
+    body, exchange.model_in, exchange.model_out = prepare_body(view, target, handler.path, raw_body)
+    # A stream must show its first event soon when another provider could take over; a lone
+    # provider (or a non-streamed reply, whose headers come after the whole answer) gets the
+    # long idle timeout.
+    first_timeout = config.first_byte_timeout_s if stream and not last else config.api_timeout_s
     pool = handler.server.pool
-    try:
-        conn, resp = send_upstream(pool, target, handler.command, handler.path, headers, body,
-                                   view.config.api_timeout_s)
-    except (socket.timeout, TimeoutError) as exc:
-        raise UpstreamTimeout("provider %s did not answer in time (%s)"
-                              % (target.name, describe_network_error(exc)))
-    except NETWORK_ERRORS as exc:
-        raise UpstreamError("provider %s at %s could not be reached: %s"
-                            % (target.name, target.netloc, describe_network_error(exc)))
-    exchange.status = resp.status
+    for signature_retry in (False, True):
+        headers = upstream_headers(client_headers, target, body)
+        if handler.server.debug:
+            log.debug("-> %s %s body: %s", target.name, handler.path,
+                      redact(body[:DEBUG_BODY_CHARS].decode("utf-8", "replace"), config.secrets()))
+        try:
+            conn, resp, sock = send_upstream(pool, target, handler.command, handler.path, headers, body,
+                                             first_timeout)
+            status = resp.status
+            whole = status in FAILOVER_STATUSES or status in COUNT_TOKENS_MISSING or status == 400
+            if whole:
+                data = resp.read()      # an error answer: small, and needed to decide
+            else:
+                data = read_first_event(resp) if stream and status == 200 else b""
+        except (socket.timeout, TimeoutError) as exc:
+            return Failure("timeout", error=UpstreamTimeout(
+                "provider %s did not answer in time (%s)" % (target.name, describe_network_error(exc))),
+                cooldown_s=config.cooldown_s)
+        except NETWORK_ERRORS as exc:
+            reason = describe_network_error(exc)
+            return Failure(reason, error=UpstreamError("provider %s at %s could not be reached: %s"
+                                                       % (target.name, target.netloc, reason)),
+                           cooldown_s=config.cooldown_s)
+        if whole and not signature_retry and is_signature_error(status, data):
+            try:
+                body = json.dumps(strip_thinking(json.loads(body)), ensure_ascii=False,
+                                  separators=(",", ":")).encode("utf-8")
+            except (ValueError, AttributeError):
+                break                   # not a Messages body: pass the 400 on
+            release(pool, target, conn, resp, True)
+            exchange.note = "thinking signatures stripped, retried"
+            continue
+        if status in COUNT_TOKENS_MISSING and handler.path.startswith("/v1/messages/count_tokens"):
+            handler.server.health.remember_no_count_tokens(target.name)
+        if status in FAILOVER_STATUSES:
+            release(pool, target, conn, resp, True)
+            wait = retry_after_seconds(resp.getheader("Retry-After"))
+            return Failure(str(status), status, resp.getheaders(), data,
+                           cooldown_s=config.cooldown_s if wait is None else wait)
+        break
+    sock.settimeout(config.api_timeout_s)
+    exchange.status = status
+    extra = [("x-ccproxy-attempts", ", ".join(exchange.attempts + ["%s %d" % (target.name, status)]))] \
+        if exchange.attempts else []
     reusable = False
     try:
-        reusable = stream_response(handler, resp, exchange, started, target.name)
+        reusable = stream_response(handler, resp, exchange, started, target.name, data, extra)
     finally:
-        if reusable and not resp.will_close:
-            pool.put(target.pool_key, conn)
-        else:
-            conn.close()
+        release(pool, target, conn, resp, reusable)
+    return None
 
 
-def stream_response(handler, resp, exchange, started, provider_name):
-    """Copy the upstream response to the client. Returns True if the upstream connection
-    was read to its end and may be reused."""
+def release(pool, target, conn, resp, reusable):
+    if reusable and not resp.will_close:
+        pool.put(target.pool_key, conn)
+    else:
+        conn.close()
+
+
+def read_first_event(resp):
+    """Read until the first complete SSE event (or the end): a stream is only committed to
+    the client once it has shown a real event."""
+    held = b""
+    while b"\n\n" not in held and b"\r\n\r\n" not in held and len(held) < FIRST_EVENT_MAX_BYTES:
+        piece = resp.read1(RELAY_CHUNK)
+        if not piece:
+            break
+        held += piece
+    return held
+
+
+def stream_response(handler, resp, exchange, started, provider_name, held=b"", extra=()):
+    """Copy the upstream response to the client, starting with the bytes already read
+    (`held`). Returns True if the upstream connection was read to its end and may be reused."""
     no_body = handler.command == "HEAD" or resp.status in (204, 304) or resp.status < 200
     length = resp.getheader("Content-Length")
     is_sse = "text/event-stream" in (resp.getheader("Content-Type") or "")
     sized = no_body or (length is not None and not is_sse)
-    data = b""
+    data = held
     if sized and not no_body:
         # A sized, non-streaming answer: read it whole, then send it with its length.
         try:
-            data = resp.read()
+            data = held + resp.read()
         except NETWORK_ERRORS as exc:
             raise UpstreamError("provider %s broke off its answer: %s"
                                 % (provider_name, describe_network_error(exc)))
@@ -1075,6 +1332,8 @@ def stream_response(handler, resp, exchange, started, provider_name):
     for name, value in end_to_end(resp.getheaders(), RESPONSE_OWN):
         handler.send_header(name, value)
     handler.send_header("x-ccproxy-provider", provider_name)
+    for name, value in extra:
+        handler.send_header(name, value)
     if sized:
         if length is not None:
             handler.send_header("Content-Length", str(len(data)) if data else length)
@@ -1097,6 +1356,10 @@ def stream_response(handler, resp, exchange, started, provider_name):
     write = handler.wfile.write
     read1 = resp.read1
     try:
+        if held:
+            exchange.ttfb_ms = (time.monotonic() - started) * 1000
+            write(b"%x\r\n%s\r\n" % (len(held), held) if chunked else held)
+            exchange.bytes_out += len(held)
         while True:
             try:
                 data = read1(RELAY_CHUNK)
@@ -1189,6 +1452,9 @@ def api_state(handler, body):
         "header_overrides": config.header_presets,
         "request_overrides": config.request_presets,
         "providers": [provider_summary(view.targets.get(p.name), p) for p in config.providers],
+        "fallback": {"enabled": view.fallback_enabled, "providers": list(view.fallback),
+                     "edited": (handler.server.store.state.get("fallback") or {}).get("providers") is not None},
+        "cooling": handler.server.health.snapshot(),
     }
 
 
@@ -1229,6 +1495,17 @@ def api_overrides(handler, body):
     return api_state(handler, None)
 
 
+def api_fallback(handler, body):
+    enabled = body.get("enabled", True) if isinstance(body, dict) else None
+    if not isinstance(enabled, bool):
+        raise ClientError("field 'enabled' must be true or false")
+    names = body.get("providers")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+        raise ClientError("field 'providers' must be a list of provider names, or null for config.json's")
+    handler.server.store.set_fallback(enabled, names)
+    return api_state(handler, None)
+
+
 def api_refresh(handler, body):
     name = _field(body or {}, "provider", required=False, nullable=True)
     store = handler.server.store
@@ -1255,6 +1532,7 @@ API_ROUTES = {
     ("POST", "/api/select"): api_select,
     ("POST", "/api/reload"): api_reload,
     ("POST", "/api/overrides"): api_overrides,
+    ("POST", "/api/fallback"): api_fallback,
     ("POST", "/api/refresh-models"): api_refresh,
 }
 KEY_ROUTE = re.compile(r"^/api/providers/(.+)/key$")
@@ -1423,7 +1701,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_bytes(status, data, "application/json", extra)
 
     def send_error_json(self, exc):
-        extra = [] if exc.retry else [("x-should-retry", "false")]
+        extra = list(exc.headers) if exc.retry else [("x-should-retry", "false")]
         if exc.status == 429:
             extra.append(("retry-after", str(int(AUTH_LOCKOUT_S))))
         if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length"):
@@ -1441,9 +1719,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         model = exchange.model_in or "-"
         if exchange.model_out and exchange.model_out != exchange.model_in:
             model = "%s → %s" % (exchange.model_in, exchange.model_out)
-        line = "%s %s %s → %s model %s %d %dB ttfb %s total %dms%s" % (
+        chain = " → ".join(exchange.attempts + ["%s %d" % (exchange.provider or "-", exchange.status)])
+        line = "%s %s %s → %s model %s %dB ttfb %s total %dms%s" % (
             self.client_address[0], self.command, self.path.partition("?")[0],
-            exchange.provider or "-", model, exchange.status, exchange.bytes_out,
+            chain, model, exchange.bytes_out,
             "%dms" % exchange.ttfb_ms if exchange.ttfb_ms is not None else "-", total,
             " (%s)" % exchange.note if exchange.note else "")
         log.info("%s", redact(line, self.server.store.view.config.secrets()))
@@ -1472,6 +1751,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.debug = debug
         self.pool = Pool()
         self.throttle = Throttle()
+        self.health = Health()
         self.conn_lock = threading.Lock()
         self.connections = {}   # every open client socket -> its thread
         self.busy = set()       # the sockets in the middle of a request

@@ -96,6 +96,14 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
             time.sleep(action.get("seconds", 5))
             self.close_connection = True
             return True
+        if kind == "silent_stream":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            time.sleep(action.get("seconds", 5))
+            self.close_connection = True
+            return True
         if kind == "status":
             data = action.get("body", b"")
             if isinstance(data, dict):
@@ -210,7 +218,8 @@ class MockUpstream:
 
     def fail_next(self, kind="status", **action):
         """Queue a failure for the next request: status (status=, body=, headers=), close,
-        stall (seconds=), or cut (after=N events)."""
+        stall (seconds=, no answer), silent_stream (seconds=, SSE headers then nothing),
+        or cut (after=N events)."""
         with self.lock:
             self.actions.append(dict(action, kind=kind))
 

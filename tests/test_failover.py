@@ -1,0 +1,198 @@
+"""Failover across providers, cooldowns, the signature retry and count_tokens memory."""
+
+import json
+import time
+
+import pytest
+
+from conftest import KEY_B, make_config, start_proxy, wait_for, write_config
+from test_relay import MESSAGE, events_of
+
+OVERLOADED = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+
+
+@pytest.fixture
+def failover(tmp_path, upstream, upstream2):
+    def start(**top):
+        config = make_config(upstream, upstream2, Fallback=["beta"], **top)
+        proxy = start_proxy(write_config(tmp_path / "config.json", config))
+        started.append(proxy)
+        return proxy
+    started = []
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+def test_529_moves_to_the_fallback_with_its_own_settings(failover, upstream, upstream2, log_lines):
+    proxy = failover()
+    upstream.fail_next(status=529, body=OVERLOADED)
+    status, headers, data = proxy.call("POST", "/v1/messages", MESSAGE)
+    assert status == 200 and json.loads(data)["type"] == "message"
+    assert headers["x-ccproxy-provider"] == "beta"
+    assert headers["x-ccproxy-attempts"] == "alpha 529, beta 200"
+    got = upstream2.last
+    assert got.path == "/anthropic/v1/messages" and got.headers["authorization"] == "Bearer " + KEY_B
+    assert got.json["model"] == "glm-4.6"                     # beta's own model mapping
+    assert proxy.store.view.selected == "alpha"               # the selection never changes
+    assert wait_for(lambda: "alpha 529 → beta 200" in log_lines.text)
+
+
+def test_connection_refused_moves_on(failover, upstream, upstream2, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    config = make_config(upstream, upstream2, Fallback=["beta"])
+    config["Providers"][0]["api_base_url"] = "http://127.0.0.1:%d/v1/messages" % dead
+    proxy = start_proxy(write_config(tmp_path / "c.json", config))
+    try:
+        status, headers, _ = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+        assert status == 200 and headers["x-ccproxy-attempts"] == "alpha connection refused, beta 200"
+    finally:
+        proxy.stop()
+
+
+def test_first_byte_timeout_on_a_stalled_stream(failover, upstream, upstream2):
+    proxy = failover(FIRST_BYTE_TIMEOUT_MS=300)
+    upstream.fail_next("silent_stream", seconds=3)
+    status, headers, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    assert status == 200 and headers["x-ccproxy-provider"] == "beta"
+    assert events_of(data)[-1][0] == "message_stop"
+    assert headers["x-ccproxy-attempts"] == "alpha timeout, beta 200"
+
+
+def test_no_retry_once_a_byte_has_gone_out(failover, upstream, upstream2):
+    proxy = failover()
+    upstream.fail_next("cut", after=3)
+    status, headers, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    assert status == 200 and headers["x-ccproxy-provider"] == "alpha"
+    assert events_of(data)[-1][0] == "error"
+    assert not upstream2.requests
+
+
+def test_cooldown_skips_then_expires(failover, upstream, upstream2):
+    proxy = failover(COOLDOWN_MS=400)
+    upstream.fail_next(status=500, body=b"{}")
+    assert proxy.call("POST", "/v1/messages", MESSAGE)[1]["x-ccproxy-provider"] == "beta"
+    status, state = proxy.api("GET", "/api/state")
+    assert state["cooling"]["alpha"]["reason"] == "500"
+    # while alpha cools down, requests go straight to beta
+    assert proxy.call("POST", "/v1/messages", MESSAGE)[1]["x-ccproxy-provider"] == "beta"
+    assert len(upstream.requests) == 1
+    time.sleep(0.5)
+    headers = proxy.call("POST", "/v1/messages", MESSAGE)[1]
+    assert headers["x-ccproxy-provider"] == "alpha" and "x-ccproxy-attempts" not in headers
+    assert proxy.api("GET", "/api/state")[1]["cooling"] == {}
+
+
+def test_retry_after_sets_the_cooldown(failover, upstream):
+    proxy = failover(COOLDOWN_MS=1)
+    upstream.fail_next(status=429, body=b'{"type":"error"}', headers={"retry-after": "120"})
+    proxy.call("POST", "/v1/messages", MESSAGE)
+    until = proxy.api("GET", "/api/state")[1]["cooling"]["alpha"]["until"]
+    assert 100 < until - time.time() <= 120
+
+
+def test_every_candidate_failing_gives_the_last_error_as_it_was(failover, upstream, upstream2):
+    proxy = failover()
+    upstream.fail_next(status=529, body=OVERLOADED)
+    body = {"type": "error", "error": {"type": "rate_limit_error", "message": "beta quota"}}
+    upstream2.fail_next(status=429, body=body, headers={"retry-after": "9"})
+    status, headers, data = proxy.call("POST", "/v1/messages", MESSAGE)
+    assert status == 429 and json.loads(data) == body and headers["retry-after"] == "9"
+    assert headers["x-ccproxy-attempts"] == "alpha 529, beta 429"
+
+
+def test_other_client_errors_do_not_fail_over(failover, upstream, upstream2):
+    proxy = failover()
+    body = {"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens"}}
+    upstream.fail_next(status=400, body=body)
+    status, headers, data = proxy.call("POST", "/v1/messages", MESSAGE)
+    assert status == 400 and json.loads(data) == body and not upstream2.requests
+
+
+def test_without_fallback_errors_pass_through_and_nothing_cools(proxy, upstream):
+    upstream.fail_next(status=529, body=OVERLOADED)
+    status, headers, data = proxy.call("POST", "/v1/messages", MESSAGE)
+    assert status == 529 and json.loads(data) == OVERLOADED and "x-ccproxy-attempts" not in headers
+    assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200
+
+
+THINKING_TURNS = {"model": "claude-sonnet-4-5", "max_tokens": 9, "messages": [
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "hmm", "signature": "sig-from-other-relay"},
+        {"type": "redacted_thinking", "data": "xyz"},
+        {"type": "text", "text": "hello", "signature": "x"}]},
+    {"role": "assistant", "content": [{"type": "thinking", "thinking": "only", "signature": "s"}]},
+    {"role": "user", "content": "again"}]}
+
+
+def test_signature_error_strips_thinking_and_retries_once(failover, upstream, upstream2):
+    proxy = failover()
+    upstream.fail_next(status=400, body={"type": "error", "error": {
+        "type": "invalid_request_error", "message": "messages.1.content.0: Invalid `signature` in `thinking` block"}})
+    status, headers, _ = proxy.call("POST", "/v1/messages", THINKING_TURNS)
+    assert status == 200 and headers["x-ccproxy-provider"] == "alpha"
+    first, second = upstream.requests[-2:]
+    assert first.json == THINKING_TURNS
+    assert second.json["messages"][1]["content"] == [{"type": "text", "text": "hello"}]
+    assert second.json["messages"][2]["content"] == [{"type": "text", "text": "(thinking omitted)"}]
+    assert second.json["messages"][3] == {"role": "user", "content": "again"}
+    assert not upstream2.requests
+
+
+def test_signature_retry_happens_only_once(failover, upstream):
+    proxy = failover()
+    error = {"type": "error", "error": {"type": "invalid_request_error", "message": "Invalid signature in thinking block"}}
+    upstream.fail_next(status=400, body=error)
+    upstream.fail_next(status=400, body=error)
+    status, _, data = proxy.call("POST", "/v1/messages", THINKING_TURNS)
+    assert status == 400 and json.loads(data) == error and len(upstream.requests) == 2
+
+
+def test_count_tokens_missing_is_remembered(failover, upstream):
+    proxy = failover()
+    upstream.fail_next(status=404, body={"type": "error", "error": {"type": "not_found_error", "message": "no"}})
+    assert proxy.call("POST", "/v1/messages/count_tokens?beta=true", MESSAGE)[0] == 404
+    for _ in range(5):
+        status, _, data = proxy.call("POST", "/v1/messages/count_tokens?beta=true", MESSAGE)
+        assert status == 404 and json.loads(data)["error"]["type"] == "not_found_error"
+    assert len(upstream.requests) == 1
+    assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200   # messages still go there
+
+
+def test_fallback_api(failover, upstream, upstream2):
+    proxy = failover()
+    status, state = proxy.api("POST", "/api/fallback", {"enabled": False, "providers": ["beta"]})
+    assert status == 200 and state["fallback"] == {"enabled": False, "providers": ["beta"], "edited": True}
+    upstream.fail_next(status=529, body=OVERLOADED)
+    assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 529        # disabled: no failover
+    assert proxy.api("POST", "/api/fallback", {"providers": ["nope"]})[0] == 404
+    assert proxy.api("POST", "/api/fallback", {"providers": ["beta", "beta"]})[0] == 400
+    assert proxy.api("POST", "/api/fallback", {"enabled": "yes"})[0] == 400
+    status, state = proxy.api("POST", "/api/fallback", {"enabled": True, "providers": None})
+    assert state["fallback"] == {"enabled": True, "providers": ["beta"], "edited": False}
+
+
+anthropic = pytest.importorskip("anthropic", reason="the anthropic SDK is a test-only dependency")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_sdk_sees_one_clean_answer_in_each_recoverable_case(failover, upstream, upstream2):
+    proxy = failover(FIRST_BYTE_TIMEOUT_MS=300)
+    with anthropic.Anthropic(base_url=proxy.url, api_key="sk-ccproxy-test-3f9a7c1e5b", max_retries=0) as client:
+        upstream.fail_next(status=529, body=OVERLOADED)
+        msg = client.messages.create(model="claude-sonnet-4-5", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+        assert msg.content[0].text == "hello"
+        time.sleep(0.05)
+        proxy.server.health.cooling.clear()
+        upstream.fail_next("silent_stream", seconds=2)
+        with client.messages.stream(model="claude-sonnet-4-5", max_tokens=8,
+                                    messages=[{"role": "user", "content": "x"}]) as stream:
+            assert "".join(stream.text_stream).startswith("w0 ")
+        proxy.server.health.cooling.clear()
+        upstream.fail_next("close")
+        msg = client.messages.create(model="claude-sonnet-4-5", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+        assert msg.stop_reason == "end_turn"
