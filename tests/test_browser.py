@@ -112,6 +112,23 @@ def test_the_page_end_to_end(browser, ui_proxy):
         == "/model claude-sonnet-4-5"
     browser.find_element(By.ID, "manual-close").click()
 
+    # failover: add two providers, move the second up, remove one; the server sees each edit
+    from selenium.webdriver.support.ui import Select
+    for name in ("beta", EVIL):
+        Select(browser.find_element(By.ID, "fallback-add")).select_by_value(name)
+        browser.find_element(By.ID, "fallback-add-btn").click()
+        wait(browser, lambda d: name in ui_proxy.store.view.fallback)
+    assert ui_proxy.store.view.fallback == ("beta", EVIL)
+    browser.find_elements(By.CSS_SELECTOR, "#fallback-list li")[1].find_elements(By.TAG_NAME, "button")[0].click()
+    wait(browser, lambda d: ui_proxy.store.view.fallback == (EVIL, "beta"))
+    browser.find_elements(By.CSS_SELECTOR, "#fallback-list li")[0].find_elements(By.TAG_NAME, "button")[2].click()
+    wait(browser, lambda d: ui_proxy.store.view.fallback == ("beta",))
+    browser.find_element(By.ID, "fallback-enabled").click()
+    wait(browser, lambda d: ui_proxy.store.view.fallback_enabled is False)
+    # a provider cooling down says so, with the reason
+    ui_proxy.server.health.cool_down("beta", 60, "529")
+    wait(browser, lambda d: "cooling down (529)" in provider_card(d, "beta").text, timeout=8)
+
     # a failed reload shows the problems and the running config stays
     with open(ui_proxy.config_path, "w") as f:
         f.write('{"Providers": [{"name": "x", "api_base_url": "not a url"}]}')
