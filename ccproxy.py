@@ -12,8 +12,8 @@ Data flow: client -> Handler (auth, route) -> Store.view (config snapshot + sele
 http.client connection -> relay the response (chunked to the client) -> one log line.
 
 Sections, in file order (grep -n '^# ===' ccproxy.py):
-  constants, errors, config, pure HTTP helpers, upstream client, relay, web UI API,
-  request handler, server factory and CLI.
+  constants, errors, config, pure HTTP helpers, upstream client, relay, observability,
+  web UI API, request handler, server factory and CLI.
 
 Run:   python3 ccproxy.py [--config config.json] [--host H] [--port P] [--debug]
        (first run creates config.json from config.in.json with a random APIKEY)
@@ -35,6 +35,7 @@ import http.server
 import json
 import logging
 import os
+import queue
 import re
 import secrets
 import signal
@@ -76,6 +77,14 @@ DEFAULT_COOLDOWN_MS = 60000         # a failed provider is skipped this long (or
 MAX_COOLDOWN_S = 3600.0
 COUNT_TOKENS_MEMORY_S = 3600.0      # how long "this provider has no count_tokens" is remembered
 FIRST_EVENT_MAX_BYTES = 1 << 20     # held before relaying a stream; more means "not SSE framing"
+REQUEST_RING = 1000                 # request records kept in memory
+REQUEST_LOG_NAME = "requests.jsonl"  # beside the config unless REQUEST_LOG says otherwise
+DEFAULT_REQUEST_LOG_MAX_MB = 20     # then rotated once to .1
+TTFB_SAMPLES = 1000                 # per provider, for the p50/p95 in /api/stats
+TTFB_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TEST_TIMEOUT_S = 30.0               # one provider test
+TEST_SLOW_S = 5.0                   # a first event later than this is "slow"
+TEST_MAX_TOKENS = 8
 SHUTDOWN_GRACE_S = 5.0              # in-flight streams get this long on SIGTERM/Ctrl-C
 AUTH_FAIL_LIMIT = 10                # wrong keys from one address within AUTH_FAIL_WINDOW_S
 AUTH_FAIL_WINDOW_S = 60.0
@@ -92,7 +101,7 @@ FAMILY_VARS = (("haiku", "ANTHROPIC_DEFAULT_HAIKU_MODEL"), ("sonnet", "ANTHROPIC
                ("opus", "ANTHROPIC_DEFAULT_OPUS_MODEL"))
 TOP_KEYS = ("HOST", "PORT", "APIKEY", "LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_MB", "MODEL_MAPPING",
             "env-models", "HeaderOverrides", "RequestOverrides", "Providers", "Fallback",
-            "FIRST_BYTE_TIMEOUT_MS", "COOLDOWN_MS")
+            "FIRST_BYTE_TIMEOUT_MS", "COOLDOWN_MS", "REQUEST_LOG", "REQUEST_LOG_MAX_MB")
 # Failures that move a request to the next provider, if no byte has reached the client yet.
 FAILOVER_STATUSES = frozenset([401, 403, 408, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524, 529])
 COUNT_TOKENS_MISSING = frozenset([404, 405, 501])
@@ -205,6 +214,9 @@ class Config:
         self.fallback = tuple(raw.get("Fallback", ()))
         self.first_byte_timeout_s = raw.get("FIRST_BYTE_TIMEOUT_MS", DEFAULT_FIRST_BYTE_TIMEOUT_MS) / 1000.0
         self.cooldown_s = raw.get("COOLDOWN_MS", DEFAULT_COOLDOWN_MS) / 1000.0
+        log_path = raw.get("REQUEST_LOG", REQUEST_LOG_NAME)
+        self.request_log = os.path.join(os.path.dirname(os.path.abspath(path)), log_path) if log_path else ""
+        self.request_log_max = int(raw.get("REQUEST_LOG_MAX_MB", DEFAULT_REQUEST_LOG_MAX_MB) * 1024 * 1024)
         self.env_models = strip_comments(raw.get("env-models", {}))
         self.header_presets = strip_comments(raw.get("HeaderOverrides", {}))
         self.request_presets = strip_comments(raw.get("RequestOverrides", {}))
@@ -326,10 +338,13 @@ def validate_config(raw, path="config.json"):
         problems.append("LOG_LEVEL must be one of %s" % ", ".join(LOG_LEVELS))
     for key, default in (("API_TIMEOUT_MS", DEFAULT_API_TIMEOUT_MS), ("MAX_BODY_MB", DEFAULT_MAX_BODY_MB),
                          ("FIRST_BYTE_TIMEOUT_MS", DEFAULT_FIRST_BYTE_TIMEOUT_MS),
-                         ("COOLDOWN_MS", DEFAULT_COOLDOWN_MS)):
+                         ("COOLDOWN_MS", DEFAULT_COOLDOWN_MS),
+                         ("REQUEST_LOG_MAX_MB", DEFAULT_REQUEST_LOG_MAX_MB)):
         value = raw.get(key, default)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             problems.append("%s must be a positive number" % key)
+    if not isinstance(raw.get("REQUEST_LOG", REQUEST_LOG_NAME), str):
+        problems.append('REQUEST_LOG must be a file name ("" turns the request log file off)')
     if not isinstance(raw.get("MODEL_MAPPING", True), bool):
         problems.append("MODEL_MAPPING must be true or false")
     _check_str_map(raw.get("env-models", {}), "env-models", problems, MODEL_VARS)
@@ -731,6 +746,69 @@ def strip_thinking(body):
     return dict(body, messages=messages)
 
 
+class Usage:
+    """Token usage seen in a reply, read from the bytes as they are relayed, never altering them.
+
+    SSE: message_start carries input and cache tokens, message_delta the output tokens and the
+    stop reason. A JSON reply carries "usage" and "stop_reason" at its top level.
+    """
+
+    __slots__ = ("input", "output", "cache_read", "cache_creation", "stop_reason", "tail")
+
+    def __init__(self):
+        self.input = self.output = self.cache_read = self.cache_creation = 0
+        self.stop_reason = None
+        self.tail = b""
+
+    def feed(self, data):
+        """Take the next relayed piece of an SSE stream."""
+        buf = self.tail + data if self.tail else data
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self.tail = buf[-FIRST_EVENT_MAX_BYTES:]
+            return
+        self.tail = buf[end + 2:]
+        if b'"usage"' not in buf and b"stop_reason" not in buf:
+            return                      # the common case: text deltas, nothing to read
+        for event in buf[:end].split(b"\n\n"):
+            if b'"usage"' in event or b"stop_reason" in event:
+                for line in event.split(b"\n"):
+                    if line.startswith(b"data:"):
+                        self.take_event(line[5:])
+
+    def take_event(self, data):
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(obj, dict):
+            return
+        if obj.get("type") == "message_start" and isinstance(obj.get("message"), dict):
+            self.take(obj["message"])
+        elif obj.get("type") == "message_delta":
+            self.take(obj)
+            delta = obj.get("delta")
+            if isinstance(delta, dict) and delta.get("stop_reason"):
+                self.stop_reason = delta["stop_reason"]
+
+    def take(self, obj):
+        """Take a JSON reply (or an event object) with a "usage" member."""
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            for field, attr in (("input_tokens", "input"), ("output_tokens", "output"),
+                                ("cache_read_input_tokens", "cache_read"),
+                                ("cache_creation_input_tokens", "cache_creation")):
+                value = usage.get(field)
+                if isinstance(value, int) and value >= getattr(self, attr):
+                    setattr(self, attr, value)
+        if obj.get("stop_reason"):
+            self.stop_reason = obj["stop_reason"]
+
+    def as_dict(self):
+        return {"input": self.input, "output": self.output, "cache_read": self.cache_read,
+                "cache_creation": self.cache_creation}
+
+
 def claude_settings(base_url, key, env_models, auth=None):
     """A Claude Code settings object ({"env": …}) that talks to base_url; empty values left out.
 
@@ -988,6 +1066,66 @@ def fetch_models(provider, timeout=REFRESH_TIMEOUT_S):
     return ids, None
 
 
+def test_model(target):
+    """The cheapest model to test a provider with: its haiku tier, else its first model."""
+    haiku = target.env_models.get("ANTHROPIC_DEFAULT_HAIKU_MODEL")
+    if haiku:
+        return haiku
+    for model in target.models:
+        if "haiku" in model.lower():
+            return model
+    return target.models[0] if target.models else "claude-haiku-4-5"
+
+
+def test_provider(target, timeout=TEST_TIMEOUT_S):
+    """Measure a provider: its /v1/models round trip and a minimal real streaming message
+    (max_tokens TEST_MAX_TOKENS, no thinking, no tools). Classified ok / slow / failing."""
+    started = time.monotonic()
+    models, models_error = fetch_models(target.provider, timeout)
+    result = {"at": time.time(), "models_ms": int((time.monotonic() - started) * 1000),
+              "models": len(models) if models else None, "models_error": models_error,
+              "model": test_model(target), "ttfb_ms": None, "total_ms": None, "tokens": None}
+    body = json.dumps({"model": result["model"], "max_tokens": TEST_MAX_TOKENS, "stream": True,
+                       "messages": [{"role": "user", "content": "Reply with the word ok."}]}).encode()
+    headers = [("Host", target.netloc), ("anthropic-version", ANTHROPIC_VERSION),
+               ("Content-Type", "application/json"), ("Accept-Encoding", "identity"),
+               ("User-Agent", "ccproxy/" + VERSION), ("Content-Length", str(len(body)))]
+    headers = apply_header_preset(headers + auth_headers(target.provider.api_key, target.provider.auth or "both"),
+                                  target.header_preset)
+    started = time.monotonic()
+    usage, status = Usage(), None
+    try:
+        conn = open_connection(target.scheme, target.host, target.port, target.proxy, timeout)
+        try:
+            conn.putrequest("POST", target.prefix + "/v1/messages", skip_host=True, skip_accept_encoding=True)
+            for name, value in headers:
+                conn.putheader(name, value)
+            conn.endheaders(body)
+            resp = conn.getresponse()
+            status = resp.status
+            first = resp.read1(RELAY_CHUNK)
+            result["ttfb_ms"] = int((time.monotonic() - started) * 1000)
+            rest = resp.read()
+        finally:
+            conn.close()
+    except NETWORK_ERRORS as exc:
+        return dict(result, status="failing", reason=describe_network_error(exc))
+    result["total_ms"] = int((time.monotonic() - started) * 1000)
+    data = first + rest
+    if status != 200:
+        looks_html = data.lstrip()[:1] == b"<"
+        return dict(result, status="failing", reason="HTTP %d%s" % (status, " (HTML page)" if looks_html else
+                                                                    ": " + data[:160].decode("utf-8", "replace")))
+    usage.feed(data + b"\n\n")
+    if b"event:" not in data and b"data:" not in data:
+        return dict(result, status="failing", reason="HTTP 200 but no SSE events")
+    result["tokens"] = usage.as_dict()
+    seconds = result["ttfb_ms"] / 1000.0
+    if seconds > TEST_SLOW_S:
+        return dict(result, status="slow", reason="first event after %.1f s" % seconds)
+    return dict(result, status="ok", reason="first event in %d ms" % result["ttfb_ms"])
+
+
 def discover_all(providers, timeout=REFRESH_TIMEOUT_S):
     """Discover several providers' models concurrently: {name: (ids or None, result)}.
 
@@ -1106,15 +1244,19 @@ def upstream_headers(client_headers, target, body):
 class Exchange:
     """Facts about one relayed request, for the log line."""
 
-    __slots__ = ("provider", "model_in", "model_out", "status", "bytes_out", "ttfb_ms", "note",
-                 "attempts")
+    __slots__ = ("provider", "model_in", "model_out", "status", "bytes_in", "bytes_out", "ttfb_ms",
+                 "note", "attempts", "stream", "usage", "midstream_error")
 
     def __init__(self):
         self.provider = self.model_in = self.model_out = self.note = None
-        self.status = 0
-        self.bytes_out = 0
+        self.status = self.bytes_in = self.bytes_out = 0
         self.ttfb_ms = None
-        self.attempts = []
+        self.attempts = []          # (provider, label) of each failed attempt, in order
+        self.stream = self.midstream_error = False
+        self.usage = Usage()
+
+    def chain(self):
+        return ["%s %s" % a for a in self.attempts]
 
 
 class Failure:
@@ -1196,7 +1338,8 @@ def relay(handler, exchange, started):
         exchange.provider = chain[0].name
         raise NotFound("provider %s does not offer count_tokens" % chain[0].name)
     # Anthropic's JSON escapes quotes inside strings, so this only matches a real "stream" key.
-    stream = bool(_STREAM_FLAG.search(body))
+    stream = exchange.stream = bool(_STREAM_FLAG.search(body))
+    exchange.bytes_in = len(body)
     client_headers = list(handler.headers.items())
     failure = None
     for index, target in enumerate(chain):
@@ -1206,7 +1349,7 @@ def relay(handler, exchange, started):
         if failure is None:
             server.health.recovered(target.name)
             return
-        exchange.attempts.append("%s %s" % (target.name, failure.label))
+        exchange.attempts.append((target.name, failure.label))
         if view.fallback_enabled and view.fallback:
             server.health.cool_down(target.name, failure.cooldown_s, failure.label)
     answer_failure(handler, exchange, failure)
@@ -1217,7 +1360,7 @@ def answer_failure(handler, exchange, failure):
     own retry logic sees the real status; our own error for a network failure."""
     if failure.status is None:
         if len(exchange.attempts) > 1:
-            failure.error.headers = [("x-ccproxy-attempts", ", ".join(exchange.attempts))]
+            failure.error.headers = [("x-ccproxy-attempts", ", ".join(exchange.chain()))]
         raise failure.error
     exchange.status = failure.status
     handler.send_response_only(failure.status)
@@ -1226,7 +1369,7 @@ def answer_failure(handler, exchange, failure):
     handler.send_header("Content-Length", str(len(failure.body)))
     handler.send_header("x-ccproxy-provider", exchange.provider)
     if len(exchange.attempts) > 1:
-        handler.send_header("x-ccproxy-attempts", ", ".join(exchange.attempts))
+        handler.send_header("x-ccproxy-attempts", ", ".join(exchange.chain()))
     handler.end_headers()
     handler.wfile.write(failure.body)
     exchange.bytes_out = len(failure.body)
@@ -1284,7 +1427,7 @@ def attempt(handler, exchange, started, view, target, raw_body, client_headers, 
         break
     sock.settimeout(config.api_timeout_s)
     exchange.status = status
-    extra = [("x-ccproxy-attempts", ", ".join(exchange.attempts + ["%s %d" % (target.name, status)]))] \
+    extra = [("x-ccproxy-attempts", ", ".join(exchange.chain() + ["%s %d" % (target.name, status)]))] \
         if exchange.attempts else []
     reusable = False
     try:
@@ -1343,6 +1486,13 @@ def stream_response(handler, resp, exchange, started, provider_name, held=b"", e
         exchange.bytes_out = len(data)
         if no_body:
             resp.read()
+        elif resp.status == 200 and "json" in (resp.getheader("Content-Type") or ""):
+            try:
+                reply = json.loads(data)
+            except ValueError:
+                reply = None
+            if isinstance(reply, dict):
+                exchange.usage.take(reply)
         return True
     # A stream, or a body of unknown length: relay each piece the moment it arrives.
     # HTTP/1.1 clients get it re-framed as chunked so the connection stays reusable;
@@ -1355,8 +1505,13 @@ def stream_response(handler, resp, exchange, started, provider_name, held=b"", e
     handler.end_headers()
     write = handler.wfile.write
     read1 = resp.read1
+    feed = exchange.usage.feed if is_sse else None
+    recorder = handler.server.recorder
+    recorder.stream_opened()
     try:
         if held:
+            if feed:
+                feed(held)
             exchange.ttfb_ms = (time.monotonic() - started) * 1000
             write(b"%x\r\n%s\r\n" % (len(held), held) if chunked else held)
             exchange.bytes_out += len(held)
@@ -1366,6 +1521,7 @@ def stream_response(handler, resp, exchange, started, provider_name, held=b"", e
             except NETWORK_ERRORS as exc:
                 reason = describe_network_error(exc)
                 exchange.note = "upstream failed mid-stream: " + reason
+                exchange.midstream_error = True
                 if is_sse:
                     # Claude Code answers an SSE error by re-sending without streaming,
                     # which is better for the user than a hang or a silent cut.
@@ -1381,13 +1537,201 @@ def stream_response(handler, resp, exchange, started, provider_name, held=b"", e
                 exchange.ttfb_ms = (time.monotonic() - started) * 1000
             write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
             exchange.bytes_out += len(data)
+            if feed:
+                feed(data)
         if chunked:
             write(b"0\r\n\r\n")
     except (BrokenPipeError, ConnectionResetError, socket.timeout, TimeoutError):
         exchange.note = "client went away mid-stream"
         handler.close_connection = True
         return False
+    finally:
+        recorder.stream_closed()
     return True
+
+
+# ============================================================================ observability
+
+
+def _label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def failure_kind(label):
+    """The /metrics kind of a failed attempt: http_<status>, timeout or connect."""
+    if label.isdigit():
+        return "http_" + label
+    return "timeout" if label == "timeout" else "connect"
+
+
+class Recorder:
+    """Every relayed request, once: a bounded ring in memory, one JSON line in the request
+    log file (written by a background thread, off the request path), per-provider rollups
+    since start and the Prometheus counters."""
+
+    def __init__(self, path, max_bytes):
+        self.lock = threading.Lock()
+        self.ring = deque(maxlen=REQUEST_RING)
+        self.path = path
+        self.max_bytes = max_bytes
+        self.started = time.time()
+        self.providers = {}           # name -> rollup
+        self.requests = {}            # (provider, status) -> count
+        self.errors = {}              # (provider, kind) -> count
+        self.tokens = {}              # (provider, kind) -> count
+        self.ttfb = {}                # provider -> [bucket counts..., +Inf], sum
+        self.open_streams = 0
+        self.queue = queue.Queue()
+        self.writer = None
+        if path:
+            self._load_tail()
+            self.writer = threading.Thread(target=self._write_loop, name="ccproxy-request-log", daemon=True)
+            self.writer.start()
+
+    def _load_tail(self):
+        """The newest records of the previous run, so the Requests panel survives a restart."""
+        try:
+            with open(self.path, "rb") as f:
+                lines = f.readlines()[-REQUEST_RING:]
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("%s: cannot read the request log (%s)", self.path, exc.strerror or exc)
+            return
+        for line in lines:
+            try:
+                self.ring.append(json.loads(line))
+            except ValueError:
+                continue   # a line cut by a crash
+
+    def _write_loop(self):
+        while True:
+            line = self.queue.get()
+            if line is None:
+                return
+            try:
+                if os.path.exists(self.path) and os.path.getsize(self.path) + len(line) > self.max_bytes:
+                    os.replace(self.path, self.path + ".1")
+                with open(self.path, "ab") as f:
+                    f.write(line)
+            except OSError as exc:
+                log.error("%s: cannot write the request log (%s)", self.path, exc.strerror or exc)
+
+    def close(self):
+        if self.writer is not None:
+            self.queue.put(None)
+            self.writer.join(5)
+            self.writer = None
+
+    def stream_opened(self):
+        with self.lock:
+            self.open_streams += 1
+
+    def stream_closed(self):
+        with self.lock:
+            self.open_streams -= 1
+
+    def _rollup(self, name):
+        roll = self.providers.get(name)
+        if roll is None:
+            roll = self.providers[name] = {"requests": 0, "errors": 0, "ttfb": deque(maxlen=TTFB_SAMPLES),
+                                           "tokens": {"input": 0, "output": 0, "cache_read": 0,
+                                                      "cache_creation": 0}}
+        return roll
+
+    def record(self, rec):
+        with self.lock:
+            self.ring.append(rec)
+            for name, label in rec["attempts"][:-1]:
+                roll = self._rollup(name)
+                roll["requests"] += 1
+                roll["errors"] += 1
+                key = (name, label if label.isdigit() else "error")
+                self.requests[key] = self.requests.get(key, 0) + 1
+                key = (name, failure_kind(label))
+                self.errors[key] = self.errors.get(key, 0) + 1
+            name, status = rec["provider"], rec["status"]
+            if name is not None:
+                roll = self._rollup(name)
+                roll["requests"] += 1
+                failed = status >= 400 or status == 0 or bool(rec.get("midstream_error"))
+                roll["errors"] += failed
+                key = (name, str(status))
+                self.requests[key] = self.requests.get(key, 0) + 1
+                if rec.get("midstream_error"):
+                    key = (name, "midstream")
+                    self.errors[key] = self.errors.get(key, 0) + 1
+                if rec["ttfb_ms"] is not None:
+                    roll["ttfb"].append(rec["ttfb_ms"])
+                    buckets = self.ttfb.setdefault(name, [0] * (len(TTFB_BUCKETS_S) + 1) + [0.0])
+                    seconds = rec["ttfb_ms"] / 1000.0
+                    for i, bound in enumerate(TTFB_BUCKETS_S):
+                        if seconds <= bound:
+                            buckets[i] += 1
+                    buckets[-2] += 1
+                    buckets[-1] += seconds
+                for kind, count in (rec.get("usage") or {}).items():
+                    roll["tokens"][kind] += count
+                    key = (name, kind)
+                    self.tokens[key] = self.tokens.get(key, 0) + count
+        if self.writer is not None:
+            self.queue.put((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def newest(self, limit, provider=None):
+        with self.lock:
+            records = list(self.ring)
+        out = []
+        for rec in reversed(records):
+            if provider is None or rec.get("provider") == provider or \
+                    any(a[0] == provider for a in rec.get("attempts", [])):
+                out.append(rec)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def stats(self):
+        with self.lock:
+            rolls = {n: dict(r, ttfb=sorted(r["ttfb"]), tokens=dict(r["tokens"])) for n, r in self.providers.items()}
+        out = {}
+        for name, roll in rolls.items():
+            samples = roll["ttfb"]
+            pick = (lambda q: samples[min(len(samples) - 1, int(q * len(samples)))]) if samples else (lambda q: None)
+            ok = roll["requests"] - roll["errors"]
+            out[name] = {"requests": roll["requests"], "errors": roll["errors"],
+                         "success_pct": round(100.0 * ok / roll["requests"], 1) if roll["requests"] else None,
+                         "ttfb_p50_ms": pick(0.5), "ttfb_p95_ms": pick(0.95), "tokens": roll["tokens"]}
+        return {"since": self.started, "providers": out}
+
+    def metrics_text(self):
+        """The counters in Prometheus' text exposition format (version 0.0.4)."""
+        with self.lock:
+            requests, errors, tokens = dict(self.requests), dict(self.errors), dict(self.tokens)
+            ttfb = {n: list(b) for n, b in self.ttfb.items()}
+            open_streams = self.open_streams
+        out = ["# HELP ccproxy_requests_total Requests sent to each provider, by the status it answered.",
+               "# TYPE ccproxy_requests_total counter"]
+        out += ['ccproxy_requests_total{provider="%s",status="%s"} %d' % (_label(p), _label(st), n)
+                for (p, st), n in sorted(requests.items())]
+        out += ["# HELP ccproxy_upstream_errors_total Failed provider attempts, by kind.",
+                "# TYPE ccproxy_upstream_errors_total counter"]
+        out += ['ccproxy_upstream_errors_total{provider="%s",kind="%s"} %d' % (_label(p), _label(k), n)
+                for (p, k), n in sorted(errors.items())]
+        out += ["# HELP ccproxy_tokens_total Tokens reported by the providers' replies, by kind.",
+                "# TYPE ccproxy_tokens_total counter"]
+        out += ['ccproxy_tokens_total{provider="%s",kind="%s"} %d' % (_label(p), _label(k), n)
+                for (p, k), n in sorted(tokens.items())]
+        out += ["# HELP ccproxy_ttfb_seconds Time from the request to the first byte relayed to the client.",
+                "# TYPE ccproxy_ttfb_seconds histogram"]
+        for name, buckets in sorted(ttfb.items()):
+            label = _label(name)
+            for bound, count in zip(TTFB_BUCKETS_S, buckets):
+                out.append('ccproxy_ttfb_seconds_bucket{provider="%s",le="%s"} %d' % (label, bound, count))
+            out.append('ccproxy_ttfb_seconds_bucket{provider="%s",le="+Inf"} %d' % (label, buckets[-2]))
+            out.append('ccproxy_ttfb_seconds_sum{provider="%s"} %.6f' % (label, buckets[-1]))
+            out.append('ccproxy_ttfb_seconds_count{provider="%s"} %d' % (label, buckets[-2]))
+        out += ["# HELP ccproxy_open_streams Streams being relayed right now.",
+                "# TYPE ccproxy_open_streams gauge", "ccproxy_open_streams %d" % open_streams]
+        return "\n".join(out) + "\n"
 
 
 # ============================================================================ web UI API
@@ -1455,6 +1799,8 @@ def api_state(handler, body):
         "fallback": {"enabled": view.fallback_enabled, "providers": list(view.fallback),
                      "edited": (handler.server.store.state.get("fallback") or {}).get("providers") is not None},
         "cooling": handler.server.health.snapshot(),
+        "stats": handler.server.recorder.stats()["providers"],
+        "tests": handler.server.tests,
     }
 
 
@@ -1506,6 +1852,33 @@ def api_fallback(handler, body):
     return api_state(handler, None)
 
 
+def api_requests(handler, query):
+    params = urllib.parse.parse_qs(query)
+    try:
+        limit = max(1, min(REQUEST_RING, int(params.get("limit", ["100"])[0])))
+    except ValueError:
+        raise ClientError("limit must be a whole number")
+    provider = params.get("provider", [None])[0]
+    return 200, {"requests": handler.server.recorder.newest(limit, provider)}
+
+
+def api_stats(handler, query):
+    return 200, handler.server.recorder.stats()
+
+
+def api_test(handler, body):
+    """Test one provider (or all, concurrently): a few tokens each, never more."""
+    name = _field(body or {}, "provider", required=False, nullable=True)
+    view = handler.server.store.view
+    if name is not None:
+        handler.server.store.require(name)
+    targets = [t for n, t in view.targets.items() if name is None or n == name]
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(REFRESH_WORKERS, len(targets)))) as executor:
+        results = dict(zip([t.name for t in targets], executor.map(test_provider, targets)))
+    handler.server.tests.update(results)
+    return 200, {"results": results}
+
+
 def api_refresh(handler, body):
     name = _field(body or {}, "provider", required=False, nullable=True)
     store = handler.server.store
@@ -1534,6 +1907,11 @@ API_ROUTES = {
     ("POST", "/api/overrides"): api_overrides,
     ("POST", "/api/fallback"): api_fallback,
     ("POST", "/api/refresh-models"): api_refresh,
+    ("POST", "/api/test"): api_test,
+}
+QUERY_ROUTES = {
+    "/api/requests": api_requests,
+    "/api/stats": api_stats,
 }
 KEY_ROUTE = re.compile(r"^/api/providers/(.+)/key$")
 
@@ -1588,7 +1966,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 relay(self, exchange, started)
             elif path.startswith("/api/") and path != "/api/hello":
                 self.authenticate()
-                self.api(path)
+                self.api(path, query)
+            elif path == "/metrics":
+                self.authenticate()
+                self.send_bytes(200, self.server.recorder.metrics_text().encode(),
+                                "text/plain; version=0.0.4; charset=utf-8")
             elif path in ("/", "/index.html") or path in ("/api/hello", "/healthz"):
                 self.public(path)
             else:
@@ -1613,6 +1995,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             busy.discard(self.connection)
             if exchange is not None:
                 self.log_exchange(exchange, started)
+                self.server.recorder.record(self.exchange_record(exchange, started))
 
     # -- authentication and routing
 
@@ -1648,10 +2031,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                          ("Content-Security-Policy", "default-src 'self'; style-src 'self' "
                           "'unsafe-inline'; script-src 'self' 'unsafe-inline'; img-src 'self' data:")])
 
-    def api(self, path):
+    def api(self, path, query):
         match = KEY_ROUTE.match(path)
         if match and self.command == "GET":
             status, obj = api_key(self, urllib.parse.unquote(match.group(1)))
+        elif path in QUERY_ROUTES and self.command == "GET":
+            status, obj = QUERY_ROUTES[path](self, query)
         else:
             route = API_ROUTES.get((self.command, path))
             if route is None:
@@ -1719,13 +2104,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
         model = exchange.model_in or "-"
         if exchange.model_out and exchange.model_out != exchange.model_in:
             model = "%s → %s" % (exchange.model_in, exchange.model_out)
-        chain = " → ".join(exchange.attempts + ["%s %d" % (exchange.provider or "-", exchange.status)])
+        chain = " → ".join(exchange.chain() + ["%s %d" % (exchange.provider or "-", exchange.status)])
         line = "%s %s %s → %s model %s %dB ttfb %s total %dms%s" % (
             self.client_address[0], self.command, self.path.partition("?")[0],
             chain, model, exchange.bytes_out,
             "%dms" % exchange.ttfb_ms if exchange.ttfb_ms is not None else "-", total,
             " (%s)" % exchange.note if exchange.note else "")
         log.info("%s", redact(line, self.server.store.view.config.secrets()))
+
+    def exchange_record(self, exchange, started):
+        """The request log's record: metadata and token counts only, never bodies or keys."""
+        usage = exchange.usage
+        return {
+            "time": time.time(), "client": self.client_address[0], "method": self.command,
+            "path": self.path.partition("?")[0], "provider": exchange.provider,
+            "attempts": [list(a) for a in exchange.attempts] + [[exchange.provider, str(exchange.status)]],
+            "model": exchange.model_in, "model_sent": exchange.model_out, "stream": exchange.stream,
+            "status": exchange.status, "ttfb_ms": None if exchange.ttfb_ms is None else round(exchange.ttfb_ms, 1),
+            "total_ms": round((time.monotonic() - started) * 1000, 1),
+            "bytes_in": exchange.bytes_in, "bytes_out": exchange.bytes_out,
+            "usage": usage.as_dict() if (usage.input or usage.output) else None,
+            "stop_reason": usage.stop_reason, "midstream_error": exchange.midstream_error,
+            "note": exchange.note}
 
     def log_request(self, code="-", size="-"):
         pass
@@ -1752,6 +2152,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.pool = Pool()
         self.throttle = Throttle()
         self.health = Health()
+        config = store.view.config
+        self.recorder = Recorder(config.request_log, config.request_log_max)
+        self.tests = {}               # provider -> last test result
         self.conn_lock = threading.Lock()
         self.connections = {}   # every open client socket -> its thread
         self.busy = set()       # the sockets in the middle of a request
@@ -1795,6 +2198,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         super().server_close()
         self.close_connections()
         self.pool.close()
+        self.recorder.close()
 
 
 def is_loopback(host):

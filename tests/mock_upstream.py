@@ -157,6 +157,7 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
                                                             "message": "mock: body is not JSON"}})
             return
         model = req.get("model", "unknown")
+        time.sleep(mock.first_delay)
         if not req.get("stream"):
             self.send_json(200, {"id": "msg_mock", "type": "message", "role": "assistant",
                                  "model": model, "content": [{"type": "text", "text": "hello"}],
@@ -191,6 +192,7 @@ class MockUpstream:
         self.models_shape = "anthropic"
         self.words = 5
         self.event_delay = 0.0
+        self.first_delay = 0.0      # before a /v1/messages answer starts
         self.requests = []
         self.connections = 0
         self.actions = []

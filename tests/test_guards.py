@@ -63,7 +63,7 @@ def test_the_docstring_lists_the_sections_in_file_order():
     source = read("ccproxy.py")
     banners = re.findall(r"^# =+ (.+)$", source, re.M)
     assert banners == ["constants", "errors", "config", "pure HTTP helpers", "upstream client", "relay",
-                       "web UI API", "request handler", "server factory and CLI"]
+                       "observability", "web UI API", "request handler", "server factory and CLI"]
     doc = ccproxy.__doc__.split("Sections, in file order", 1)[1].split("\n\n", 1)[0]
     positions = [doc.index(b) for b in banners]
     assert positions == sorted(positions)
