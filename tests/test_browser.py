@@ -19,6 +19,7 @@ if REQUIRED:
     from selenium import webdriver
 else:
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is a test-only dependency")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -57,7 +58,14 @@ def ui_proxy(tmp_path, upstream, upstream2):
 
 
 def wait(driver, predicate, timeout=10):
-    return WebDriverWait(driver, timeout).until(lambda d: predicate(d))
+    # the page rebuilds its lists on each poll, so an element found a moment ago may be gone
+    return WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)) \
+        .until(lambda d: predicate(d))
+
+
+def click(driver, find):
+    """Click what find(driver) returns, finding it again if a poll re-rendered it meanwhile."""
+    wait(driver, lambda d: find(d).click() or True)
 
 
 def login(driver, proxy):
@@ -86,12 +94,12 @@ def test_the_page_end_to_end(browser, ui_proxy):
     assert browser.find_element(By.ID, "selected-name").text == "alpha"
 
     # select another provider: the server's selection changes
-    provider_card(browser, "beta").find_element(By.CSS_SELECTOR, "[data-action=select]").click()
+    click(browser, lambda d: provider_card(d, "beta").find_element(By.CSS_SELECTOR, "[data-action=select]"))
     wait(browser, lambda d: ui_proxy.store.view.selected == "beta")
     wait(browser, lambda d: d.find_element(By.ID, "selected-name").text == "beta")
 
     # filter the viewed provider's models (comma-separated keywords match any)
-    provider_card(browser, "alpha").click()
+    click(browser, lambda d: provider_card(d, "alpha"))
     wait(browser, lambda d: d.find_element(By.ID, "detail-name").get_attribute("textContent") == "alpha")
     box = browser.find_element(By.ID, "filter")
     box.send_keys("haiku")
@@ -104,7 +112,7 @@ def test_the_page_end_to_end(browser, ui_proxy):
     # execCommand fails too: the text is shown selected for a manual copy
     browser.execute_script("Object.defineProperty(navigator, 'clipboard', {value: undefined});"
                            "document.execCommand = () => false;")
-    browser.find_element(By.CSS_SELECTOR, "#models li button").click()
+    click(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#models li button"))
     wait(browser, lambda d: d.find_element(By.ID, "manual").is_displayed())
     assert browser.find_element(By.ID, "manual-text").get_attribute("value") == "/model claude-sonnet-4-5"
     assert browser.execute_script("const a = document.getElementById('manual-text');"
@@ -119,15 +127,25 @@ def test_the_page_end_to_end(browser, ui_proxy):
         browser.find_element(By.ID, "fallback-add-btn").click()
         wait(browser, lambda d: name in ui_proxy.store.view.fallback)
     assert ui_proxy.store.view.fallback == ("beta", EVIL)
-    browser.find_elements(By.CSS_SELECTOR, "#fallback-list li")[1].find_elements(By.TAG_NAME, "button")[0].click()
+    click(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#fallback-list li")[1].find_elements(By.TAG_NAME, "button")[0])
     wait(browser, lambda d: ui_proxy.store.view.fallback == (EVIL, "beta"))
-    browser.find_elements(By.CSS_SELECTOR, "#fallback-list li")[0].find_elements(By.TAG_NAME, "button")[2].click()
+    click(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#fallback-list li")[0].find_elements(By.TAG_NAME, "button")[2])
     wait(browser, lambda d: ui_proxy.store.view.fallback == ("beta",))
     browser.find_element(By.ID, "fallback-enabled").click()
     wait(browser, lambda d: ui_proxy.store.view.fallback_enabled is False)
     # a provider cooling down says so, with the reason
     ui_proxy.server.health.cool_down("beta", 60, "529")
     wait(browser, lambda d: "cooling down (529)" in provider_card(d, "beta").text, timeout=8)
+
+    # requests panel: a relayed request shows up live, with its tokens; stats beside the provider
+    ui_proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []})
+    wait(browser, lambda d: "claude-sonnet-4-5" in d.find_element(By.ID, "requests").text, timeout=8)
+    # 11 + 5 + 3 tokens in, 7 out: the mock's usage
+    wait(browser, lambda d: "19 / 7" in d.find_element(By.CSS_SELECTOR, "#requests tbody tr").text)
+    wait(browser, lambda d: "1 req · 100% ok" in provider_card(d, "beta").text, timeout=8)
+    # test a provider and sort by the result: the failing one goes last
+    click(browser, lambda d: provider_card(d, EVIL).find_element(By.CSS_SELECTOR, "[data-action=test]"))
+    wait(browser, lambda d: "ok: first event in" in provider_card(d, EVIL).text, timeout=15)
 
     # a failed reload shows the problems and the running config stays
     with open(ui_proxy.config_path, "w") as f:
