@@ -59,7 +59,7 @@ def ui_proxy(tmp_path, upstream, upstream2):
 
 def wait(driver, predicate, timeout=10):
     # the page rebuilds its lists on each poll, so an element found a moment ago may be gone
-    return WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)) \
+    return WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException, IndexError)) \
         .until(lambda d: predicate(d))
 
 

@@ -1,0 +1,408 @@
+#!/usr/bin/env python3
+"""Benchmark: what ccproxy adds over going direct. Stdlib only; not collected by pytest.
+
+    python3 tests/bench.py [--quick] [--json FILE]
+
+Three processes: an asyncio mock Anthropic upstream, the real proxy (ccproxy.py started as a
+user starts it: INFO logging to a file, request log on) and this asyncio load client, which
+speaks raw HTTP/1.1 over keep-alive connections. Every figure is measured twice in one run,
+direct to the mock and through the proxy, and printed as medians/percentiles side by side.
+Event timestamps come from CLOCK_MONOTONIC, which is shared by all processes on Linux.
+Every loop is bounded in count and in time. Linux only (/proc for CPU time and RSS).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+APIKEY = "sk-bench-0123456789abcdef"
+PHASE_TIMEOUT_S = 180
+TARGETS = [
+    # key, label, target, pass(value)
+    ("latency_added_ms", "non-streaming, 1 client: added p50 latency", "<= 0.8 ms", lambda v: v <= 0.8),
+    ("cpu_ms_per_request", "proxy CPU time per request (16 clients)", "<= 0.8 ms", lambda v: v <= 0.8),
+    ("new_conns_per_request", "new upstream connections per request (16 clients)", "<= 0.05", lambda v: v <= 0.05),
+    ("first_event_added_ms", "streaming, 1 client: added first-event delay p50", "<= 1 ms", lambda v: v <= 1.0),
+    ("event_lag_added_p99_ms", "streaming, 64 clients: added per-event lag p99", "<= 5 ms", lambda v: v <= 5.0),
+    ("streams_completed", "256 concurrent streams: completed", "256 / 256", lambda v: v == 256),
+    ("ttfb_added_p99_ms", "256 concurrent streams: added TTFB p99", "<= 100 ms", lambda v: v <= 100.0),
+    ("big_body_ratio", "2 MB request body: latency vs direct", "<= 2 x", lambda v: v <= 2.0),
+    ("rss_peak_mb", "proxy RSS peak during the 256 streams", "<= 50 MB", lambda v: v <= 50.0),
+    ("rss_growth_mb", "RSS growth over the soak after warm-up", "<= 5 MB", lambda v: v <= 5.0),
+]
+
+# ---------------------------------------------------------------- mock upstream (own process)
+
+
+async def mock_handle(reader, writer, stats):
+    stats["connections"] += 1
+    writer.transport.set_write_buffer_limits(0)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, path = lines[0].split(" ")[:2]
+            headers = {}
+            for line in lines[1:]:
+                if ":" in line:
+                    k, v = line.split(":", 1)
+                    headers[k.strip().lower()] = v.strip()
+            length = int(headers.get("content-length", 0))
+            if length:
+                await reader.readexactly(length)
+            if path == "/bench/connections":
+                body = json.dumps(stats).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                continue
+            events = int(headers.get("x-bench-events", 0))
+            if not events:
+                body = (b'{"id":"msg_b","type":"message","role":"assistant","model":"m","content":'
+                        b'[{"type":"text","text":"hello"}],"stop_reason":"end_turn",'
+                        b'"usage":{"input_tokens":10,"output_tokens":5}}')
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nrequest-id: req_b\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+                continue
+            delay = float(headers.get("x-bench-delay-ms", 0)) / 1000.0
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            start = (b'event: message_start\ndata: {"type":"message_start","t":%.6f,"message":{"usage":'
+                     b'{"input_tokens":10,"output_tokens":1}}}\n\n' % time.monotonic())
+            writer.write(b"%x\r\n%s\r\n" % (len(start), start))
+            await writer.drain()
+            for _ in range(events):
+                if delay:
+                    await asyncio.sleep(delay)
+                event = (b'event: content_block_delta\ndata: {"type":"content_block_delta","t":%.6f,'
+                         b'"delta":{"type":"text_delta","text":"word "}}\n\n' % time.monotonic())
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await writer.drain()
+            stop = (b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":%d}}\n\n'
+                    b'event: message_stop\ndata: {"type":"message_stop"}\n\n' % events)
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(stop), stop))
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+def serve_mock():
+    async def main():
+        stats = {"connections": 0}
+        server = await asyncio.start_server(lambda r, w: mock_handle(r, w, stats), "127.0.0.1", 0, backlog=2048)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await server.serve_forever()
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- load client
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection, speaking just enough HTTP for this benchmark."""
+
+    def __init__(self, port):
+        self.port = port
+        self.reader = self.writer = None
+
+    async def open(self):
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 22)
+        self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+
+    async def request(self, path, body, headers=b"", on_event=None):
+        """Send a POST; return (status, body). on_event(arrival, t) is called per SSE event
+        that carries a "t" stamp, as its bytes arrive."""
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: b\r\nx-api-key: %s\r\nanthropic-version: 2023-06-01\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+                          % (path, APIKEY.encode(), len(body), headers, body))
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        lower = head.lower()
+        if b"transfer-encoding: chunked" not in lower:
+            i = lower.index(b"content-length:") + 15
+            length = int(lower[i:lower.index(b"\r\n", i)])
+            return status, await self.reader.readexactly(length)
+        chunks = []
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n"))[:-2], 16)
+            if size == 0:
+                await self.reader.readuntil(b"\r\n")
+                return status, b"".join(chunks)
+            data = await self.reader.readexactly(size + 2)
+            if on_event is not None:
+                now = time.monotonic()
+                start = 0
+                while True:
+                    i = data.find(b'"t":', start)
+                    if i < 0:
+                        break
+                    end = data.find(b",", i)
+                    on_event(now, float(data[i + 4:end]))
+                    start = end
+            chunks.append(data[:-2])
+
+
+def stream_body(events, delay_ms):
+    return (b'{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}',
+            b"x-bench-events: %d\r\nx-bench-delay-ms: %d\r\n" % (events, delay_ms))
+
+
+PLAIN = b'{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}'
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def proc_cpu_s(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_mem_mb(pid, field):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+async def sequential(port, count, body, headers=b""):
+    conn = Conn(port)
+    await conn.open()
+    times = []
+    try:
+        for _ in range(count):
+            t0 = time.perf_counter()
+            status, _ = await conn.request(b"/v1/messages", body, headers)
+            times.append((time.perf_counter() - t0) * 1000)
+            assert status == 200, status
+    finally:
+        conn.close()
+    return times
+
+
+async def parallel(port, clients, per_client, body=PLAIN, headers=b""):
+    async def one():
+        conn = Conn(port)
+        await conn.open()
+        try:
+            for _ in range(per_client):
+                status, _ = await conn.request(b"/v1/messages", body, headers)
+                assert status == 200, status
+        finally:
+            conn.close()
+    await asyncio.gather(*(one() for _ in range(clients)))
+
+
+async def first_events(port, count):
+    body, headers = stream_body(2, 0)
+    conn = Conn(port)
+    await conn.open()
+    out = []
+    try:
+        for _ in range(count):
+            sent = time.monotonic()
+            first = []
+            await conn.request(b"/v1/messages", body, headers, lambda at, t: first or first.append(at))
+            out.append((first[0] - sent) * 1000)
+    finally:
+        conn.close()
+    return out
+
+
+async def streams(port, clients, events, delay_ms):
+    """clients concurrent streams; returns (completed, per-event lags ms, TTFBs ms)."""
+    body, headers = stream_body(events, delay_ms)
+    lags, ttfbs, done = [], [], []
+
+    async def one():
+        conn = Conn(port)
+        try:
+            await conn.open()
+            sent = time.monotonic()
+            first = []
+
+            def seen(at, t):
+                if not first:
+                    first.append(at)
+                    ttfbs.append((at - sent) * 1000)
+                lags.append((at - t) * 1000)
+            status, data = await conn.request(b"/v1/messages", body, headers, seen)
+            if status == 200 and data.endswith(b'{"type":"message_stop"}\n\n'):
+                done.append(1)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            print("  stream failed: %r" % exc, file=sys.stderr)
+        finally:
+            conn.close()
+    await asyncio.gather(*(one() for _ in range(clients)))
+    return len(done), lags, ttfbs
+
+
+def mock_connections(mock_port):
+    conn = socket.create_connection(("127.0.0.1", mock_port))
+    conn.sendall(b"POST /bench/connections HTTP/1.1\r\nHost: b\r\nContent-Length: 0\r\n\r\n")
+    data = b""
+    while not data.endswith(b"}"):
+        data += conn.recv(4096)
+    conn.close()
+    return json.loads(data.split(b"\r\n\r\n", 1)[1])["connections"]
+
+
+# ---------------------------------------------------------------- the run
+
+
+def start_processes(tmp):
+    mock = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-mock"], stdout=subprocess.PIPE,
+                            universal_newlines=True)
+    mock_port = int(mock.stdout.readline())
+    config = os.path.join(tmp, "config.json")
+    with open(config, "w") as f:
+        json.dump({"APIKEY": APIKEY, "PORT": 0, "Providers": [
+            {"name": "mock", "api_base_url": "http://127.0.0.1:%d/v1/messages" % mock_port, "api_key": "sk-up",
+             "models": ["claude-sonnet-4-5"]}]}, f)
+    log = open(os.path.join(tmp, "ccproxy.log"), "a")
+    proxy = subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"), "--config", config],
+                             stdout=subprocess.PIPE, stderr=log, universal_newlines=True)
+    proxy_port = int(proxy.stdout.readline().split("http://127.0.0.1:")[1].split()[0])
+    return mock, mock_port, proxy, proxy_port
+
+
+async def run(quick):
+    scale = (lambda full, small: small) if quick else (lambda full, small: full)
+    tmp = tempfile.mkdtemp(prefix="ccproxy-bench-")
+    mock, mock_port, proxy, proxy_port = start_processes(tmp)
+    pid = proxy.pid
+    ends = {"direct": mock_port, "proxy": proxy_port}
+    r, raw = {}, {}
+    try:
+        async def phase(name, coro):
+            print("  %s…" % name, file=sys.stderr, flush=True)
+            return await asyncio.wait_for(coro, PHASE_TIMEOUT_S)
+
+        for end, port in ends.items():                       # warm-up: pools, code paths
+            await phase("warm-up " + end, parallel(port, 4, 50))
+        n = scale(2000, 300)
+        for end, port in ends.items():
+            raw["latency_" + end] = pct(await phase("latency " + end, sequential(port, n, PLAIN)), 0.5)
+        r["latency_added_ms"] = raw["latency_proxy"] - raw["latency_direct"]
+
+        per = scale(500, 100)
+        conns0, cpu0 = mock_connections(mock_port), proc_cpu_s(pid)
+        t0 = time.perf_counter()
+        await phase("16 clients proxy", parallel(proxy_port, 16, per))
+        raw["rps_proxy"] = 16 * per / (time.perf_counter() - t0)
+        r["cpu_ms_per_request"] = (proc_cpu_s(pid) - cpu0) * 1000 / (16 * per)
+        r["new_conns_per_request"] = (mock_connections(mock_port) - conns0) / (16 * per)
+        t0 = time.perf_counter()
+        await phase("16 clients direct", parallel(mock_port, 16, per))
+        raw["rps_direct"] = 16 * per / (time.perf_counter() - t0)
+
+        n = scale(500, 100)
+        for end, port in ends.items():
+            raw["first_event_" + end] = pct(await phase("first event " + end, first_events(port, n)), 0.5)
+        r["first_event_added_ms"] = raw["first_event_proxy"] - raw["first_event_direct"]
+
+        clients, events = scale(64, 16), scale(50, 20)
+        for end, port in ends.items():
+            done, lags, _ = await phase("64 streams " + end, streams(port, clients, events, 20))
+            raw["event_lag_p99_" + end] = pct(lags, 0.99)
+            raw["event_lag_p50_" + end] = pct(lags, 0.5)
+        r["event_lag_added_p99_ms"] = raw["event_lag_p99_proxy"] - raw["event_lag_p99_direct"]
+
+        events = scale(100, 20)
+        done_direct, _, ttfb_direct = await phase("256 streams direct", streams(mock_port, 256, events, 50))
+        done, _, ttfb_proxy = await phase("256 streams proxy", streams(proxy_port, 256, events, 50))
+        r["streams_completed"] = done
+        raw["streams_completed_direct"] = done_direct
+        raw["ttfb_p99_direct"], raw["ttfb_p99_proxy"] = pct(ttfb_direct, 0.99), pct(ttfb_proxy, 0.99)
+        r["ttfb_added_p99_ms"] = raw["ttfb_p99_proxy"] - raw["ttfb_p99_direct"]
+        r["rss_peak_mb"] = proc_mem_mb(pid, "VmHWM")
+
+        big = b'{"model":"claude-sonnet-4-5","max_tokens":8,"messages":[{"role":"user","content":"%s"}]}' \
+            % (b"x" * (2 << 20))
+        n = scale(20, 6)
+        for end, port in ends.items():
+            raw["big_body_ms_" + end] = pct(await phase("2 MB body " + end, sequential(port, n, big)), 0.5)
+        r["big_body_ratio"] = raw["big_body_ms_proxy"] / raw["big_body_ms_direct"]
+
+        total = scale(10000, 2000)
+        await phase("soak warm-up", parallel(proxy_port, 16, total // 10 // 16))
+        rss0 = proc_mem_mb(pid, "VmRSS")
+        await phase("soak", parallel(proxy_port, 16, total // 16))
+        raw["rss_soak_start_mb"], raw["rss_soak_end_mb"] = rss0, proc_mem_mb(pid, "VmRSS")
+        r["rss_growth_mb"] = raw["rss_soak_end_mb"] - rss0
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        try:
+            proxy.wait(15)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+        mock.kill()
+        mock.wait()
+    return r, raw
+
+
+def report(r, raw):
+    rows = [
+        ("non-streaming, 1 client: p50 latency (ms)", raw["latency_direct"], raw["latency_proxy"]),
+        ("16 clients: requests per second", raw["rps_direct"], raw["rps_proxy"]),
+        ("streaming, 1 client: first event p50 (ms)", raw["first_event_direct"], raw["first_event_proxy"]),
+        ("streaming, 64 clients: per-event lag p50 (ms)", raw["event_lag_p50_direct"], raw["event_lag_p50_proxy"]),
+        ("streaming, 64 clients: per-event lag p99 (ms)", raw["event_lag_p99_direct"], raw["event_lag_p99_proxy"]),
+        ("256 streams: completed", raw["streams_completed_direct"], r["streams_completed"]),
+        ("256 streams: TTFB p99 (ms)", raw["ttfb_p99_direct"], raw["ttfb_p99_proxy"]),
+        ("2 MB body: p50 latency (ms)", raw["big_body_ms_direct"], raw["big_body_ms_proxy"]),
+    ]
+    print("%-48s %10s %10s %10s" % ("measured", "direct", "proxy", "diff"))
+    for label, direct, proxied in rows:
+        print("%-48s %10.3f %10.3f %+10.3f" % (label, direct, proxied, proxied - direct))
+    print()
+    print("%-52s %10s %12s  %s" % ("target", "value", "goal", ""))
+    ok = True
+    for key, label, goal, check in TARGETS:
+        passed = check(r[key])
+        ok &= passed
+        print("%-52s %10.3f %12s  %s" % (label, r[key], goal, "ok" if passed else "MISSED"))
+    return ok
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts (about a minute)")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
+    parser.add_argument("--serve-mock", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_mock:
+        serve_mock()
+        return 0
+    r, raw = asyncio.run(run(args.quick))
+    ok = report(r, raw)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"targets": r, "measured": raw, "quick": args.quick,
+                       "python": sys.version.split()[0]}, f, indent=2)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
