@@ -87,6 +87,8 @@ TTFB_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TEST_TIMEOUT_S = 30.0               # one provider test
 TEST_SLOW_S = 5.0                   # a first event later than this is "slow"
 TEST_MAX_TOKENS = 8
+SPARE_WORKERS = 16                  # connection threads started ahead of need
+WORKER_IDLE_S = 300.0               # a connection thread idle this long retires (spares stay)
 SHUTDOWN_GRACE_S = 5.0              # in-flight streams get this long on SIGTERM/Ctrl-C
 AUTH_FAIL_LIMIT = 10                # wrong keys from one address within AUTH_FAIL_WINDOW_S
 AUTH_FAIL_WINDOW_S = 60.0
@@ -1247,12 +1249,29 @@ def read_request_body(handler, limit):
     return body
 
 
+# Claude Code sends "model" as the body's first key. Anchored at the start, this can only match
+# that top-level key, so mapping can read and replace it without parsing megabytes of JSON.
+_FIRST_KEY_MODEL = re.compile(rb'\s*\{\s*"model"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
 def prepare_body(view, target, path, body):
     """(body bytes, model requested, model sent). Parses JSON only if something may change."""
     config = view.config
     if not body or not path.startswith("/v1/messages") or \
             not (config.model_mapping or target.request_preset):
         return body, None, None
+    first = None if target.request_preset else _FIRST_KEY_MODEL.match(body)
+    if first is not None:
+        try:
+            requested = json.loads(first.group(1))
+        except ValueError:
+            requested = None
+        if isinstance(requested, str):
+            sent = map_model(requested, target.model_set, target.env_models)
+            if sent != requested:
+                body = body[:first.start(1)] + json.dumps(sent, ensure_ascii=False).encode("utf-8") + \
+                    body[first.end(1):]
+            return body, requested, sent
     try:
         obj = json.loads(body)
     except ValueError:
@@ -2255,8 +2274,89 @@ class Handler(http.server.BaseHTTPRequestHandler):
 # ============================================================================ server factory and CLI
 
 
+class Workers:
+    """The threads that serve client connections, one connection at a time each, reused.
+
+    The accept loop only queues a connection. Thread.start() blocks until the new thread has
+    run, which under load means waiting for the GIL behind every busy thread (about 1 ms
+    each in profiles), so a burst of 256 connects was served one thread start at a time.
+    Here a spawner thread does the starting, ahead of need, and never holds up an accept.
+    """
+
+    def __init__(self, serve):
+        self.serve = serve
+        self.jobs = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.threads = set()
+        self.idle = 0
+        self.need = threading.Event()
+        self.stopping = False
+        self.spawner = threading.Thread(target=self._spawn_loop, name="ccproxy-spawner", daemon=True)
+        self.spawner.start()
+        self.need.set()
+
+    def submit(self, request, client_address):
+        self.jobs.put((request, client_address))
+        if self.idle <= SPARE_WORKERS // 2:      # unlocked read: a hint for the spawner
+            self.need.set()
+
+    def _spawn_loop(self):
+        while True:
+            self.need.wait()
+            self.need.clear()
+            while not self.stopping:
+                with self.lock:
+                    short = self.idle < SPARE_WORKERS or self.jobs.qsize() > self.idle
+                    if short:
+                        self.idle += 1
+                if not short:
+                    break
+                thread = threading.Thread(target=self._work, name="ccproxy-conn", daemon=True)
+                with self.lock:
+                    self.threads.add(thread)
+                thread.start()
+            if self.stopping:
+                return
+
+    def _work(self):
+        me = threading.current_thread()
+        while True:
+            try:
+                job = self.jobs.get(timeout=WORKER_IDLE_S)
+            except queue.Empty:
+                with self.lock:
+                    if self.idle > SPARE_WORKERS:
+                        self.idle -= 1
+                        self.threads.discard(me)
+                        return
+                continue
+            with self.lock:
+                self.idle -= 1
+            if job is None:
+                with self.lock:
+                    self.threads.discard(me)
+                return
+            if self.idle <= SPARE_WORKERS // 2:
+                self.need.set()
+            self.serve(*job)
+            with self.lock:
+                self.idle += 1
+
+    def stop(self, timeout=2.0):
+        self.stopping = True
+        self.need.set()
+        with self.lock:
+            threads = list(self.threads)
+        for _ in threads:
+            self.jobs.put(None)
+        for thread in threads:
+            thread.join(timeout)
+        self.spawner.join(timeout)
+
+
 class ProxyServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer that knows its open connections, so it can stop cleanly."""
+    """ThreadingHTTPServer that knows its open connections, so it can stop cleanly, and serves
+    them from a pool of reused worker threads."""
 
     daemon_threads = True
     block_on_close = False
@@ -2274,20 +2374,19 @@ class ProxyServer(http.server.ThreadingHTTPServer):
                                  lambda: self.store.view.config.secrets())
         self.tests = {}               # provider -> last test result
         self.conn_lock = threading.Lock()
-        self.connections = {}   # every open client socket -> its thread
-        self.busy = set()       # the sockets in the middle of a request
+        self.connections = set()  # every open client socket
+        self.busy = set()         # the sockets in the middle of a request
         super().__init__(address, Handler)
+        self.workers = Workers(self.process_request_thread)
 
     def process_request(self, request, client_address):
-        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                                  daemon=True, name="ccproxy-conn")
         with self.conn_lock:
-            self.connections[request] = thread
-        thread.start()
+            self.connections.add(request)
+        self.workers.submit(request, client_address)
 
     def shutdown_request(self, request):
         with self.conn_lock:
-            self.connections.pop(request, None)
+            self.connections.discard(request)
         super().shutdown_request(request)
 
     def close_connections(self, grace=0.0):
@@ -2296,14 +2395,15 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         while self.busy and time.monotonic() < deadline:
             time.sleep(0.05)
         with self.conn_lock:
-            remaining = dict(self.connections)
+            remaining = list(self.connections)
         for sock in remaining:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass  # already closed by the other side
-        for thread in remaining.values():
-            thread.join(2.0)
+        deadline = time.monotonic() + 2.0
+        while self.connections and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
@@ -2315,6 +2415,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def server_close(self):
         super().server_close()
         self.close_connections()
+        self.workers.stop()
         self.pool.close()
         self.recorder.close()
 

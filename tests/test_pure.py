@@ -151,3 +151,34 @@ def test_error_shapes():
 ])
 def test_filter_models(spec, kept):
     assert ccproxy.filter_models(["claude-sonnet-4-5", "claude-haiku-4-5", "glm-4.6"], spec) == kept
+
+
+class _View:
+    def __init__(self, mapping=True):
+        self.config = type("C", (), {"model_mapping": mapping})()
+
+
+class _Target:
+    request_preset = None
+    model_set = frozenset(["glm-4.6", "claude-sonnet-4-5"])
+    env_models = {"ANTHROPIC_DEFAULT_SONNET_MODEL": "glm-4.6"}
+
+
+@pytest.mark.parametrize("body, sent_body, requested, sent", [
+    # model first (Claude Code's layout): read and replaced in place, the rest byte for byte
+    (b'{"model":"claude-sonnet-4-5","x":1}', b'{"model":"claude-sonnet-4-5","x":1}', "claude-sonnet-4-5", "claude-sonnet-4-5"),
+    (b' { "model" : "claude-sonnet-9[1m]", "messages": [{"content": "\\"model\\": \\"x\\""}]}',
+     b' { "model" : "glm-4.6", "messages": [{"content": "\\"model\\": \\"x\\""}]}', "claude-sonnet-9[1m]", "glm-4.6"),
+    (b'{"model":"claude-sonnet-\\u00e9"}', b'{"model":"glm-4.6"}', "claude-sonnet-\u00e9", "glm-4.6"),
+    # model later (the SDK's layout): a full parse, nested "model" keys do not confuse it
+    (b'{"messages":[{"content":[{"type":"tool_use","input":{"model":"claude-sonnet-4-5"}}]}],"model":"claude-sonnet-x"}',
+     b'{"messages":[{"content":[{"type":"tool_use","input":{"model":"claude-sonnet-4-5"}}]}],"model":"glm-4.6"}',
+     "claude-sonnet-x", "glm-4.6"),
+    (b'{"messages":[],"model":"glm-4.6"}', b'{"messages":[],"model":"glm-4.6"}', "glm-4.6", "glm-4.6"),
+    (b'not json', b'not json', None, None),
+])
+def test_prepare_body_reads_and_maps_the_top_level_model(body, sent_body, requested, sent):
+    out, got_requested, got_sent = ccproxy.prepare_body(_View(), _Target(), "/v1/messages", body)
+    assert (out, got_requested, got_sent) == (sent_body, requested, sent)
+    if sent is not None:
+        assert json.loads(out)["model"] == sent
