@@ -2297,7 +2297,7 @@ class Workers:
 
     def submit(self, request, client_address):
         self.jobs.put((request, client_address))
-        if self.idle <= SPARE_WORKERS // 2:      # unlocked read: a hint for the spawner
+        if self.idle <= SPARE_WORKERS // 2 and not self.need.is_set():   # unlocked reads: hints
             self.need.set()
 
     def _spawn_loop(self):
@@ -2336,7 +2336,7 @@ class Workers:
                 with self.lock:
                     self.threads.discard(me)
                 return
-            if self.idle <= SPARE_WORKERS // 2:
+            if self.idle <= SPARE_WORKERS // 2 and not self.need.is_set():
                 self.need.set()
             self.serve(*job)
             with self.lock:
