@@ -640,6 +640,11 @@ class Headers(list):
     def items(self):
         return self
 
+    def get_all(self, name, default=None):
+        name = name.lower()
+        found = [value for key, value in self if key.lower() == name]
+        return found or default
+
 
 def parse_header_lines(lines):
     """Headers from raw header lines (bytes, without the blank line), or ValueError.
@@ -947,6 +952,65 @@ def env_proxy_for(scheme, host):
 _TLS = ssl.create_default_context()
 
 
+class Response(http.client.HTTPResponse):
+    """http.client's response, with the header block parsed by parse_header_lines.
+
+    The stdlib parses it with the email package (~0.2 ms a response in profiles). This is
+    HTTPResponse.begin() of CPython 3.8–3.13 with only that step replaced; the attributes it
+    sets (chunked, chunk_left, length, will_close, version) are what the read methods use.
+    """
+
+    def begin(self):
+        if self.headers is not None:
+            return
+        while True:
+            version, status, reason = self._read_status()
+            if status != http.client.CONTINUE:
+                break
+            self._read_header_lines()                   # a 100 Continue's headers
+        self.code = self.status = status
+        self.reason = reason.strip()
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11
+        else:
+            raise http.client.UnknownProtocol(version)
+        try:
+            self.headers = self.msg = parse_header_lines(self._read_header_lines())
+        except ValueError as exc:
+            raise http.client.HTTPException("bad response header: %s" % exc)
+        self.chunked = (self.headers.get("transfer-encoding") or "").lower() == "chunked"
+        self.chunk_left = None
+        self.will_close = self._check_close()
+        self.length = None
+        length = self.headers.get("content-length")
+        if length and not self.chunked:
+            try:
+                self.length = int(length)
+            except ValueError:
+                self.length = None
+            if self.length is not None and self.length < 0:
+                self.length = None
+        if status in (http.client.NO_CONTENT, http.client.NOT_MODIFIED) or 100 <= status < 200 \
+                or self._method == "HEAD":
+            self.length = 0
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True
+
+    def _read_header_lines(self):
+        lines = []
+        while True:
+            line = self.fp.readline(MAX_LINE + 1)
+            if len(line) > MAX_LINE:
+                raise http.client.LineTooLong("header line")
+            if line in (b"\r\n", b"\n", b""):
+                return lines
+            lines.append(line)
+            if len(lines) > MAX_HEADERS:
+                raise http.client.HTTPException("more than %d headers" % MAX_HEADERS)
+
+
 def open_connection(scheme, host, port, proxy, timeout):
     """A connected http.client connection to host:port, tunnelled through proxy if given."""
     cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
@@ -963,6 +1027,7 @@ def open_connection(scheme, host, port, proxy, timeout):
         conn.set_tunnel(host, port, headers=tunnel_headers)
     else:
         conn = cls(host, port, timeout=CONNECT_TIMEOUT_S, **kwargs)
+    conn.response_class = Response
     conn.connect()
     conn.sock.settimeout(timeout)
     conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -183,6 +183,11 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
             mock.aborted.set()
 
 
+class MockServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024   # the default of 5 drops connects when 256 arrive at once
+
+
 class MockUpstream:
     """A running mock provider on 127.0.0.1; close() stops it."""
 
@@ -198,8 +203,7 @@ class MockUpstream:
         self.actions = []
         self.aborted = threading.Event()
         self.lock = threading.Lock()
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MockHandler)
-        self.server.daemon_threads = True
+        self.server = MockServer(("127.0.0.1", 0), MockHandler)
         self.server.mock = self
         self.port = self.server.server_address[1]
         self.url = "http://127.0.0.1:%d" % self.port
