@@ -4,24 +4,26 @@
 Claude Code (or any Anthropic SDK, or curl) sets ANTHROPIC_BASE_URL to this proxy once.
 Every request under /v1/ is relayed to the provider selected in the web UI; switching takes
 effect on the next request. Streams are relayed piece by piece as they arrive (read1, write),
-never buffered. The proxy does not translate between API formats: providers must speak the
-Anthropic Messages API.
+never buffered. A provider that fails before the first byte reached the client is replaced
+by the next one of the Fallback list. The proxy does not translate between API formats:
+providers must speak the Anthropic Messages API.
 
-Data flow: client -> Handler (auth, route) -> Store.view (config snapshot + selection)
--> build the upstream request (headers, auth, presets, model mapping) -> pooled
-http.client connection -> relay the response (chunked to the client) -> one log line.
+Data flow: client -> Handler (parse, auth, route) -> Store.view (config snapshot, selection)
+-> candidates (selected, then fallbacks) -> per attempt: headers, auth, presets, model
+mapping -> pooled http.client connection -> relay the answer (chunked to the client)
+-> Recorder (log line, request log, stats, metrics; on its own thread).
 
 Sections, in file order (grep -n '^# ===' ccproxy.py):
-  constants, errors, config, pure HTTP helpers, upstream client, relay, observability,
-  web UI API, request handler, server factory and CLI.
+  constants, errors, config, state, pure HTTP helpers, upstream client, relay,
+  observability, web UI API, request handler, server factory and CLI.
 
 Run:   python3 ccproxy.py [--config config.json] [--host H] [--port P] [--debug]
        (first run creates config.json from config.in.json with a random APIKEY)
 Test:  python3 -m pip install -r requirements-dev.txt && python3 -m pytest
 
-Security: binds 127.0.0.1 by default; refuses a non-loopback bind while APIKEY is empty or
-the placeholder; client keys are compared in constant time; logs never carry keys, tokens
-or prompts (bodies are logged only with --debug, truncated and redacted).
+Security: binds 127.0.0.1 by default and refuses other addresses while APIKEY is empty or
+the placeholder; keys are compared in constant time; logs and the request log never carry
+keys, tokens or prompts (bodies are logged only with --debug, truncated and redacted).
 Standard library only; runs on Python 3.8 and newer.
 """
 
@@ -63,6 +65,7 @@ PLACEHOLDER_APIKEY = "sk-ccproxy-CHANGE-ME"
 DEFAULT_API_TIMEOUT_MS = 600000     # must exceed Claude Code's own 300 s stream watchdog
 DEFAULT_MAX_BODY_MB = 64            # Claude Code sends 100 KB to 20 MB (images)
 CONNECT_TIMEOUT_S = 10.0
+DEFAULT_PROXY_PORT = 8080           # of an http:// proxy URL without a port
 CLIENT_TIMEOUT_S = 120.0            # a client socket idle this long is closed
 LISTEN_BACKLOG = 1024               # the stdlib default of 5 drops connects under load
 RELAY_CHUNK = 65536                 # upper bound for one read1(); it returns what is there
@@ -74,6 +77,12 @@ MODELS_PAGE_LIMIT = 1000
 MAX_MODEL_PAGES = 20
 MAX_HEADERS = 100                   # fields in one request, as http.server allows
 MAX_LINE = 65536
+CHUNK_SIZE_LINE = 1024              # longest chunk-size line (with extensions) read from a client
+API_BODY_MAX = 1 << 20              # a web UI API call's JSON body
+ERROR_EXCERPT = 160                 # characters of a provider's answer quoted in a message
+SNIFF_BYTES = 4096                  # of an error answer, searched for the signature error
+THREAD_JOIN_S = 2.0                 # a stopping thread is waited for this long
+POLL_S = 0.05                       # how often shutdown checks that requests have finished
 DEFAULT_FIRST_BYTE_TIMEOUT_MS = 60000   # a stream's status + first event, when a fallback remains
 DEFAULT_COOLDOWN_MS = 60000         # a failed provider is skipped this long (or its Retry-After)
 MAX_COOLDOWN_S = 3600.0
@@ -434,6 +443,9 @@ def state_path_for(config_path):
     return root + STATE_SUFFIX
 
 
+# ============================================================================ state
+
+
 class Target:
     """Everything a request needs about one provider, resolved once per change of state."""
 
@@ -766,7 +778,7 @@ def is_signature_error(status, body):
     """A 400 caused by thinking-block signatures another provider made."""
     if status != 400:
         return False
-    text = body[:4096].decode("utf-8", "replace").lower()
+    text = body[:SNIFF_BYTES].decode("utf-8", "replace").lower()
     return "signature" in text and "thinking" in text
 
 
@@ -1017,7 +1029,7 @@ def open_connection(scheme, host, port, proxy, timeout):
     kwargs = {"context": _TLS} if scheme == "https" else {}
     if proxy:
         parts = urllib.parse.urlsplit(proxy)
-        conn = cls(parts.hostname, parts.port or 8080, timeout=CONNECT_TIMEOUT_S, **kwargs)
+        conn = cls(parts.hostname, parts.port or DEFAULT_PROXY_PORT, timeout=CONNECT_TIMEOUT_S, **kwargs)
         tunnel_headers = {}
         if parts.username:
             creds = "%s:%s" % (urllib.parse.unquote(parts.username),
@@ -1163,7 +1175,7 @@ def fetch_models(provider, timeout=REFRESH_TIMEOUT_S):
                 obj = json.loads(raw)
                 page = parse_model_list(obj)
             except ValueError as exc:
-                return None, "not a model list (%s)" % str(exc)[:80]
+                return None, "not a model list (%s)" % str(exc)[:ERROR_EXCERPT]
             ids.extend(m for m in page if m not in ids)
             if not (isinstance(obj, dict) and obj.get("has_more") and obj.get("last_id")):
                 break
@@ -1226,7 +1238,7 @@ def test_provider(target, timeout=TEST_TIMEOUT_S):
     if status != 200:
         looks_html = data.lstrip()[:1] == b"<"
         return dict(result, status="failing", reason="HTTP %d%s" % (status, " (HTML page)" if looks_html else
-                                                                    ": " + data[:160].decode("utf-8", "replace")))
+                                                                    ": " + data[:ERROR_EXCERPT].decode("utf-8", "replace")))
     usage.feed(data + b"\n\n")
     if b"event:" not in data and b"data:" not in data:
         return dict(result, status="failing", reason="HTTP 200 but no SSE events")
@@ -1284,20 +1296,20 @@ def read_request_body(handler, limit):
     if "chunked" in te:
         parts, total = [], 0
         while True:
-            line = handler.rfile.readline(1024)
+            line = handler.rfile.readline(CHUNK_SIZE_LINE)
             try:
                 size = int(line.split(b";", 1)[0].strip(), 16)
             except ValueError:
                 raise ClientError("malformed chunked request body")
             if size == 0:
-                while handler.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                while handler.rfile.readline(CHUNK_SIZE_LINE) not in (b"\r\n", b"\n", b""):
                     pass  # trailer fields are dropped
                 return b"".join(parts)
             total += size
             if total > limit:
                 raise ProxyError("request body exceeds MAX_BODY_MB", 413, "request_too_large")
             parts.append(handler.rfile.read(size))
-            handler.rfile.readline(8)
+            handler.rfile.readline(CHUNK_SIZE_LINE)    # the CRLF after the chunk
     length = handler.headers.get("Content-Length")
     if not length:
         return b""
@@ -1795,7 +1807,7 @@ class Recorder:
         """Write what is queued, then stop the writer."""
         if self.writer is not None:
             self.queue.put(None)
-            self.writer.join(5)
+            self.writer.join(THREAD_JOIN_S)
             self.writer = None
         if self.file is not None:
             self.file.close()
@@ -2125,7 +2137,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = self.requestline.split()
         if len(words) != 3 or not words[2].startswith("HTTP/1."):
-            self.send_error(400 if len(words) != 3 else 505, "Bad request line %r" % self.requestline[:80])
+            self.send_error(400 if len(words) != 3 else 505, "Bad request line %r" % self.requestline[:ERROR_EXCERPT])
             return False
         self.command, self.path, self.request_version = words
         if self.path.startswith("//"):
@@ -2257,7 +2269,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise NotFound("no API route %s %s" % (self.command, path))
             body = None
             if self.command == "POST":
-                raw = read_request_body(self, 1 << 20)
+                raw = read_request_body(self, API_BODY_MAX)
                 try:
                     body = json.loads(raw) if raw.strip() else {}
                 except ValueError:
@@ -2407,7 +2419,7 @@ class Workers:
             with self.lock:
                 self.idle += 1
 
-    def stop(self, timeout=2.0):
+    def stop(self, timeout=THREAD_JOIN_S):
         self.stopping = True
         self.need.set()
         with self.lock:
@@ -2458,7 +2470,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         """Wait up to grace seconds for requests in flight to finish, then cut every connection."""
         deadline = time.monotonic() + grace
         while self.busy and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(POLL_S)
         with self.conn_lock:
             remaining = list(self.connections)
         for sock in remaining:
@@ -2466,9 +2478,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass  # already closed by the other side
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + THREAD_JOIN_S
         while self.connections and time.monotonic() < deadline:
-            time.sleep(0.01)
+            time.sleep(POLL_S / 5)
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
