@@ -102,6 +102,7 @@ SHUTDOWN_GRACE_S = 5.0              # in-flight streams get this long on SIGTERM
 AUTH_FAIL_LIMIT = 10                # wrong keys from one address within AUTH_FAIL_WINDOW_S
 AUTH_FAIL_WINDOW_S = 60.0
 AUTH_LOCKOUT_S = 60.0
+AUTH_TRACKED_MAX = 10000            # addresses with recent failures kept before pruning
 DEBUG_BODY_CHARS = 2000
 STATE_SUFFIX = ".state.json"
 ANTHROPIC_VERSION = "2023-06-01"
@@ -1949,6 +1950,9 @@ class Throttle:
     def failed(self, addr):
         now = time.monotonic()
         with self.lock:
+            if len(self.failures) > AUTH_TRACKED_MAX:
+                # forget addresses whose failures have all left the window
+                self.failures = {a: t for a, t in self.failures.items() if now - t[-1] <= AUTH_FAIL_WINDOW_S}
             times = self.failures.setdefault(addr, deque())
             times.append(now)
             while times and now - times[0] > AUTH_FAIL_WINDOW_S:

@@ -1,6 +1,7 @@
 """The web UI's JSON API: every route, auth failures and bad input."""
 
 import json
+import time
 
 import pytest
 
@@ -140,3 +141,15 @@ def test_page_is_served_without_auth(proxy):
     assert status == 200 and headers["content-type"].startswith("text/html")
     assert b"<title>ccproxy</title>" in data and b"https://" not in data.split(b"<script>")[0]
     assert headers["x-frame-options"] == "DENY"
+
+
+def test_throttle_forgets_addresses_whose_failures_expired(monkeypatch):
+    monkeypatch.setattr(ccproxy, "AUTH_TRACKED_MAX", 3)
+    monkeypatch.setattr(ccproxy, "AUTH_FAIL_WINDOW_S", 0.05)
+    throttle = ccproxy.Throttle()
+    for i in range(4):
+        throttle.failed("198.51.100.%d" % i)
+    time.sleep(0.1)
+    throttle.failed("203.0.113.9")
+    assert list(throttle.failures) == ["203.0.113.9"]
+    assert not throttle.blocked("203.0.113.9")

@@ -18,15 +18,16 @@ V3_CAVEAT = ("note: claude-code-router v3 keeps its config in a database and rea
              "only once, on a fresh install; for v3, import this file before its first start.")
 
 
-def ccr_config(config, targets, current):
-    """The ccr config object for these targets; `current` becomes Router.default."""
+def ccr_config(config, targets, models, current):
+    """The ccr config object for these targets (with `models[name]` each); `current` becomes
+    Router.default."""
     providers = []
     for target in targets:
         providers.append({
             "name": target.name.replace(",", " "),          # ccr splits "provider,model" on commas
             "api_base_url": target.provider.base_url + "/v1/messages",   # v2 posts to it as given
             "api_key": target.provider.api_key,
-            "models": list(target.models),
+            "models": models[target.name],
             "transformer": {"use": ["Anthropic"]},
             "protocol": "anthropic_messages",
         })
@@ -34,9 +35,9 @@ def ccr_config(config, targets, current):
     router = {}
     if current is not None:
         target = by_name[current]
-        router["default"] = "%s,%s" % (target.name.replace(",", " "), default_model(target))
+        router["default"] = "%s,%s" % (target.name.replace(",", " "), default_model(target, models[current]))
         haiku = target.env_models.get("ANTHROPIC_DEFAULT_HAIKU_MODEL")
-        if haiku in target.models:
+        if haiku in models[current]:
             router["background"] = "%s,%s" % (target.name.replace(",", " "), haiku)
     port = config.port + 1 if config.port == CCR_PORT else CCR_PORT
     return {"HOST": "127.0.0.1", "PORT": port, "APIKEY": config.apikey, "LOG": False,
@@ -59,26 +60,26 @@ def main(argv=None):
     try:
         config, store = load(args.input)
         targets = exportable(store)
+        models = {t.name: list(t.models) for t in targets}
         if args.update_models:
             found = ccproxy.discover_all([t.provider for t in targets], args.timeout)
             for target in targets:
-                models, result = found[target.name]
-                if models:
-                    target.models = tuple(models)
+                ids, result = found[target.name]
+                if ids:
+                    models[target.name] = ids
                 else:
                     print("warning: %s: %s — its configured models are used" % (target.name, result["message"]),
                           file=sys.stderr)
+        models = {name: ccproxy.filter_models(ids, args.filter) for name, ids in models.items()}
+        with_models = [t for t in targets if models[t.name]]
         for target in targets:
-            target.models = tuple(ccproxy.filter_models(target.models, args.filter))
-        with_models = [t for t in targets if t.models]
-        for target in targets:
-            if not target.models:
+            if not models[target.name]:
                 print("warning: skipped %s: it has no models (ccr needs at least one)" % target.name,
                       file=sys.stderr)
         if not with_models:
             return fail("no provider with a key and models to export — run with --update-models")
         current = current_name(store, with_models, args.current)
-        data = ccr_config(config, with_models, current)
+        data = ccr_config(config, with_models, models, current)
         ccproxy.write_atomic(args.output, json.dumps(data, ensure_ascii=False, indent=2) + "\n", mode=0o600)
     except ccproxy.ConfigError as exc:
         return fail("\n".join(exc.problems))

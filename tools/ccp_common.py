@@ -71,7 +71,7 @@ def current_name(store, targets, wanted=None):
     return selected if selected in names else (names[0] if names else None)
 
 
-def default_model(target):
-    """The model a router should default to: ANTHROPIC_MODEL if the provider lists it, else its first."""
+def default_model(target, models):
+    """The model a router should default to: ANTHROPIC_MODEL if it is among models, else the first."""
     wanted = target.env_models.get("ANTHROPIC_MODEL")
-    return wanted if wanted in target.models else (target.models[0] if target.models else None)
+    return wanted if wanted in models else (models[0] if models else None)
