@@ -2581,6 +2581,15 @@ def main(argv=None):
     config = server.store.view.config
     level = "DEBUG" if args.debug else (args.log_level or config.log_level)
     logging.getLogger().setLevel(level)
+    # Signals first: once the banner is out, a supervisor may send SIGHUP or SIGTERM at once,
+    # and their default actions would kill the process.
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
+            target=server.store.reload, daemon=True).start())
     host, port = server.server_address[:2]
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = "http://%s:%d" % ("[%s]" % shown if ":" in shown else shown, port)
@@ -2593,13 +2602,6 @@ def main(argv=None):
         print("  Claude Code ~/.claude/settings.json:")
         print(json.dumps(claude_settings(url, created_key, {}), indent=2), flush=True)
 
-    def stop(signum, frame):
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
-            target=server.store.reload, daemon=True).start())
     try:
         server.serve_forever()
     except KeyboardInterrupt:
