@@ -271,19 +271,33 @@ def mock_connections(mock_port):
 # ---------------------------------------------------------------- the run
 
 
+def start_proxy(tmp, mock_port, name="config.json", **settings):
+    """The real proxy as a user runs it (INFO log to a file, request log on), unless settings
+    say otherwise; (process, port)."""
+    config = os.path.join(tmp, name)
+    with open(config, "w") as f:
+        json.dump(dict({"APIKEY": APIKEY, "PORT": 0, "Providers": [
+            {"name": "mock", "api_base_url": "http://127.0.0.1:%d/v1/messages" % mock_port, "api_key": "sk-up",
+             "models": ["claude-sonnet-4-5"]}]}, **settings), f)
+    log = open(os.path.join(tmp, name + ".log"), "a")
+    proxy = subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"), "--config", config],
+                             stdout=subprocess.PIPE, stderr=log, universal_newlines=True)
+    return proxy, int(proxy.stdout.readline().split("http://127.0.0.1:")[1].split()[0])
+
+
+def stop_proxy(proxy):
+    proxy.send_signal(signal.SIGTERM)
+    try:
+        proxy.wait(15)
+    except subprocess.TimeoutExpired:
+        proxy.kill()
+
+
 def start_processes(tmp):
     mock = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-mock"], stdout=subprocess.PIPE,
                             universal_newlines=True)
     mock_port = int(mock.stdout.readline())
-    config = os.path.join(tmp, "config.json")
-    with open(config, "w") as f:
-        json.dump({"APIKEY": APIKEY, "PORT": 0, "Providers": [
-            {"name": "mock", "api_base_url": "http://127.0.0.1:%d/v1/messages" % mock_port, "api_key": "sk-up",
-             "models": ["claude-sonnet-4-5"]}]}, f)
-    log = open(os.path.join(tmp, "ccproxy.log"), "a")
-    proxy = subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"), "--config", config],
-                             stdout=subprocess.PIPE, stderr=log, universal_newlines=True)
-    proxy_port = int(proxy.stdout.readline().split("http://127.0.0.1:")[1].split()[0])
+    proxy, proxy_port = start_proxy(tmp, mock_port)
     return mock, mock_port, proxy, proxy_port
 
 
@@ -305,6 +319,14 @@ async def run(quick):
         for end, port in ends.items():
             raw["latency_" + end] = pct(await phase("latency " + end, sequential(port, n, PLAIN)), 0.5)
         r["latency_added_ms"] = raw["latency_proxy"] - raw["latency_direct"]
+        # the same through a proxy that writes no log line and no request log file
+        quiet, quiet_port = start_proxy(tmp, mock_port, "quiet.json", LOG_LEVEL="WARNING", REQUEST_LOG="")
+        try:
+            await phase("warm-up quiet", parallel(quiet_port, 4, 50))
+            raw["latency_quiet"] = pct(await phase("latency without logs", sequential(quiet_port, n, PLAIN)), 0.5)
+            raw["latency_proxy_again"] = pct(await phase("latency with logs", sequential(proxy_port, n, PLAIN)), 0.5)
+        finally:
+            stop_proxy(quiet)
 
         per = scale(500, 100)
         conns0, cpu0 = mock_connections(mock_port), proc_cpu_s(pid)
@@ -352,11 +374,7 @@ async def run(quick):
         raw["rss_soak_start_mb"], raw["rss_soak_end_mb"] = rss0, proc_mem_mb(pid, "VmRSS")
         r["rss_growth_mb"] = raw["rss_soak_end_mb"] - rss0
     finally:
-        proxy.send_signal(signal.SIGTERM)
-        try:
-            proxy.wait(15)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
+        stop_proxy(proxy)
         mock.kill()
         mock.wait()
     return r, raw
@@ -376,6 +394,8 @@ def report(r, raw):
     print("%-48s %10s %10s %10s" % ("measured", "direct", "proxy", "diff"))
     for label, direct, proxied in rows:
         print("%-48s %10.3f %10.3f %+10.3f" % (label, direct, proxied, proxied - direct))
+    print("%-48s %10.3f %10.3f %+10.3f" % ("1 client p50 (ms): logs off | logs on", raw["latency_quiet"],
+                                           raw["latency_proxy_again"], raw["latency_proxy_again"] - raw["latency_quiet"]))
     print()
     print("%-52s %10s %12s  %s" % ("target", "value", "goal", ""))
     ok = True
