@@ -179,9 +179,16 @@ def test_screenshots_light_and_dark(browser, tmp_path, upstream, upstream2):
     config["Providers"][2].update(name="relay-hk", comment="中转 · Hong Kong")
     proxy = start_proxy(write_config(tmp_path / "config.json", config))
     try:
+        browser.set_window_size(1280, 1500)
         login(browser, proxy)
         proxy.api("POST", "/api/refresh-models", {})
         proxy.api("POST", "/api/overrides", {"provider": "anthropic", "header_override": "ua"})
+        proxy.api("POST", "/api/fallback", {"providers": ["relay-hk"]})
+        for model, stream in (("claude-sonnet-4-5", True), ("claude-haiku-4-5", False), ("claude-opus-4-1[1m]", True)):
+            proxy.call("POST", "/v1/messages", {"model": model, "max_tokens": 64, "stream": stream, "messages": []})
+        proxy.api("POST", "/api/test", {})
+        wait(browser, lambda d: "first event in" in d.find_element(By.ID, "providers").text)
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#requests tbody tr")) == 3)
         shoot(browser, out)
     finally:
         proxy.stop()
