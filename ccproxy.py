@@ -1499,9 +1499,11 @@ def relay(handler, exchange, started):
 def answer_failure(handler, exchange, failure):
     """Every candidate failed: give the client the last provider's answer as it was, so its
     own retry logic sees the real status; our own error for a network failure."""
+    chain = ", ".join(exchange.chain())
+    exchange.attempts.pop()         # the last attempt is the outcome, not a step on the way
     if failure.status is None:
-        if len(exchange.attempts) > 1:
-            failure.error.headers = [("x-ccproxy-attempts", ", ".join(exchange.chain()))]
+        if exchange.attempts:
+            failure.error.headers = [("x-ccproxy-attempts", chain)]
         raise failure.error
     exchange.status = failure.status
     handler.send_response_only(failure.status)
@@ -1509,8 +1511,8 @@ def answer_failure(handler, exchange, failure):
         handler.send_header(name, value)
     handler.send_header("Content-Length", str(len(failure.body)))
     handler.send_header("x-ccproxy-provider", exchange.provider)
-    if len(exchange.attempts) > 1:
-        handler.send_header("x-ccproxy-attempts", ", ".join(exchange.chain()))
+    if exchange.attempts:
+        handler.send_header("x-ccproxy-attempts", chain)
     handler.end_headers()
     handler.wfile.write(failure.body)
     exchange.bytes_out = len(failure.body)

@@ -102,6 +102,30 @@ def test_every_candidate_failing_gives_the_last_error_as_it_was(failover, upstre
     status, headers, data = proxy.call("POST", "/v1/messages", MESSAGE)
     assert status == 429 and json.loads(data) == body and headers["retry-after"] == "9"
     assert headers["x-ccproxy-attempts"] == "alpha 529, beta 429"
+    rec = newest_record(proxy)
+    assert rec["attempts"] == [["alpha", "529"], ["beta", "429"]] and rec["status"] == 429
+
+
+def newest_record(proxy):
+    assert wait_for(lambda: proxy.api("GET", "/api/requests?limit=1")[1]["requests"])
+    return proxy.api("GET", "/api/requests?limit=1")[1]["requests"][0]
+
+
+def test_a_lone_network_failure_is_one_step_in_the_log(tmp_path, upstream, log_lines):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    config = make_config(upstream)
+    config["Providers"][0]["api_base_url"] = "http://127.0.0.1:%d" % dead
+    proxy = start_proxy(write_config(tmp_path / "c.json", config))
+    try:
+        status, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE)
+        assert status == 502 and "x-ccproxy-attempts" not in headers
+        assert newest_record(proxy)["attempts"] == [["alpha", "502"]]
+        assert wait_for(lambda: "→ alpha 502 model" in log_lines.text)
+    finally:
+        proxy.stop()
 
 
 def test_other_client_errors_do_not_fail_over(failover, upstream, upstream2):
