@@ -395,3 +395,27 @@ def test_an_unexpected_error_is_answered_500_and_logged_once(proxy, upstream, lo
     assert wait_for(lambda: log_lines.text.count("Traceback") == 1)
     monkeypatch.undo()
     assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200
+
+
+def test_http10_client_gets_a_close_delimited_stream(proxy, upstream):
+    body = json.dumps(dict(MESSAGE, stream=True)).encode()
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.sendall(("POST /v1/messages HTTP/1.0\r\nx-api-key: %s\r\nContent-Length: %d\r\n\r\n"
+                  % (APIKEY, len(body))).encode() + body)
+    data = b""
+    while True:
+        piece = sock.recv(65536)
+        if not piece:
+            break                       # the proxy closes: that is how the body ends
+        data += piece
+    sock.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    # an HTTP/1.1 server names its own version (RFC 9110 §2.5); the body must not be chunked
+    assert head.split()[1] == b"200" and b"chunked" not in head.lower()
+    assert events_of(rest)[-1][0] == "message_stop"
+
+
+def test_head_is_relayed_without_a_body(proxy, upstream):
+    status, headers, data = proxy.call("HEAD", "/v1/files")
+    assert status == 404 and data == b"" and upstream.last.method == "HEAD"
+    assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200      # the connection pool is fine after
