@@ -205,3 +205,20 @@ def shoot(browser, out):
         assert os.path.getsize(path) > 10000
     bg = browser.execute_script("return getComputedStyle(document.body).backgroundColor")
     assert bg == "rgb(21, 24, 29)"                       # the dark palette is in force
+
+
+def test_phone_width_and_keyboard(browser, ui_proxy):
+    from selenium.webdriver.common.keys import Keys
+    browser.set_window_size(390, 844)
+    login(browser, ui_proxy)
+    overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, "the page scrolls sideways at phone width by %d px" % overflow
+    # keyboard only: focus beta's card, open it with Enter, select it with its button
+    card = provider_card(browser, "beta")
+    browser.execute_script("arguments[0].focus()", card)
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
+    wait(browser, lambda d: d.find_element(By.ID, "detail-name").get_attribute("textContent") == "beta")
+    browser.switch_to.active_element.send_keys(Keys.TAB)          # the card's first button: select
+    assert browser.switch_to.active_element.get_attribute("data-action") == "select"
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
+    wait(browser, lambda d: ui_proxy.store.view.selected == "beta")
