@@ -225,3 +225,28 @@ def test_first_run_creates_config_with_a_random_key(tmp_path):
         template = json.load(f)
     assert list(created) == list(template)           # every key and comment, in order
     assert proc.returncode == 0
+
+
+def test_sigterm_lets_a_stream_in_flight_finish(tmp_path, upstream):
+    upstream.event_delay = 0.2
+    upstream.words = 6                     # about 1.2 s of stream, inside the 5 s grace period
+    path = write_config(tmp_path / "config.json", make_config(upstream))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"), "--config", path, "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline().split("http://127.0.0.1:")[1].split()[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/v1/messages", json.dumps({"model": "m", "stream": True, "messages": []}),
+                     {"x-api-key": APIKEY})
+        resp = conn.getresponse()
+        first = resp.read1(65536)
+        proc.send_signal(signal.SIGTERM)   # mid-stream
+        rest = resp.read()
+        assert b"message_start" in first and rest.rstrip().endswith(b'{"type": "message_stop"}')
+        assert proc.wait(15) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    with open(os.path.join(os.path.dirname(path), "requests.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    assert records[-1]["stream"] and records[-1]["usage"]["output"] == 6   # written before the exit

@@ -419,3 +419,14 @@ def test_head_is_relayed_without_a_body(proxy, upstream):
     status, headers, data = proxy.call("HEAD", "/v1/files")
     assert status == 404 and data == b"" and upstream.last.method == "HEAD"
     assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200      # the connection pool is fine after
+
+
+def test_a_silent_client_is_disconnected(proxy, monkeypatch):
+    monkeypatch.setattr(ccproxy.Handler, "timeout", 0.3)
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n")     # and then nothing more
+    sock.settimeout(5)
+    started = time.monotonic()
+    assert sock.recv(1024) == b""                                   # closed by the proxy
+    assert time.monotonic() - started < 4
+    sock.close()
