@@ -1530,6 +1530,7 @@ def attempt(handler, exchange, started, view, target, raw_body, client_headers, 
     pool = handler.server.pool
     for signature_retry in (False, True):
         headers = upstream_headers(client_headers, target, body)
+        conn = None
         if handler.server.debug:
             log.debug("-> %s %s body: %s", target.name, handler.path,
                       redact(body[:DEBUG_BODY_CHARS].decode("utf-8", "replace"), config.secrets()))
@@ -1543,10 +1544,14 @@ def attempt(handler, exchange, started, view, target, raw_body, client_headers, 
             else:
                 data = read_first_event(resp) if stream and status == 200 else b""
         except (socket.timeout, TimeoutError) as exc:
+            if conn is not None:
+                conn.close()            # timed out mid-answer: the connection is not reusable
             return Failure("timeout", error=UpstreamTimeout(
                 "provider %s did not answer in time (%s)" % (target.name, describe_network_error(exc))),
                 cooldown_s=config.cooldown_s)
         except NETWORK_ERRORS as exc:
+            if conn is not None:
+                conn.close()
             reason = describe_network_error(exc)
             return Failure(reason, error=UpstreamError("provider %s at %s could not be reached: %s"
                                                        % (target.name, target.netloc, reason)),

@@ -2,6 +2,7 @@
 
 import json
 import time
+import warnings
 
 import pytest
 
@@ -56,7 +57,11 @@ def test_connection_refused_moves_on(failover, upstream, upstream2, tmp_path):
 def test_first_byte_timeout_on_a_stalled_stream(failover, upstream, upstream2):
     proxy = failover(FIRST_BYTE_TIMEOUT_MS=300)
     upstream.fail_next("silent_stream", seconds=3)
-    status, headers, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        status, headers, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    # the stalled connection was closed, not left to the garbage collector
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
     assert status == 200 and headers["x-ccproxy-provider"] == "beta"
     assert events_of(data)[-1][0] == "message_stop"
     assert headers["x-ccproxy-attempts"] == "alpha timeout, beta 200"
