@@ -3,7 +3,7 @@
 
 Starts ccproxy.py as a user would (a subprocess with this interpreter) against two mock
 providers, streams one request through it, switches provider, sends another, stops it with
-SIGTERM. Exit 0 and "smoke OK" on success.
+SIGTERM, then runs each tool in tools/ on the same config. Exit 0 and "smoke OK" on success.
 """
 
 import http.client
@@ -56,6 +56,12 @@ def main():
         out, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, (proc.returncode, err)
         assert "Traceback" not in err, err
+        tools = os.path.join(os.path.dirname(HERE), "tools")
+        for tool, args in (("ccp_update_model.py", ["--dry-run"]), ("ccp2ccr.py", ["--update-models", "--output", "ccr.json"]),
+                           ("ccp2ccswitch.py", ["--output", "cc.sql"]), ("ccp2cliproxy.py", ["--output", "c.yaml"])):
+            run = subprocess.run([sys.executable, os.path.join(tools, tool), "--input", config] + args,
+                                 cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+            assert run.returncode == 0 and "Traceback" not in run.stderr, (tool, run.stderr)
     finally:
         if proc.poll() is None:
             proc.kill()
