@@ -1659,37 +1659,34 @@ def stream_response(handler, resp, exchange, started, provider_name, held=b"", e
     feed = exchange.usage.feed if is_sse else None
     recorder = handler.server.recorder
     recorder.stream_opened()
+    data = held                 # the first event, if it was held back to decide on failover
     try:
-        if held:
-            if feed:
-                feed(held)
-            exchange.ttfb_ms = (time.monotonic() - started) * 1000
-            write(b"%x\r\n%s\r\n" % (len(held), held) if chunked else held)
-            exchange.bytes_out += len(held)
         while True:
-            try:
-                data = read1(RELAY_CHUNK)
-            except NETWORK_ERRORS as exc:
-                reason = describe_network_error(exc)
-                exchange.note = "upstream failed mid-stream: " + reason
-                exchange.midstream_error = True
-                if is_sse:
-                    # Claude Code answers an SSE error by re-sending without streaming,
-                    # which is better for the user than a hang or a silent cut.
-                    data = sse_error("api_error", "ccproxy: provider %s broke off the stream: %s"
-                                     % (provider_name, reason))
-                    write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-                if chunked:
-                    write(b"0\r\n\r\n")
-                return False
             if not data:
-                break
+                try:
+                    data = read1(RELAY_CHUNK)
+                except NETWORK_ERRORS as exc:
+                    reason = describe_network_error(exc)
+                    exchange.note = "upstream failed mid-stream: " + reason
+                    exchange.midstream_error = True
+                    if is_sse:
+                        # Claude Code answers an SSE error by re-sending without streaming,
+                        # which is better for the user than a hang or a silent cut.
+                        data = sse_error("api_error", "ccproxy: provider %s broke off the stream: %s"
+                                         % (provider_name, reason))
+                        write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                    if chunked:
+                        write(b"0\r\n\r\n")
+                    return False
+                if not data:
+                    break
             if exchange.ttfb_ms is None:
                 exchange.ttfb_ms = (time.monotonic() - started) * 1000
             write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
             exchange.bytes_out += len(data)
             if feed:
                 feed(data)
+            data = b""
         if chunked:
             write(b"0\r\n\r\n")
     except (BrokenPipeError, ConnectionResetError, socket.timeout, TimeoutError):
