@@ -127,6 +127,8 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("request-id", "req_mock")
+        if self.server.mock.close_connections:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -169,6 +171,8 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("request-id", "req_mock")
+        if mock.close_connections:
+            self.send_header("Connection", "close")
         self.end_headers()
         try:
             for n, event in enumerate(message_events(model, mock.words, mock.event_delay)):
@@ -198,6 +202,7 @@ class MockUpstream:
         self.words = 5
         self.event_delay = 0.0
         self.first_delay = 0.0      # before a /v1/messages answer starts
+        self.close_connections = False  # answer with Connection: close
         self.requests = []
         self.connections = 0
         self.actions = []

@@ -42,6 +42,9 @@ def bad(**changes):
     (bad(HeaderOverrides={"p": {"User-Agent": 5}}), "HeaderOverrides.p.User-Agent must be a string"),
     (bad(HeaderOverrides={"p": {"X-A": "a\r\nX-Evil: 1"}}), "HeaderOverrides.p.X-A contains a line break"),
     (bad(HeaderOverrides={"p": {"Bad Name": "v"}}), "is not a valid HTTP header name"),
+    (bad(HeaderOverrides={"p": {"X-A": "密钥"}}), "HeaderOverrides.p.X-A contains a line break, a control character"),
+    (bad(Providers=[{"name": "a", "api_key": "sk-a\nsk-b"}]), "Providers[0] (a).api_key contains a line break"),
+    (bad(Providers=[{"name": "a", "api_key": "sk-a\x00"}]), "Providers[0] (a).api_key contains a line break"),
     (bad(RequestOverrides={"p": ["thinking"]}), "RequestOverrides.p must be an object"),
     (bad(**{"env-models": {"ANTHROPIC_SONET_MODEL": "x"}}), "env-models.ANTHROPIC_SONET_MODEL is not a model variable"),
     ([1, 2], "the top level must be a JSON object"),
@@ -50,6 +53,11 @@ def test_each_problem_gets_one_clear_line(raw, message):
     with pytest.raises(ccproxy.ConfigError) as info:
         ccproxy.validate_config(raw, "config.json")
     assert any(p.startswith("config.json: ") and message in p for p in info.value.problems), info.value.problems
+
+
+def test_a_pasted_key_loses_the_whitespace_around_it():
+    raw = bad(Providers=[{"name": "a", "api_base_url": "https://a.example/v1/messages", "api_key": " sk-abc\n"}])
+    assert ccproxy.validate_config(raw).by_name["a"].api_key == "sk-abc"
 
 
 def test_all_problems_are_reported_together():

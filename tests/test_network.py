@@ -1,7 +1,8 @@
 """Reaching providers: through an HTTP CONNECT proxy (per provider or from the environment),
-and TLS that is verified."""
+TLS that is verified, and the sockets' kernel-kept timeouts."""
 
 import base64
+import io
 import json
 import os
 import select
@@ -13,6 +14,7 @@ import threading
 
 import pytest
 
+import ccproxy
 from conftest import make_config, start_proxy, write_config
 from test_relay import MESSAGE
 
@@ -126,3 +128,41 @@ def test_tls_is_verified(tmp_path, upstream):
         assert not upstream.requests
     finally:
         proxy.stop()
+
+
+def test_a_kernel_timeout_is_a_timeout_not_the_end_of_the_stream():
+    a, b = socket.socketpair()
+    try:
+        ccproxy.set_timeout(a, 0.2)
+        stream = ccproxy.SocketStream(a)
+        reader = io.BufferedReader(stream)
+        b.sendall(b"line\n")
+        assert reader.readline() == b"line\n"
+        with pytest.raises(socket.timeout):
+            reader.readline()               # makefile()'s reader would return b"" here
+        with pytest.raises(socket.timeout):
+            reader.read1(10)
+        with pytest.raises(socket.timeout):
+            while True:                     # the peer reads nothing: the buffers fill, then the send times out
+                stream.write(b"x" * 65536)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_held_header_block_leaves_with_the_first_write():
+    a, b = socket.socketpair()
+    try:
+        stream = ccproxy.SocketStream(a)
+        stream.hold(b"HEAD\r\n\r\n")
+        b.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            b.recv(100)                     # nothing sent yet
+        stream.write(b"body")
+        assert b.recv(100) == b"HEAD\r\n\r\nbody"
+        stream.hold(b"HEAD2\r\n\r\n")
+        stream.flush()
+        assert b.recv(100) == b"HEAD2\r\n\r\n"
+    finally:
+        a.close()
+        b.close()

@@ -182,3 +182,17 @@ def test_prepare_body_reads_and_maps_the_top_level_model(body, sent_body, reques
     assert (out, got_requested, got_sent) == (sent_body, requested, sent)
     if sent is not None:
         assert json.loads(out)["model"] == sent
+
+
+def test_request_head_is_one_block_of_latin1():
+    head = ccproxy.request_head("POST", "/v1/messages?beta=true", [("Host", "h"), ("X-Name", "Zoë")])
+    assert head == b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: h\r\nX-Name: Zo\xeb\r\n\r\n"
+
+
+@pytest.mark.parametrize("text, safe", [
+    ("sk-abc_123", True), ("Bearer a b\tc", True), ("", True), ("Zoë", True),
+    ("a\r\nX-Evil: 1", False), ("a\nb", False), ("a\x00", False), ("a\x7f", False), ("密钥", False),
+])
+def test_header_safe(text, safe):
+    assert ccproxy.header_safe(text) is safe
+

@@ -430,3 +430,78 @@ def test_a_silent_client_is_disconnected(proxy, monkeypatch):
     assert sock.recv(1024) == b""                                   # closed by the proxy
     assert time.monotonic() - started < 4
     sock.close()
+
+
+def raw_exchange(port, data, timeout=5):
+    """Send raw bytes on a new connection; everything the proxy answers until it closes."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(timeout)
+    sock.sendall(data)
+    got = b""
+    while True:
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        got += piece
+    sock.close()
+    return got
+
+
+def test_expect_100_continue_is_answered_before_the_body(proxy, upstream):
+    body = json.dumps(MESSAGE).encode()
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.settimeout(5)      # a 100 Continue held back would leave both sides waiting
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: %s\r\nContent-Length: %d\r\n"
+                 b"Expect: 100-continue\r\nConnection: close\r\n\r\n" % (APIKEY.encode(), len(body)))
+    assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue\r\n")
+    sock.sendall(body)
+    data = b""
+    while True:
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        data += piece
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 200 ") and b'"hello"' in data
+    assert upstream.last.body == body
+
+
+@pytest.mark.parametrize("request_head", [
+    b"POST /v1/mess\x01ages HTTP/1.1\r\nHost: x\r\n\r\n",              # control character in the target
+    b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nX-Evil: a\rInjected: 1\r\n\r\n",   # bare CR in a value
+    b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nX-Evil: a\x00b\r\n\r\n",            # NUL in a value
+])
+def test_control_characters_in_a_request_are_refused(proxy, upstream, request_head):
+    answer = raw_exchange(proxy.port, request_head)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in head
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+    assert upstream.requests == []                              # nothing reached the provider
+
+
+@pytest.mark.parametrize("request_line, status", [(b"GARBAGE\r\n", 400), (b"GET / HTTP/2.0\r\n", 505)])
+def test_a_broken_request_line_gets_a_status_line_and_a_json_error(proxy, request_line, status):
+    head, _, body = raw_exchange(proxy.port, request_line + b"\r\n").partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status)      # http.server alone answers these as HTTP/0.9
+    assert json.loads(body)["type"] == "error"
+
+
+def test_a_provider_closing_each_connection_is_followed(proxy, upstream):
+    upstream.close_connections = True
+    for stream in (False, True, False):
+        status, _, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=stream))
+        assert status == 200 and (b"message_stop" in data if stream else b'"hello"' in data)
+    assert upstream.connections == 3 and proxy.server.pool.opened == 3    # none reused after a close
+    assert not proxy.server.pool.idle.get(next(iter(proxy.server.pool.idle), None))
+
+
+def test_a_stall_on_a_pooled_connection_is_a_timeout_not_a_retry(tmp_path, upstream):
+    proxy = start_proxy(write_config(tmp_path / "c.json", make_config(upstream, API_TIMEOUT_MS=300)))
+    try:
+        assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200        # pools the connection
+        upstream.fail_next("stall", seconds=2)
+        status, _, data = proxy.call("POST", "/v1/messages", MESSAGE)
+        assert status == 504 and "did not answer in time" in json.loads(data)["error"]["message"]
+        assert len(upstream.requests) == 2          # the stalled request was not sent again
+    finally:
+        proxy.stop()

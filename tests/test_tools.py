@@ -218,7 +218,7 @@ def replay_ccswitch_import(sql_text):
 
     db.set_authorizer(authorizer)
     db.executescript(sql_text)
-    db.set_authorizer(None)
+    db.set_authorizer(lambda *args: sqlite3.SQLITE_OK)   # None only clears it from Python 3.11 on
     assert not db.in_transaction
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert set(ccp2ccswitch.TABLES) <= tables
