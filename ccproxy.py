@@ -892,6 +892,67 @@ class Usage:
                 "cache_creation": self.cache_creation}
 
 
+class ChunkDecoder:
+    """A chunked message body (RFC 9112 section 7.1) decoded as it arrives: feed() takes any
+    piece of the wire bytes and returns the payload it completes, however many chunks that
+    spans. `done` once the last chunk and the trailer section are in; `extra` if bytes
+    followed them. Malformed framing raises ValueError.
+    """
+
+    __slots__ = ("left", "crlf", "line", "last", "done", "extra")
+
+    def __init__(self):
+        self.left = 0           # payload bytes of the current chunk still to come
+        self.crlf = b""         # the part of the CRLF after a chunk's payload still to come
+        self.line = b""         # a size or trailer line cut off by the end of a piece
+        self.last = False       # the zero-size chunk has been seen: trailer lines follow
+        self.done = False
+        self.extra = False
+
+    def feed(self, data):
+        out = []
+        pos, end = 0, len(data)
+        while pos < end:
+            if self.done:
+                self.extra = True
+                break
+            if self.left:
+                take = min(self.left, end - pos)
+                out.append(data[pos:pos + take])
+                pos += take
+                self.left -= take
+                if not self.left:
+                    self.crlf = b"\r\n"
+                continue
+            if self.crlf:
+                take = data[pos:pos + len(self.crlf)]
+                if not self.crlf.startswith(take):
+                    raise ValueError("no CRLF after a chunk")
+                self.crlf = self.crlf[len(take):]
+                pos += len(take)
+                continue
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                self.line += data[pos:]
+                if len(self.line) > CHUNK_SIZE_LINE:
+                    raise ValueError("chunk size line too long")
+                break
+            line = self.line + data[pos:newline]
+            self.line = b""
+            pos = newline + 1
+            if len(line) > CHUNK_SIZE_LINE:
+                raise ValueError("chunk size line too long")
+            if self.last:
+                self.done = not line.strip()        # trailer fields until the empty line
+                continue
+            size = int(line.split(b";", 1)[0].strip(), 16)      # ValueError if it is not hex
+            if size < 0:
+                raise ValueError("negative chunk size")
+            self.left = size
+            self.last = not size
+        return b"".join(out)
+
+
 def claude_settings(base_url, key, env_models, auth=None):
     """A Claude Code settings object ({"env": …}) that talks to base_url; empty values left out.
 
@@ -1233,7 +1294,7 @@ def describe_network_error(exc):
                         http.client.IncompleteRead)):
         return "connection closed by the provider"
     if isinstance(exc, http.client.HTTPException):
-        return "bad HTTP from the provider (%s)" % type(exc).__name__
+        return "bad HTTP from the provider (%s)" % (str(exc)[:ERROR_EXCERPT] or type(exc).__name__)
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
 
 
@@ -1262,6 +1323,40 @@ def send_upstream(pool, target, method, path, headers, body, timeout):
             conn.close()
             raise
     raise AssertionError("unreachable")
+
+
+def body_pieces(resp):
+    """Yield (piece, last) for a response body as it arrives: each piece is all the payload
+    that is there, and last says the body is complete.
+
+    A chunked body is decoded here rather than by http.client, whose read1() returns one
+    chunk a call: an answer's closing events arrive together and now leave in one write, not
+    three, and a send on loopback costs more than the decoding.
+    """
+    if not resp.chunked:
+        while True:
+            piece = resp.read1(RELAY_CHUNK)
+            if not piece:
+                yield b"", True
+                return
+            yield piece, False
+    decoder = ChunkDecoder()
+    read1 = resp.fp.read1
+    while True:
+        data = read1(RELAY_CHUNK)
+        if not data:
+            raise http.client.IncompleteRead(b"")
+        try:
+            piece = decoder.feed(data)
+        except ValueError as exc:
+            raise http.client.HTTPException("bad chunked framing: %s" % exc)
+        if decoder.done:
+            if decoder.extra:
+                resp.will_close = True      # bytes after the end: the connection is not reused
+            yield piece, True
+            return
+        if piece:
+            yield piece, False
 
 
 def fetch_models(provider, timeout=REFRESH_TIMEOUT_S):
@@ -1662,10 +1757,13 @@ def attempt(handler, exchange, started, view, target, raw_body, client_headers, 
             conn, resp = send_upstream(pool, target, handler.command, handler.path, headers, body, first_timeout)
             status = resp.status
             whole = status in FAILOVER_STATUSES or status in COUNT_TOKENS_MISSING or status == 400
+            pieces = body_pieces(resp)
             if whole:
-                data = resp.read()      # an error answer: small, and needed to decide
+                data, ended = resp.read(), True     # an error answer: small, and needed to decide
+            elif stream and status == 200:
+                data, ended = read_first_event(pieces)
             else:
-                data = read_first_event(resp) if stream and status == 200 else b""
+                data, ended = b"", False
         except TIMEOUT_ERRORS as exc:
             if conn is not None:
                 release(pool, target, conn, resp, False)    # timed out mid-answer: not reusable
@@ -1702,7 +1800,7 @@ def attempt(handler, exchange, started, view, target, raw_body, client_headers, 
         if exchange.attempts else []
     reusable = False
     try:
-        reusable = stream_response(handler, resp, exchange, started, target.name, data, extra)
+        reusable = stream_response(handler, resp, exchange, started, target.name, pieces, data, ended, extra)
     finally:
         release(pool, target, conn, resp, reusable)
     return None
@@ -1716,21 +1814,20 @@ def release(pool, target, conn, resp, reusable):
         conn.close()
 
 
-def read_first_event(resp):
+def read_first_event(pieces):
     """Read until the first complete SSE event (or the end): a stream is only committed to
-    the client once it has shown a real event."""
-    held = b""
-    while b"\n\n" not in held and b"\r\n\r\n" not in held and len(held) < FIRST_EVENT_MAX_BYTES:
-        piece = resp.read1(RELAY_CHUNK)
-        if not piece:
-            break
+    the client once it has shown a real event. Returns (bytes, whether the body ended)."""
+    held, last = b"", False
+    while b"\n\n" not in held and b"\r\n\r\n" not in held and len(held) < FIRST_EVENT_MAX_BYTES and not last:
+        piece, last = next(pieces, (b"", True))
         held += piece
-    return held
+    return held, last
 
 
-def stream_response(handler, resp, exchange, started, provider_name, held=b"", extra=()):
-    """Copy the upstream response to the client, starting with the bytes already read
-    (`held`). Returns True if the upstream connection was read to its end and may be reused."""
+def stream_response(handler, resp, exchange, started, provider_name, pieces, held=b"", ended=False, extra=()):
+    """Copy the upstream response to the client: the body bytes already read (`held`, all of
+    it if `ended`), then the rest from `pieces` (body_pieces). Returns True if the upstream
+    connection was read to its end and may be reused."""
     no_body = handler.command == "HEAD" or resp.status in (204, 304) or resp.status < 200
     upstream = resp.getheaders()
     fields = {k.lower(): v for k, v in upstream}
@@ -1739,10 +1836,10 @@ def stream_response(handler, resp, exchange, started, provider_name, held=b"", e
     is_sse = "text/event-stream" in content_type
     sized = no_body or (length is not None and not is_sse)
     data = held
-    if sized and not no_body:
+    if sized and not no_body and not ended:
         # A sized, non-streaming answer: read it whole, then send it with its length.
         try:
-            data = held + resp.read()
+            data = held + b"".join(piece for piece, _ in pieces)
         except NETWORK_ERRORS as exc:
             raise UpstreamError("provider %s broke off its answer: %s"
                                 % (provider_name, describe_network_error(exc)))
@@ -1781,47 +1878,47 @@ def stream_response(handler, resp, exchange, started, provider_name, held=b"", e
     if not held:
         handler.wfile.flush()   # the head goes now, not with a first piece that may be long in coming
     write = handler.wfile.write
-    read1 = resp.read1
     feed = exchange.usage.feed if is_sse else None
     recorder = handler.server.recorder
     recorder.stream_opened()
-    data = held                 # the first event, if it was held back to decide on failover
+    data, last = held, ended    # the first event, if it was held back to decide on failover
     try:
         while True:
-            if not data:
-                try:
-                    data = read1(RELAY_CHUNK)
-                except NETWORK_ERRORS as exc:
-                    reason = describe_network_error(exc)
-                    exchange.note = "upstream failed mid-stream: " + reason
-                    exchange.midstream_error = True
-                    if is_sse:
-                        # Claude Code answers an SSE error by re-sending without streaming,
-                        # which is better for the user than a hang or a silent cut.
-                        data = sse_error("api_error", "ccproxy: provider %s broke off the stream: %s"
-                                         % (provider_name, reason))
-                        write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-                    if chunked:
-                        write(b"0\r\n\r\n")
-                    return False
-                if not data:
-                    break
-            if exchange.ttfb_ms is None:
-                exchange.ttfb_ms = (time.monotonic() - started) * 1000
-            write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-            exchange.bytes_out += len(data)
-            if feed:
-                feed(data)
-            data = b""
-        if chunked:
-            write(b"0\r\n\r\n")
+            if data:
+                if exchange.ttfb_ms is None:
+                    exchange.ttfb_ms = (time.monotonic() - started) * 1000
+                exchange.bytes_out += len(data)
+                if feed:
+                    feed(data)
+                if chunked:     # the closing chunk goes in the same write as the last piece
+                    data = b"%x\r\n%s\r\n%s" % (len(data), data, b"0\r\n\r\n" if last else b"")
+                write(data)
+            elif last and chunked:
+                write(b"0\r\n\r\n")
+            if last:
+                return True
+            try:
+                data, last = next(pieces)
+            except NETWORK_ERRORS as exc:
+                reason = describe_network_error(exc)
+                exchange.note = "upstream failed mid-stream: " + reason
+                exchange.midstream_error = True
+                data = b""
+                if is_sse:
+                    # Claude Code answers an SSE error by re-sending without streaming,
+                    # which is better for the user than a hang or a silent cut.
+                    data = sse_error("api_error", "ccproxy: provider %s broke off the stream: %s"
+                                     % (provider_name, reason))
+                if chunked:
+                    data = b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n"
+                write(data)
+                return False
     except (BrokenPipeError, ConnectionResetError, socket.timeout, TimeoutError):
         exchange.note = "client went away mid-stream"
         handler.close_connection = True
         return False
     finally:
         recorder.stream_closed()
-    return True
 
 
 # ============================================================================ observability

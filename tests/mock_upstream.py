@@ -116,6 +116,21 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(data)
             return True
+        if kind == "bad_chunk":     # one good event, then framing that is not chunked
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            event = next(iter(message_events("m", 1)))
+            good, bad = b"%x\r\n%s\r\n" % (len(event), event), b"not a chunk size\r\n"
+            if "pause" in action:
+                self.wfile.write(good)
+                time.sleep(action["pause"])
+                self.wfile.write(bad)
+            else:
+                self.wfile.write(good + bad)    # in one segment
+            self.close_connection = True
+            return True
         if kind == "cut":
             self.messages(body, cut_after=action.get("after", 2))
             return True

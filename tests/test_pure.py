@@ -196,3 +196,39 @@ def test_request_head_is_one_block_of_latin1():
 def test_header_safe(text, safe):
     assert ccproxy.header_safe(text) is safe
 
+
+
+CHUNKED = [
+    # (wire bytes, payload)
+    (b"5\r\nhello\r\n0\r\n\r\n", b"hello"),
+    (b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", b"hello world"),
+    (b"3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n", b"abc"),                   # trailer fields are dropped
+    (b"A\r\n0123456789\r\n0\n\n", b"0123456789"),                          # bare LF line ends
+    (b"0\r\n\r\n", b""),
+]
+
+
+@pytest.mark.parametrize("wire, payload", CHUNKED)
+def test_chunk_decoder_takes_any_split_of_the_wire(wire, payload):
+    for pieces in [[wire], [wire[i:i + 1] for i in range(len(wire))]] + \
+            [[wire[:cut], wire[cut:]] for cut in range(1, len(wire))]:
+        decoder = ccproxy.ChunkDecoder()
+        got = b"".join(decoder.feed(piece) for piece in pieces)
+        assert (got, decoder.done, decoder.extra) == (payload, True, False), pieces
+
+
+def test_chunk_decoder_stops_at_the_end_and_notes_what_follows():
+    decoder = ccproxy.ChunkDecoder()
+    assert decoder.feed(b"2\r\nok\r\n") == b"ok" and not decoder.done
+    assert decoder.feed(b"0\r\n\r\nHTTP/1.1 200 OK\r\n") == b"" and decoder.done and decoder.extra
+
+
+@pytest.mark.parametrize("wire", [
+    b"zz\r\nhello\r\n",                  # size not hex
+    b"-5\r\nhello\r\n",                  # negative size
+    b"5\r\nhelloXY0\r\n\r\n",            # no CRLF after the payload
+    b"1" * (ccproxy.CHUNK_SIZE_LINE + 1),  # a size line without end
+])
+def test_chunk_decoder_refuses_broken_framing(wire):
+    with pytest.raises(ValueError):
+        ccproxy.ChunkDecoder().feed(wire)

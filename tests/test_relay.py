@@ -244,6 +244,19 @@ def test_upstream_dying_mid_stream_gives_an_sse_error(proxy, upstream):
     assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200
 
 
+def test_broken_chunked_framing_from_the_provider_ends_in_an_sse_error(proxy, upstream):
+    upstream.fail_next("bad_chunk", pause=0.3)
+    status, _, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    events = events_of(data)        # http.client read the proxy's own framing without complaint
+    assert status == 200 and events[0][0] == "message_start"
+    assert events[-1][0] == "error" and "bad chunked framing" in events[-1][1]["error"]["message"]
+    # broken before the first event was passed on: nothing was sent, so it is a clean 502
+    upstream.fail_next("bad_chunk")
+    status, _, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    assert status == 502 and "bad HTTP from the provider" in json.loads(data)["error"]["message"]
+    assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200
+
+
 def test_client_leaving_mid_stream_closes_the_upstream_at_once(proxy, upstream):
     upstream.event_delay = 0.1
     upstream.words = 100          # 10 s of stream if nobody stops it
