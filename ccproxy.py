@@ -1341,11 +1341,13 @@ def body_pieces(resp):
                 return
             yield piece, False
     decoder = ChunkDecoder()
-    read1 = resp.fp.read1
+    peek, read1 = resp.fp.peek, resp.fp.read1
     while True:
-        data = read1(RELAY_CHUNK)
-        if not data:
+        # The wait is in peek(), which receives into the reader's own buffer; read1() on an
+        # empty buffer would allocate its size for every waiting stream (RSS +8 MB at 256).
+        if not peek(1):
             raise http.client.IncompleteRead(b"")
+        data = read1(RELAY_CHUNK)
         try:
             piece = decoder.feed(data)
         except ValueError as exc:
