@@ -108,6 +108,56 @@ def serve_mock():
     asyncio.run(main())
 
 
+def serve_floor(upstream_port, threads=300):
+    """The least a relay of ccproxy's design (a thread per connection, started ahead, blocking
+    sockets) can do: no HTTP parsing beyond the framing, no pool, no log. Its time to first
+    byte in the 256-stream burst is the floor of that design on this machine."""
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(2048)
+    print(listener.getsockname()[1], flush=True)
+
+    def serve(client):
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        data = b""
+        while True:
+            piece = client.recv(65536)
+            if not piece:
+                return
+            data += piece
+            if b"\r\n\r\n" not in data:
+                continue
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(body) < length:
+                body += client.recv(65536)
+            upstream = socket.create_connection(("127.0.0.1", upstream_port))
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            upstream.sendall(head + b"\r\n\r\n" + body)
+            while True:
+                piece = upstream.recv(65536)
+                if not piece:
+                    break
+                client.sendall(piece)
+                if piece.endswith(b"0\r\n\r\n"):
+                    break
+            upstream.close()
+            data = b""
+
+    def work():
+        while True:
+            client, _ = listener.accept()
+            try:
+                serve(client)
+            except OSError:
+                pass
+            client.close()
+    for _ in range(threads):
+        threading.Thread(target=work, daemon=True).start()
+    threading.Event().wait()
+
+
 # ---------------------------------------------------------------- load client
 
 
@@ -359,6 +409,16 @@ async def run(quick):
         raw["ttfb_p99_direct"], raw["ttfb_p99_proxy"] = pct(ttfb_direct, 0.99), pct(ttfb_proxy, 0.99)
         r["ttfb_added_p99_ms"] = raw["ttfb_p99_proxy"] - raw["ttfb_p99_direct"]
         r["rss_peak_mb"] = proc_mem_mb(pid, "VmHWM")
+        floor = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-floor", str(mock_port)],
+                                 stdout=subprocess.PIPE, universal_newlines=True)
+        try:
+            floor_port = int(floor.stdout.readline())
+            await phase("256 streams minimal threaded relay", streams(floor_port, 256, 2, 0))   # its threads warm
+            _, _, ttfb_floor = await phase("256 streams minimal threaded relay", streams(floor_port, 256, events, 50))
+            raw["ttfb_p99_floor"] = pct(ttfb_floor, 0.99)
+        finally:
+            floor.kill()
+            floor.wait()
 
         big = b'{"model":"claude-sonnet-4-5","max_tokens":8,"messages":[{"role":"user","content":"%s"}]}' \
             % (b"x" * (2 << 20))
@@ -389,6 +449,7 @@ def report(r, raw):
         ("streaming, 64 clients: per-event lag p99 (ms)", raw["event_lag_p99_direct"], raw["event_lag_p99_proxy"]),
         ("256 streams: completed", raw["streams_completed_direct"], r["streams_completed"]),
         ("256 streams: TTFB p99 (ms)", raw["ttfb_p99_direct"], raw["ttfb_p99_proxy"]),
+        ("  … through a minimal threaded relay (ms)", raw["ttfb_p99_direct"], raw["ttfb_p99_floor"]),
         ("2 MB body: p50 latency (ms)", raw["big_body_ms_direct"], raw["big_body_ms_proxy"]),
     ]
     print("%-48s %10s %10s %10s" % ("measured", "direct", "proxy", "diff"))
@@ -411,9 +472,13 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="smaller counts (about a minute)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     parser.add_argument("--serve-mock", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_mock:
         serve_mock()
+        return 0
+    if args.serve_floor:
+        serve_floor(args.serve_floor)
         return 0
     r, raw = asyncio.run(run(args.quick))
     ok = report(r, raw)

@@ -445,19 +445,22 @@ def test_a_silent_client_is_disconnected(proxy, monkeypatch):
     sock.close()
 
 
+def read_until_closed(sock):
+    got = b""
+    while True:
+        piece = sock.recv(65536)
+        if not piece:
+            sock.close()
+            return got
+        got += piece
+
+
 def raw_exchange(port, data, timeout=5):
     """Send raw bytes on a new connection; everything the proxy answers until it closes."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.settimeout(timeout)
     sock.sendall(data)
-    got = b""
-    while True:
-        piece = sock.recv(65536)
-        if not piece:
-            break
-        got += piece
-    sock.close()
-    return got
+    return read_until_closed(sock)
 
 
 def test_expect_100_continue_is_answered_before_the_body(proxy, upstream):
@@ -468,13 +471,7 @@ def test_expect_100_continue_is_answered_before_the_body(proxy, upstream):
                  b"Expect: 100-continue\r\nConnection: close\r\n\r\n" % (APIKEY.encode(), len(body)))
     assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue\r\n")
     sock.sendall(body)
-    data = b""
-    while True:
-        piece = sock.recv(65536)
-        if not piece:
-            break
-        data += piece
-    sock.close()
+    data = read_until_closed(sock)
     assert data.startswith(b"HTTP/1.1 200 ") and b'"hello"' in data
     assert upstream.last.body == body
 
