@@ -1098,13 +1098,18 @@ class SocketStream(io.RawIOBase):
         self.held += data
 
     def write(self, data):
+        size = len(data)
         if self.held:
             data, self.held = self.held + data, b""
         try:
             self.sock.sendall(data)
         except BlockingIOError:
             raise socket.timeout("timed out")
-        return len(data)
+        return size
+
+    def makefile(self, mode):
+        """What HTTPResponse asks of the socket it is given: a buffered reader."""
+        return io.BufferedReader(self)
 
     def flush(self):
         if self.held:
@@ -1130,9 +1135,9 @@ class Response(http.client.HTTPResponse):
     """
 
     def __init__(self, sock, method):
-        super().__init__(sock, method=method)
-        self.fp.close()                 # makefile()'s reader would take a timeout for the end
-        self.fp = io.BufferedReader(SocketStream(sock))
+        # Given the SocketStream, HTTPResponse reads through it: makefile()'s own reader would
+        # take a kernel timeout for the end of the body.
+        super().__init__(SocketStream(sock), method=method)
 
     def begin(self):
         if self.headers is not None:
