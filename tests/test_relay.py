@@ -463,6 +463,68 @@ def raw_exchange(port, data, timeout=5):
     return read_until_closed(sock)
 
 
+def free_setup_slots(server):
+    taken = 0
+    while server.setup_slots.acquire(blocking=False):
+        taken += 1
+    for _ in range(taken):
+        server.setup_slots.release()
+    return taken
+
+
+def request_bytes(body=None, close=True):
+    body = json.dumps(MESSAGE).encode() if body is None else body
+    return (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: %s\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (APIKEY.encode(), len(body), b"Connection: close\r\n" if close else b"", body))
+
+
+def test_idle_and_slow_connections_do_not_keep_a_setup_slot(proxy, upstream, monkeypatch):
+    # Were a slot kept for a connection that sends nothing, the request below would wait
+    # for it far beyond its own timeout.
+    monkeypatch.setattr(ccproxy, "SETUP_WAIT_S", 60.0)
+    idle = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(ccproxy.SETUP_SLOTS + 2)]
+    partial = socket.create_connection(("127.0.0.1", proxy.port))
+    partial.sendall(request_bytes()[:40])         # a head that stops half-way
+    try:
+        assert wait_for(lambda: free_setup_slots(proxy.server) == ccproxy.SETUP_SLOTS)
+        status, _, data = proxy.call("POST", "/v1/messages", MESSAGE, timeout=10)
+        assert status == 200 and b'"hello"' in data
+        partial.sendall(request_bytes()[40:])     # and is served once the rest arrives
+        partial.settimeout(5)
+        assert read_until_closed(partial).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_pauses_longer_than_the_setup_window_keep_the_connection(proxy, upstream):
+    """The short wait for a new connection's first bytes must not stay its timeout."""
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.settimeout(5)
+    first = request_bytes(close=False)
+    sock.sendall(first[:30])
+    time.sleep(ccproxy.FIRST_BYTES_S * 20)
+    sock.sendall(first[30:])
+    resp = http.client.HTTPResponse(sock)
+    resp.begin()
+    assert resp.status == 200 and b'"hello"' in resp.read()
+    time.sleep(ccproxy.FIRST_BYTES_S * 20)       # an idle keep-alive connection, then a request
+    sock.sendall(request_bytes())
+    assert read_until_closed(sock).startswith(b"HTTP/1.1 200 ")
+
+
+def test_setup_slots_come_back_however_a_connection_ends(proxy, upstream):
+    raw_exchange(proxy.port, b"NOT A REQUEST\r\n\r\n")
+    raw_exchange(proxy.port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    raw_exchange(proxy.port, request_bytes())
+    socket.create_connection(("127.0.0.1", proxy.port)).close()
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.sendall(request_bytes()[:60])
+    sock.close()
+    assert proxy.call("GET", "/healthz")[0] == 200
+    assert wait_for(lambda: free_setup_slots(proxy.server) == ccproxy.SETUP_SLOTS)
+
+
 def test_expect_100_continue_is_answered_before_the_body(proxy, upstream):
     body = json.dumps(MESSAGE).encode()
     sock = socket.create_connection(("127.0.0.1", proxy.port))
