@@ -184,6 +184,22 @@ def test_prepare_body_reads_and_maps_the_top_level_model(body, sent_body, reques
         assert json.loads(out)["model"] == sent
 
 
+def test_parsed_headers_fold_and_answer_case_insensitively():
+    headers = ccproxy.parse_header_lines([b"Host: a\r\n", b"X-Long: one\r\n", b"\t two\r\n",
+                                          b"x-dup: first\r\n", b"X-Dup: second\r\n"])
+    assert headers == [("Host", "a"), ("X-Long", "one two"), ("x-dup", "first"), ("X-Dup", "second")]
+    assert headers.get("HOST") == "a" and headers.get("x-long") == "one two"
+    assert headers.get("X-DUP") == "first" and headers.get_all("x-dup") == ["first", "second"]
+    assert headers.get("missing", "-") == "-" and headers.get_all("missing") is None
+
+
+@pytest.mark.parametrize("lines", [[b" folded first\r\n"], [b"no colon\r\n"], [b"Bad : space\r\n"],
+                                   [b"A: b\rc\r\n"], [b"A: b\x00\r\n"], [b": empty name\r\n"]])
+def test_malformed_header_lines_are_refused(lines):
+    with pytest.raises(ValueError):
+        ccproxy.parse_header_lines(lines)
+
+
 def test_request_head_is_one_block_of_latin1():
     head = ccproxy.request_head("POST", "/v1/messages?beta=true", [("Host", "h"), ("X-Name", "Zoë")])
     assert head == b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: h\r\nX-Name: Zo\xeb\r\n\r\n"

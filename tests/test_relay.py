@@ -577,3 +577,24 @@ def test_a_stall_on_a_pooled_connection_is_a_timeout_not_a_retry(tmp_path, upstr
         assert len(upstream.requests) == 2          # the stalled request was not sent again
     finally:
         proxy.stop()
+
+
+def test_workers_start_a_thread_for_every_waiting_connection_and_stop_cleanly():
+    release = threading.Event()
+    served = []
+
+    def serve(request, address):
+        served.append(request)
+        release.wait(60)
+
+    workers = ccproxy.Workers(serve)
+    try:
+        for job in range(200):          # each holds its thread: 200 are needed at once
+            workers.submit(job, None)
+        assert wait_for(lambda: len(served) == 200, 20)
+        assert sorted(served) == list(range(200))
+        assert len(workers.threads) <= 200 + 2 * ccproxy.SPARE_WORKERS    # no runaway start
+    finally:
+        release.set()
+        workers.stop()
+    assert not any(thread.is_alive() for thread in workers.threads)
