@@ -1843,9 +1843,8 @@ def stream_response(handler, resp, exchange, started, provider_name, pieces, hel
     connection was read to its end and may be reused."""
     no_body = handler.command == "HEAD" or resp.status in (204, 304) or resp.status < 200
     upstream = resp.getheaders()
-    fields = {k.lower(): v for k, v in upstream}
-    length = fields.get("content-length")
-    content_type = fields.get("content-type", "")
+    length = resp.headers.get("content-length")     # as Response.begin() framed the body
+    content_type = resp.headers.get("content-type", "")
     is_sse = "text/event-stream" in content_type
     sized = no_body or (length is not None and not is_sse)
     data = held

@@ -262,8 +262,7 @@ def test_client_leaving_mid_stream_closes_the_upstream_at_once(proxy, upstream):
     upstream.words = 100          # 10 s of stream if nobody stops it
     sock = socket.create_connection(("127.0.0.1", proxy.port))
     body = json.dumps(dict(MESSAGE, stream=True)).encode()
-    sock.sendall(("POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: %s\r\nContent-Length: %d\r\n\r\n"
-                  % (APIKEY, len(body))).encode() + body)
+    sock.sendall(request_bytes(body, close=False))
     got = b""
     while b"content_block_delta" not in got:
         got += sock.recv(4096)
