@@ -1060,10 +1060,14 @@ _TLS = ssl.create_default_context()
 # GIL round trips instead of one, and under 256 streams those round trips were what the relay
 # spent its time on. TLS sockets keep Python's timeout: the ssl module retries EAGAIN itself.
 KERNEL_TIMEOUTS = sys.platform.startswith(("linux", "darwin", "freebsd")) and hasattr(socket, "SO_RCVTIMEO")
+# Linux gives a socket from accept() the listening socket's options, TCP_NODELAY and both
+# timeouts included: set once on the listener, they cost no system call per connection.
+ACCEPT_INHERITS_OPTIONS = KERNEL_TIMEOUTS and sys.platform.startswith("linux")
 
 
-def set_timeout(sock, seconds):
-    """Make each receive or send on sock give up (socket.timeout) after seconds."""
+def set_timeout(sock, seconds, send=True):
+    """Make each receive, and each send unless send is false, on sock give up
+    (socket.timeout) after seconds."""
     if not KERNEL_TIMEOUTS or isinstance(sock, ssl.SSLSocket):
         sock.settimeout(seconds)
         return
@@ -1072,7 +1076,8 @@ def set_timeout(sock, seconds):
     whole = int(seconds)
     value = struct.pack("ll", whole, max(1, int((seconds - whole) * 1e6)))   # 0 would mean never
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+    if send:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
 
 class SocketStream(io.RawIOBase):
@@ -2368,18 +2373,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
     slot = False
 
     def setup(self):
-        """StreamRequestHandler.setup(), on a SocketStream with a kernel timeout."""
+        """StreamRequestHandler.setup(), on a SocketStream with a kernel timeout.
+
+        Where the connection has inherited the listener's options (ProxyServer.server_bind),
+        only the receive timeout is left to set: it was FIRST_BYTES_S until the slot decision.
+        """
         self.connection = self.request
         self.slot = self.server.setup_slots.acquire(timeout=SETUP_WAIT_S)
         try:
-            # Without this, Nagle's algorithm holds the first small SSE write until the
-            # client's delayed ACK (40 ms on Linux) arrives.
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            inherited = self.server.options_inherited
+            if not inherited:
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.wfile = SocketStream(self.connection)
             self.rfile = io.BufferedReader(self.wfile)
             if self.slot:
                 self.keep_slot_if_ready()
-            set_timeout(self.connection, self.timeout)
+            set_timeout(self.connection, self.timeout, send=not inherited)
         except BaseException:
             self.release_slot()         # finish() is not called when setup() fails
             raise
@@ -2396,7 +2405,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         (an idle preconnect, a slow client) gives it back at once, and no connection waits
         more than SETUP_WAIT_S for one.
         """
-        set_timeout(self.connection, FIRST_BYTES_S)
+        if not self.server.options_inherited:
+            set_timeout(self.connection, FIRST_BYTES_S)
         try:
             head = self.rfile.peek()
         except OSError:
@@ -2783,6 +2793,20 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.busy = set()         # the sockets in the middle of a request
         super().__init__(address, Handler)
         self.workers = Workers(self.process_request_thread)
+
+    def server_bind(self):
+        """Bind, and give the listener the options every client connection needs: where
+        accept() passes them on, that is the only place they are set."""
+        super().server_bind()
+        self.options_inherited = ACCEPT_INHERITS_OPTIONS
+        if self.options_inherited:
+            # Without TCP_NODELAY, Nagle's algorithm holds the first small SSE write until the
+            # client's delayed ACK (40 ms on Linux) arrives.
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_timeout(self.socket, self.RequestHandlerClass.timeout)
+            # for the setup slot's look at the first request (Handler.keep_slot_if_ready); a
+            # blocking accept() would give up after it too, but accept() only follows select()
+            set_timeout(self.socket, FIRST_BYTES_S, send=False)
 
     def process_request(self, request, client_address):
         with self.conn_lock:

@@ -4,6 +4,7 @@ import http.client
 import json
 import os
 import socket
+import struct
 import threading
 import time
 
@@ -522,6 +523,28 @@ def test_setup_slots_come_back_however_a_connection_ends(proxy, upstream):
     sock.close()
     assert proxy.call("GET", "/healthz")[0] == 200
     assert wait_for(lambda: free_setup_slots(proxy.server) == ccproxy.SETUP_SLOTS)
+
+
+@pytest.mark.parametrize("inherit", [True, False])
+def test_client_connections_get_nodelay_and_the_client_timeout(config_file, upstream, monkeypatch, inherit):
+    """Set once on the listener where accept() passes options on, else on each connection."""
+    monkeypatch.setattr(ccproxy, "ACCEPT_INHERITS_OPTIONS", inherit and ccproxy.ACCEPT_INHERITS_OPTIONS)
+    running = start_proxy(config_file)
+    sock = socket.create_connection(("127.0.0.1", running.port))
+    try:
+        sock.sendall(request_bytes(close=False))
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        assert resp.status == 200 and b'"hello"' in resp.read()
+        (served,) = running.server.connections
+        assert served.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        if ccproxy.KERNEL_TIMEOUTS:     # the slot's short receive timeout must not have stayed
+            for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+                seconds, _ = struct.unpack("ll", served.getsockopt(socket.SOL_SOCKET, option, 16))
+                assert seconds == int(ccproxy.CLIENT_TIMEOUT_S)
+    finally:
+        sock.close()
+        running.stop()
 
 
 def test_expect_100_continue_is_answered_before_the_body(proxy, upstream):
