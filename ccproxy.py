@@ -1060,9 +1060,6 @@ _TLS = ssl.create_default_context()
 # GIL round trips instead of one, and under 256 streams those round trips were what the relay
 # spent its time on. TLS sockets keep Python's timeout: the ssl module retries EAGAIN itself.
 KERNEL_TIMEOUTS = sys.platform.startswith(("linux", "darwin", "freebsd")) and hasattr(socket, "SO_RCVTIMEO")
-# Linux gives a socket from accept() the listening socket's options, TCP_NODELAY and both
-# timeouts included: set once on the listener, they cost no system call per connection.
-ACCEPT_INHERITS_OPTIONS = KERNEL_TIMEOUTS and sys.platform.startswith("linux")
 
 
 def set_timeout(sock, seconds, send=True):
@@ -2382,6 +2379,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.slot = self.server.setup_slots.acquire(timeout=SETUP_WAIT_S)
         try:
             inherited = self.server.options_inherited
+            if inherited is None:       # the first connection shows whether accept() passes them on
+                inherited = self.server.options_inherited = \
+                    self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0 and \
+                    self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16) != bytes(16)
             if not inherited:
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.wfile = SocketStream(self.connection)
@@ -2795,11 +2796,13 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.workers = Workers(self.process_request_thread)
 
     def server_bind(self):
-        """Bind, and give the listener the options every client connection needs: where
-        accept() passes them on, that is the only place they are set."""
+        """Bind, and give the listener the options every client connection needs. Where
+        accept() passes them on to the connections (Linux does), that is the only place they
+        are set, and a connection costs no system call for them; Handler.setup finds out on
+        the first connection."""
         super().server_bind()
-        self.options_inherited = ACCEPT_INHERITS_OPTIONS
-        if self.options_inherited:
+        self.options_inherited = None if KERNEL_TIMEOUTS else False
+        if KERNEL_TIMEOUTS:
             # Without TCP_NODELAY, Nagle's algorithm holds the first small SSE write until the
             # client's delayed ACK (40 ms on Linux) arrives.
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 
@@ -525,17 +526,27 @@ def test_setup_slots_come_back_however_a_connection_ends(proxy, upstream):
     assert wait_for(lambda: free_setup_slots(proxy.server) == ccproxy.SETUP_SLOTS)
 
 
-@pytest.mark.parametrize("inherit", [True, False])
-def test_client_connections_get_nodelay_and_the_client_timeout(config_file, upstream, monkeypatch, inherit):
-    """Set once on the listener where accept() passes options on, else on each connection."""
-    monkeypatch.setattr(ccproxy, "ACCEPT_INHERITS_OPTIONS", inherit and ccproxy.ACCEPT_INHERITS_OPTIONS)
+@pytest.mark.parametrize("cleared", [(), ("nodelay", "timeouts"), ("timeouts",)])
+def test_client_connections_get_nodelay_and_the_client_timeout(config_file, upstream, cleared):
+    """Set once on the listener where accept() passes options on, else on each connection;
+    which of the two is found out on the first connection. Options cleared on the listener
+    act as a system whose accept() does not pass them on."""
     running = start_proxy(config_file)
+    listener = running.server.socket
+    if "nodelay" in cleared:
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+    if "timeouts" in cleared and ccproxy.KERNEL_TIMEOUTS:
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            listener.setsockopt(socket.SOL_SOCKET, option, bytes(16))
+    passed_on = not cleared
     sock = socket.create_connection(("127.0.0.1", running.port))
     try:
         sock.sendall(request_bytes(close=False))
         resp = http.client.HTTPResponse(sock)
         resp.begin()
         assert resp.status == 200 and b'"hello"' in resp.read()
+        if sys.platform.startswith("linux"):
+            assert running.server.options_inherited is passed_on
         (served,) = running.server.connections
         assert served.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         if ccproxy.KERNEL_TIMEOUTS:     # the slot's short receive timeout must not have stayed
