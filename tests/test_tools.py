@@ -17,7 +17,12 @@ import ccp2ccswitch  # noqa: E402
 import ccp2cliproxy  # noqa: E402
 import ccp_update_model  # noqa: E402
 
-yaml = pytest.importorskip("yaml", reason="PyYAML is a test-only dependency")
+
+@pytest.fixture
+def yaml():
+    """PyYAML, for the tests that read YAML back; the others need no test-only dependency."""
+    return pytest.importorskip("yaml", reason="PyYAML is a test-only dependency")
+
 
 NASTY_NAME = '中转 "x" v1.2'
 NASTY_KEY = "sk: #x \"q\" \\ 'y'"
@@ -291,7 +296,7 @@ CLIPROXY_TOP = {"host", "port", "api-keys", "claude-api-key"}
 CLIPROXY_ENTRY = {"api-key", "base-url", "models", "proxy-url", "headers", "prefix", "priority"}
 
 
-def test_cliproxy_yaml_parses_and_round_trips(config_path, tmp_path, fields):
+def test_cliproxy_yaml_parses_and_round_trips(config_path, tmp_path, fields, yaml):
     out = tmp_path / "cliproxy.yaml"
     result = run_tool("ccp2cliproxy.py", "--input", config_path, "--output", str(out))
     assert result.returncode == 0, result.stderr
@@ -311,7 +316,7 @@ def test_cliproxy_yaml_parses_and_round_trips(config_path, tmp_path, fields):
     assert entries[0]["models"] == [{"name": "claude-old", "alias": "claude-old"}]
 
 
-def test_wrappers_run_from_any_directory(config_path, tmp_path):
+def test_wrappers_run_from_any_directory(config_path, tmp_path, yaml):
     result = subprocess.run(["bash", os.path.join(ROOT, "tools", "ccp2cliproxy.sh"), "--output", "x.yaml"],
                             capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
                             env=dict(os.environ, CONFIG=config_path))
