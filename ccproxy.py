@@ -2378,11 +2378,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.connection = self.request
         self.slot = self.server.setup_slots.acquire(timeout=SETUP_WAIT_S)
         try:
-            inherited = self.server.options_inherited
-            if inherited is None:       # the first connection shows whether accept() passes them on
-                inherited = self.server.options_inherited = \
-                    self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0 and \
-                    self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16) != bytes(16)
+            inherited = self.server.passes_options_on(self.connection)
             if not inherited:
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.wfile = SocketStream(self.connection)
@@ -2798,8 +2794,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def server_bind(self):
         """Bind, and give the listener the options every client connection needs. Where
         accept() passes them on to the connections (Linux does), that is the only place they
-        are set, and a connection costs no system call for them; Handler.setup finds out on
-        the first connection."""
+        are set, and a connection costs no system call for them (see passes_options_on)."""
         super().server_bind()
         self.options_inherited = None if KERNEL_TIMEOUTS else False
         if KERNEL_TIMEOUTS:
@@ -2810,6 +2805,13 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             # for the setup slot's look at the first request (Handler.keep_slot_if_ready); a
             # blocking accept() would give up after it too, but accept() only follows select()
             set_timeout(self.socket, FIRST_BYTES_S, send=False)
+
+    def passes_options_on(self, conn):
+        """Whether client connections come with the listener's options; the first one shows it."""
+        if self.options_inherited is None:
+            self.options_inherited = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0 and \
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16) != bytes(16)
+        return self.options_inherited
 
     def process_request(self, request, client_address):
         with self.conn_lock:
