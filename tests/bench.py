@@ -176,6 +176,13 @@ class Conn:
         if self.writer:
             self.writer.close()
 
+    async def __aenter__(self):
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
+
     async def request(self, path, body, headers=b"", on_event=None):
         """Send a POST; return (status, body). on_event(arrival, t) is called per SSE event
         that carries a "t" stamp, as its bytes arrive."""
@@ -237,46 +244,34 @@ def proc_mem_mb(pid, field):
 
 
 async def sequential(port, count, body, headers=b""):
-    conn = Conn(port)
-    await conn.open()
     times = []
-    try:
+    async with Conn(port) as conn:
         for _ in range(count):
             t0 = time.perf_counter()
             status, _ = await conn.request(b"/v1/messages", body, headers)
             times.append((time.perf_counter() - t0) * 1000)
             assert status == 200, status
-    finally:
-        conn.close()
     return times
 
 
 async def parallel(port, clients, per_client, body=PLAIN, headers=b""):
     async def one():
-        conn = Conn(port)
-        await conn.open()
-        try:
+        async with Conn(port) as conn:
             for _ in range(per_client):
                 status, _ = await conn.request(b"/v1/messages", body, headers)
                 assert status == 200, status
-        finally:
-            conn.close()
     await asyncio.gather(*(one() for _ in range(clients)))
 
 
 async def first_events(port, count):
     body, headers = stream_body(2, 0)
-    conn = Conn(port)
-    await conn.open()
     out = []
-    try:
+    async with Conn(port) as conn:
         for _ in range(count):
             sent = time.monotonic()
             first = []
             await conn.request(b"/v1/messages", body, headers, lambda at, t: first or first.append(at))
             out.append((first[0] - sent) * 1000)
-    finally:
-        conn.close()
     return out
 
 
@@ -286,24 +281,21 @@ async def streams(port, clients, events, delay_ms):
     lags, ttfbs, done = [], [], []
 
     async def one():
-        conn = Conn(port)
         try:
-            await conn.open()
-            sent = time.monotonic()
-            first = []
+            async with Conn(port) as conn:
+                sent = time.monotonic()
+                first = []
 
-            def seen(at, t):
-                if not first:
-                    first.append(at)
-                    ttfbs.append((at - sent) * 1000)
-                lags.append((at - t) * 1000)
-            status, data = await conn.request(b"/v1/messages", body, headers, seen)
-            if status == 200 and data.endswith(b'{"type":"message_stop"}\n\n'):
-                done.append(1)
+                def seen(at, t):
+                    if not first:
+                        first.append(at)
+                        ttfbs.append((at - sent) * 1000)
+                    lags.append((at - t) * 1000)
+                status, data = await conn.request(b"/v1/messages", body, headers, seen)
+                if status == 200 and data.endswith(b'{"type":"message_stop"}\n\n'):
+                    done.append(1)
         except (OSError, asyncio.IncompleteReadError) as exc:
             print("  stream failed: %r" % exc, file=sys.stderr)
-        finally:
-            conn.close()
     await asyncio.gather(*(one() for _ in range(clients)))
     return len(done), lags, ttfbs
 
