@@ -31,12 +31,16 @@ import argparse
 import base64
 import concurrent.futures
 import email.utils
+import functools
+import hashlib
 import hmac
 import http.client
 import http.server
 import io
+import ipaddress
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -79,6 +83,7 @@ MODELS_PAGE_LIMIT = 1000
 MAX_MODEL_PAGES = 20
 MAX_HEADERS = 100                   # fields in one request, as http.server allows
 MAX_LINE = 65536
+MAX_HEADER_BLOCK = 65536            # all of a request's header lines together (else 431)
 CHUNK_SIZE_LINE = 1024              # longest chunk-size line (with extensions) read from a client
 API_BODY_MAX = 1 << 20              # a web UI API call's JSON body
 ERROR_EXCERPT = 160                 # characters of a provider's answer quoted in a message
@@ -105,10 +110,12 @@ SETUP_WAIT_S = 1.0                  # the longest wait for a setup slot; then wi
 FIRST_BYTES_S = 0.005               # a setup slot is kept only if the request is in by then
 WORKER_IDLE_S = 300.0               # a connection thread idle this long retires (spares stay)
 SHUTDOWN_GRACE_S = 5.0              # in-flight streams get this long on SIGTERM/Ctrl-C
-AUTH_FAIL_LIMIT = 10                # wrong keys from one address within AUTH_FAIL_WINDOW_S
+AUTH_FAIL_LIMIT = 10                # different wrong keys from one address within AUTH_FAIL_WINDOW_S
+AUTH_GLOBAL_FAIL_LIMIT = 100        # different wrong keys from all addresses within the window
 AUTH_FAIL_WINDOW_S = 60.0
 AUTH_LOCKOUT_S = 60.0
-AUTH_TRACKED_MAX = 10000            # addresses with recent failures kept before pruning
+AUTH_TRUST_S = 86400.0              # a key that worked from an address is let in during its lockout
+AUTH_TRACKED_MAX = 10000            # addresses (and trusted keys) kept before pruning
 DEBUG_BODY_CHARS = 2000
 STATE_SUFFIX = ".state.json"
 ANTHROPIC_VERSION = "2023-06-01"
@@ -164,6 +171,15 @@ class ClientError(ProxyError):
 class AuthError(ProxyError):
     status = 401
     kind = "authentication_error"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    kind = "rate_limit_error"
+
+    def __init__(self, message, seconds):
+        super().__init__(message)
+        self.headers = [("retry-after", str(max(1, math.ceil(seconds))))]
 
 
 class NotFound(ProxyError):
@@ -257,6 +273,10 @@ def strip_comments(obj):
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+# RFC 9110 section 5.1: a field name is a token.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 def header_safe(text):
     """Whether text can go into an HTTP header as it is: Latin-1, no control character but tab."""
     try:
@@ -281,7 +301,7 @@ def _check_str_map(value, where, problems, allowed=None, header=False):
         elif header and not header_safe(val):
             problems.append("%s.%s contains a line break, a control character or a character outside "
                             "Latin-1, which cannot go into an HTTP header" % (where, key))
-        elif header and not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", key):
+        elif header and not _TOKEN.fullmatch(key):
             problems.append("%s: %r is not a valid HTTP header name" % (where, key))
 
 
@@ -695,8 +715,8 @@ def parse_header_lines(lines):
     headers = Headers()
     for raw in lines:
         line = raw.decode("iso-8859-1").rstrip("\r\n")
-        if "\r" in line or "\x00" in line:
-            raise ValueError("a CR or NUL inside a header line")     # RFC 9110 section 5.5
+        if _CONTROL.search(line.replace("\t", " ")):
+            raise ValueError("a control character inside a header line")     # RFC 9110 section 5.5
         if line[:1] in (" ", "\t"):
             if not headers:
                 raise ValueError("a folded line before any header")
@@ -704,10 +724,53 @@ def parse_header_lines(lines):
             headers[-1] = (name, value + " " + line.strip())
             continue
         name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise ValueError("malformed header line")
-        headers.append((name, value.strip()))
+        if not sep or not _TOKEN.fullmatch(name):
+            # A name that is not a token ("X Foo") ends the header block early for lenient
+            # parsers downstream, which then take the body for the next request.
+            raise ValueError("malformed header line (the field name must be a token)")
+        headers.append((name, value.strip(" \t")))
     return headers
+
+
+# Printable ASCII but "%": what a header value of ccproxy's own may carry as it is.
+_NOT_HEADER_TEXT = re.compile(r"[^\x20-\x24\x26-\x7e]")
+
+
+def header_text(text):
+    """A name (provider, model…) made fit for a header value of ccproxy's own.
+
+    Header values are Latin-1 at best and control characters would end the field, so any
+    character but printable ASCII, and "%" itself, is percent-encoded as UTF-8 (RFC 3986
+    section 2.1): 中转站A -> %E4%B8%AD%E8%BD%AC%E7%AB%99A. urllib.parse.unquote() or
+    decodeURIComponent() gives the name back. ASCII names stay as they are.
+    """
+    if not _NOT_HEADER_TEXT.search(text):
+        return text
+    return _NOT_HEADER_TEXT.sub(lambda m: urllib.parse.quote(m.group(), safe=""), text)
+
+
+def body_framing(headers):
+    """(chunked, length) of a request body from its header fields (RFC 9112 section 6.3).
+
+    What a server and the next hop could read differently is refused: a transfer coding other
+    than chunked (501), Transfer-Encoding beside Content-Length, and a Content-Length that is
+    not one run of digits, or given twice with different values (ValueError, answered 400).
+    """
+    codings = headers.get_all("Transfer-Encoding")
+    lengths = headers.get_all("Content-Length")
+    if codings:
+        if lengths:
+            raise ValueError("Transfer-Encoding and Content-Length together")
+        if ",".join(codings).strip().lower() != "chunked":
+            raise ProxyError("Transfer-Encoding %r is not supported — send the body with "
+                             "Content-Length or as chunked" % ",".join(codings)[:ERROR_EXCERPT], 501)
+        return True, 0
+    if not lengths:
+        return False, 0
+    values = {v.strip() for value in lengths for v in value.split(",")}
+    if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
+        raise ValueError("Content-Length must be one number")
+    return False, int(values.pop())
 
 
 def connection_tokens(headers):
@@ -899,6 +962,19 @@ class Usage:
                 "cache_creation": self.cache_creation}
 
 
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def chunk_size(line):
+    """The size of a chunk from its size line, extensions ignored; ValueError unless the size
+    is hex digits alone (int() would also take "+1a", "0x1a", "1_a" and "-1")."""
+    size = line.split(b";", 1)[0].rstrip(b"\r\n").rstrip(b" \t")     # BWS before an extension
+    if not _HEX.fullmatch(size):
+        raise ValueError("chunk size %r is not hex digits" % size[:20])
+    return int(size, 16)
+
+
 class ChunkDecoder:
     """A chunked message body (RFC 9112 section 7.1) decoded as it arrives: feed() takes any
     piece of the wire bytes and returns the payload it completes, however many chunks that
@@ -952,9 +1028,7 @@ class ChunkDecoder:
             if self.last:
                 self.done = not line.strip()        # trailer fields until the empty line
                 continue
-            size = int(line.split(b";", 1)[0].strip(), 16)      # ValueError if it is not hex
-            if size < 0:
-                raise ValueError("negative chunk size")
+            size = chunk_size(line)
             self.left = size
             self.last = not size
         return b"".join(out)
@@ -1125,13 +1199,21 @@ class SocketStream(io.RawIOBase):
             self.write(b"")
 
 
-def request_head(method, target, headers):
-    """The request line and header block as bytes. Values are known to be free of CR, LF and
-    NUL: the client's by parse_header_lines, the config's by validate_config."""
-    lines = ["%s %s HTTP/1.1" % (method, target)]
-    lines.extend("%s: %s" % field for field in headers)
+def message_head(start_line, fields):
+    """A request or status line and its header block, as bytes that leave in one write.
+
+    Values are known to be free of control characters: the client's and the provider's by
+    parse_header_lines, the config's by validate_config, ccproxy's own by header_text. A value
+    outside Latin-1 raises UnicodeEncodeError here, before anything is written.
+    """
+    lines = [start_line]
+    lines.extend("%s: %s" % field for field in fields)
     lines.append("\r\n")
     return "\r\n".join(lines).encode("latin-1")
+
+
+def request_head(method, target, headers):
+    return message_head("%s %s HTTP/1.1" % (method, target), headers)
 
 
 class Response(http.client.HTTPResponse):
@@ -1153,9 +1235,11 @@ class Response(http.client.HTTPResponse):
             return
         while True:
             version, status, reason = self._read_status()
-            if status != http.client.CONTINUE:
+            if not 100 <= status < 200 or status == 101:
                 break
-            self._read_header_lines()                   # a 100 Continue's headers
+            # Every other 1xx (100 Continue, 103 Early Hints…) is interim: the final answer
+            # follows on the same connection (RFC 9110 section 15.2).
+            self._read_header_lines()
         self.code = self.status = status
         self.reason = reason.strip()
         if version in ("HTTP/1.0", "HTTP/0.9"):
@@ -1526,39 +1610,51 @@ def filter_models(models, spec):
 
 
 def read_request_body(handler, limit):
-    """The request body (Content-Length or chunked), at most limit bytes, else 413."""
-    te = (handler.headers.get("Transfer-Encoding") or "").lower()
-    if "chunked" in te:
-        parts, total = [], 0
-        while True:
-            line = handler.rfile.readline(CHUNK_SIZE_LINE)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise ClientError("malformed chunked request body")
-            if size == 0:
-                while handler.rfile.readline(CHUNK_SIZE_LINE) not in (b"\r\n", b"\n", b""):
-                    pass  # trailer fields are dropped
-                return b"".join(parts)
-            total += size
-            if total > limit:
-                raise ProxyError("request body exceeds MAX_BODY_MB", 413, "request_too_large")
-            parts.append(handler.rfile.read(size))
-            handler.rfile.readline(CHUNK_SIZE_LINE)    # the CRLF after the chunk
-    length = handler.headers.get("Content-Length")
-    if not length:
-        return b""
-    try:
-        size = int(length)
-    except ValueError:
-        raise ClientError("Content-Length is not a number")
+    """The request body (Content-Length or chunked, as parse_request checked them), at most
+    limit bytes, else 413. Sends 100 Continue first if the client waits for it."""
+    handler.continue_if_expected()
+    handler.body_pending = False
+    if handler.chunked:
+        return read_chunked(handler.rfile, limit)
+    size = handler.length
     if size > limit:
         raise ProxyError("request body of %d MB exceeds MAX_BODY_MB (%d MB)"
                          % (size >> 20, limit >> 20), 413, "request_too_large")
-    body = handler.rfile.read(size)
+    body = handler.rfile.read(size) if size else b""
     if len(body) != size:
         raise ClientError("request body ended early")
     return body
+
+
+def read_chunked(rfile, limit):
+    """A chunked request body (RFC 9112 section 7.1) read line by line, so that nothing of a
+    pipelined next request is taken; the limit applies to the decoded total."""
+    parts, total = [], 0
+    while True:
+        line = rfile.readline(CHUNK_SIZE_LINE + 1)
+        if not line.endswith(b"\n"):
+            raise ClientError("malformed chunked request body: a chunk size line is cut off or too long")
+        try:
+            size = chunk_size(line)
+        except ValueError as exc:
+            raise ClientError("malformed chunked request body: %s" % exc)
+        if not size:
+            break
+        total += size
+        if total > limit:
+            raise ProxyError("request body exceeds MAX_BODY_MB (%d MB)" % (limit >> 20), 413,
+                             "request_too_large")
+        data = rfile.read(size)
+        if len(data) != size or rfile.read(2) != b"\r\n":
+            raise ClientError("malformed chunked request body: a chunk ended early or without CRLF")
+        parts.append(data)
+    for _ in range(MAX_HEADERS + 1):    # trailer fields, dropped
+        line = rfile.readline(MAX_LINE + 1)
+        if line in (b"\r\n", b"\n"):
+            return b"".join(parts)
+        if not line.endswith(b"\n"):
+            break
+    raise ClientError("malformed chunked request body: its trailer section is cut off or too long")
 
 
 # Claude Code sends "model" as the body's first key. Anchored at the start, this can only match
@@ -1737,17 +1833,15 @@ def answer_failure(handler, exchange, failure):
     exchange.attempts.pop()         # the last attempt is the outcome, not a step on the way
     if failure.status is None:
         if exchange.attempts:
-            failure.error.headers = [("x-ccproxy-attempts", chain)]
+            failure.error.headers = [("x-ccproxy-attempts", header_text(chain))]
         raise failure.error
     exchange.status = failure.status
-    handler.send_response_only(failure.status)
-    for name, value in end_to_end(failure.headers, RESPONSE_OWN):
-        handler.send_header(name, value)
-    handler.send_header("Content-Length", str(len(failure.body)))
-    handler.send_header("x-ccproxy-provider", exchange.provider)
+    fields = end_to_end(failure.headers, RESPONSE_OWN)
+    fields.append(("Content-Length", str(len(failure.body))))
+    fields.append(("x-ccproxy-provider", header_text(exchange.provider)))
     if exchange.attempts:
-        handler.send_header("x-ccproxy-attempts", chain)
-    handler.end_headers()
+        fields.append(("x-ccproxy-attempts", header_text(chain)))
+    handler.send_head(failure.status, fields)
     handler.wfile.write(failure.body)
     exchange.bytes_out = len(failure.body)
 
@@ -1811,7 +1905,7 @@ def attempt(handler, exchange, started, view, target, raw_body, client_headers, 
         break
     retime(conn, config.api_timeout_s)
     exchange.status = status
-    extra = [("x-ccproxy-attempts", ", ".join(exchange.chain() + ["%s %d" % (target.name, status)]))] \
+    extra = [("x-ccproxy-attempts", header_text(", ".join(exchange.chain() + ["%s %d" % (target.name, status)])))] \
         if exchange.attempts else []
     reusable = False
     try:
@@ -1857,16 +1951,13 @@ def stream_response(handler, resp, exchange, started, provider_name, pieces, hel
         except NETWORK_ERRORS as exc:
             raise UpstreamError("provider %s broke off its answer: %s"
                                 % (provider_name, describe_network_error(exc)))
-    handler.send_response_only(resp.status)
-    for name, value in end_to_end(upstream, RESPONSE_OWN):
-        handler.send_header(name, value)
-    handler.send_header("x-ccproxy-provider", provider_name)
-    for name, value in extra:
-        handler.send_header(name, value)
+    fields = end_to_end(upstream, RESPONSE_OWN)
+    fields.append(("x-ccproxy-provider", header_text(provider_name)))
+    fields.extend(extra)
     if sized:
         if length is not None:
-            handler.send_header("Content-Length", str(len(data)) if data else length)
-        handler.end_headers()
+            fields.append(("Content-Length", str(len(data)) if data else length))
+        handler.send_head(resp.status, fields)
         handler.wfile.write(data)
         exchange.ttfb_ms = (time.monotonic() - started) * 1000
         exchange.bytes_out = len(data)
@@ -1885,10 +1976,10 @@ def stream_response(handler, resp, exchange, started, provider_name, pieces, hel
     # HTTP/1.0 clients get it close-delimited.
     chunked = handler.request_version != "HTTP/1.0"
     if chunked:
-        handler.send_header("Transfer-Encoding", "chunked")
+        fields.append(("Transfer-Encoding", "chunked"))
     else:
         handler.close_connection = True
-    handler.end_headers()
+    handler.send_head(resp.status, fields)
     if not held:
         handler.wfile.flush()   # the head goes now, not with a first piece that may be long in coming
     write = handler.wfile.write
@@ -2173,38 +2264,102 @@ class Recorder:
 
 
 class Throttle:
-    """Counts wrong keys per client address; too many within a window locks it out a while."""
+    """Slows down the guessing of the APIKEY without locking out the clients that hold it.
 
-    def __init__(self):
+    - A request without a key is refused but not counted: any web page can send those to
+      127.0.0.1 (fetch with mode "no-cors"), and they must not lock Claude Code out.
+    - A wrong key counts once per address, however often it comes: Claude Code retries a 401
+      up to 10 times, and two sessions with a stale key are not an attack.
+    - AUTH_FAIL_LIMIT different wrong keys from one address (an IPv6 address: its /64) within
+      AUTH_FAIL_WINDOW_S lock that address out for AUTH_LOCKOUT_S; AUTH_GLOBAL_FAIL_LIMIT from
+      all addresses together lock every address out, against a guesser that rotates through
+      127.0.0.0/8 or a /64.
+    - During a lockout, a key that authenticated from the same address within AUTH_TRUST_S
+      is still let in, so the sessions that work keep working. Only a digest of it is kept.
+    The clock is injectable for tests.
+    """
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
         self.lock = threading.Lock()
-        self.failures = {}
-        self.locked_until = {}
+        self.failures = {}            # address group -> {key digest: time of its last failure}
+        self.recent = deque()         # times of every new (group, digest) failure, for the global cap
+        self.locked_until = {}        # address group -> time
+        self.all_locked_until = 0.0
+        self.trusted = {}             # (address group, key digest) -> time it last authenticated
 
-    def blocked(self, addr):
-        if addr not in self.locked_until:
-            return False    # the common case, without taking the lock
+    def admit(self, addr, key, valid):
+        """Return if the request may go on, else raise AuthError (401) or RateLimited (429)."""
+        now = self.clock()
+        group = address_group(addr)
+        until = max(self.locked_until.get(group, 0.0), self.all_locked_until)
+        if until > now:
+            if valid and now - self.trusted.get((group, key_digest(key)), -AUTH_TRUST_S) < AUTH_TRUST_S:
+                self.trusted[(group, key_digest(key))] = now
+                return
+            raise RateLimited("too many wrong API keys — wait %d s. Clients that used the right key "
+                              "from this address before are still let in." % math.ceil(until - now),
+                              until - now)
+        if valid:
+            self.trust(group, key, now)
+            return
+        if key:
+            self.failed(group, key_digest(key), now)
+            raise AuthError("invalid API key — send ccproxy's APIKEY as x-api-key or "
+                            "Authorization: Bearer (it is in config.json and in the web UI)")
+        raise AuthError("missing API key — send ccproxy's APIKEY as x-api-key or "
+                        "Authorization: Bearer (it is in config.json and in the web UI)")
+
+    def trust(self, group, key, now):
+        entry = (group, key_digest(key))
+        if now - self.trusted.get(entry, -AUTH_TRUST_S) < 1.0:
+            return                      # the common case: one dict read per request
         with self.lock:
-            until = self.locked_until.get(addr)
-            if until is None:
-                return False
-            if until > time.monotonic():
-                return True
-            del self.locked_until[addr]
-            return False
+            if len(self.trusted) > AUTH_TRACKED_MAX:
+                self.trusted = {k: t for k, t in self.trusted.items() if now - t < AUTH_TRUST_S}
+            self.trusted[entry] = now
 
-    def failed(self, addr):
-        now = time.monotonic()
+    def failed(self, group, digest, now):
         with self.lock:
             if len(self.failures) > AUTH_TRACKED_MAX:
-                # forget addresses whose failures have all left the window
-                self.failures = {a: t for a, t in self.failures.items() if now - t[-1] <= AUTH_FAIL_WINDOW_S}
-            times = self.failures.setdefault(addr, deque())
-            times.append(now)
-            while times and now - times[0] > AUTH_FAIL_WINDOW_S:
-                times.popleft()
-            if len(times) >= AUTH_FAIL_LIMIT:
-                self.locked_until[addr] = now + AUTH_LOCKOUT_S
-                del self.failures[addr]
+                self.failures = {g: keys for g, keys in self.failures.items()
+                                 if any(now - t <= AUTH_FAIL_WINDOW_S for t in keys.values())}
+            keys = self.failures.setdefault(group, {})
+            for old in [d for d, t in keys.items() if now - t > AUTH_FAIL_WINDOW_S]:
+                del keys[old]
+            new = digest not in keys
+            keys[digest] = now
+            if len(keys) >= AUTH_FAIL_LIMIT:
+                self.locked_until[group] = now + AUTH_LOCKOUT_S
+                del self.failures[group]
+            if new:
+                self.recent.append(now)
+                while self.recent and now - self.recent[0] > AUTH_FAIL_WINDOW_S:
+                    self.recent.popleft()
+                if len(self.recent) >= AUTH_GLOBAL_FAIL_LIMIT:
+                    self.all_locked_until = now + AUTH_LOCKOUT_S
+                    self.recent.clear()
+            for old in [g for g, t in self.locked_until.items() if t <= now]:
+                del self.locked_until[old]
+
+
+def key_digest(key):
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+@functools.lru_cache(maxsize=4096)
+def address_group(addr):
+    """The unit the throttle counts: an IPv4 address, or an IPv6 address's /64 (one host
+    commonly holds all of it)."""
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return addr
+    if ip.version == 6:
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def provider_summary(target, provider):
@@ -2366,7 +2521,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "ccproxy/" + VERSION
     timeout = CLIENT_TIMEOUT_S
 
-    headers_sent = False
+    head_sent = False           # a status line has gone out (or is queued) for this request
+    expects_continue = False    # the client waits for 100 Continue before sending its body
+    chunked = False             # the request body's framing, from body_framing()
+    length = 0
+    body_pending = False        # the request has a body that has not been read
     slot = False
 
     def setup(self):
@@ -2420,13 +2579,29 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.release_slot()
         super().finish()
 
-    def flush_headers(self):
-        """The header block waits for the body's first write, to leave with it in one send()
-        (one system call and GIL round trip less); a response without a body sends it at the
-        wfile.flush() that ends every request."""
-        self.headers_sent = True
-        self.wfile.hold(b"".join(self._headers_buffer))
-        self._headers_buffer = []
+    def send_head(self, status, fields):
+        """Queue the status line and header block of the answer. It leaves with the body's
+        first write, or with the wfile.flush() that ends every request, in one send().
+
+        Once this has been called no other status line may follow for the request: an error
+        from then on ends the stream with an SSE error event or closes the connection.
+        """
+        if self.body_pending:
+            self.close_connection = True    # an unread body would be taken for the next request
+        if self.close_connection:
+            fields = fields + [("Connection", "close")]
+        line = "HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0])
+        head = message_head(line, [("Server", self.version_string()),
+                                   ("Date", self.date_time_string())] + fields)
+        self.head_sent = True
+        self.wfile.hold(head)
+
+    def continue_if_expected(self):
+        """Send 100 Continue once the request has passed authentication (RFC 9110 §10.1.1):
+        a client that has not been let in does not get to send its body."""
+        if self.expects_continue:
+            self.expects_continue = False
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def parse_request(self):
         """Parse the request line and headers (http.server's own, with a faster header parser)."""
@@ -2447,29 +2622,34 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.command, self.path, self.request_version = words
         if self.path.startswith("//"):
             self.path = "/" + self.path.lstrip("/")   # as http.server does: not a network path
-        lines = []
+        lines, size = [], 0
         while True:
             line = self.rfile.readline(MAX_LINE + 1)
-            if line in (b"\r\n", b"\n", b""):
+            if line in (b"\r\n", b"\n"):
                 break
-            if len(line) > MAX_LINE or len(lines) >= MAX_HEADERS:
+            if not line:
+                return False                # the client left in the middle of its header block
+            size += len(line)
+            if len(line) > MAX_LINE or len(lines) >= MAX_HEADERS or size > MAX_HEADER_BLOCK:
                 self.send_error(431, "Request header fields too large")
                 return False
             lines.append(line)
         try:
             self.headers = parse_header_lines(lines)
+            self.chunked, self.length = body_framing(self.headers)
         except ValueError as exc:
             self.send_error(400, "Bad header: %s" % exc)
             return False
+        except ProxyError as exc:
+            self.send_error(exc.status, str(exc))
+            return False
+        self.body_pending = self.chunked or self.length > 0
         connection = (self.headers.get("Connection") or "").lower()
         if self.request_version == "HTTP/1.1":
             self.close_connection = "close" in connection
         else:
             self.close_connection = "keep-alive" not in connection
-        if (self.headers.get("Expect") or "").lower() == "100-continue":
-            ready = self.handle_expect_100()
-            self.wfile.flush()          # the client waits for it before sending the body
-            return ready
+        self.expects_continue = (self.headers.get("Expect") or "").lower() == "100-continue"
         return True
 
     def send_error(self, code, message=None, explain=None):
@@ -2493,7 +2673,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def dispatch(self):
         self.release_slot()
         started = time.monotonic()
-        self.headers_sent = False
+        self.head_sent = False
         path, _, query = self.path.partition("?")
         exchange = None
         busy = self.server.busy
@@ -2530,10 +2710,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log.exception("internal error on %s %s", self.command, path)
             if exchange is not None:
                 exchange.status = 500
-            if self.headers_sent:
-                self.close_connection = True
-            else:
-                self.send_error_json(ProxyError("ccproxy internal error — see its log"))
+            self.send_error_json(ProxyError("ccproxy internal error — see its log"))
         finally:
             busy.discard(self.connection)
             if exchange is not None:
@@ -2542,19 +2719,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- authentication and routing
 
     def authenticate(self):
-        throttle, addr = self.server.throttle, self.client_address[0]
-        if throttle.blocked(addr):
-            raise ProxyError("too many wrong API keys from %s — wait a minute" % addr, 429,
-                             "rate_limit_error")
         apikey = self.server.store.view.config.apikey
         if not apikey:
             return  # no key set: allowed on loopback only, make_server refuses anything else
         key, _ = client_key(self.headers.items())
-        if hmac.compare_digest(key.encode(), apikey.encode()):
-            return
-        throttle.failed(addr)
-        raise AuthError("invalid or missing API key — send ccproxy's APIKEY as x-api-key or "
-                        "Authorization: Bearer")
+        valid = bool(key) and hmac.compare_digest(key.encode("utf-8", "surrogateescape"),
+                                                  apikey.encode("utf-8"))
+        self.server.throttle.admit(self.client_address[0], key, valid)
 
     def public(self, path):
         if path in ("/api/hello", "/healthz"):
@@ -2614,12 +2785,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return "http://" + host
 
     def send_bytes(self, status, data, content_type, extra=()):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in extra:
-            self.send_header(name, value)
-        self.end_headers()
+        self.send_head(status, [("Content-Type", content_type), ("Content-Length", str(len(data)))]
+                       + list(extra))
         if self.command != "HEAD":
             self.wfile.write(data)
 
@@ -2628,12 +2795,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_bytes(status, data, "application/json", extra)
 
     def send_error_json(self, exc):
+        if self.head_sent:
+            # Part of the answer is out: a second status line would be read as body bytes.
+            self.close_connection = True
+            return
         extra = list(exc.headers) if exc.retry else [("x-should-retry", "false")]
-        if exc.status == 429:
-            extra.append(("retry-after", str(int(AUTH_LOCKOUT_S))))
-        if self.close_connection or self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length"):
-            self.close_connection = True  # an unread body would be taken as the next request
-            extra.append(("Connection", "close"))
         try:
             self.send_bytes(exc.status, error_body(exc.kind, str(exc)), "application/json", extra)
         except (BrokenPipeError, ConnectionResetError):
