@@ -209,6 +209,33 @@ class ConfigError(Exception):
         super().__init__("\n".join(self.problems))
 
 
+# Characters that end or disguise a line: C0 and C1 controls, DEL, the Unicode line and
+# paragraph separators, and the bidirectional overrides and isolates (which reorder what a
+# terminal shows). None may stand in a name; any that a client sends is escaped in logs.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_unprintable(text):
+    """text with each unprintable character written as a JSON escape (\\n, \\u2028…)."""
+    if not _UNPRINTABLE.search(text):
+        return text
+    return _UNPRINTABLE.sub(lambda m: json.dumps(m.group())[1:-1], text)
+
+
+class EscapeUnprintable(logging.Filter):
+    """Escapes unprintable characters in every ccproxy log message, so that a value a client
+    controls (a model name, a path, a user agent) cannot forge or hide a log line. A
+    traceback is added by the formatter, after this, and keeps its lines."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        if _UNPRINTABLE.search(message):
+            record.msg, record.args = escape_unprintable(message), None
+        return True
+
+
+log.addFilter(EscapeUnprintable())
+
 # ============================================================================ config
 
 
@@ -286,6 +313,15 @@ def header_safe(text):
     return not _CONTROL.search(text.replace("\t", " "))
 
 
+def _check_name(value, where, problems, what="names"):
+    """A name users give (provider, preset, model id): any Unicode, but nothing unprintable."""
+    found = _UNPRINTABLE.search(value)
+    if found:
+        problems.append("%s %s contains an unprintable character (U+%04X: a line break, tab, NUL or "
+                        "the like) — %s appear in logs, headers and the web page; remove it"
+                        % (where, json.dumps(value, ensure_ascii=False), ord(found.group()), what))
+
+
 def _check_str_map(value, where, problems, allowed=None, header=False):
     if not isinstance(value, dict):
         problems.append("%s must be an object of name -> string" % where)
@@ -298,7 +334,9 @@ def _check_str_map(value, where, problems, allowed=None, header=False):
                             % (where, key, ", ".join(allowed)))
         elif not isinstance(val, str):
             problems.append("%s.%s must be a string" % (where, key))
-        elif header and not header_safe(val):
+        elif not header:
+            _check_name(val, "%s.%s" % (where, key), problems, "model names")
+        elif not header_safe(val):
             problems.append("%s.%s contains a line break, a control character or a character outside "
                             "Latin-1, which cannot go into an HTTP header" % (where, key))
         elif header and not _TOKEN.fullmatch(key):
@@ -312,6 +350,7 @@ def _check_presets(value, where, problems, header):
     for name, preset in value.items():
         if name.startswith("_"):
             continue
+        _check_name(name, "%s: the preset name" % where, problems)
         if not isinstance(preset, dict):
             problems.append("%s.%s must be an object (the preset's %s)"
                             % (where, name, "headers" if header else "body fields"))
@@ -328,7 +367,8 @@ def _check_provider(index, entry, names, problems):
     if not isinstance(name, str) or not name.strip():
         problems.append("%s.name must be a non-empty string" % where)
         return None
-    where = "Providers[%d] (%s)" % (index, name)
+    _check_name(name, "%s.name" % where, problems)
+    where = "Providers[%d] (%s)" % (index, escape_unprintable(name))
     if name in names:
         problems.append("%s: duplicate provider name — names must be unique" % where)
     names.add(name)
@@ -344,6 +384,10 @@ def _check_provider(index, entry, names, problems):
     for key in ("api_key", "comment"):
         if not isinstance(entry.get(key, ""), str):
             problems.append("%s.%s must be a string" % (where, key))
+    comment = entry.get("comment", "")
+    if isinstance(comment, str):
+        _check_name(comment.replace("\n", " ").replace("\t", " "), where + ".comment", problems,
+                    "comments (which may have line breaks and tabs)")
     api_key = entry.get("api_key", "")
     if isinstance(api_key, str) and not header_safe(api_key.strip()):
         problems.append("%s.api_key contains a line break, a control character or a character "
@@ -352,10 +396,15 @@ def _check_provider(index, entry, names, problems):
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         problems.append("%s.models must be a list of model id strings" % where)
         models = []
+    for model in models:
+        _check_name(model, where + ".models: the model id", problems, "model ids")
     _check_str_map(entry.get("env-models", {}), where + ".env-models", problems, MODEL_VARS)
     auth = entry.get("auth")
+    if isinstance(auth, str):
+        auth = auth.strip().lower()         # "Bearer" as the header itself writes it
     if auth is not None and auth not in AUTH_STYLES:
-        problems.append("%s.auth must be one of %s" % (where, ", ".join(AUTH_STYLES)))
+        problems.append("%s.auth must be one of %s (any case)" % (where, ", ".join(AUTH_STYLES)))
+        auth = None
     proxy = entry.get("proxy", "")
     if not isinstance(proxy, str):
         problems.append("%s.proxy must be a string such as http://127.0.0.1:7890" % where)
@@ -602,7 +651,9 @@ class Store:
         except ConfigError as exc:
             with self.lock:
                 self.reload_error = exc.problems
-            log.error("reload failed, running config kept:\n  %s", "\n  ".join(exc.problems))
+            log.error("reload failed, running config kept (%d problems):", len(exc.problems))
+            for problem in exc.problems:
+                log.error("  %s", problem)
             return exc.problems
         with self.lock:
             self.reload_error = None
@@ -1056,12 +1107,13 @@ def sse_error(kind, message):
 
 
 def key_hint(key):
+    """Enough of a key to tell it from another: at most its last 4 characters and an "sk-"
+    prefix, and never more than a quarter of the key."""
     if not key:
         return ""
-    if len(key) <= 8:
-        return "…" + key[-2:]
-    head = key[:3] if not key.startswith("sk-") else "sk-"
-    return head + "…" + key[-4:]
+    tail = min(4, len(key) // 4)
+    head = "sk-" if key.startswith("sk-") and 3 + tail <= len(key) // 4 else ""
+    return head + "…" + (key[-tail:] if tail else "")
 
 
 _SECRETISH = re.compile(r"\b(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+")
@@ -1722,12 +1774,12 @@ class Exchange:
         self.provider = self.model_in = self.model_out = self.note = None
         self.status = self.bytes_in = self.bytes_out = 0
         self.ttfb_ms = None
-        self.attempts = []          # (provider, label) of each failed attempt, in order
+        self.attempts = []          # (provider, label, model sent) of each failed attempt, in order
         self.stream = self.midstream_error = False
         self.usage = Usage()
 
     def chain(self):
-        return ["%s %s" % a for a in self.attempts]
+        return ["%s %s" % a[:2] for a in self.attempts]
 
 
 class Failure:
@@ -1820,7 +1872,7 @@ def relay(handler, exchange, started):
         if failure is None:
             server.health.recovered(target.name)
             return
-        exchange.attempts.append((target.name, failure.label))
+        exchange.attempts.append((target.name, failure.label, exchange.model_out))
         if view.fallback_enabled and view.fallback:
             server.health.cool_down(target.name, failure.cooldown_s, failure.label)
     answer_failure(handler, exchange, failure)
@@ -2041,9 +2093,13 @@ def failure_kind(label):
 
 
 def log_line(rec):
-    """The one log line of a relayed request, from its record: metadata only."""
+    """The one log line of a relayed request, from its record: metadata only. After a failover
+    to providers that map the model differently, each attempt's model is named."""
     model = rec["model"] or "-"
-    if rec["model_sent"] and rec["model_sent"] != rec["model"]:
+    sent = [a[2] for a in rec["attempts"] if len(a) > 2 and a[2]]
+    if len(set(sent)) > 1:
+        model = "%s → %s" % (model, ", ".join("%s %s" % (a[0], a[2]) for a in rec["attempts"] if len(a) > 2 and a[2]))
+    elif rec["model_sent"] and rec["model_sent"] != rec["model"]:
         model = "%s → %s" % (rec["model"], rec["model_sent"])
     ttfb = rec["ttfb_ms"]
     return "%s %s %s → %s model %s %dB ttfb %s total %dms%s" % (
@@ -2170,7 +2226,7 @@ class Recorder:
         """Take one record into the ring, the rollups and the counters."""
         with self.lock:
             self.ring.append(rec)
-            for name, label in rec["attempts"][:-1]:
+            for name, label in (a[:2] for a in rec["attempts"][:-1]):
                 roll = self._rollup(name)
                 roll["requests"] += 1
                 roll["errors"] += 1
@@ -2813,7 +2869,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return {
             "time": time.time(), "client": self.client_address[0], "method": self.command,
             "path": self.path.partition("?")[0], "provider": exchange.provider,
-            "attempts": [list(a) for a in exchange.attempts] + [[exchange.provider, str(exchange.status)]],
+            "attempts": [list(a) for a in exchange.attempts] + [[exchange.provider, str(exchange.status),
+                                                                 exchange.model_out]],
             "model": exchange.model_in, "model_sent": exchange.model_out, "stream": exchange.stream,
             "status": exchange.status, "ttfb_ms": None if exchange.ttfb_ms is None else round(exchange.ttfb_ms, 1),
             "total_ms": round((time.monotonic() - started) * 1000, 1),

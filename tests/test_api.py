@@ -16,7 +16,7 @@ def test_state_lists_providers_without_full_keys(proxy):
     assert [p["name"] for p in state["providers"]] == ["alpha", "----", "beta"]
     alpha, sep, beta = state["providers"]
     assert sep["separator"] and not alpha["separator"]
-    assert alpha["key_hint"] == "sk-…6789" and beta["base_url"].endswith("/anthropic")
+    assert alpha["key_hint"] == "…6789" and beta["base_url"].endswith("/anthropic")
     assert beta["env_models"]["ANTHROPIC_DEFAULT_SONNET_MODEL"] == "glm-4.6"
     assert state["header_overrides"] == {"ua": {"User-Agent": "relay-ua", "x-app": ""}}
     assert "nothink" in state["request_overrides"]

@@ -48,11 +48,34 @@ def bad(**changes):
     (bad(RequestOverrides={"p": ["thinking"]}), "RequestOverrides.p must be an object"),
     (bad(**{"env-models": {"ANTHROPIC_SONET_MODEL": "x"}}), "env-models.ANTHROPIC_SONET_MODEL is not a model variable"),
     ([1, 2], "the top level must be a JSON object"),
+    (bad(Providers=[{"name": "中转站\r\nX-Evil: 1"}]), 'Providers[0].name "中转站\\r\\nX-Evil: 1" contains an unprintable character (U+000D'),
+    (bad(Providers=[{"name": "a\tb"}]), "Providers[0].name \"a\\tb\" contains an unprintable character (U+0009"),
+    (bad(Providers=[{"name": "a\x00"}]), "contains an unprintable character (U+0000"),
+    (bad(Providers=[{"name": "a\u202eb"}]), "contains an unprintable character (U+202E"),
+    (bad(Providers=[{"name": "中", "models": ["ok", "glm\n4"]}]), "Providers[0] (中).models: the model id \"glm\\n4\""),
+    (bad(Providers=[{"name": "中", "comment": "ok\nfine\x1b[31m"}]), "Providers[0] (中).comment"),
+    (bad(HeaderOverrides={"预设\n": {}}), "HeaderOverrides: the preset name"),
+    (bad(RequestOverrides={"预设\u2028": {}}), "RequestOverrides: the preset name"),
+    (bad(**{"env-models": {"ANTHROPIC_MODEL": "glm\r"}}), "env-models.ANTHROPIC_MODEL \"glm\\r\" contains an unprintable"),
 ])
 def test_each_problem_gets_one_clear_line(raw, message):
     with pytest.raises(ccproxy.ConfigError) as info:
         ccproxy.validate_config(raw, "config.json")
     assert any(p.startswith("config.json: ") and message in p for p in info.value.problems), info.value.problems
+
+
+@pytest.mark.parametrize("name", ["中转站A", "リレー🚀", "\u200f\u05e2\u05d1\u05e8\u05d9\u05ea", "a b, c"])
+def test_names_in_any_script_are_valid(name):
+    raw = bad(Providers=[{"name": name, "api_base_url": "https://a.example", "comment": "第一行\n\t第二行",
+                          "models": ["模型-1"]}], Fallback=[name], HeaderOverrides={"预设": {"X-A": "1"}})
+    config = ccproxy.validate_config(raw)
+    assert config.by_name[name].models == ("模型-1",) and config.fallback == (name,)
+
+
+@pytest.mark.parametrize("auth", ["Bearer", "BEARER", " bearer ", "X-Api-Key", "Both"])
+def test_auth_is_read_in_any_case(auth):
+    raw = bad(Providers=[{"name": "a", "api_base_url": "https://a.example", "auth": auth}])
+    assert ccproxy.validate_config(raw).by_name["a"].auth == auth.strip().lower()
 
 
 def test_a_pasted_key_loses_the_whitespace_around_it():

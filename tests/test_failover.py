@@ -108,7 +108,7 @@ def test_every_candidate_failing_gives_the_last_error_as_it_was(failover, upstre
     assert status == 429 and json.loads(data) == body and headers["retry-after"] == "9"
     assert headers["x-ccproxy-attempts"] == "alpha 529, beta 429"
     rec = newest_record(proxy)
-    assert rec["attempts"] == [["alpha", "529"], ["beta", "429"]] and rec["status"] == 429
+    assert rec["attempts"] == [["alpha", "529", "claude-sonnet-4-5"], ["beta", "429", "glm-4.6"]] and rec["status"] == 429
 
 
 def newest_record(proxy):
@@ -127,7 +127,7 @@ def test_a_lone_network_failure_is_one_step_in_the_log(tmp_path, upstream, log_l
     try:
         status, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE)
         assert status == 502 and "x-ccproxy-attempts" not in headers
-        assert newest_record(proxy)["attempts"] == [["alpha", "502"]]
+        assert newest_record(proxy)["attempts"] == [["alpha", "502", "claude-sonnet-4-5"]]
         assert wait_for(lambda: "→ alpha 502 model" in log_lines.text)
     finally:
         proxy.stop()

@@ -35,7 +35,7 @@ def test_usage_matches_what_the_upstream_reported(proxy, upstream):
         assert rec["provider"] == "alpha" and rec["status"] == 200 and rec["path"] == "/v1/messages"
         assert rec["model"] == "claude-sonnet-4-5" and rec["bytes_in"] > 0 and rec["bytes_out"] > 0
         assert rec["ttfb_ms"] is not None and rec["total_ms"] >= rec["ttfb_ms"]
-        assert rec["client"] == "127.0.0.1" and rec["attempts"] == [["alpha", "200"]]
+        assert rec["client"] == "127.0.0.1" and rec["attempts"] == [["alpha", "200", "claude-sonnet-4-5"]]
     stats = proxy.api("GET", "/api/stats")[1]["providers"]["alpha"]
     assert stats["requests"] == 2 and stats["errors"] == 0 and stats["success_pct"] == 100.0
     assert stats["tokens"] == {"input": 22, "output": 16, "cache_read": 10, "cache_creation": 6}
@@ -63,7 +63,7 @@ def test_failures_and_attempts_are_recorded(tmp_path, upstream, upstream2):
         upstream.fail_next(status=529, body=b"{}")
         proxy.call("POST", "/v1/messages", MESSAGE)
         rec = newest(proxy, 1)[0]
-        assert rec["attempts"] == [["alpha", "529"], ["beta", "200"]] and rec["provider"] == "beta"
+        assert rec["attempts"] == [["alpha", "529", "claude-sonnet-4-5"], ["beta", "200", "glm-4.6"]] and rec["provider"] == "beta"
         assert rec["model_sent"] == "glm-4.6"
         assert [r["provider"] for r in newest(proxy, 1, provider="alpha")] == ["beta"]
         stats = proxy.api("GET", "/api/stats")[1]["providers"]

@@ -102,10 +102,37 @@ def test_redact_removes_configured_secrets_and_key_shapes():
 
 
 @pytest.mark.parametrize("key, hint", [
-    ("sk-ant-api03-abcdefgh1234", "sk-…1234"), ("abcdefghijkl", "abc…ijkl"), ("short", "…rt"), ("", ""),
+    ("sk-ant-api03-abcdefgh1234abcd", "sk-…abcd"), ("sk-ant-api03-abcdefgh1234", "…1234"),
+    ("abcdefghijkl", "…jkl"), ("short", "…t"), ("abc", "…"), ("", ""),
 ])
-def test_key_hint_never_shows_the_key(key, hint):
+def test_key_hint_shows_at_most_a_quarter_of_the_key(key, hint):
     assert ccproxy.key_hint(key) == hint
+    assert len(hint.replace("…", "")) <= len(key) // 4
+
+
+@pytest.mark.parametrize("length", range(1, 80))
+def test_no_key_length_shows_more_than_a_quarter(length):
+    key = "sk-" + "k" * length
+    assert len(ccproxy.key_hint(key).replace("…", "")) <= len(key) // 4
+
+
+@pytest.mark.parametrize("name, encoded", [
+    ("alpha", "alpha"), ("relay 1, backup", "relay 1, backup"), ("中转站A", "%E4%B8%AD%E8%BD%AC%E7%AB%99A"),
+    ("100%", "100%25"), ("a\r\nSet-Cookie: x", "a%0D%0ASet-Cookie: x"), ("🚀", "%F0%9F%9A%80"),
+])
+def test_header_text_percent_encodes_what_a_header_cannot_carry(name, encoded):
+    import urllib.parse
+    assert ccproxy.header_text(name) == encoded
+    assert urllib.parse.unquote(encoded) == name
+    encoded.encode("ascii")
+
+
+@pytest.mark.parametrize("text, escaped", [
+    ("claude\nINFO forged line", "claude\\nINFO forged line"), ("a\x00b", "a\\u0000b"),
+    ("tab\there", "tab\\there"), ("中转站A 🚀", "中转站A 🚀"), ("x\u2028y\u202ez", "x\\u2028y\\u202ez"),
+])
+def test_escape_unprintable(text, escaped):
+    assert ccproxy.escape_unprintable(text) == escaped
 
 
 @pytest.mark.parametrize("obj, ids", [
