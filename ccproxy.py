@@ -118,6 +118,7 @@ AUTH_TRUST_S = 86400.0              # a key that worked from an address is let i
 AUTH_TRACKED_MAX = 10000            # addresses (and trusted keys) kept before pruning
 DEBUG_BODY_CHARS = 2000
 STATE_SUFFIX = ".state.json"
+STALE_TEMP_S = 60.0                 # a temp file of write_atomic this old was left by a crash
 ANTHROPIC_VERSION = "2023-06-01"
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -199,6 +200,12 @@ class UpstreamError(ProxyError):
 
 class UpstreamTimeout(UpstreamError):
     status = 504
+
+
+class StateError(ProxyError):
+    """A change that could not be saved to the state file, and so was not made."""
+
+    retry = False
 
 
 class ConfigError(Exception):
@@ -532,6 +539,25 @@ def write_atomic(path, text, mode=None):
         os.close(dir_fd)
 
 
+def remove_stale_temp_files(path):
+    """Remove what write_atomic left beside path when a crash cut a write short. Only files
+    older than STALE_TEMP_S: another process on the same files may be writing one now."""
+    directory, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(r"\.%s\.[a-z0-9_]{8}\Z" % re.escape(base))
+    try:
+        names = [n for n in os.listdir(directory) if pattern.match(n)]
+    except OSError:
+        return
+    for name in names:
+        temp = os.path.join(directory, name)
+        try:
+            if time.time() - os.stat(temp).st_mtime > STALE_TEMP_S:
+                os.unlink(temp)
+                log.info("removed %s, left by a write that was cut short", temp)
+        except OSError:
+            pass    # gone already, or not ours to remove
+
+
 def state_path_for(config_path):
     root, ext = os.path.splitext(os.path.abspath(config_path))
     return root + STATE_SUFFIX
@@ -601,6 +627,8 @@ class Store:
         self.config_path = config.path
         self.state_path = state_path_for(config.path)
         self.reload_error = None
+        for path in (self.config_path, self.state_path):
+            remove_stale_temp_files(path)
         self.state = self._read_state()
         self.view = None
         self._install(config)
@@ -637,12 +665,25 @@ class Store:
         names = config.fallback if names is None else [n for n in names if n in targets]
         self.view = View(config, targets, selected, tuple(names), edited.get("enabled", True))
 
-    def _save(self):
-        state = dict(self.state, selected=self.view.selected)
-        try:
-            write_atomic(self.state_path, json.dumps(state, ensure_ascii=False, indent=1) + "\n")
-        except OSError as exc:
-            log.error("%s: cannot save state (%s)", self.state_path, exc.strerror or exc)
+    def _change(self, apply):
+        """Apply a change to a copy of the state, write that to the state file, and only then
+        make it the running state: if the file cannot be written, nothing changes and the
+        caller gets a StateError that says why (a change kept only in memory would be gone
+        at the next restart without anyone knowing)."""
+        with self.lock:
+            state = json.loads(json.dumps(self.state))
+            state["selected"] = self.view.selected
+            apply(state)
+            try:
+                write_atomic(self.state_path, json.dumps(state, ensure_ascii=False, indent=1) + "\n")
+            except OSError as exc:
+                log.error("%s: cannot save the state (%s); the change was not made",
+                          self.state_path, exc.strerror or exc)
+                raise StateError("ccproxy could not save this change to %s (%s), so it was not made "
+                                 "— free some disk space or fix the file's permissions, then try again"
+                                 % (self.state_path, exc.strerror or exc))
+            self.state = state
+            self._install(self.view.config)
 
     def reload(self):
         """Re-read config.json; on error keep the running config and return the problems."""
@@ -669,11 +710,8 @@ class Store:
             raise NotFound("no provider named %r — names are listed by GET /api/state" % name)
 
     def select(self, name):
-        with self.lock:
-            self.require(name)
-            self.state["selected"] = name
-            self._install(self.view.config)
-            self._save()
+        self.require(name)
+        self._change(lambda state: state.update(selected=name))
         log.info("selected provider %s", name)
 
     def set_overrides(self, name, header_override, request_override):
@@ -682,12 +720,9 @@ class Store:
                                       (request_override, config.request_presets, "RequestOverrides")):
             if preset is not None and preset not in presets:
                 raise NotFound("no %s preset named %r" % (kind, preset))
-        with self.lock:
-            self.require(name)
-            self.state["choices"][name] = {"header_override": header_override,
-                                           "request_override": request_override}
-            self._install(self.view.config)
-            self._save()
+        self.require(name)
+        self._change(lambda state: state["choices"].update({name: {"header_override": header_override,
+                                                                    "request_override": request_override}}))
 
     def set_fallback(self, enabled, names):
         """Save the web UI's fallback list (names None = back to config.json's Fallback)."""
@@ -696,24 +731,20 @@ class Store:
                 self.require(name)
             if len(set(names)) != len(names):
                 raise ClientError("the fallback list names a provider twice")
-        with self.lock:
-            self.state["fallback"] = {"enabled": bool(enabled),
-                                      "providers": None if names is None else list(names)}
-            self._install(self.view.config)
-            self._save()
+        self._change(lambda state: state.update(fallback={
+            "enabled": bool(enabled), "providers": None if names is None else list(names)}))
 
     def set_discovered(self, results):
         """Store refresh results: {name: (models or None, result dict)}."""
-        with self.lock:
-            discovered = self.state["discovered"]
+        def apply(state):
+            discovered = state["discovered"]
             for name, (models, result) in results.items():
-                entry = dict(discovered.get(name) or {})
+                entry = discovered.get(name) or {}
                 entry["result"] = result
                 if models:
                     entry["models"] = models
                 discovered[name] = entry
-            self._install(self.view.config)
-            self._save()
+        self._change(apply)
 
 
 # ============================================================================ pure HTTP helpers
@@ -2496,7 +2527,10 @@ def api_fallback(handler, body):
     enabled = body.get("enabled", True) if isinstance(body, dict) else None
     if not isinstance(enabled, bool):
         raise ClientError("field 'enabled' must be true or false")
-    names = body.get("providers")
+    if "providers" in body:
+        names = body["providers"]
+    else:       # not given: the list stays as it is (null, given, goes back to config.json's)
+        names = (handler.server.store.state.get("fallback") or {}).get("providers")
     if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
         raise ClientError("field 'providers' must be a list of provider names, or null for config.json's")
     handler.server.store.set_fallback(enabled, names)
