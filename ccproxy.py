@@ -81,6 +81,9 @@ REFRESH_TIMEOUT_S = 20.0            # one provider's /v1/models discovery
 REFRESH_WORKERS = 16
 MODELS_PAGE_LIMIT = 1000
 MAX_MODEL_PAGES = 20
+MODELS_MAX_BYTES = 8 << 20          # of one /v1/models page a relay sends
+MAX_MODELS = 5000                   # kept per provider
+MODEL_ID_MAX = 256                  # characters; a longer discovered id is left out
 MAX_HEADERS = 100                   # fields in one request, as http.server allows
 MAX_LINE = 65536
 MAX_HEADER_BLOCK = 65536            # all of a request's header lines together (else 431)
@@ -1168,12 +1171,18 @@ def parse_model_list(obj):
         items = None
     if not isinstance(items, list):
         raise ValueError("the JSON has no \"data\" list of models")
-    ids = []
+    ids, seen = [], set()
     for item in items:
         model_id = item.get("id") if isinstance(item, dict) else item
-        if isinstance(model_id, str) and model_id and model_id not in ids:
+        if isinstance(model_id, str) and model_id and model_id not in seen:
+            seen.add(model_id)
             ids.append(model_id)
     return ids
+
+
+def sane_model_id(model_id):
+    """Whether a discovered model id is one to keep: a relay may list anything."""
+    return len(model_id) <= MODEL_ID_MAX and not _UNPRINTABLE.search(model_id)
 
 
 def model_page(models, query):
@@ -1542,7 +1551,9 @@ def body_pieces(resp):
 
 
 def fetch_models(provider, timeout=REFRESH_TIMEOUT_S):
-    """Discover a provider's models from <base>/v1/models: (ids, None) or (None, reason)."""
+    """Discover a provider's models from <base>/v1/models: (ids, None, dropped) or
+    (None, reason, 0). dropped counts the ids left out: longer than MODEL_ID_MAX, with an
+    unprintable character, or past MAX_MODELS. What is read is capped (MODELS_MAX_BYTES a page)."""
     parts = urllib.parse.urlsplit(provider.base_url)
     scheme, host = parts.scheme, parts.hostname
     port = parts.port or (443 if scheme == "https" else 80)
@@ -1552,7 +1563,7 @@ def fetch_models(provider, timeout=REFRESH_TIMEOUT_S):
                ("User-Agent", "ccproxy/" + VERSION)]
     if provider.api_key:
         headers.extend(auth_headers(provider.api_key, "both"))
-    ids, after, conn = [], None, None
+    ids, seen, dropped, after, conn = [], set(), 0, None, None
     deadline = time.monotonic() + timeout
     try:
         for _ in range(MAX_MODEL_PAGES):
@@ -1566,33 +1577,43 @@ def fetch_models(provider, timeout=REFRESH_TIMEOUT_S):
                 set_timeout(conn.sock, left)
             resp = send_request(conn, "GET", parts.path.rstrip("/") + "/v1/models?" + urllib.parse.urlencode(query),
                                 headers)
-            raw = resp.read()
+            raw = resp.read(MODELS_MAX_BYTES + 1)
+            if len(raw) > MODELS_MAX_BYTES:
+                return None, "the model list is larger than %d MB" % (MODELS_MAX_BYTES >> 20), 0
+            resp.read()             # the end of the body, if it ended right at the cap
             if resp.will_close:
                 conn.close()
                 conn = None
             kind = resp.getheader("Content-Type", "")
             looks_html = "html" in kind or raw.lstrip()[:1] == b"<"
             if resp.status != 200:
-                return None, "HTTP %d%s" % (resp.status, " (HTML page, not JSON)" if looks_html else "")
+                return None, "HTTP %d%s" % (resp.status, " (HTML page, not JSON)" if looks_html else ""), 0
             if looks_html:
-                return None, "an HTML page instead of JSON"
+                return None, "an HTML page instead of JSON", 0
             try:
                 obj = json.loads(raw)
                 page = parse_model_list(obj)
             except ValueError as exc:
-                return None, "not a model list (%s)" % str(exc)[:ERROR_EXCERPT]
-            ids.extend(m for m in page if m not in ids)
+                return None, "not a model list (%s)" % str(exc)[:ERROR_EXCERPT], 0
+            for model_id in page:
+                if model_id in seen:
+                    continue
+                seen.add(model_id)
+                if len(ids) < MAX_MODELS and sane_model_id(model_id):
+                    ids.append(model_id)
+                else:
+                    dropped += 1
             if not (isinstance(obj, dict) and obj.get("has_more") and obj.get("last_id")):
                 break
             after = obj["last_id"]
     except NETWORK_ERRORS as exc:
-        return None, describe_network_error(exc)
+        return None, describe_network_error(exc), 0
     finally:
         if conn is not None:
             conn.close()
     if not ids:
-        return None, "the provider listed no models"
-    return ids, None
+        return None, "the provider listed no models" + (" that could be kept" if dropped else ""), dropped
+    return ids, None, dropped
 
 
 def test_model(target):
@@ -1610,7 +1631,7 @@ def test_provider(target, timeout=TEST_TIMEOUT_S):
     """Measure a provider: its /v1/models round trip and a minimal real streaming message
     (max_tokens TEST_MAX_TOKENS, no thinking, no tools). Classified ok / slow / failing."""
     started = time.monotonic()
-    models, models_error = fetch_models(target.provider, timeout)
+    models, models_error, _ = fetch_models(target.provider, timeout)
     result = {"at": time.time(), "models_ms": int((time.monotonic() - started) * 1000),
               "models": len(models) if models else None, "models_error": models_error,
               "model": test_model(target), "ttfb_ms": None, "total_ms": None, "tokens": None}
@@ -1654,16 +1675,19 @@ def test_provider(target, timeout=TEST_TIMEOUT_S):
 def discover_all(providers, timeout=REFRESH_TIMEOUT_S):
     """Discover several providers' models concurrently: {name: (ids or None, result)}.
 
-    result = {"ok", "count", "ms", "at", "message"}; message is "N models in M ms" or the
+    result = {"ok", "count", "dropped", "ms", "at", "message"}; message is "N models in M ms" or the
     reason in words.
     """
     def one(provider):
         started = time.monotonic()
-        models, reason = fetch_models(provider, timeout)
+        models, reason, dropped = fetch_models(provider, timeout)
         ms = int((time.monotonic() - started) * 1000)
+        message = ("%d models in %d ms" % (len(models), ms)) if models else reason
+        if dropped:
+            message += "; %d left out (ids over %d characters, with unprintable characters, or past %d)" \
+                % (dropped, MODEL_ID_MAX, MAX_MODELS)
         result = {"ok": models is not None, "ms": ms, "at": time.time(),
-                  "count": len(models) if models else 0,
-                  "message": ("%d models in %d ms" % (len(models), ms)) if models else reason}
+                  "count": len(models) if models else 0, "dropped": dropped, "message": message}
         return provider.name, models, result
 
     results = {}

@@ -134,3 +134,27 @@ def test_page_is_served_without_auth(proxy):
     assert status == 200 and headers["content-type"].startswith("text/html")
     assert b"<title>ccproxy</title>" in data and b"https://" not in data.split(b"<script>")[0]
     assert headers["x-frame-options"] == "DENY"
+
+
+def test_a_hostile_model_list_is_capped_and_cleaned(proxy, upstream):
+    upstream.models_shape = "openai"        # one page, no paging: a relay that lists everything
+    good = ["model-%05d" % i for i in range(30000)]
+    upstream.models = good[:10] + ["x" * 20000, "evil\r\nX-Injected: 1", "nul\x00id", "模型-好"] + good[10:] + good[:5]
+    status, body = proxy.api("POST", "/api/refresh-models", {"provider": "alpha"})
+    result = body["results"]["alpha"]
+    assert status == 200 and result["ok"] and result["count"] == ccproxy.MAX_MODELS
+    assert result["dropped"] == 3 + (30000 + 1 - ccproxy.MAX_MODELS)       # the repeats are not counted
+    assert "left out" in result["message"]
+    models = proxy.store.view.targets["alpha"].models
+    assert models[:11] == tuple(good[:10] + ["模型-好"]) and len(set(models)) == len(models)
+    assert all(len(m) <= ccproxy.MODEL_ID_MAX and "\r" not in m and "\x00" not in m for m in models)
+
+
+def test_a_model_list_past_the_size_cap_is_refused(proxy, upstream, monkeypatch):
+    monkeypatch.setattr(ccproxy, "MODELS_MAX_BYTES", 4096)
+    upstream.models_shape = "openai"
+    upstream.models = ["model-%05d" % i for i in range(1000)]
+    status, body = proxy.api("POST", "/api/refresh-models", {"provider": "alpha"})
+    result = body["results"]["alpha"]
+    assert status == 200 and not result["ok"] and "larger than" in result["message"]
+    assert proxy.store.view.targets["alpha"].models == ("claude-sonnet-4-5", "claude-haiku-4-5")
