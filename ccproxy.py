@@ -97,6 +97,8 @@ DEFAULT_FIRST_BYTE_TIMEOUT_MS = 60000   # a stream's status + first event, when 
 DEFAULT_COOLDOWN_MS = 60000         # a failed provider is skipped this long (or its Retry-After)
 MAX_COOLDOWN_S = 3600.0
 COUNT_TOKENS_MEMORY_S = 3600.0      # how long "this provider has no count_tokens" is remembered
+SESSION_MEMORY_S = 86400.0          # how long "this conversation needs its signatures stripped" is
+SESSION_MEMORY_MAX = 10000          # conversations remembered at most
 FIRST_EVENT_MAX_BYTES = 1 << 20     # held before relaying a stream; more means "not SSE framing"
 REQUEST_RING = 1000                 # request records kept in memory
 RECORDER_BATCH_S = 0.02             # records wait this long to be logged together
@@ -249,11 +251,14 @@ log.addFilter(EscapeUnprintable())
 # ============================================================================ config
 
 
+_PLACEHOLDER_KEY = re.compile(r"(?i)your[-_][a-z_-]*key|change[-_]?me|^<[^>]*>$")
+
+
 class Provider:
     """One entry of Providers[], validated. A provider without a URL is a separator."""
 
     __slots__ = ("name", "api_base_url", "base_url", "api_key", "models", "comment",
-                 "env_models", "auth", "proxy")
+                 "env_models", "auth", "proxy", "placeholder_key")
 
     def __init__(self, name, api_base_url, api_key, models, comment, env_models, auth, proxy):
         self.name = name
@@ -265,6 +270,9 @@ class Provider:
         self.env_models = env_models
         self.auth = auth
         self.proxy = proxy
+        # config.in.json's example keys ("sk-ant-your-key-here"): sent to the real host they
+        # only earn a 401, which Claude Code retries ten times.
+        self.placeholder_key = bool(_PLACEHOLDER_KEY.search(api_key))
 
     @property
     def usable(self):
@@ -961,6 +969,15 @@ def is_signature_error(status, body):
     return "signature" in text and "thinking" in text
 
 
+def without_thinking(body):
+    """strip_thinking() on a request body's bytes; None if it is not a Messages request."""
+    try:
+        return json.dumps(strip_thinking(json.loads(body)), ensure_ascii=False,
+                          separators=(",", ":")).encode("utf-8")
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
 def strip_thinking(body):
     """A copy of a Messages request without thinking blocks or signatures in assistant turns.
 
@@ -1550,10 +1567,15 @@ def body_pieces(resp):
             yield piece, False
 
 
+PLACEHOLDER_REASON = "not contacted: its api_key is still the example of config.in.json — put the real key in config.json"
+
+
 def fetch_models(provider, timeout=REFRESH_TIMEOUT_S):
     """Discover a provider's models from <base>/v1/models: (ids, None, dropped) or
     (None, reason, 0). dropped counts the ids left out: longer than MODEL_ID_MAX, with an
     unprintable character, or past MAX_MODELS. What is read is capped (MODELS_MAX_BYTES a page)."""
+    if provider.placeholder_key:
+        return None, PLACEHOLDER_REASON, 0
     parts = urllib.parse.urlsplit(provider.base_url)
     scheme, host = parts.scheme, parts.hostname
     port = parts.port or (443 if scheme == "https" else 80)
@@ -1631,6 +1653,10 @@ def test_provider(target, timeout=TEST_TIMEOUT_S):
     """Measure a provider: its /v1/models round trip and a minimal real streaming message
     (max_tokens TEST_MAX_TOKENS, no thinking, no tools). Classified ok / slow / failing."""
     started = time.monotonic()
+    if target.provider.placeholder_key:
+        return {"at": time.time(), "status": "failing", "reason": PLACEHOLDER_REASON, "model": None,
+                "models_ms": None, "models": None, "models_error": PLACEHOLDER_REASON,
+                "ttfb_ms": None, "total_ms": None, "tokens": None}
     models, models_error, _ = fetch_models(target.provider, timeout)
     result = {"at": time.time(), "models_ms": int((time.monotonic() - started) * 1000),
               "models": len(models) if models else None, "models_error": models_error,
@@ -1858,6 +1884,7 @@ class Health:
         self.lock = threading.Lock()
         self.cooling = {}             # name -> (until, reason), time.time() based
         self.no_count_tokens = {}     # name -> until
+        self.strip_for = {}           # (conversation, provider) -> when a signature strip helped
 
     def cool_down(self, name, seconds, reason):
         with self.lock:
@@ -1877,6 +1904,18 @@ class Health:
         with self.lock:
             return {n: {"until": u, "reason": r} for n, (u, r) in self.cooling.items() if u > now}
 
+    def strips_signatures(self, session, name):
+        """Whether this conversation needed its thinking signatures stripped on this provider."""
+        when = self.strip_for.get((session, name))
+        return when is not None and time.time() - when < SESSION_MEMORY_S
+
+    def remember_strip(self, session, name):
+        with self.lock:
+            if len(self.strip_for) >= SESSION_MEMORY_MAX:
+                for key in list(self.strip_for)[:SESSION_MEMORY_MAX // 2]:     # the oldest half
+                    del self.strip_for[key]
+            self.strip_for[(session, name)] = time.time()
+
     def lacks_count_tokens(self, name):
         until = self.no_count_tokens.get(name)
         return until is not None and until > time.time()
@@ -1888,14 +1927,25 @@ class Health:
 
 def candidates(view, health):
     """The providers to try in order: the selected one, then the fallback list, skipping any
-    that are cooling down. If all are cooling down the selected one is tried anyway."""
+    that still has a placeholder key and any that is cooling down. If all are cooling down,
+    the first of them is tried anyway."""
     names = [view.selected] + [n for n in (view.fallback if view.fallback_enabled else ())
                                if n != view.selected]
+    usable = [view.targets[n] for n in names if n in view.targets and not view.targets[n].provider.placeholder_key]
     now = time.time()
-    chosen = [view.targets[n] for n in names if n in view.targets and not health.is_cooling(n, now)]
-    if not chosen and view.selected in view.targets:
-        chosen = [view.targets[view.selected]]
-    return chosen
+    chosen = [t for t in usable if not health.is_cooling(t.name, now)]
+    return chosen or usable[:1]
+
+
+def no_candidate(view):
+    """The NoProvider error that says what to edit when candidates() found nothing."""
+    target = view.target
+    if target is not None and target.provider.placeholder_key:
+        return NoProvider("provider %s still has the example key of config.in.json, so ccproxy did "
+                          "not contact it — put your real key in its api_key in %s, then press "
+                          "Reload in the web UI" % (target.name, view.config.path))
+    return NoProvider("ccproxy has no provider to relay to — add one with an api_base_url to "
+                      "Providers in %s, then press Reload in the web UI" % view.config.path)
 
 
 _STREAM_FLAG = re.compile(rb'"stream"\s*:\s*true')
@@ -1908,8 +1958,7 @@ def relay(handler, exchange, started):
     view = server.store.view
     chain = candidates(view, server.health)
     if not chain:
-        raise NoProvider("ccproxy has no provider to relay to — add one with an api_base_url to "
-                         "Providers in %s, then reload" % view.config.path)
+        raise no_candidate(view)
     body = read_request_body(handler, view.config.max_body_bytes)
     if handler.path.startswith("/v1/messages/count_tokens") and server.health.lacks_count_tokens(chain[0].name):
         # Claude Code estimates by itself after a 404; spare the relay the burst from /context.
@@ -1943,6 +1992,10 @@ def answer_failure(handler, exchange, failure):
             failure.error.headers = [("x-ccproxy-attempts", header_text(chain))]
         raise failure.error
     exchange.status = failure.status
+    if failure.status in (401, 403):
+        # Claude Code shows "Invalid API key" alike for ccproxy's key and the provider's.
+        exchange.note = "provider %s rejected its api_key (HTTP %d) — check it in config.json" \
+            % (exchange.provider, failure.status)
     fields = end_to_end(failure.headers, RESPONSE_OWN)
     fields.append(("Content-Length", str(len(failure.body))))
     fields.append(("x-ccproxy-provider", header_text(exchange.provider)))
@@ -1962,8 +2015,16 @@ def attempt(handler, exchange, started, view, target, raw_body, client_headers, 
     # provider (or a non-streamed reply, whose headers come after the whole answer) gets the
     # long idle timeout.
     first_timeout = config.first_byte_timeout_s if stream and not last else config.api_timeout_s
-    pool = handler.server.pool
-    for signature_retry in (False, True):
+    pool, health = handler.server.pool, handler.server.health
+    # After a switch, a conversation's old thinking blocks carry another provider's signatures;
+    # once a strip was needed on this provider, every later turn goes out stripped at once.
+    session = handler.headers.get("X-Claude-Code-Session-Id")
+    stripped = bool(session) and health.strips_signatures(session, target.name) and without_thinking(body)
+    if stripped:
+        body = stripped
+        exchange.note = "thinking signatures stripped, as earlier in this conversation"
+    retried = bool(stripped)
+    while True:
         headers = upstream_headers(client_headers, target, body)
         conn = None
         if handler.server.debug:
@@ -1993,17 +2054,18 @@ def attempt(handler, exchange, started, view, target, raw_body, client_headers, 
             return Failure(reason, error=UpstreamError("provider %s at %s could not be reached: %s"
                                                        % (target.name, target.netloc, reason)),
                            cooldown_s=config.cooldown_s)
-        if whole and not signature_retry and is_signature_error(status, data):
-            try:
-                body = json.dumps(strip_thinking(json.loads(body)), ensure_ascii=False,
-                                  separators=(",", ":")).encode("utf-8")
-            except (ValueError, AttributeError):
+        if whole and not retried and is_signature_error(status, data):
+            stripped = without_thinking(body)
+            if not stripped:
                 break                   # not a Messages body: pass the 400 on
             release(pool, target, conn, resp, True)
+            body, retried = stripped, True
             exchange.note = "thinking signatures stripped, retried"
             continue
+        if retried and status < 400 and session:
+            health.remember_strip(session, target.name)
         if status in COUNT_TOKENS_MISSING and handler.path.startswith("/v1/messages/count_tokens"):
-            handler.server.health.remember_no_count_tokens(target.name)
+            health.remember_no_count_tokens(target.name)
         if status in FAILOVER_STATUSES:
             release(pool, target, conn, resp, True)
             wait = retry_after_seconds(resp.getheader("Retry-After"))
@@ -2477,7 +2539,8 @@ def provider_summary(target, provider):
     out = {"name": provider.name, "comment": provider.comment,
            "api_base_url": provider.api_base_url, "base_url": provider.base_url,
            "separator": target is None, "key_hint": key_hint(provider.api_key),
-           "has_key": bool(provider.api_key), "auth": provider.auth, "proxy": bool(provider.proxy)}
+           "has_key": bool(provider.api_key), "placeholder_key": provider.placeholder_key,
+           "auth": provider.auth, "proxy": bool(provider.proxy)}
     if target is not None:
         out.update(models=list(target.models), models_source=target.models_source,
                    header_override=target.header_preset_name,
@@ -2798,7 +2861,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.authenticate()
                 if self.command in ("GET", "HEAD") and (path == "/v1/models" or path.startswith("/v1/models/")):
                     exchange.status = 200
-                    self.local_models(path, query)
+                    self.local_models(path, query, exchange)
                     return
                 relay(self, exchange, started)
             elif path.startswith("/api/") and path != "/api/hello":
@@ -2878,13 +2941,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             status, obj = route(self, body)
         self.send_json(status, obj)
 
-    def local_models(self, path, query):
+    def local_models(self, path, query, exchange):
+        """Answered from the models ccproxy knows, never by a call to the provider."""
         view = self.server.store.view
         target = view.target
         if target is None:
             raise NoProvider("ccproxy has no provider selected — add one to %s" % view.config.path)
         if path == "/v1/models":
-            self.send_json(200, model_page(target.models, query))
+            page = model_page(target.models, query)
+            exchange.note = "answered by ccproxy: %d of %s's %d models" % (len(page["data"]), target.name,
+                                                                            len(target.models))
+            self.send_json(200, page)
         elif urllib.parse.unquote(path[len("/v1/models/"):]) in target.model_set:
             self.send_json(200, model_object(urllib.parse.unquote(path[len("/v1/models/"):])))
         else:
@@ -3240,7 +3307,15 @@ def main(argv=None):
     if created_key:
         print("  created %s with a new APIKEY (the web UI password): %s" % (args.config, created_key))
         print("  Claude Code ~/.claude/settings.json:")
-        print(json.dumps(claude_settings(url, created_key, {}), indent=2), flush=True)
+        print(json.dumps(claude_settings(url, created_key, {}), indent=2))
+    target = server.store.view.target
+    if created_key or (target is not None and target.provider.placeholder_key):
+        print("  next: put your relays in Providers of %s (name, api_base_url, api_key), then press\n"
+              "        Reload config in the web UI. Example keys are never sent anywhere.\n"
+              "  下一步：在 %s 的 Providers 中填入你的中转站（name、api_base_url、api_key），\n"
+              "        然后在网页上点“重载配置”。示例密钥不会被发往任何地方。"
+              % (os.path.abspath(args.config), os.path.abspath(args.config)))
+    sys.stdout.flush()
 
     try:
         server.serve_forever()

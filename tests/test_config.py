@@ -241,7 +241,20 @@ def test_first_run_creates_config_with_a_random_key(tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"), "--config", str(path),
                              "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        banner = [proc.stdout.readline() for _ in range(8)]
+        banner = [proc.stdout.readline()]
+        while "示例密钥" not in banner[-1] and banner[-1]:
+            banner.append(proc.stdout.readline())
+        port = int(banner[0].split("http://127.0.0.1:")[1].split()[0])
+        # Claude Code run at once: the template's example key is not sent to the real host
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/v1/messages", json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 1,
+                                                         "messages": []}),
+                     {"x-api-key": json.load(open(path, encoding="utf-8"))["APIKEY"]})
+        resp = conn.getresponse()
+        error = json.loads(resp.read())["error"]
+        assert resp.status == 500 and resp.getheader("x-should-retry") == "false"
+        assert "example key" in error["message"] and "api_key" in error["message"]
+        conn.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=15)
@@ -252,6 +265,8 @@ def test_first_run_creates_config_with_a_random_key(tmp_path):
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
     text = "".join(banner)
     assert "http://127.0.0.1:" in text and key in text and '"ANTHROPIC_BASE_URL"' in text
+    assert '"ANTHROPIC_AUTH_TOKEN"' in text                     # interactive Claude Code asks about API_KEY
+    assert "next: put your relays in Providers" in text and "下一步" in text
     with open(os.path.join(ROOT, "config.in.json"), encoding="utf-8") as f:
         template = json.load(f)
     assert list(created) == list(template)           # every key and comment, in order

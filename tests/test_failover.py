@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 
+import ccproxy
+
 from conftest import KEY_B, make_config, start_proxy, wait_for, write_config
 from test_relay import MESSAGE, events_of
 
@@ -224,3 +226,79 @@ def test_sdk_sees_one_clean_answer_in_each_recoverable_case(failover, upstream, 
         upstream.fail_next("close")
         msg = client.messages.create(model="claude-sonnet-4-5", max_tokens=8, messages=[{"role": "user", "content": "x"}])
         assert msg.stop_reason == "end_turn"
+
+
+SIGNATURE_ERROR = {"type": "error", "error": {"type": "invalid_request_error",
+                                              "message": "messages.1.content.0: Invalid `signature` in `thinking` block"}}
+
+
+def test_a_conversation_that_needed_the_strip_is_stripped_before_sending(failover, upstream, log_lines):
+    proxy = failover()
+    session = {"X-Claude-Code-Session-Id": "3f1c-sess-1"}
+    upstream.fail_next(status=400, body=SIGNATURE_ERROR)
+    assert proxy.call("POST", "/v1/messages", THINKING_TURNS, session)[0] == 200
+    assert len(upstream.requests) == 2                      # the failed round trip, once
+    for turn in range(3):                                   # later turns: one request each, stripped
+        status, _, _ = proxy.call("POST", "/v1/messages", THINKING_TURNS, session)
+        assert status == 200 and len(upstream.requests) == 3 + turn
+        assert upstream.last.json["messages"][1]["content"] == [{"type": "text", "text": "hello"}]
+    assert wait_for(lambda: "as earlier in this conversation" in log_lines.text)
+    # another conversation, and the same one on another provider, go out as they came
+    proxy.call("POST", "/v1/messages", THINKING_TURNS, {"X-Claude-Code-Session-Id": "other"})
+    assert upstream.last.json == THINKING_TURNS
+    assert not proxy.server.health.strips_signatures("3f1c-sess-1", "beta")
+
+
+def test_a_strip_that_did_not_help_is_not_remembered(failover, upstream):
+    proxy = failover()
+    session = {"X-Claude-Code-Session-Id": "s2"}
+    upstream.fail_next(status=400, body=SIGNATURE_ERROR)
+    upstream.fail_next(status=400, body=SIGNATURE_ERROR)
+    assert proxy.call("POST", "/v1/messages", THINKING_TURNS, session)[0] == 400
+    proxy.call("POST", "/v1/messages", THINKING_TURNS, session)
+    assert upstream.last.json == THINKING_TURNS             # sent as it came
+
+
+def test_a_provider_with_the_example_key_is_never_contacted(tmp_path, upstream, upstream2):
+    config = make_config(upstream, upstream2, Fallback=["beta"])
+    config["Providers"][0]["api_key"] = "sk-ant-your-key-here"
+    proxy = start_proxy(write_config(tmp_path / "c.json", config))
+    try:
+        status, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE)
+        assert status == 200 and headers["x-ccproxy-provider"] == "beta"     # skipped, not failed
+        assert proxy.api("POST", "/api/fallback", {"enabled": False})[0] == 200
+        status, headers, data = proxy.call("POST", "/v1/messages", MESSAGE)
+        error = json.loads(data)["error"]
+        assert status == 500 and headers["x-should-retry"] == "false"
+        assert "alpha still has the example key" in error["message"] and "c.json" in error["message"]
+        result = proxy.api("POST", "/api/test", {"provider": "alpha"})[1]["results"]["alpha"]
+        assert result["status"] == "failing" and "not contacted" in result["reason"]
+        result = proxy.api("POST", "/api/refresh-models", {"provider": "alpha"})[1]["results"]["alpha"]
+        assert not result["ok"] and "not contacted" in result["message"]
+        assert proxy.api("GET", "/api/state")[1]["providers"][0]["placeholder_key"] is True
+        assert upstream.requests == []
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("key, placeholder", [
+    ("sk-ant-your-key-here", True), ("sk-your-relay-key", True), ("YOUR_API_KEY", True), ("<key>", True),
+    ("sk-CHANGE-ME", True), ("sk-ant-api03-Yx7your0key", False), ("sk-1234567890abcdef", False), ("", False),
+])
+def test_placeholder_keys(key, placeholder):
+    provider = ccproxy.validate_config({"Providers": [{"name": "p", "api_base_url": "https://x", "api_key": key}]})
+    assert provider.providers[0].placeholder_key is placeholder
+
+
+def test_a_provider_rejecting_its_key_is_said_so(proxy, upstream, log_lines):
+    upstream.fail_next(status=401, body={"type": "error", "error": {"type": "authentication_error",
+                                                                    "message": "invalid x-api-key"}})
+    status, headers, data = proxy.call("POST", "/v1/messages", MESSAGE)
+    assert status == 401 and json.loads(data)["error"]["message"] == "invalid x-api-key"   # as it was
+    assert wait_for(lambda: "provider alpha rejected its api_key (HTTP 401)" in log_lines.text)
+    assert newest_record(proxy)["note"].startswith("provider alpha rejected its api_key")
+    # ccproxy's own key refused: a different note, no provider
+    proxy.call("POST", "/v1/messages", MESSAGE, key="sk-wrong-0000000000")
+    assert wait_for(lambda: len(proxy.api("GET", "/api/requests?limit=5")[1]["requests"]) == 2)
+    rec = newest_record(proxy)
+    assert rec["provider"] is None and rec["status"] == 401 and "ccproxy's APIKEY" in rec["note"]
