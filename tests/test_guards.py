@@ -73,3 +73,14 @@ def test_readme_test_command_is_what_ci_runs():
     command = "python3 -m pip install -r requirements-dev.txt && python3 -m pytest"
     assert command in read("README.md")
     assert command in read(".ci/run")
+
+
+def test_the_chinese_readme_has_every_section_flag_and_key():
+    english, chinese = read("README.md"), read("README_zh.md")
+    for level in ("## ", "### "):
+        count = lambda text: len(re.findall(r"^%s" % level, text, re.M))
+        assert count(chinese) == count(english), "README_zh.md lacks a %s section" % level.strip()
+    for name in re.findall(r"`(--[a-z][a-z-]+)", english) + list(ccproxy.TOP_KEYS + ccproxy.PROVIDER_KEYS):
+        assert name in chinese, "README_zh.md does not mention " + name
+    for route in re.findall(r"^\| `((?:GET|POST|HEAD) [^ `]+)", english, re.M):
+        assert route in chinese, "README_zh.md does not list the route " + route
