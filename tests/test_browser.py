@@ -222,3 +222,42 @@ def test_phone_width_and_keyboard(browser, ui_proxy):
     assert browser.switch_to.active_element.get_attribute("data-action") == "select"
     browser.switch_to.active_element.send_keys(Keys.ENTER)
     wait(browser, lambda d: ui_proxy.store.view.selected == "beta")
+
+
+def test_chinese_names_placeholder_keys_and_a_provider_refusing_its_key(browser, tmp_path, upstream, upstream2):
+    config = make_config(upstream, upstream2, Fallback=["🚀备用"])
+    config["Providers"][0].update(name="中转站A", comment="主力线路")
+    config["Providers"][2].update(name="🚀备用")
+    config["Providers"].append({"name": "示例", "api_base_url": upstream.url, "api_key": "sk-your-relay-key"})
+    proxy = start_proxy(write_config(tmp_path / "config.json", config))
+    try:
+        login(browser, proxy)
+        browser.find_element(By.CSS_SELECTOR, "header .lang-toggle").click()
+        wait(browser, lambda d: d.find_element(By.ID, "reload").text == "重载配置")
+        names = [c.get_attribute("data-name") for c in browser.find_elements(By.CSS_SELECTOR, ".prov")]
+        assert names == ["中转站A", "🚀备用", "示例"]
+        assert "示例密钥" in provider_card(browser, "示例").text
+        assert "示例密钥" not in provider_card(browser, "中转站A").text
+        click(browser, lambda d: provider_card(d, "🚀备用").find_element(By.CSS_SELECTOR, "[data-action=select]"))
+        wait(browser, lambda d: proxy.store.view.selected == "🚀备用")
+        wait(browser, lambda d: d.find_element(By.ID, "selected-name").text == "🚀备用")
+        # the provider refuses its own key: the Requests panel says so, in Chinese
+        upstream2.fail_next(status=401, body={"type": "error", "error": {"type": "authentication_error",
+                                                                         "message": "invalid key"}})
+        proxy.api("POST", "/api/fallback", {"enabled": False})
+        proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []})
+        wait(browser, lambda d: "供应商 🚀备用 拒绝了它的密钥" in d.find_element(By.ID, "requests").text, timeout=8)
+        # failover: back to config.json's list, then switching it on again keeps it unedited
+        click(browser, lambda d: d.find_element(By.ID, "fallback-enabled"))
+        wait(browser, lambda d: proxy.store.view.fallback_enabled is True)
+        proxy.api("POST", "/api/fallback", {"providers": ["中转站A", "🚀备用"]})
+        wait(browser, lambda d: d.find_element(By.ID, "fallback-reset").is_displayed(), timeout=8)
+        click(browser, lambda d: d.find_element(By.ID, "fallback-reset"))
+        wait(browser, lambda d: proxy.store.view.fallback == ("🚀备用",))
+        click(browser, lambda d: d.find_element(By.ID, "fallback-enabled"))
+        wait(browser, lambda d: proxy.store.view.fallback_enabled is False)
+        time.sleep(0.3)
+        assert proxy.api("GET", "/api/state")[1]["fallback"]["edited"] is False
+        assert not browser.find_element(By.ID, "fallback-reset").is_displayed()
+    finally:
+        proxy.stop()
