@@ -1880,15 +1880,16 @@ class Failure:
 class Health:
     """Which providers are cooling down after a failure, and which lack count_tokens."""
 
-    def __init__(self):
+    def __init__(self, clock=time.time):
+        self.clock = clock            # wall-clock seconds: the web UI shows "until" times; injectable for tests
         self.lock = threading.Lock()
-        self.cooling = {}             # name -> (until, reason), time.time() based
+        self.cooling = {}             # name -> (until, reason)
         self.no_count_tokens = {}     # name -> until
         self.strip_for = {}           # (conversation, provider) -> when a signature strip helped
 
     def cool_down(self, name, seconds, reason):
         with self.lock:
-            self.cooling[name] = (time.time() + min(seconds, MAX_COOLDOWN_S), reason)
+            self.cooling[name] = (self.clock() + min(seconds, MAX_COOLDOWN_S), reason)
 
     def recovered(self, name):
         if name in self.cooling:
@@ -1900,29 +1901,29 @@ class Health:
         return entry is not None and entry[0] > now
 
     def snapshot(self):
-        now = time.time()
+        now = self.clock()
         with self.lock:
             return {n: {"until": u, "reason": r} for n, (u, r) in self.cooling.items() if u > now}
 
     def strips_signatures(self, session, name):
         """Whether this conversation needed its thinking signatures stripped on this provider."""
         when = self.strip_for.get((session, name))
-        return when is not None and time.time() - when < SESSION_MEMORY_S
+        return when is not None and self.clock() - when < SESSION_MEMORY_S
 
     def remember_strip(self, session, name):
         with self.lock:
             if len(self.strip_for) >= SESSION_MEMORY_MAX:
                 for key in list(self.strip_for)[:SESSION_MEMORY_MAX // 2]:     # the oldest half
                     del self.strip_for[key]
-            self.strip_for[(session, name)] = time.time()
+            self.strip_for[(session, name)] = self.clock()
 
     def lacks_count_tokens(self, name):
         until = self.no_count_tokens.get(name)
-        return until is not None and until > time.time()
+        return until is not None and until > self.clock()
 
     def remember_no_count_tokens(self, name):
         with self.lock:
-            self.no_count_tokens[name] = time.time() + COUNT_TOKENS_MEMORY_S
+            self.no_count_tokens[name] = self.clock() + COUNT_TOKENS_MEMORY_S
 
 
 def candidates(view, health):
@@ -1932,7 +1933,7 @@ def candidates(view, health):
     names = [view.selected] + [n for n in (view.fallback if view.fallback_enabled else ())
                                if n != view.selected]
     usable = [view.targets[n] for n in names if n in view.targets and not view.targets[n].provider.placeholder_key]
-    now = time.time()
+    now = health.clock()
     chosen = [t for t in usable if not health.is_cooling(t.name, now)]
     return chosen or usable[:1]
 
@@ -2068,7 +2069,7 @@ def attempt(handler, exchange, started, view, target, raw_body, client_headers, 
             health.remember_no_count_tokens(target.name)
         if status in FAILOVER_STATUSES:
             release(pool, target, conn, resp, True)
-            wait = retry_after_seconds(resp.getheader("Retry-After"))
+            wait = retry_after_seconds(resp.getheader("Retry-After"), health.clock())
             return Failure(str(status), status, resp.getheaders(), data,
                            cooldown_s=config.cooldown_s if wait is None else wait)
         break

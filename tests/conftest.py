@@ -18,6 +18,16 @@ import ccproxy  # noqa: E402
 from mock_upstream import MockUpstream  # noqa: E402
 
 APIKEY = "sk-ccproxy-test-3f9a7c1e5b"
+TEST_TIMEOUT_S = 120        # any one test; the slowest takes ~20 s (256 streams at once)
+SDK_TIMEOUT_S = 20          # an SDK client's own timeout would be 600 s
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test gets a timeout (pytest-timeout, a test-only dependency): a hang fails that
+    test fast instead of stalling the run. A test's own timeout mark wins."""
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_S))
 KEY_A = "sk-alpha-secret-0123456789"
 KEY_B = "sk-beta-secret-9876543210"
 
@@ -43,8 +53,10 @@ def make_config(upstream, upstream2=None, **top):
         providers.append({"name": "----", "api_base_url": ""})
         providers.append({"name": "beta", "api_base_url": upstream2.url + "/anthropic/v1/messages",
                           "api_key": KEY_B, "models": ["glm-4.6"], "auth": "bearer",
+                          # a model of its own per family, so that a family mixed up shows
                           "env-models": {"ANTHROPIC_DEFAULT_SONNET_MODEL": "glm-4.6",
-                                         "ANTHROPIC_DEFAULT_HAIKU_MODEL": "glm-4.6"}})
+                                         "ANTHROPIC_DEFAULT_HAIKU_MODEL": "glm-4.5-air",
+                                         "ANTHROPIC_DEFAULT_OPUS_MODEL": "glm-4.6-plus"}})
     config = {"_comment": "test", "HOST": "127.0.0.1", "PORT": 0, "APIKEY": APIKEY,
               "LOG_LEVEL": "INFO", "HeaderOverrides": {"ua": {"User-Agent": "relay-ua", "x-app": ""}},
               "RequestOverrides": {"nothink": {"thinking": None, "metadata": {"tag": "x"}}},

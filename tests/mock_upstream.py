@@ -131,6 +131,16 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(good + bad)    # in one segment
             self.close_connection = True
             return True
+        if kind == "slow_body":     # the head at once, the body only once the test releases it
+            self.send_response(200)
+            self.send_header("Content-Type", action.get("content_type", "application/json"))
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.flush()
+            action["release"].wait(action.get("seconds", 10))
+            data = action.get("body", b'{"type":"message","content":[]}')
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+            return True
         if kind == "cut":
             self.messages(body, cut_after=action.get("after", 2))
             return True
@@ -245,6 +255,7 @@ class MockUpstream:
     def fail_next(self, kind="status", **action):
         """Queue a failure for the next request: status (status=, body=, headers=), close,
         stall (seconds=, no answer), silent_stream (seconds=, SSE headers then nothing),
+        slow_body (release=Event: the head at once, the body once it is set), bad_chunk,
         or cut (after=N events)."""
         with self.lock:
             self.actions.append(dict(action, kind=kind))

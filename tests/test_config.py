@@ -128,8 +128,10 @@ def test_selection_and_presets_survive_a_restart(config_file):
         assert proxy.store.view.targets["alpha"].header_preset_name == "ua"
     finally:
         proxy.stop()
+    # Writes that succeed leave no temp file behind. (That the write is atomic is shown by
+    # test_state.py's test_state_is_written_atomically, which makes the rename fail.)
     leftovers = [n for n in os.listdir(os.path.dirname(state_path)) if n.startswith(".")]
-    assert leftovers == []   # no temp file left behind by the atomic writes
+    assert leftovers == []
 
 
 def test_a_corrupt_state_file_is_ignored(config_file):

@@ -8,7 +8,7 @@ import pytest
 
 import ccproxy
 
-from conftest import KEY_B, make_config, start_proxy, wait_for, write_config
+from conftest import APIKEY, KEY_B, SDK_TIMEOUT_S, make_config, start_proxy, wait_for, write_config
 from test_relay import MESSAGE, events_of
 
 OVERLOADED = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
@@ -78,8 +78,17 @@ def test_no_retry_once_a_byte_has_gone_out(failover, upstream, upstream2):
     assert not upstream2.requests
 
 
+class Clock:
+    def __init__(self):
+        self.now = 1.9e9
+
+    def __call__(self):
+        return self.now
+
+
 def test_cooldown_skips_then_expires(failover, upstream, upstream2):
     proxy = failover(COOLDOWN_MS=400)
+    clock = proxy.server.health.clock = Clock()
     upstream.fail_next(status=500, body=b"{}")
     assert proxy.call("POST", "/v1/messages", MESSAGE)[1]["x-ccproxy-provider"] == "beta"
     status, state = proxy.api("GET", "/api/state")
@@ -87,18 +96,56 @@ def test_cooldown_skips_then_expires(failover, upstream, upstream2):
     # while alpha cools down, requests go straight to beta
     assert proxy.call("POST", "/v1/messages", MESSAGE)[1]["x-ccproxy-provider"] == "beta"
     assert len(upstream.requests) == 1
-    time.sleep(0.5)
+    clock.now += 0.3
+    assert proxy.call("POST", "/v1/messages", MESSAGE)[1]["x-ccproxy-provider"] == "beta"
+    clock.now += 0.2
     headers = proxy.call("POST", "/v1/messages", MESSAGE)[1]
     assert headers["x-ccproxy-provider"] == "alpha" and "x-ccproxy-attempts" not in headers
     assert proxy.api("GET", "/api/state")[1]["cooling"] == {}
 
 
-def test_retry_after_sets_the_cooldown(failover, upstream):
+@pytest.mark.parametrize("retry_after", ["120", "date"])
+def test_retry_after_sets_the_cooldown(failover, upstream, retry_after):
+    import email.utils
     proxy = failover(COOLDOWN_MS=1)
-    upstream.fail_next(status=429, body=b'{"type":"error"}', headers={"retry-after": "120"})
+    if retry_after == "date":                       # RFC 9110 §10.2.3: an HTTP-date works too
+        retry_after = email.utils.formatdate(time.time() + 120, usegmt=True)
+    upstream.fail_next(status=429, body=b'{"type":"error"}', headers={"retry-after": retry_after})
     proxy.call("POST", "/v1/messages", MESSAGE)
     until = proxy.api("GET", "/api/state")[1]["cooling"]["alpha"]["until"]
-    assert 100 < until - time.time() <= 120
+    assert 100 < until - time.time() <= 121
+
+
+@pytest.fixture
+def upstream3():
+    from mock_upstream import MockUpstream
+    mock = MockUpstream(models=("deepseek-chat",))
+    yield mock
+    mock.close()
+
+
+def test_fallback_is_tried_in_its_order(tmp_path, upstream, upstream2, upstream3):
+    config = make_config(upstream, upstream2, Fallback=["gamma", "beta"])
+    config["Providers"].append({"name": "gamma", "api_base_url": upstream3.url, "api_key": "sk-gamma-1234567890"})
+    proxy = start_proxy(write_config(tmp_path / "c.json", config))
+    try:
+        for mock in (upstream, upstream3, upstream2):
+            mock.fail_next(status=529, body=OVERLOADED)
+        status, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE)
+        assert status == 529 and headers["x-ccproxy-attempts"] == "alpha 529, gamma 529, beta 529"
+        # gamma recovers first: with alpha and beta cooling, gamma answers
+        proxy.server.health.cooling.pop("gamma")
+        status, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE)
+        assert status == 200 and headers["x-ccproxy-provider"] == "gamma" and "x-ccproxy-attempts" not in headers
+        # the order is the list's, whatever the order of Providers
+        proxy.server.health.cooling.clear()
+        upstream.fail_next(status=500, body=b"{}")
+        upstream3.fail_next(status=503, body=b"{}")
+        status, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE)
+        assert headers["x-ccproxy-attempts"] == "alpha 500, gamma 503, beta 200"
+        assert [len(m.requests) for m in (upstream, upstream3, upstream2)] == [2, 3, 2]
+    finally:
+        proxy.stop()
 
 
 def test_every_candidate_failing_gives_the_last_error_as_it_was(failover, upstream, upstream2):
@@ -147,7 +194,15 @@ def test_without_fallback_errors_pass_through_and_nothing_cools(proxy, upstream)
     upstream.fail_next(status=529, body=OVERLOADED)
     status, headers, data = proxy.call("POST", "/v1/messages", MESSAGE)
     assert status == 529 and json.loads(data) == OVERLOADED and "x-ccproxy-attempts" not in headers
+    # nothing cools: a cooldown would be shown here (a lone provider is still tried while it
+    # cools, so the next request's success alone would not show it)
+    assert proxy.api("GET", "/api/state")[1]["cooling"] == {}
     assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200
+    # the same with a Fallback list that is switched off
+    proxy.api("POST", "/api/fallback", {"enabled": False, "providers": ["beta"]})
+    upstream.fail_next(status=529, body=OVERLOADED)
+    assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 529
+    assert proxy.api("GET", "/api/state")[1]["cooling"] == {}
 
 
 THINKING_TURNS = {"model": "claude-sonnet-4-5", "max_tokens": 9, "messages": [
@@ -212,7 +267,7 @@ def test_sdk_sees_one_clean_answer_in_each_recoverable_case(failover, upstream, 
     # skipped here, not at the top: the module's other tests need no SDK
     anthropic = pytest.importorskip("anthropic", reason="the anthropic SDK is a test-only dependency")
     proxy = failover(FIRST_BYTE_TIMEOUT_MS=300)
-    with anthropic.Anthropic(base_url=proxy.url, api_key="sk-ccproxy-test-3f9a7c1e5b", max_retries=0) as client:
+    with anthropic.Anthropic(base_url=proxy.url, api_key=APIKEY, max_retries=0, timeout=SDK_TIMEOUT_S) as client:
         upstream.fail_next(status=529, body=OVERLOADED)
         msg = client.messages.create(model="claude-sonnet-4-5", max_tokens=8, messages=[{"role": "user", "content": "x"}])
         assert msg.content[0].text == "hello"

@@ -8,7 +8,7 @@ import urllib.parse
 import pytest
 
 import ccproxy
-from conftest import APIKEY, KEY_A, KEY_B, start_proxy, wait_for, write_config
+from conftest import APIKEY, KEY_A, KEY_B, SDK_TIMEOUT_S, start_proxy, wait_for, write_config
 from test_relay import MESSAGE, events_of, raw_exchange, request_bytes
 
 FIRST, SECOND = "中转站A", "🚀备用 relay"
@@ -133,7 +133,7 @@ def test_the_provider_test_and_refresh_take_chinese_names(cjk, upstream2):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_the_sdk_reads_answers_from_a_chinese_named_provider(cjk, upstream):
     anthropic = pytest.importorskip("anthropic", reason="the anthropic SDK is a test-only dependency")
-    with anthropic.Anthropic(base_url=cjk.url, api_key=APIKEY, max_retries=0, timeout=20) as client:
+    with anthropic.Anthropic(base_url=cjk.url, api_key=APIKEY, max_retries=0, timeout=SDK_TIMEOUT_S) as client:
         raw = client.messages.with_raw_response.create(
             model="claude-sonnet-4-5", max_tokens=8, messages=[{"role": "user", "content": "你好"}])
         assert urllib.parse.unquote(raw.headers["x-ccproxy-provider"]) == FIRST

@@ -180,8 +180,10 @@ def test_model_mapping_can_be_turned_off(tmp_path, upstream, upstream2):
 def test_model_mapping_is_logged(proxy, upstream2, log_lines):
     proxy.store.select("beta")
     proxy.call("POST", "/v1/messages", dict(MESSAGE, model="claude-3-5-haiku[1m]"))
-    assert upstream2.last.json["model"] == "glm-4.6"
-    assert wait_for(lambda: "model claude-3-5-haiku[1m] → glm-4.6" in log_lines.text)
+    assert upstream2.last.json["model"] == "glm-4.5-air"
+    assert wait_for(lambda: "model claude-3-5-haiku[1m] → glm-4.5-air" in log_lines.text)
+    proxy.call("POST", "/v1/messages", dict(MESSAGE, model="claude-opus-4-1"))
+    assert upstream2.last.json["model"] == "glm-4.6-plus"
 
 
 # -- streaming
@@ -631,3 +633,76 @@ def test_workers_start_a_thread_for_every_waiting_connection_and_stop_cleanly():
         release.set()
         workers.stop()
     assert not any(thread.is_alive() for thread in workers.threads)
+
+
+# -- holes a rebuild of the relay core could open
+
+
+def test_a_chunked_body_over_the_limit_gets_413(tmp_path, upstream):
+    proxy = start_proxy(write_config(tmp_path / "c.json", make_config(upstream, MAX_BODY_MB=0.01)))
+    try:
+        chunk = b"x" * 4000
+        head = ("POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: %s\r\nTransfer-Encoding: chunked\r\n"
+                "Content-Type: application/json\r\n\r\n" % APIKEY).encode()
+        answer = raw_exchange(proxy.port, head + b"%x\r\n%s\r\n" % (len(chunk), chunk) * 4 + b"0\r\n\r\n")
+        status_line, _, body = answer.partition(b"\r\n\r\n")
+        assert status_line.startswith(b"HTTP/1.1 413 ")
+        assert json.loads(body)["error"]["type"] == "request_too_large"
+        assert not upstream.requests
+    finally:
+        proxy.stop()
+
+
+def idle_connections(proxy, upstream, requests):
+    """The upstream connections the proxy's pool holds for this mock, once the proxy has
+    finished with `requests` requests (it pools a connection after the answer went out)."""
+    assert wait_for(lambda: len(proxy.server.recorder.newest(requests)) >= requests)
+    return sum(len(stack) for key, stack in proxy.server.pool.idle.items() if key[2] == upstream.port)
+
+
+def test_no_connection_is_pooled_after_a_first_event_timeout(tmp_path, upstream, upstream2):
+    proxy = start_proxy(write_config(tmp_path / "c.json", make_config(upstream, upstream2, Fallback=["beta"],
+                                                                      FIRST_BYTE_TIMEOUT_MS=300)))
+    try:
+        assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200
+        assert idle_connections(proxy, upstream, 1) == 1        # a good answer leaves one to reuse
+        upstream.fail_next("silent_stream", seconds=2)
+        status, headers, _ = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+        assert status == 200 and headers["x-ccproxy-provider"] == "beta"
+        assert idle_connections(proxy, upstream, 2) == 0        # the timed-out one was not put back
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("failure", [{"kind": "cut", "after": 3}, {"kind": "bad_chunk", "pause": 0.2}])
+def test_no_connection_is_pooled_after_a_broken_stream(proxy, upstream, failure):
+    assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200
+    assert idle_connections(proxy, upstream, 1) == 1
+    upstream.fail_next(**failure)
+    status, _, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    assert status == 200 and events_of(data)[-1][0] == "error"
+    assert idle_connections(proxy, upstream, 2) == 0
+    assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200   # and a new one works
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/octet-stream"])
+def test_the_status_reaches_the_client_before_a_slow_body(proxy, upstream, content_type):
+    """A non-streamed answer of unknown length: the head must not wait for the first piece.
+    The mock holds the body until the client has the status line, so a head held back
+    would leave both waiting (and the client's read time out)."""
+    release = threading.Event()
+    upstream.fail_next("slow_body", release=release, content_type=content_type, body=b'{"late": true}')
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.settimeout(5)
+    try:
+        sock.sendall(request_bytes())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        release.set()
+        rest = read_until_closed(sock)
+        assert b'{"late": true}' in head + rest
+    finally:
+        release.set()
+        sock.close()

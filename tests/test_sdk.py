@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import APIKEY, make_config, start_proxy, write_config
+from conftest import APIKEY, SDK_TIMEOUT_S, make_config, start_proxy, write_config
 
 anthropic = pytest.importorskip("anthropic", reason="the anthropic SDK is a test-only dependency")
 
@@ -22,7 +22,7 @@ def sdk_proxy(tmp_path, upstream):
 
 @pytest.fixture
 def client(sdk_proxy):
-    with anthropic.Anthropic(base_url=sdk_proxy.url, api_key=APIKEY, max_retries=0) as c:
+    with anthropic.Anthropic(base_url=sdk_proxy.url, api_key=APIKEY, max_retries=0, timeout=SDK_TIMEOUT_S) as c:
         yield c
 
 
@@ -58,6 +58,6 @@ def test_models_list_follows_pages(client, upstream):
 
 
 def test_wrong_key_is_an_authentication_error(sdk_proxy):
-    with anthropic.Anthropic(base_url=sdk_proxy.url, api_key="wrong", max_retries=0) as c:
+    with anthropic.Anthropic(base_url=sdk_proxy.url, api_key="wrong", max_retries=0, timeout=SDK_TIMEOUT_S) as c:
         with pytest.raises(anthropic.AuthenticationError):
             c.messages.create(model="m", max_tokens=1, messages=[{"role": "user", "content": "x"}])
