@@ -227,8 +227,149 @@ def replay_ccswitch_import(sql_text):
     assert not db.in_transaction
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert set(ccp2ccswitch.TABLES) <= tables
-    assert 0 <= db.execute("PRAGMA user_version").fetchone()[0] <= 17
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 17
     return db
+
+
+# What CC Switch v3.20.0 (database schema 17) has in the seven tables an import requires, read
+# from its schema.rs (CREATE TABLE plus the columns its migrations up to 17 add):
+# column -> (declared type, NOT NULL, default, position in the primary key).
+BOOL = ("BOOLEAN", 1, "0", 0)
+CCSWITCH_SCHEMA_17 = {
+    "providers": {
+        "id": ("TEXT", 1, None, 1), "app_type": ("TEXT", 1, None, 2), "name": ("TEXT", 1, None, 0),
+        "settings_config": ("TEXT", 1, None, 0), "website_url": ("TEXT", 0, None, 0),
+        "category": ("TEXT", 0, None, 0), "created_at": ("INTEGER", 0, None, 0),
+        "sort_index": ("INTEGER", 0, None, 0), "notes": ("TEXT", 0, None, 0), "icon": ("TEXT", 0, None, 0),
+        "icon_color": ("TEXT", 0, None, 0), "meta": ("TEXT", 1, "'{}'", 0), "is_current": BOOL,
+        "in_failover_queue": BOOL, "cost_multiplier": ("TEXT", 1, "'1.0'", 0),
+        "limit_daily_usd": ("TEXT", 0, None, 0), "limit_monthly_usd": ("TEXT", 0, None, 0),
+        "provider_type": ("TEXT", 0, None, 0)},
+    "provider_endpoints": {
+        "id": ("INTEGER", 0, None, 1), "provider_id": ("TEXT", 1, None, 0), "app_type": ("TEXT", 1, None, 0),
+        "url": ("TEXT", 1, None, 0), "added_at": ("INTEGER", 0, None, 0)},
+    "mcp_servers": dict({
+        "id": ("TEXT", 0, None, 1), "name": ("TEXT", 1, None, 0), "server_config": ("TEXT", 1, None, 0),
+        "description": ("TEXT", 0, None, 0), "homepage": ("TEXT", 0, None, 0), "docs": ("TEXT", 0, None, 0),
+        "tags": ("TEXT", 1, "'[]'", 0)},
+        **{"enabled_" + app: BOOL for app in ("claude", "codex", "gemini", "grokbuild", "opencode", "hermes")}),
+    "prompts": {
+        "id": ("TEXT", 1, None, 1), "app_type": ("TEXT", 1, None, 2), "name": ("TEXT", 1, None, 0),
+        "content": ("TEXT", 1, None, 0), "description": ("TEXT", 0, None, 0), "enabled": ("BOOLEAN", 1, "1", 0),
+        "created_at": ("INTEGER", 0, None, 0), "updated_at": ("INTEGER", 0, None, 0)},
+    "skills": dict({
+        "id": ("TEXT", 0, None, 1), "name": ("TEXT", 1, None, 0), "description": ("TEXT", 0, None, 0),
+        "directory": ("TEXT", 1, None, 0), "repo_owner": ("TEXT", 0, None, 0), "repo_name": ("TEXT", 0, None, 0),
+        "repo_branch": ("TEXT", 0, "'main'", 0), "readme_url": ("TEXT", 0, None, 0)},
+        **{"enabled_" + app: BOOL for app in ("claude", "codex", "gemini", "grokbuild", "opencode", "hermes")},
+        installed_at=("INTEGER", 1, "0", 0), content_hash=("TEXT", 0, None, 0), updated_at=("INTEGER", 1, "0", 0)),
+    "skill_repos": {
+        "owner": ("TEXT", 1, None, 1), "name": ("TEXT", 1, None, 2), "branch": ("TEXT", 1, "'main'", 0),
+        "enabled": ("BOOLEAN", 1, "1", 0)},
+    "settings": {"key": ("TEXT", 0, None, 1), "value": ("TEXT", 0, None, 0)},
+}
+
+
+def test_every_ccswitch_table_is_schema_17_column_for_column(config_path, tmp_path):
+    out = tmp_path / "cc-switch.sql"
+    assert run_tool("ccp2ccswitch.py", "--input", config_path, "--output", str(out)).returncode == 0
+    db = replay_ccswitch_import(out.read_text(encoding="utf-8"))
+    assert set(ccp2ccswitch.TABLES) == set(CCSWITCH_SCHEMA_17)
+    for table, expected in CCSWITCH_SCHEMA_17.items():
+        columns = {row[1]: (row[2], row[3], row[4], row[5]) for row in db.execute("PRAGMA table_info(%s)" % table)}
+        assert columns == expected, table
+
+
+def test_ccswitch_queries_run_on_the_imported_database(config_path, tmp_path):
+    """The reads and writes CC Switch's providers, MCP and Skills pages make: each names its
+    columns, so a table in another layout fails here as it does there (no such column)."""
+    out = tmp_path / "cc-switch.sql"
+    assert run_tool("ccp2ccswitch.py", "--input", config_path, "--output", str(out)).returncode == 0
+    db = replay_ccswitch_import(out.read_text(encoding="utf-8"))
+    db.execute("PRAGMA foreign_keys = ON")
+    rows = db.execute("SELECT id, name, settings_config, website_url, category, created_at, sort_index, notes, "
+                      "icon, icon_color, meta, is_current, in_failover_queue, cost_multiplier, limit_daily_usd, "
+                      "limit_monthly_usd, provider_type FROM providers WHERE app_type = 'claude' "
+                      "ORDER BY COALESCE(sort_index, 999999), created_at, id").fetchall()
+    assert len(rows) == 4 and rows[0][13] == "1.0"
+    assert db.execute("SELECT id FROM providers WHERE app_type = 'claude' AND is_current = 1").fetchall()
+    db.execute("UPDATE providers SET is_current = (id = ?) WHERE app_type = 'claude'", (rows[2][0],))
+    db.execute("SELECT url, added_at FROM provider_endpoints WHERE provider_id = ? AND app_type = 'claude'",
+               (rows[0][0],)).fetchall()
+    db.execute("INSERT INTO mcp_servers (id, name, server_config, description, homepage, docs, tags, "
+               "enabled_claude, enabled_codex, enabled_gemini, enabled_grokbuild, enabled_opencode, enabled_hermes) "
+               "VALUES ('fetch', 'fetch', '{\"command\":\"uvx\"}', NULL, NULL, NULL, '[]', 1, 0, 0, 1, 0, 0)")
+    assert db.execute("SELECT id, name, server_config, description, homepage, docs, tags, enabled_claude, "
+                      "enabled_codex, enabled_gemini, enabled_grokbuild, enabled_opencode, enabled_hermes "
+                      "FROM mcp_servers ORDER BY name, id").fetchall()[0][10] == 1
+    db.execute("INSERT INTO skills (id, name, description, directory, repo_owner, repo_name, repo_branch, "
+               "readme_url, enabled_claude, enabled_codex, enabled_gemini, enabled_grokbuild, enabled_opencode, "
+               "enabled_hermes, installed_at, content_hash, updated_at) "
+               "VALUES ('o/r:s', '技能', NULL, 's', 'o', 'r', 'main', NULL, 1, 0, 0, 0, 0, 0, 1, 'h', 1)")
+    assert db.execute("SELECT id, name, directory, enabled_claude, content_hash, updated_at FROM skills "
+                      "ORDER BY name").fetchall() == [("o/r:s", "技能", "s", 1, "h", 1)]
+    db.execute("INSERT INTO prompts (id, app_type, name, content) VALUES ('p', 'claude', 'p', 'x')")
+    db.execute("INSERT INTO skill_repos (owner, name) VALUES ('o', 'r')")
+    db.execute("DELETE FROM providers WHERE id = ?", (rows[0][0],))     # its endpoints go with it
+    assert db.execute("SELECT COUNT(*) FROM provider_endpoints").fetchone()[0] == 3
+
+
+def test_newer_ccswitch_versions_migrate_up_from_the_file(config_path, tmp_path):
+    """3.20.1+ (schema 18), 3.20.4 (19) and later run their migrations from 17: 17->18 touches
+    only a table they create themselves, 18->19 and 19->20 add one flag column each."""
+    out = tmp_path / "cc-switch.sql"
+    assert run_tool("ccp2ccswitch.py", "--input", config_path, "--output", str(out)).returncode == 0
+    db = replay_ccswitch_import(out.read_text(encoding="utf-8"))
+    for table in ("mcp_servers", "skills"):
+        db.execute("ALTER TABLE %s ADD COLUMN enabled_mcode BOOLEAN NOT NULL DEFAULT 0" % table)
+    db.execute("ALTER TABLE mcp_servers ADD COLUMN enabled_pi BOOLEAN NOT NULL DEFAULT 0")
+    db.execute("PRAGMA user_version = 20")
+    assert db.execute("SELECT id, enabled_grokbuild, enabled_opencode, enabled_hermes, enabled_mcode, enabled_pi "
+                      "FROM mcp_servers").fetchall() == []
+    assert db.execute("SELECT id, directory, enabled_hermes, enabled_mcode, content_hash, updated_at "
+                      "FROM skills").fetchall() == []
+
+
+X_API_KEY_CONFIG = {"APIKEY": "sk-ccproxy-tools-0123456789", "Providers": [
+    {"name": "官方直连", "api_base_url": "https://api.anthropic.com/v1/messages", "api_key": "sk-ant-real-1",
+     "auth": "x-api-key"},
+    {"name": "relay-both", "api_base_url": "https://relay.example/claude", "api_key": "sk-relay-2", "auth": "both"},
+    {"name": "relay-bearer", "api_base_url": "https://relay2.example", "api_key": "sk-relay-3"}]}
+
+
+def test_an_x_api_key_provider_keeps_its_style_in_every_target(tmp_path, yaml):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(X_API_KEY_CONFIG, ensure_ascii=False), encoding="utf-8")
+    sql = tmp_path / "cc-switch.sql"
+    result = run_tool("ccp2ccswitch.py", "--input", str(config), "--output", str(sql))
+    assert result.returncode == 0, result.stderr
+    db = replay_ccswitch_import(sql.read_text(encoding="utf-8"))
+    rows = {name: (json.loads(settings)["env"], json.loads(meta)) for name, settings, meta in
+            db.execute("SELECT name, settings_config, meta FROM providers")}
+    env, meta = rows["官方直连"]
+    assert meta == {"apiKeyField": "ANTHROPIC_API_KEY"} and env["ANTHROPIC_API_KEY"] == "sk-ant-real-1"
+    assert "ANTHROPIC_AUTH_TOKEN" not in env
+    for name in ("relay-both", "relay-bearer"):
+        assert rows[name][1] == {} and "ANTHROPIC_AUTH_TOKEN" in rows[name][0]
+    # the link format cannot carry it: said on the console, for that provider only
+    assert "link of 官方直连 cannot say that it wants its key as x-api-key" in result.stdout
+    assert "link of relay-both" not in result.stdout
+    # CLIProxyAPI sends Bearer to any host but api.anthropic.com: the entry's headers carry x-api-key
+    out = tmp_path / "cliproxy.yaml"
+    assert run_tool("ccp2cliproxy.py", "--input", str(config), "--output", str(out)).returncode == 0
+    entries = {e["base-url"]: e for e in yaml.safe_load(out.read_text(encoding="utf-8"))["claude-api-key"]}
+    assert entries["https://api.anthropic.com"]["headers"] == {"x-api-key": "sk-ant-real-1"}
+    assert entries["https://relay.example/claude"]["headers"] == {"x-api-key": "sk-relay-2"}
+    assert "headers" not in entries["https://relay2.example"]
+
+
+@pytest.mark.parametrize("tool, version", [("ccp2ccswitch.py", "CC Switch v3.20.0"),
+                                           ("ccp2cliproxy.py", "CLIProxyAPI v7.2.140")])
+def test_help_names_the_target_version_it_was_checked_against(tool, version):
+    result = run_tool(tool, "--help")
+    assert result.returncode == 0 and version in result.stdout
+    with open(os.path.join(ROOT, "tools", "README.md"), encoding="utf-8") as f:
+        assert version in f.read()
 
 
 def test_ccswitch_sql_imports_cleanly(config_path, tmp_path, fields):
@@ -243,7 +384,7 @@ def test_ccswitch_sql_imports_cleanly(config_path, tmp_path, fields):
     ids = [r[0] for r in rows]
     assert all(ids) and len(set(ids)) == 4 and all(i.startswith("ccp-") for i in ids)
     assert [r[5] for r in rows] == [0, 1, 2, 3] and sum(r[8] for r in rows) == 1 and rows[0][8] == 1
-    assert all(r[1] == "claude" and r[4] == "custom" and r[7] == "{}" and r[6] > 0 for r in rows)
+    assert all(r[1] == "claude" and r[4] == "custom" and r[7] == "{}" and r[6] > 0 for r in rows)   # all Bearer
     env = json.loads(rows[1][3])["env"]
     assert env == {"ANTHROPIC_BASE_URL": fields["two"] + "/anthropic", "ANTHROPIC_AUTH_TOKEN": NASTY_KEY,
                    "ANTHROPIC_DEFAULT_HAIKU_MODEL": "glm-4.5-air", "ANTHROPIC_MODEL": "glm-4.6"}

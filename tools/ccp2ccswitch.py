@@ -5,6 +5,10 @@ CC Switch's SQL import REPLACES its whole database (every app's providers, MCP s
 prompts, skills). The non-destructive way is one ccswitch:// link per provider, which this
 tool prints (or writes with --links). --export-cc writes a standalone Claude Code settings
 file for one provider instead.
+
+Checked against CC Switch v3.20.0, whose database schema is version 17: the file declares
+that version and writes every table as it defines it, so 3.20.0 reads it as it is and newer
+versions migrate up from it; 3.19 and older refuse it.
 """
 
 import argparse
@@ -18,25 +22,37 @@ import urllib.parse
 from ccp_common import add_input, ccproxy, current_name, exportable, fail, load
 
 HEADER = "-- CC Switch SQLite 导出"
-# The schema CC Switch 3.20 creates; user_version tells it no migration is needed.
+CHECKED_WITH = "CC Switch v3.20.0 (database schema 17)"
+# The seven tables a CC Switch import requires, as schema version 17 has them: the columns of
+# CC Switch's CREATE TABLE statements plus those its migrations up to 17 add (providers: cost
+# and limit columns, provider_type; MCP servers and skills: one enabled_* flag per app; skills:
+# content_hash and updated_at). user_version=17 tells CC Switch that no migration up to 17 is
+# needed, so a table in an older layout would stay broken (no such column: …).
 SCHEMA_VERSION = 17
 SCHEMA = """\
 CREATE TABLE providers (id TEXT NOT NULL, app_type TEXT NOT NULL, name TEXT NOT NULL,
   settings_config TEXT NOT NULL, website_url TEXT, category TEXT, created_at INTEGER,
   sort_index INTEGER, notes TEXT, icon TEXT, icon_color TEXT, meta TEXT NOT NULL DEFAULT '{}',
   is_current BOOLEAN NOT NULL DEFAULT 0, in_failover_queue BOOLEAN NOT NULL DEFAULT 0,
-  PRIMARY KEY (id, app_type));
+  cost_multiplier TEXT NOT NULL DEFAULT '1.0', limit_daily_usd TEXT, limit_monthly_usd TEXT,
+  provider_type TEXT, PRIMARY KEY (id, app_type));
 CREATE TABLE provider_endpoints (id INTEGER PRIMARY KEY AUTOINCREMENT, provider_id TEXT NOT NULL,
   app_type TEXT NOT NULL, url TEXT NOT NULL, added_at INTEGER,
   FOREIGN KEY (provider_id, app_type) REFERENCES providers(id, app_type) ON DELETE CASCADE);
 CREATE TABLE mcp_servers (id TEXT PRIMARY KEY, name TEXT NOT NULL, server_config TEXT NOT NULL,
   description TEXT, homepage TEXT, docs TEXT, tags TEXT NOT NULL DEFAULT '[]',
   enabled_claude BOOLEAN NOT NULL DEFAULT 0, enabled_codex BOOLEAN NOT NULL DEFAULT 0,
-  enabled_gemini BOOLEAN NOT NULL DEFAULT 0);
+  enabled_gemini BOOLEAN NOT NULL DEFAULT 0, enabled_grokbuild BOOLEAN NOT NULL DEFAULT 0,
+  enabled_opencode BOOLEAN NOT NULL DEFAULT 0, enabled_hermes BOOLEAN NOT NULL DEFAULT 0);
 CREATE TABLE prompts (id TEXT NOT NULL, app_type TEXT NOT NULL, name TEXT NOT NULL,
   content TEXT NOT NULL, description TEXT, enabled BOOLEAN NOT NULL DEFAULT 1,
   created_at INTEGER, updated_at INTEGER, PRIMARY KEY (id, app_type));
-CREATE TABLE skills (key TEXT PRIMARY KEY, installed BOOLEAN NOT NULL DEFAULT 0, installed_at INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE skills (id TEXT PRIMARY KEY, name TEXT NOT NULL, description TEXT,
+  directory TEXT NOT NULL, repo_owner TEXT, repo_name TEXT, repo_branch TEXT DEFAULT 'main',
+  readme_url TEXT, enabled_claude BOOLEAN NOT NULL DEFAULT 0, enabled_codex BOOLEAN NOT NULL DEFAULT 0,
+  enabled_gemini BOOLEAN NOT NULL DEFAULT 0, enabled_grokbuild BOOLEAN NOT NULL DEFAULT 0,
+  enabled_opencode BOOLEAN NOT NULL DEFAULT 0, enabled_hermes BOOLEAN NOT NULL DEFAULT 0,
+  installed_at INTEGER NOT NULL DEFAULT 0, content_hash TEXT, updated_at INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE skill_repos (owner TEXT NOT NULL, name TEXT NOT NULL, branch TEXT NOT NULL DEFAULT 'main',
   enabled BOOLEAN NOT NULL DEFAULT 1, PRIMARY KEY (owner, name));
 CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT);
@@ -64,6 +80,14 @@ def settings_for(target):
                                    target.env_models, target.provider.auth)
 
 
+def provider_meta(target):
+    """CC Switch's provider metadata: which env variable holds the key. Its local proxy sends
+    ANTHROPIC_API_KEY as x-api-key and anything else as Authorization: Bearer."""
+    if target.provider.auth == "x-api-key":
+        return {"apiKeyField": "ANTHROPIC_API_KEY"}
+    return {}
+
+
 def homepage(base_url):
     parts = urllib.parse.urlsplit(base_url)
     return "%s://%s" % (parts.scheme, parts.netloc.rsplit("@", 1)[-1])
@@ -76,7 +100,8 @@ def ccswitch_sql(targets, current, prefix, now_ms):
         pid = provider_id(prefix, target.name)
         settings = json.dumps(settings_for(target), ensure_ascii=False)
         values = [pid, "claude", target.name, settings, homepage(target.provider.base_url), "custom",
-                  now_ms + index, index, target.provider.comment or None, None, None, "{}",
+                  now_ms + index, index, target.provider.comment or None, None, None,
+                  json.dumps(provider_meta(target)),
                   1 if target.name == current else 0, 0]
         out.append("INSERT INTO providers (id, app_type, name, settings_config, website_url, category, "
                    "created_at, sort_index, notes, icon, icon_color, meta, is_current, in_failover_queue) "
@@ -102,7 +127,9 @@ def import_link(target):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="ccp2ccswitch.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="ccp2ccswitch.py", description=__doc__.split("\n\n")[0],
+                                     epilog="Checked against %s: 3.20.0 and newer import the file; "
+                                            "3.19 and older refuse its schema version." % CHECKED_WITH)
     add_input(parser)
     parser.add_argument("--output", help="file to write (default: cc-switch.sql, or with --export-cc "
                                          "claude-settings-NAME.json)")
@@ -150,6 +177,11 @@ def main(argv=None):
         return fail("cannot write: %s" % (exc.strerror or exc))
     print("wrote %s: %d Claude providers, current: %s" % (output, len(targets), current))
     print(WARNING % output)
+    for target in targets:
+        if target.provider.auth == "x-api-key":
+            print("note: the ccswitch:// link of %s cannot say that it wants its key as x-api-key, so "
+                  "CC Switch would send it as Bearer; after opening the link, set the provider's key "
+                  "field to ANTHROPIC_API_KEY in CC Switch (the SQL file already does)" % target.name)
     if args.links:
         print("wrote %d ccswitch:// links to %s (open each one to add that provider alone)" % (len(links), args.links))
     else:

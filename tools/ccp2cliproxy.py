@@ -5,6 +5,11 @@ A complete file: host, port, api-keys (clients must send ccproxy's APIKEY), and 
 `claude-api-key` entry per provider with its base URL (prefix kept, no /v1), models and
 proxy. Every string is written as a JSON-style double-quoted scalar, which YAML reads as the
 same string, so any key or name round-trips.
+
+Checked against CLIProxyAPI v7.2.140. It sends a claude-api-key as x-api-key only to
+api.anthropic.com and as Authorization: Bearer to every other base URL; a provider whose auth
+is x-api-key (or both) gets the key in its entry's headers too, which CLIProxyAPI adds to
+every request of that entry.
 """
 
 import argparse
@@ -14,6 +19,7 @@ import sys
 from ccp_common import add_input, ccproxy, exportable, fail, load
 
 CLIPROXY_PORT = 8317
+CHECKED_WITH = "CLIProxyAPI v7.2.140"
 
 
 def q(value):
@@ -35,6 +41,9 @@ def cliproxy_yaml(config, targets):
         lines.append("    base-url: %s" % q(provider.base_url))
         if target.proxy:
             lines.append("    proxy-url: %s" % q(target.proxy))
+        if provider.auth in ("x-api-key", "both"):
+            lines.append("    headers:")
+            lines.append("      x-api-key: %s" % q(provider.api_key))
         if target.models:
             lines.append("    models:")
             for model in target.models:
@@ -44,7 +53,8 @@ def cliproxy_yaml(config, targets):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="ccp2cliproxy.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="ccp2cliproxy.py", description=__doc__.split("\n\n")[0],
+                                     epilog="Checked against %s." % CHECKED_WITH)
     add_input(parser)
     parser.add_argument("--output", default="cliproxy.yaml", help="file to write (default: cliproxy.yaml)")
     return parser.parse_args(argv)
