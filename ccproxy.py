@@ -14,8 +14,9 @@ mapping -> pooled http.client connection -> relay the answer (chunked to the cli
 -> Recorder (log line, request log, stats, metrics; on its own thread).
 
 Sections, in file order (grep -n '^# ===' ccproxy.py):
-  constants, errors, config, state, pure HTTP helpers, upstream client, relay,
-  observability, web UI API, request handler, server factory and CLI.
+  constants, errors, config, state, pure HTTP helpers, upstream client,
+  providers: discovery and tests, relay, observability, web UI API, request handler,
+  server factory and CLI.
 
 Run:   python3 ccproxy.py [--config config.json] [--host H] [--port P] [--debug]
        (first run creates config.json from config.in.json with a random APIKEY)
@@ -45,6 +46,7 @@ import os
 import queue
 import re
 import secrets
+import select
 import signal
 import socket
 import ssl
@@ -86,11 +88,16 @@ MAX_MODELS = 5000                   # kept per provider
 MODEL_ID_MAX = 256                  # characters; a longer discovered id is left out
 MAX_HEADERS = 100                   # fields in one request, as http.server allows
 MAX_LINE = 65536
-MAX_HEADER_BLOCK = 65536            # all of a request's header lines together (else 431)
+MAX_HEADER_BLOCK = 65536            # all of a message's header lines together (else 431)
+HEADER_DEADLINE_S = 30.0            # a request's head, from its first byte, must be in by then
+LINGER_S = 2.0                      # an unread request body is drained this long before closing
+LINGER_MAX_BYTES = 1 << 20
 CHUNK_SIZE_LINE = 1024              # longest chunk-size line (with extensions) read from a client
 API_BODY_MAX = 1 << 20              # a web UI API call's JSON body
 ERROR_EXCERPT = 160                 # characters of a provider's answer quoted in a message
 SNIFF_BYTES = 4096                  # of an error answer, searched for the signature error
+ERROR_HOLD_BYTES = 65536            # of an error answer, read before deciding on failover
+USAGE_JSON_MAX = 1 << 20            # a JSON reply is parsed for its usage if no larger
 THREAD_JOIN_S = 2.0                 # a stopping thread is waited for this long
 POLL_S = 0.05                       # how often shutdown checks that requests have finished
 DEFAULT_FIRST_BYTE_TIMEOUT_MS = 60000   # a stream's status + first event, when a fallback remains
@@ -109,11 +116,6 @@ TTFB_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TEST_TIMEOUT_S = 30.0               # one provider test
 TEST_SLOW_S = 5.0                   # a first event later than this is "slow"
 TEST_MAX_TOKENS = 8
-SPARE_WORKERS = 16                  # connection threads started ahead of need
-SETUP_SLOTS = 2                     # new connections reading their first request at once
-SETUP_WAIT_S = 1.0                  # the longest wait for a setup slot; then without one
-FIRST_BYTES_S = 0.005               # a setup slot is kept only if the request is in by then
-WORKER_IDLE_S = 300.0               # a connection thread idle this long retires (spares stay)
 SHUTDOWN_GRACE_S = 5.0              # in-flight streams get this long on SIGTERM/Ctrl-C
 AUTH_FAIL_LIMIT = 10                # different wrong keys from one address within AUTH_FAIL_WINDOW_S
 AUTH_GLOBAL_FAIL_LIMIT = 100        # different wrong keys from all addresses within the window
@@ -147,6 +149,8 @@ HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy
 REQUEST_OWN = frozenset(("host", "content-length", "accept-encoding", "expect",
                          "x-api-key", "authorization"))
 RESPONSE_OWN = frozenset(("content-length",))
+
+STATUS_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
 
 log = logging.getLogger("ccproxy")
 
@@ -186,6 +190,13 @@ class RateLimited(ProxyError):
     def __init__(self, message, seconds):
         super().__init__(message)
         self.headers = [("retry-after", str(max(1, math.ceil(seconds))))]
+
+
+class HeaderSectionError(ProxyError):
+    """A request head over the limits (MAX_LINE, MAX_HEADERS, MAX_HEADER_BLOCK), or cut off."""
+
+    status = 431
+    kind = "invalid_request_error"
 
 
 class NotFound(ProxyError):
@@ -860,10 +871,50 @@ def body_framing(headers):
         return True, 0
     if not lengths:
         return False, 0
-    values = {v.strip() for value in lengths for v in value.split(",")}
-    if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
-        raise ValueError("Content-Length must be one number")
-    return False, int(values.pop())
+    return False, content_length(lengths)
+
+
+def content_length(values):
+    """The one length that Content-Length field values state (RFC 9110 §8.6: digits only; a
+    list of equal values is one value); ValueError for anything else: +98, 0x62, -1, 9_8 and
+    differing values are what int() would take and another parser would not."""
+    found = {v.strip() for value in values for v in value.split(",")}
+    if len(found) != 1:
+        raise ValueError("Content-Length is given with different values")
+    value = found.pop()
+    if not _DIGITS.fullmatch(value):
+        raise ValueError("Content-Length %r is not a number" % value[:ERROR_EXCERPT])
+    return int(value)
+
+
+def has_dot_segment(path):
+    """Whether a path has a "." or ".." segment, also percent-encoded, once or twice: a relay
+    that resolves it (RFC 3986 §5.2.4) would serve a path outside the one ccproxy checked."""
+    for _ in range(3):
+        if any(segment in (".", "..") for segment in re.split(r"[/\\]", path)):
+            return True
+        decoded = urllib.parse.unquote(path)
+        if decoded == path:
+            return False
+        path = decoded
+    return True
+
+
+def message_head(start_line, fields):
+    """A request or status line and its header block, as bytes that leave in one write.
+
+    Values are known to be free of control characters: the client's and the provider's by
+    parse_header_lines, the config's by validate_config, ccproxy's own by header_text. A value
+    outside Latin-1 raises UnicodeEncodeError here, before anything is written.
+    """
+    lines = [start_line]
+    lines.extend("%s: %s" % field for field in fields)
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def request_head(method, target, headers):
+    return message_head("%s %s HTTP/1.1" % (method, target), headers)
 
 
 def connection_tokens(headers):
@@ -1245,9 +1296,8 @@ _TLS = ssl.create_default_context()
 KERNEL_TIMEOUTS = sys.platform.startswith(("linux", "darwin", "freebsd")) and hasattr(socket, "SO_RCVTIMEO")
 
 
-def set_timeout(sock, seconds, send=True):
-    """Make each receive, and each send unless send is false, on sock give up
-    (socket.timeout) after seconds."""
+def set_timeout(sock, seconds):
+    """Make each receive and each send on sock give up (socket.timeout) after seconds."""
     if not KERNEL_TIMEOUTS or isinstance(sock, ssl.SSLSocket):
         sock.settimeout(seconds)
         return
@@ -1256,23 +1306,22 @@ def set_timeout(sock, seconds, send=True):
     whole = int(seconds)
     value = struct.pack("ll", whole, max(1, int((seconds - whole) * 1e6)))   # 0 would mean never
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-    if send:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
 
 class SocketStream(io.RawIOBase):
     """A connected socket as a raw stream, for sockets timed by set_timeout.
 
     socket.makefile() answers EAGAIN, which is how a kernel timeout ends a blocking recv, with
-    None, and io.BufferedReader takes that for the end of the stream: a stalled provider would
+    None, and io.BufferedReader takes that for the end of the stream: a stalled peer would
     look like one that had finished. Here it is socket.timeout, as with a Python timeout.
-    A header block given to hold() leaves with the next write, in the same send().
     """
+
+    deadline = None         # a monotonic time after which no more is read (Handler: a request's head)
 
     def __init__(self, sock):
         super().__init__()
         self.sock = sock
-        self.held = b""
 
     def readable(self):
         return True
@@ -1281,120 +1330,179 @@ class SocketStream(io.RawIOBase):
         return True
 
     def readinto(self, buf):
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise socket.timeout("the request head took longer than HEADER_DEADLINE_S")
         try:
             return self.sock.recv_into(buf)
         except BlockingIOError:
             raise socket.timeout("timed out")
 
-    def hold(self, data):
-        self.held += data
-
     def write(self, data):
-        size = len(data)
-        if self.held:
-            data, self.held = self.held + data, b""
         try:
             self.sock.sendall(data)
         except BlockingIOError:
             raise socket.timeout("timed out")
-        return size
-
-    def makefile(self, mode):
-        """What HTTPResponse asks of the socket it is given: a buffered reader."""
-        return io.BufferedReader(self)
-
-    def flush(self):
-        if self.held:
-            self.write(b"")
+        return len(data)
 
 
-def message_head(start_line, fields):
-    """A request or status line and its header block, as bytes that leave in one write.
-
-    Values are known to be free of control characters: the client's and the provider's by
-    parse_header_lines, the config's by validate_config, ccproxy's own by header_text. A value
-    outside Latin-1 raises UnicodeEncodeError here, before anything is written.
-    """
-    lines = [start_line]
-    lines.extend("%s: %s" % field for field in fields)
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1")
+class UpstreamProtocolError(http.client.HTTPException):
+    """A provider's answer that breaks HTTP/1.1's rules: it is not relayed, and its
+    connection is closed, never pooled."""
 
 
-def request_head(method, target, headers):
-    return message_head("%s %s HTTP/1.1" % (method, target), headers)
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: ([^\r\n]*))?\r?\n\Z")
 
 
-class Response(http.client.HTTPResponse):
-    """http.client's response, read through a SocketStream, with the header block parsed by
-    parse_header_lines.
+def read_header_block(reader, error=UpstreamProtocolError):
+    """The raw field lines of a header section, up to its blank line; `error` if the section
+    is cut off, has a line over MAX_LINE, or passes MAX_HEADERS lines or MAX_HEADER_BLOCK bytes."""
+    lines, size = [], 0
+    while True:
+        line = reader.readline(MAX_LINE + 1)
+        if line in (b"\r\n", b"\n"):
+            return lines
+        if not line.endswith(b"\n"):
+            raise error("the header section is cut off or has a line over %d bytes" % MAX_LINE)
+        size += len(line)
+        if len(lines) >= MAX_HEADERS or size > MAX_HEADER_BLOCK:
+            raise error("the header section is larger than %d fields or %d bytes" % (MAX_HEADERS, MAX_HEADER_BLOCK))
+        lines.append(line)
 
-    The stdlib parses it with the email package (~0.2 ms a response in profiles). This is
-    HTTPResponse.begin() of CPython 3.8–3.13 with only that step replaced; the attributes it
-    sets (chunked, chunk_left, length, will_close, version) are what the read methods use.
-    """
 
-    def __init__(self, sock, method):
-        # Given the SocketStream, HTTPResponse reads through it: makefile()'s own reader would
-        # take a kernel timeout for the end of the body.
-        super().__init__(SocketStream(sock), method=method)
+class Response:
+    """A provider's answer on one connection, read by ccproxy itself (no http.client
+    internals): the status line and header fields parsed strictly, every interim 1xx skipped
+    (RFC 9110 §15.2: 103 Early Hints comes before the real answer; 101 is refused, nothing
+    asked for an upgrade), and the body's framing decided once by response_framing(). The
+    body is then read with pieces() or read(), or discarded with the connection."""
 
-    def begin(self):
-        if self.headers is not None:
-            return
+    def __init__(self, reader, method):
+        self.reader = reader
         while True:
-            version, status, reason = self._read_status()
-            if not 100 <= status < 200 or status == 101:
-                break
-            # Every other 1xx (100 Continue, 103 Early Hints…) is interim: the final answer
-            # follows on the same connection (RFC 9110 section 15.2).
-            self._read_header_lines()
-        self.code = self.status = status
-        self.reason = reason.strip()
-        if version in ("HTTP/1.0", "HTTP/0.9"):
-            self.version = 10
-        elif version.startswith("HTTP/1."):
-            self.version = 11
-        else:
-            raise http.client.UnknownProtocol(version)
-        try:
-            self.headers = self.msg = parse_header_lines(self._read_header_lines())
-        except ValueError as exc:
-            raise http.client.HTTPException("bad response header: %s" % exc)
-        self.chunked = (self.headers.get("transfer-encoding") or "").lower() == "chunked"
-        self.chunk_left = None
-        self.will_close = self._check_close()
-        self.length = None
-        length = self.headers.get("content-length")
-        if length and not self.chunked:
+            line = reader.readline(MAX_LINE + 1)
+            if not line:
+                raise http.client.RemoteDisconnected("the provider closed the connection without an answer")
+            match = _STATUS_LINE.match(line)
+            if match is None:
+                raise UpstreamProtocolError("not an HTTP/1.x status line: %r" % line[:40])
             try:
-                self.length = int(length)
-            except ValueError:
-                self.length = None
-            if self.length is not None and self.length < 0:
-                self.length = None
-        if status in (http.client.NO_CONTENT, http.client.NOT_MODIFIED) or 100 <= status < 200 \
-                or self._method == "HEAD":
-            self.length = 0
-        if not self.will_close and not self.chunked and self.length is None:
-            self.will_close = True
+                headers = parse_header_lines(read_header_block(reader))
+            except ValueError as exc:
+                raise UpstreamProtocolError("bad response header: %s" % exc)
+            status = int(match.group(2))
+            if status == 101:
+                raise UpstreamProtocolError("101 Switching Protocols to a request that asked for no upgrade")
+            if not 100 <= status < 200:
+                break
+        self.status = status
+        self.reason = (match.group(3) or b"").decode("iso-8859-1")
+        self.headers = headers
+        try:
+            self.length, self.chunked, self.will_close = response_framing(
+                method, status, 10 if match.group(1) == b"0" else 11, headers)
+        except ValueError as exc:
+            raise UpstreamProtocolError(str(exc))
+        self.complete = self.length == 0     # the body has been read to its end
 
-    def _read_header_lines(self):
-        lines = []
+    def getheader(self, name, default=None):
+        return self.headers.get(name, default)
+
+    def getheaders(self):
+        return list(self.headers)
+
+    def pieces(self):
+        """Yield (piece, last) as the body arrives: each piece is all the payload that is
+        there (at most RELAY_CHUNK), last says the body is complete. A body cut short raises
+        IncompleteRead; broken chunked framing, UpstreamProtocolError."""
+        if self.complete:
+            yield b"", True
+            return
+        if self.chunked:
+            yield from self._chunked_pieces()
+            return
+        left = self.length                  # None: until the connection closes
         while True:
-            line = self.fp.readline(MAX_LINE + 1)
-            if len(line) > MAX_LINE:
-                raise http.client.LineTooLong("header line")
-            if line in (b"\r\n", b"\n", b""):
-                return lines
-            lines.append(line)
-            if len(lines) > MAX_HEADERS:
-                raise http.client.HTTPException("more than %d headers" % MAX_HEADERS)
+            piece = self.reader.read1(RELAY_CHUNK if left is None else min(left, RELAY_CHUNK))
+            if not piece:
+                if left:
+                    raise http.client.IncompleteRead(b"", left)
+                self.complete = True
+                yield b"", True
+                return
+            if left is not None:
+                left -= len(piece)
+                if not left:
+                    self.complete = True
+                    yield piece, True
+                    return
+            yield piece, False
+
+    def _chunked_pieces(self):
+        # Decoded here rather than a chunk at a time: an answer's closing events arrive
+        # together and leave in one write. The wait is in peek(), which receives into the
+        # reader's own buffer; read1() on an empty buffer would allocate its size for every
+        # waiting stream.
+        decoder = ChunkDecoder()
+        peek, read1 = self.reader.peek, self.reader.read1
+        while True:
+            if not peek(1):
+                raise http.client.IncompleteRead(b"")
+            try:
+                piece = decoder.feed(read1(RELAY_CHUNK))
+            except ValueError as exc:
+                raise UpstreamProtocolError("bad chunked framing: %s" % exc)
+            if decoder.done:
+                self.complete = True
+                if decoder.extra:
+                    self.will_close = True      # bytes after the end: nothing more is read from it
+                yield piece, True
+                return
+            if piece:
+                yield piece, False
+
+    def read(self):
+        """The whole body (for ccproxy's own small requests: model lists, tests)."""
+        return collect(self.pieces())[0]
+
+
+def collect(pieces, limit=None, until=None):
+    """Read from a pieces() generator until the body ends, `limit` bytes are in, or the bytes
+    contain `until`: (bytes, whether the body ended)."""
+    out, size = [], 0
+    for piece, last in pieces:
+        out.append(piece)
+        size += len(piece)
+        if last:
+            return b"".join(out), True
+        if (limit is not None and size >= limit) or (until is not None and until(b"".join(out))):
+            break
+    return b"".join(out), False
+
+
+def response_framing(method, status, version, headers):
+    """(length, chunked, will_close) of an answer's body by RFC 9112 §6.3; length None means
+    "until the connection closes". ValueError for framing that two parsers could read
+    differently: a transfer coding other than chunked, or a bad Content-Length."""
+    tokens = connection_tokens(headers)
+    close = "close" in tokens or (version == 10 and "keep-alive" not in tokens)
+    if method == "HEAD" or status in (204, 304) or status < 200:
+        return 0, False, close
+    codings = headers.get_all("Transfer-Encoding")
+    lengths = headers.get_all("Content-Length")
+    if codings:
+        if ",".join(codings).strip().lower() != "chunked":
+            raise ValueError("Transfer-Encoding %r is not chunked" % ",".join(codings)[:ERROR_EXCERPT])
+        # Content-Length beside it is ignored, and the connection is not trusted again.
+        return None, True, close or bool(lengths)
+    if lengths:
+        return content_length(lengths), False, close
+    return None, False, True
 
 
 def open_connection(scheme, host, port, proxy, timeout):
     """A connected http.client connection to host:port, tunnelled through proxy if given.
-    Only its connecting (proxy tunnel, TLS) and close() are used: requests go by send_request."""
+    Only its connecting (proxy tunnel, TLS), its socket and close() are used: requests are
+    written and answers read by ccproxy (send_request, Response)."""
     cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
     kwargs = {"context": _TLS} if scheme == "https" else {}
     if proxy:
@@ -1424,20 +1532,25 @@ def retime(conn, seconds):
 
 def send_request(conn, method, target, headers, body=b""):
     """Send one request on conn, head and body in one write; its Response once the status
-    line and headers have arrived."""
+    line and headers of the final answer have arrived."""
     head = request_head(method, target, headers)
     if len(body) <= RELAY_CHUNK:
         conn.sock.sendall(head + body)
     else:
         conn.sock.sendall(head)         # not copied into one buffer: it may be 64 MB
         conn.sock.sendall(body)
-    resp = Response(conn.sock, method)
+    return Response(io.BufferedReader(SocketStream(conn.sock)), method)
+
+
+def quiet(sock):
+    """Whether an idle connection has nothing to say. A pooled connection that is readable
+    before a request was sent has either been closed by the provider or carries bytes that
+    belong to no request (an answer's unframed leftovers): either way it is not reused."""
     try:
-        resp.begin()
-    except BaseException:
-        resp.close()
-        raise
-    return resp
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
 
 
 class Pool:
@@ -1452,7 +1565,7 @@ class Pool:
         self.opened = 0
 
     def get(self, key, timeout):
-        """(connection, reused) — an idle one if fresh enough, else a new one."""
+        """(connection, reused) — an idle one if fresh and quiet, else a new one."""
         stack = self.idle.get(key)
         now = time.monotonic()
         while stack:
@@ -1460,7 +1573,7 @@ class Pool:
                 conn, since = stack.pop()
             except IndexError:
                 break       # another thread took the last one
-            if now - since < POOL_IDLE_S:
+            if now - since < POOL_IDLE_S and quiet(conn.sock):
                 retime(conn, timeout)
                 return conn, True
             conn.close()
@@ -1474,6 +1587,32 @@ class Pool:
             stack = self.idle.setdefault(key, deque())
         if len(stack) < POOL_MAX_IDLE:
             stack.append((conn, time.monotonic()))
+        else:
+            conn.close()
+
+    def request(self, target, method, path, headers, body, timeout):
+        """Send one request on a pooled connection: (connection, Response) once the final
+        answer's head has arrived. A pooled connection the provider closed meanwhile is
+        retried once on a new one: nothing reached the provider in that case."""
+        url = target.prefix + path
+        for attempt in (0, 1):
+            conn, reused = self.get(target.pool_key, timeout)
+            try:
+                return conn, send_request(conn, method, url, headers, body)
+            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+                conn.close()
+                if not reused or attempt:
+                    raise
+            except BaseException:
+                conn.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def release(self, target, conn, resp):
+        """Put a connection back if its answer was read to its end and may be followed by
+        another; close it otherwise."""
+        if resp is not None and resp.complete and not resp.will_close:
+            self.put(target.pool_key, conn)
         else:
             conn.close()
 
@@ -1509,63 +1648,7 @@ NETWORK_ERRORS = (OSError, http.client.HTTPException)
 TIMEOUT_ERRORS = (socket.timeout, TimeoutError, BlockingIOError)
 
 
-def send_upstream(pool, target, method, path, headers, body, timeout):
-    """Send one request on a pooled connection; (connection, response) once the status line
-    has arrived.
-
-    A pooled connection the provider has closed meanwhile is retried once on a new one:
-    nothing reached the provider in that case.
-    """
-    url = target.prefix + path
-    for attempt in (0, 1):
-        conn, reused = pool.get(target.pool_key, timeout)
-        try:
-            return conn, send_request(conn, method, url, headers, body)
-        except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
-            conn.close()
-            if not reused or attempt:
-                raise
-        except BaseException:
-            conn.close()
-            raise
-    raise AssertionError("unreachable")
-
-
-def body_pieces(resp):
-    """Yield (piece, last) for a response body as it arrives: each piece is all the payload
-    that is there, and last says the body is complete.
-
-    A chunked body is decoded here rather than by http.client, whose read1() returns one
-    chunk a call: an answer's closing events arrive together and now leave in one write, not
-    three, and a send on loopback costs more than the decoding.
-    """
-    if not resp.chunked:
-        while True:
-            piece = resp.read1(RELAY_CHUNK)
-            if not piece:
-                yield b"", True
-                return
-            yield piece, False
-    decoder = ChunkDecoder()
-    peek, read1 = resp.fp.peek, resp.fp.read1
-    while True:
-        # The wait is in peek(), which receives into the reader's own buffer; read1() on an
-        # empty buffer would allocate its size for every waiting stream (RSS +8 MB at 256).
-        if not peek(1):
-            raise http.client.IncompleteRead(b"")
-        data = read1(RELAY_CHUNK)
-        try:
-            piece = decoder.feed(data)
-        except ValueError as exc:
-            raise http.client.HTTPException("bad chunked framing: %s" % exc)
-        if decoder.done:
-            if decoder.extra:
-                resp.will_close = True      # bytes after the end: the connection is not reused
-            yield piece, True
-            return
-        if piece:
-            yield piece, False
-
+# ============================================================================ providers: discovery and tests
 
 PLACEHOLDER_REASON = "not contacted: its api_key is still the example of config.in.json — put the real key in config.json"
 
@@ -1599,10 +1682,11 @@ def fetch_models(provider, timeout=REFRESH_TIMEOUT_S):
                 set_timeout(conn.sock, left)
             resp = send_request(conn, "GET", parts.path.rstrip("/") + "/v1/models?" + urllib.parse.urlencode(query),
                                 headers)
-            raw = resp.read(MODELS_MAX_BYTES + 1)
+            raw, ended = collect(resp.pieces(), MODELS_MAX_BYTES + 1)
             if len(raw) > MODELS_MAX_BYTES:
                 return None, "the model list is larger than %d MB" % (MODELS_MAX_BYTES >> 20), 0
-            resp.read()             # the end of the body, if it ended right at the cap
+            if not ended:
+                raw += resp.read()      # it ended right at the cap
             if resp.will_close:
                 conn.close()
                 conn = None
@@ -1674,10 +1758,10 @@ def test_provider(target, timeout=TEST_TIMEOUT_S):
         conn = open_connection(target.scheme, target.host, target.port, target.proxy, timeout)
         try:
             resp = send_request(conn, "POST", target.prefix + "/v1/messages", headers, body)
-            status = resp.status
-            first = resp.read1(RELAY_CHUNK)
+            status, pieces = resp.status, resp.pieces()
+            first = next(pieces)[0]
             result["ttfb_ms"] = int((time.monotonic() - started) * 1000)
-            rest = resp.read()
+            rest = collect(pieces)[0]
         finally:
             conn.close()
     except NETWORK_ERRORS as exc:
@@ -1740,23 +1824,6 @@ def filter_models(models, spec):
 
 
 # ============================================================================ relay
-
-
-def read_request_body(handler, limit):
-    """The request body (Content-Length or chunked, as parse_request checked them), at most
-    limit bytes, else 413. Sends 100 Continue first if the client waits for it."""
-    handler.continue_if_expected()
-    handler.body_pending = False
-    if handler.chunked:
-        return read_chunked(handler.rfile, limit)
-    size = handler.length
-    if size > limit:
-        raise ProxyError("request body of %d MB exceeds MAX_BODY_MB (%d MB)"
-                         % (size >> 20, limit >> 20), 413, "request_too_large")
-    body = handler.rfile.read(size) if size else b""
-    if len(body) != size:
-        raise ClientError("request body ended early")
-    return body
 
 
 def read_chunked(rfile, limit):
@@ -1845,40 +1912,95 @@ def upstream_headers(client_headers, target, body):
     return headers
 
 
+# A write to a client that has gone away, or stopped reading, fails with one of these.
+CLIENT_GONE = (BrokenPipeError, ConnectionResetError, socket.timeout, TimeoutError)
+
+
+class ClientRequest:
+    """What the handler parsed of a request to relay."""
+
+    __slots__ = ("method", "path", "headers", "body", "http10")
+
+    def __init__(self, method, path, headers, body, http10=False):
+        self.method = method
+        self.path = path
+        self.headers = headers          # Headers
+        self.body = body
+        self.http10 = http10            # an HTTP/1.0 client gets a close-delimited stream
+
+
+class ClientWriter:
+    """The answer to one client request. head() queues the status line and header block; they
+    leave with the body's first write, or with flush(), in one send(). Once head() was called
+    no other status line may follow (`started`). `send` is the socket's sendall, or a test's
+    list.append."""
+
+    __slots__ = ("send", "pending", "started")
+
+    def __init__(self, send):
+        self.send = send
+        self.pending = b""
+        self.started = False
+
+    def head(self, status, fields):
+        self.pending = message_head("HTTP/1.1 %d %s" % (status, STATUS_PHRASES.get(status, "")), fields)
+        self.started = True
+
+    def write(self, data):
+        if self.pending:
+            data, self.pending = self.pending + data, b""
+        if data:
+            self.send(data)
+
+    def flush(self):
+        self.write(b"")
+
+
 class Exchange:
-    """Facts about one relayed request, for the log line."""
+    """Facts about one relayed request, for the log line and the request log."""
 
     __slots__ = ("provider", "model_in", "model_out", "status", "bytes_in", "bytes_out", "ttfb_ms",
-                 "note", "attempts", "stream", "usage", "midstream_error")
+                 "note", "attempts", "stream", "usage", "midstream_error", "client_gone")
 
     def __init__(self):
         self.provider = self.model_in = self.model_out = self.note = None
         self.status = self.bytes_in = self.bytes_out = 0
         self.ttfb_ms = None
         self.attempts = []          # (provider, label, model sent) of each failed attempt, in order
-        self.stream = self.midstream_error = False
+        self.stream = self.midstream_error = self.client_gone = False
         self.usage = Usage()
 
     def chain(self):
         return ["%s %s" % a[:2] for a in self.attempts]
 
 
+class Answer:
+    """A provider's answer whose head has arrived: the part of its body read ahead (`held`,
+    all of it if `ended`) and the rest, still to be read from `pieces` (Response.pieces())."""
+
+    __slots__ = ("conn", "resp", "pieces", "held", "ended")
+
+    def __init__(self, conn, resp, pieces, held, ended):
+        self.conn, self.resp, self.pieces, self.held, self.ended = conn, resp, pieces, held, ended
+
+
 class Failure:
-    """Why one provider could not answer a request, and what it said if it answered."""
+    """Why one provider could not answer a request. A failure with an `answer` (a 529, say)
+    keeps it, read only ERROR_HOLD_BYTES far, so that it can still be relayed as it was if no
+    other provider takes over; one without has the ProxyError to answer instead."""
 
-    __slots__ = ("label", "status", "headers", "body", "error", "cooldown_s")
+    __slots__ = ("label", "error", "cooldown_s", "answer")
 
-    def __init__(self, label, status=None, headers=(), body=b"", error=None, cooldown_s=None):
+    def __init__(self, label, error=None, cooldown_s=None, answer=None):
         self.label = label            # for x-ccproxy-attempts and the log: "529", "timeout"…
-        self.status = status          # the provider's status, None for a network failure
-        self.headers = headers
-        self.body = body
-        self.error = error            # the ProxyError to answer if this is the last failure
+        self.error = error
         self.cooldown_s = cooldown_s
+        self.answer = answer
 
 
 class Health:
-    """Which providers are cooling down after a failure, and which lack count_tokens."""
+    """Which providers are cooling down after a failure, which lack count_tokens, and which
+    conversations need their thinking signatures stripped on which provider."""
 
     def __init__(self, clock=time.time):
         self.clock = clock            # wall-clock seconds: the web UI shows "until" times; injectable for tests
@@ -1950,250 +2072,254 @@ def no_candidate(view):
 
 
 _STREAM_FLAG = re.compile(rb'"stream"\s*:\s*true')
+_EVENT_END = (b"\n\n", b"\r\n\r\n")
 
 
-def relay(handler, exchange, started):
-    """Relay the handler's request: to the selected provider, and on a failure before any
-    byte reached the client, to the next fallback provider."""
-    server = handler.server
-    view = server.store.view
-    chain = candidates(view, server.health)
-    if not chain:
-        raise no_candidate(view)
-    body = read_request_body(handler, view.config.max_body_bytes)
-    if handler.path.startswith("/v1/messages/count_tokens") and server.health.lacks_count_tokens(chain[0].name):
-        # Claude Code estimates by itself after a 404; spare the relay the burst from /context.
-        exchange.provider = chain[0].name
-        raise NotFound("provider %s does not offer count_tokens" % chain[0].name)
-    # Anthropic's JSON escapes quotes inside strings, so this only matches a real "stream" key.
-    stream = exchange.stream = bool(_STREAM_FLAG.search(body))
-    exchange.bytes_in = len(body)
-    client_headers = list(handler.headers.items())
-    failure = None
-    for index, target in enumerate(chain):
-        exchange.provider = target.name
-        last = index == len(chain) - 1
-        failure = attempt(handler, exchange, started, view, target, body, client_headers, stream, last)
-        if failure is None:
-            server.health.recovered(target.name)
-            return
-        exchange.attempts.append((target.name, failure.label, exchange.model_out))
-        if view.fallback_enabled and view.fallback:
-            server.health.cool_down(target.name, failure.cooldown_s, failure.label)
-    answer_failure(handler, exchange, failure)
+def first_event_in(data):
+    return _EVENT_END[0] in data or _EVENT_END[1] in data
 
 
-def answer_failure(handler, exchange, failure):
-    """Every candidate failed: give the client the last provider's answer as it was, so its
-    own retry logic sees the real status; our own error for a network failure."""
-    chain = ", ".join(exchange.chain())
-    exchange.attempts.pop()         # the last attempt is the outcome, not a step on the way
-    if failure.status is None:
-        if exchange.attempts:
-            failure.error.headers = [("x-ccproxy-attempts", header_text(chain))]
-        raise failure.error
-    exchange.status = failure.status
-    if failure.status in (401, 403):
-        # Claude Code shows "Invalid API key" alike for ccproxy's key and the provider's.
-        exchange.note = "provider %s rejected its api_key (HTTP %d) — check it in config.json" \
-            % (exchange.provider, failure.status)
-    fields = end_to_end(failure.headers, RESPONSE_OWN)
-    fields.append(("Content-Length", str(len(failure.body))))
-    fields.append(("x-ccproxy-provider", header_text(exchange.provider)))
-    if exchange.attempts:
-        fields.append(("x-ccproxy-attempts", header_text(chain)))
-    handler.send_head(failure.status, fields)
-    handler.wfile.write(failure.body)
-    exchange.bytes_out = len(failure.body)
+class Relay:
+    """One client request relayed: to the selected provider and, on a failure before any byte
+    reached the client, to the next candidate (candidates()).
 
+    It reads providers through `pool` (Pool.request and Pool.release) and writes the client's
+    answer through `out` (a ClientWriter); tests give it stand-ins for both, so every decision
+    here runs without sockets. `exchange` collects what the log line and request log show.
+    """
 
-def attempt(handler, exchange, started, view, target, raw_body, client_headers, stream, last):
-    """Try one provider. Returns None once the answer has gone to the client, or the Failure
-    that should move the request on (nothing has been sent to the client then)."""
-    config = view.config
-    body, exchange.model_in, exchange.model_out = prepare_body(view, target, handler.path, raw_body)
-    # A stream must show its first event soon when another provider could take over; a lone
-    # provider (or a non-streamed reply, whose headers come after the whole answer) gets the
-    # long idle timeout.
-    first_timeout = config.first_byte_timeout_s if stream and not last else config.api_timeout_s
-    pool, health = handler.server.pool, handler.server.health
-    # After a switch, a conversation's old thinking blocks carry another provider's signatures;
-    # once a strip was needed on this provider, every later turn goes out stripped at once.
-    session = handler.headers.get("X-Claude-Code-Session-Id")
-    stripped = bool(session) and health.strips_signatures(session, target.name) and without_thinking(body)
-    if stripped:
-        body = stripped
-        exchange.note = "thinking signatures stripped, as earlier in this conversation"
-    retried = bool(stripped)
-    while True:
-        headers = upstream_headers(client_headers, target, body)
-        conn = None
-        if handler.server.debug:
-            log.debug("-> %s %s body: %s", target.name, handler.path,
-                      redact(body[:DEBUG_BODY_CHARS].decode("utf-8", "replace"), config.secrets()))
-        try:
-            conn, resp = send_upstream(pool, target, handler.command, handler.path, headers, body, first_timeout)
-            status = resp.status
-            whole = status in FAILOVER_STATUSES or status in COUNT_TOKENS_MISSING or status == 400
-            pieces = body_pieces(resp)
-            if whole:
-                data, ended = resp.read(), True     # an error answer: small, and needed to decide
-            elif stream and status == 200:
-                data, ended = read_first_event(pieces)
-            else:
-                data, ended = b"", False
-        except TIMEOUT_ERRORS as exc:
-            if conn is not None:
-                release(pool, target, conn, resp, False)    # timed out mid-answer: not reusable
-            return Failure("timeout", error=UpstreamTimeout(
-                "provider %s did not answer in time (%s)" % (target.name, describe_network_error(exc))),
-                cooldown_s=config.cooldown_s)
-        except NETWORK_ERRORS as exc:
-            if conn is not None:
-                release(pool, target, conn, resp, False)
-            reason = describe_network_error(exc)
-            return Failure(reason, error=UpstreamError("provider %s at %s could not be reached: %s"
-                                                       % (target.name, target.netloc, reason)),
-                           cooldown_s=config.cooldown_s)
-        if whole and not retried and is_signature_error(status, data):
-            stripped = without_thinking(body)
-            if not stripped:
-                break                   # not a Messages body: pass the 400 on
-            release(pool, target, conn, resp, True)
-            body, retried = stripped, True
-            exchange.note = "thinking signatures stripped, retried"
-            continue
-        if retried and status < 400 and session:
-            health.remember_strip(session, target.name)
-        if status in COUNT_TOKENS_MISSING and handler.path.startswith("/v1/messages/count_tokens"):
-            health.remember_no_count_tokens(target.name)
-        if status in FAILOVER_STATUSES:
-            release(pool, target, conn, resp, True)
-            wait = retry_after_seconds(resp.getheader("Retry-After"), health.clock())
-            return Failure(str(status), status, resp.getheaders(), data,
-                           cooldown_s=config.cooldown_s if wait is None else wait)
-        break
-    retime(conn, config.api_timeout_s)
-    exchange.status = status
-    extra = [("x-ccproxy-attempts", header_text(", ".join(exchange.chain() + ["%s %d" % (target.name, status)])))] \
-        if exchange.attempts else []
-    reusable = False
-    try:
-        reusable = stream_response(handler, resp, exchange, started, target.name, pieces, data, ended, extra)
-    finally:
-        release(pool, target, conn, resp, reusable)
-    return None
+    def __init__(self, view, health, pool, out, exchange, recorder, debug=False):
+        self.view = view
+        self.recorder = recorder        # counts the open streams (stream_opened, stream_closed)
+        self.config = view.config
+        self.health = health
+        self.pool = pool
+        self.out = out
+        self.exchange = exchange
+        self.debug = debug
+        self.started = time.monotonic()
+        self.request = None
+        self.close = False              # the client connection must close after the answer
 
+    def run(self, request):
+        self.request = request
+        exchange, health = self.exchange, self.health
+        chain = candidates(self.view, health)
+        if not chain:
+            raise no_candidate(self.view)
+        if request.path.startswith("/v1/messages/count_tokens") and health.lacks_count_tokens(chain[0].name):
+            # Claude Code 2.1.332 estimates by itself after a 404: the relay is spared /context's burst.
+            exchange.provider = chain[0].name
+            raise NotFound("provider %s does not offer count_tokens" % chain[0].name)
+        # Anthropic's JSON escapes quotes inside strings, so this only matches a real "stream" key.
+        stream = exchange.stream = bool(_STREAM_FLAG.search(request.body))
+        exchange.bytes_in = len(request.body)
+        for index, target in enumerate(chain):
+            exchange.provider = target.name
+            last = index == len(chain) - 1
+            failure = self.attempt(target, stream, last)
+            if failure is None:
+                health.recovered(target.name)
+                return
+            exchange.attempts.append((target.name, failure.label, exchange.model_out))
+            if self.view.fallback_enabled and self.view.fallback:
+                health.cool_down(target.name, failure.cooldown_s, failure.label)
+            if last:
+                self.answer_failure(target, failure)
+                return
+            if failure.answer is not None:
+                failure.answer.conn.close()     # its answer was not read to its end
 
-def release(pool, target, conn, resp, reusable):
-    if reusable and not resp.will_close:
-        pool.put(target.pool_key, conn)
-    else:
-        resp.close()
-        conn.close()
-
-
-def read_first_event(pieces):
-    """Read until the first complete SSE event (or the end): a stream is only committed to
-    the client once it has shown a real event. Returns (bytes, whether the body ended)."""
-    held, last = b"", False
-    while b"\n\n" not in held and b"\r\n\r\n" not in held and len(held) < FIRST_EVENT_MAX_BYTES and not last:
-        piece, last = next(pieces, (b"", True))
-        held += piece
-    return held, last
-
-
-def stream_response(handler, resp, exchange, started, provider_name, pieces, held=b"", ended=False, extra=()):
-    """Copy the upstream response to the client: the body bytes already read (`held`, all of
-    it if `ended`), then the rest from `pieces` (body_pieces). Returns True if the upstream
-    connection was read to its end and may be reused."""
-    no_body = handler.command == "HEAD" or resp.status in (204, 304) or resp.status < 200
-    upstream = resp.getheaders()
-    length = resp.headers.get("content-length")     # as Response.begin() framed the body
-    content_type = resp.headers.get("content-type", "")
-    is_sse = "text/event-stream" in content_type
-    sized = no_body or (length is not None and not is_sse)
-    data = held
-    if sized and not no_body and not ended:
-        # A sized, non-streaming answer: read it whole, then send it with its length.
-        try:
-            data = held + b"".join(piece for piece, _ in pieces)
-        except NETWORK_ERRORS as exc:
-            raise UpstreamError("provider %s broke off its answer: %s"
-                                % (provider_name, describe_network_error(exc)))
-    fields = end_to_end(upstream, RESPONSE_OWN)
-    fields.append(("x-ccproxy-provider", header_text(provider_name)))
-    fields.extend(extra)
-    if sized:
-        if length is not None:
-            fields.append(("Content-Length", str(len(data)) if data else length))
-        handler.send_head(resp.status, fields)
-        handler.wfile.write(data)
-        exchange.ttfb_ms = (time.monotonic() - started) * 1000
-        exchange.bytes_out = len(data)
-        if no_body:
-            resp.read()
-        elif resp.status == 200 and "json" in content_type:
+    def attempt(self, target, stream, last):
+        """Try one provider. None once its answer has gone to the client, or the Failure that
+        should move the request on (nothing has been sent to the client then)."""
+        exchange, config, health, request = self.exchange, self.config, self.health, self.request
+        body, exchange.model_in, exchange.model_out = prepare_body(self.view, target, request.path, request.body)
+        # After a switch, a conversation's old thinking blocks carry another provider's
+        # signatures; once a strip was needed on this provider, later turns go out stripped.
+        session = request.headers.get("X-Claude-Code-Session-Id")
+        stripped = bool(session) and health.strips_signatures(session, target.name) and without_thinking(body)
+        if stripped:
+            body = stripped
+            exchange.note = "thinking signatures stripped, as earlier in this conversation"
+        retried = bool(stripped)
+        # A stream must show its first event soon when another provider could take over; a
+        # lone provider (or a non-streamed reply, whose head may come after the whole answer)
+        # gets the long idle timeout.
+        first_timeout = config.first_byte_timeout_s if stream and not last else config.api_timeout_s
+        while True:
+            headers = upstream_headers(request.headers, target, body)
+            if self.debug:
+                log.debug("-> %s %s body: %s", target.name, request.path,
+                          redact(body[:DEBUG_BODY_CHARS].decode("utf-8", "replace"), config.secrets()))
+            conn = resp = None
             try:
-                reply = json.loads(data)
+                conn, resp = self.pool.request(target, request.method, request.path, headers, body, first_timeout)
+                status, pieces = resp.status, resp.pieces()
+                if status in FAILOVER_STATUSES or status in COUNT_TOKENS_MISSING or status == 400:
+                    held, ended = collect(pieces, ERROR_HOLD_BYTES)     # to decide on: read only so far
+                elif stream and status == 200:
+                    # A stream is committed to the client only once it has shown a real event.
+                    held, ended = collect(pieces, FIRST_EVENT_MAX_BYTES, first_event_in)
+                else:
+                    held, ended = b"", resp.complete
+            except TIMEOUT_ERRORS as exc:
+                if conn is not None:
+                    conn.close()            # timed out mid-answer: not reusable
+                return Failure("timeout", UpstreamTimeout("provider %s did not answer in time (%s)"
+                                                          % (target.name, describe_network_error(exc))),
+                               config.cooldown_s)
+            except NETWORK_ERRORS as exc:
+                if conn is not None:
+                    conn.close()
+                reason = describe_network_error(exc)
+                return Failure(reason, UpstreamError("provider %s at %s could not be reached: %s"
+                                                     % (target.name, target.netloc, reason)), config.cooldown_s)
+            if status == 400 and not retried and is_signature_error(status, held):
+                stripped = without_thinking(body)
+                if stripped:
+                    self.pool.release(target, conn, resp)
+                    body, retried = stripped, True
+                    exchange.note = "thinking signatures stripped, retried"
+                    continue
+            if retried and status < 400 and session:
+                health.remember_strip(session, target.name)
+            if status in COUNT_TOKENS_MISSING and request.path.startswith("/v1/messages/count_tokens"):
+                health.remember_no_count_tokens(target.name)
+            answer = Answer(conn, resp, pieces, held, ended)
+            if status in FAILOVER_STATUSES:
+                wait = retry_after_seconds(resp.getheader("Retry-After"), health.clock())
+                return Failure(str(status), cooldown_s=config.cooldown_s if wait is None else wait,
+                               answer=answer)
+            break
+        extra = []
+        if exchange.attempts:
+            chain = exchange.chain() + ["%s %d" % (target.name, status)]
+            extra.append(("x-ccproxy-attempts", header_text(", ".join(chain))))
+        self.deliver(target, answer, extra)
+        return None
+
+    def answer_failure(self, target, failure):
+        """Every candidate failed: the client gets the last provider's answer as it was, so its
+        own retry logic sees the real status; ccproxy's own error for a network failure."""
+        exchange = self.exchange
+        chain = ", ".join(exchange.chain())
+        exchange.attempts.pop()             # the last attempt is the outcome, not a step on the way
+        if failure.answer is None:
+            if exchange.attempts:
+                failure.error.headers = [("x-ccproxy-attempts", header_text(chain))]
+            raise failure.error
+        status = failure.answer.resp.status
+        if status in (401, 403):
+            # Claude Code shows "Invalid API key" alike for ccproxy's key and the provider's.
+            exchange.note = "provider %s rejected its api_key (HTTP %d) — check it in config.json" \
+                % (target.name, status)
+        extra = [("x-ccproxy-attempts", header_text(chain))] if exchange.attempts else []
+        self.deliver(target, failure.answer, extra)
+
+    def deliver(self, target, answer, extra):
+        """Relay a provider's answer to the client. Its connection goes back to the pool only
+        if the answer was read to its end."""
+        retime(answer.conn, self.config.api_timeout_s)
+        self.exchange.status = answer.resp.status
+        try:
+            self.relay_body(target, answer, extra)
+        finally:
+            self.pool.release(target, answer.conn, answer.resp)
+
+    def relay_body(self, target, answer, extra):
+        """The head now (or with the first piece), then the held bytes and the rest of the
+        body as it arrives, each piece in one write the moment it is there."""
+        exchange, out, request, resp = self.exchange, self.out, self.request, answer.resp
+        content_type = resp.headers.get("content-type", "")
+        is_sse = "text/event-stream" in content_type
+        fields = end_to_end(resp.getheaders(), RESPONSE_OWN)
+        fields.append(("x-ccproxy-provider", header_text(target.name)))
+        fields.extend(extra)
+        no_body = request.method == "HEAD" or resp.status in (204, 304)
+        if no_body:
+            length = resp.headers.get("content-length")     # describes the GET's body
+            chunked = False
+            if length is not None:
+                fields.append(("Content-Length", length))
+        elif resp.length is not None:
+            chunked = False
+            fields.append(("Content-Length", str(resp.length)))
+        else:
+            # A stream, or a body of unknown length: HTTP/1.1 clients get it re-framed as
+            # chunked so the connection stays reusable; HTTP/1.0 clients, close-delimited.
+            chunked = not request.http10
+            if chunked:
+                fields.append(("Transfer-Encoding", "chunked"))
+            else:
+                self.close = True
+        out.head(resp.status, fields)
+        if not answer.held and resp.length is None and not no_body:
+            out.flush()         # the head goes now, not with a first piece that may be long in coming
+        feed = exchange.usage.feed if is_sse else None
+        keep = [] if resp.status == 200 and "json" in content_type else None    # for the usage
+        # A non-streamed answer must end within API_TIMEOUT_MS whatever a provider drips.
+        deadline = None if is_sse else self.started + self.config.api_timeout_s
+        pieces, data, last = answer.pieces, answer.held, answer.ended
+        self.recorder.stream_opened()
+        try:
+            while True:
+                if data:
+                    if exchange.ttfb_ms is None:
+                        exchange.ttfb_ms = (time.monotonic() - self.started) * 1000
+                    exchange.bytes_out += len(data)
+                    if feed:
+                        feed(data)
+                    elif keep is not None and exchange.bytes_out <= USAGE_JSON_MAX:
+                        keep.append(data)
+                    if chunked:     # the closing chunk goes in the same write as the last piece
+                        data = b"%x\r\n%s\r\n%s" % (len(data), data, b"0\r\n\r\n" if last else b"")
+                    out.write(data)
+                elif last:
+                    out.write(b"0\r\n\r\n" if chunked else b"")
+                if last:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise UpstreamTimeout("the answer took longer than API_TIMEOUT_MS")
+                try:
+                    data, last = next(pieces)
+                except NETWORK_ERRORS as exc:
+                    self.broken_off(target, describe_network_error(exc), is_sse, chunked)
+                    return
+        except UpstreamTimeout as exc:
+            self.broken_off(target, str(exc), is_sse, chunked)
+            return
+        except CLIENT_GONE:
+            exchange.note = "client went away mid-answer"
+            exchange.client_gone = self.close = True
+            return
+        finally:
+            self.recorder.stream_closed()
+        if keep:
+            try:
+                reply = json.loads(b"".join(keep))
             except ValueError:
                 reply = None
             if isinstance(reply, dict):
                 exchange.usage.take(reply)
-        return True
-    # A stream, or a body of unknown length: relay each piece the moment it arrives.
-    # HTTP/1.1 clients get it re-framed as chunked so the connection stays reusable;
-    # HTTP/1.0 clients get it close-delimited.
-    chunked = handler.request_version != "HTTP/1.0"
-    if chunked:
-        fields.append(("Transfer-Encoding", "chunked"))
-    else:
-        handler.close_connection = True
-    handler.send_head(resp.status, fields)
-    if not held:
-        handler.wfile.flush()   # the head goes now, not with a first piece that may be long in coming
-    write = handler.wfile.write
-    feed = exchange.usage.feed if is_sse else None
-    recorder = handler.server.recorder
-    recorder.stream_opened()
-    data, last = held, ended    # the first event, if it was held back to decide on failover
-    try:
-        while True:
-            if data:
-                if exchange.ttfb_ms is None:
-                    exchange.ttfb_ms = (time.monotonic() - started) * 1000
-                exchange.bytes_out += len(data)
-                if feed:
-                    feed(data)
-                if chunked:     # the closing chunk goes in the same write as the last piece
-                    data = b"%x\r\n%s\r\n%s" % (len(data), data, b"0\r\n\r\n" if last else b"")
-                write(data)
-            elif last and chunked:
-                write(b"0\r\n\r\n")
-            if last:
-                return True
+
+    def broken_off(self, target, reason, is_sse, chunked):
+        """The provider failed after the head went out. An SSE stream ends with an error event
+        (Claude Code then re-sends without streaming) and, if chunked, a clean end; any other
+        body is left unfinished and the connection closed, so that the client sees it was cut
+        short rather than taking part of an answer for all of it."""
+        exchange = self.exchange
+        exchange.note = "upstream failed mid-answer: " + reason
+        exchange.midstream_error = True
+        if is_sse:
+            event = sse_error("api_error", "ccproxy: provider %s broke off the stream: %s" % (target.name, reason))
             try:
-                data, last = next(pieces)
-            except NETWORK_ERRORS as exc:
-                reason = describe_network_error(exc)
-                exchange.note = "upstream failed mid-stream: " + reason
-                exchange.midstream_error = True
-                data = b""
-                if is_sse:
-                    # Claude Code answers an SSE error by re-sending without streaming,
-                    # which is better for the user than a hang or a silent cut.
-                    data = sse_error("api_error", "ccproxy: provider %s broke off the stream: %s"
-                                     % (provider_name, reason))
-                if chunked:
-                    data = b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n"
-                write(data)
-                return False
-    except (BrokenPipeError, ConnectionResetError, socket.timeout, TimeoutError):
-        exchange.note = "client went away mid-stream"
-        handler.close_connection = True
-        return False
-    finally:
-        recorder.stream_closed()
+                self.out.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event) if chunked else event)
+            except CLIENT_GONE:
+                exchange.client_gone = True
+            if chunked and not exchange.client_gone:
+                return
+        self.close = True
 
 
 # ============================================================================ observability
@@ -2429,7 +2555,7 @@ class Recorder:
             out.append('ccproxy_ttfb_seconds_bucket{provider="%s",le="+Inf"} %d' % (label, buckets[-2]))
             out.append('ccproxy_ttfb_seconds_sum{provider="%s"} %.6f' % (label, buckets[-1]))
             out.append('ccproxy_ttfb_seconds_count{provider="%s"} %d' % (label, buckets[-2]))
-        out += ["# HELP ccproxy_open_streams Streams being relayed right now.",
+        out += ["# HELP ccproxy_open_streams Answers being relayed to clients right now, streams included.",
                 "# TYPE ccproxy_open_streams gauge", "ccproxy_open_streams %d" % open_streams]
         return "\n".join(out) + "\n"
 
@@ -2550,7 +2676,7 @@ def provider_summary(target, provider):
     return out
 
 
-def api_state(handler, body):
+def api_state(handler, params=None):
     view = handler.server.store.view
     config = view.config
     return 200, {
@@ -2589,29 +2715,31 @@ def _field(body, name, required=True, nullable=False):
     return value
 
 
-def api_select(handler, body):
-    handler.server.store.select(_field(body, "provider"))
-    return api_state(handler, None)
+def api_select(handler, params):
+    handler.server.store.select(_field(handler.json_body(), "provider"))
+    return api_state(handler)
 
 
-def api_reload(handler, body):
+def api_reload(handler, params):
     problems = handler.server.store.reload()
     if problems:
         return 400, {"type": "error", "error": {"type": "invalid_request_error",
                                                 "message": "\n".join(problems)},
                      "problems": problems}
-    return api_state(handler, None)
+    return api_state(handler)
 
 
-def api_overrides(handler, body):
+def api_overrides(handler, params):
+    body = handler.json_body()
     name = _field(body, "provider")
     header = _field(body, "header_override", required=False, nullable=True)
     request = _field(body, "request_override", required=False, nullable=True)
     handler.server.store.set_overrides(name, header, request)
-    return api_state(handler, None)
+    return api_state(handler)
 
 
-def api_fallback(handler, body):
+def api_fallback(handler, params):
+    body = handler.json_body()
     enabled = body.get("enabled", True) if isinstance(body, dict) else None
     if not isinstance(enabled, bool):
         raise ClientError("field 'enabled' must be true or false")
@@ -2622,26 +2750,26 @@ def api_fallback(handler, body):
     if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
         raise ClientError("field 'providers' must be a list of provider names, or null for config.json's")
     handler.server.store.set_fallback(enabled, names)
-    return api_state(handler, None)
+    return api_state(handler)
 
 
-def api_requests(handler, query):
-    params = urllib.parse.parse_qs(query)
+def api_requests(handler, params):
+    query = handler.query_params()
     try:
-        limit = max(1, min(REQUEST_RING, int(params.get("limit", ["100"])[0])))
+        limit = max(1, min(REQUEST_RING, int(query.get("limit", ["100"])[0])))
     except ValueError:
         raise ClientError("limit must be a whole number")
-    provider = params.get("provider", [None])[0]
+    provider = query.get("provider", [None])[0]
     return 200, {"requests": handler.server.recorder.newest(limit, provider)}
 
 
-def api_stats(handler, query):
+def api_stats(handler, params):
     return 200, handler.server.recorder.stats()
 
 
-def api_test(handler, body):
+def api_test(handler, params):
     """Test one provider (or all, concurrently): a few tokens each, never more."""
-    name = _field(body or {}, "provider", required=False, nullable=True)
+    name = _field(handler.json_body(), "provider", required=False, nullable=True)
     view = handler.server.store.view
     if name is not None:
         handler.server.store.require(name)
@@ -2652,8 +2780,8 @@ def api_test(handler, body):
     return 200, {"results": results}
 
 
-def api_refresh(handler, body):
-    name = _field(body or {}, "provider", required=False, nullable=True)
+def api_refresh(handler, params):
+    name = _field(handler.json_body(), "provider", required=False, nullable=True)
     store = handler.server.store
     if name is not None:
         store.require(name)
@@ -2661,8 +2789,9 @@ def api_refresh(handler, body):
     return 200, {"results": results}
 
 
-def api_key(handler, name):
+def api_key(handler, params):
     """One provider's key, and a settings.json that talks to it directly."""
+    name = urllib.parse.unquote(params["name"])
     view = handler.server.store.view
     target = view.targets.get(name)
     if target is None:
@@ -2673,147 +2802,110 @@ def api_key(handler, name):
                                              provider.auth)}
 
 
-API_ROUTES = {
-    ("GET", "/api/state"): api_state,
-    ("POST", "/api/select"): api_select,
-    ("POST", "/api/reload"): api_reload,
-    ("POST", "/api/overrides"): api_overrides,
-    ("POST", "/api/fallback"): api_fallback,
-    ("POST", "/api/refresh-models"): api_refresh,
-    ("POST", "/api/test"): api_test,
-}
-QUERY_ROUTES = {
-    "/api/requests": api_requests,
-    "/api/stats": api_stats,
-}
-KEY_ROUTE = re.compile(r"^/api/providers/(.+)/key$")
-
-
 # ============================================================================ request handler
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """Thin: parse, authenticate, route; the work is done by the functions above."""
+    """Thin: read a request, authenticate, route it through ROUTES; the work is done by the
+    functions above.
+
+    http.server's loop calls handle_one_request() until close_connection is set. Each
+    connection is served by its own thread (ThreadingHTTPServer) on a SocketStream with kernel
+    timeouts; answers leave through a ClientWriter, head and first body bytes in one send().
+    """
 
     protocol_version = "HTTP/1.1"
     server_version = "ccproxy/" + VERSION
     timeout = CLIENT_TIMEOUT_S
 
-    head_sent = False           # a status line has gone out (or is queued) for this request
+    # Set per request by parse_request() and dispatch():
     expects_continue = False    # the client waits for 100 Continue before sending its body
     chunked = False             # the request body's framing, from body_framing()
     length = 0
     body_pending = False        # the request has a body that has not been read
-    slot = False
+    query = ""
+    out = None
 
     def setup(self):
-        """StreamRequestHandler.setup(), on a SocketStream with a kernel timeout.
-
-        Where the connection has inherited the listener's options (ProxyServer.server_bind),
-        only the receive timeout is left to set: it was FIRST_BYTES_S until the slot decision.
-        """
+        """StreamRequestHandler.setup(), on a SocketStream with kernel timeouts (set_timeout)."""
         self.connection = self.request
-        self.slot = self.server.setup_slots.acquire(timeout=SETUP_WAIT_S)
-        try:
-            inherited = self.server.passes_options_on(self.connection)
-            if not inherited:
-                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.wfile = SocketStream(self.connection)
-            self.rfile = io.BufferedReader(self.wfile)
-            if self.slot:
-                self.keep_slot_if_ready()
-            set_timeout(self.connection, self.timeout, send=not inherited)
-        except BaseException:
-            self.release_slot()         # finish() is not called when setup() fails
-            raise
-
-    def keep_slot_if_ready(self):
-        """A new connection holds a setup slot (one of SETUP_SLOTS) until its first request has
-        been parsed, so that a burst of connections is set up a few at a time.
-
-        With hundreds arriving together, every thread would be runnable at once, and handing
-        the GIL around a crowd that size costs more the larger it is (in tests/bench.py, 256
-        streams at once took 20 % more CPU and reached their first byte a third later). Waiting
-        on a semaphore instead keeps them out of that crowd. The slot is only kept for work
-        that cannot block: a request not wholly received within FIRST_BYTES_S of the accept
-        (an idle preconnect, a slow client) gives it back at once, and no connection waits
-        more than SETUP_WAIT_S for one.
-        """
-        if not self.server.options_inherited:
-            set_timeout(self.connection, FIRST_BYTES_S)
-        try:
-            head = self.rfile.peek()
-        except OSError:
-            head = b""
-        if b"\r\n\r\n" not in head:
-            self.release_slot()
-
-    def release_slot(self):
-        if self.slot:
-            self.slot = False
-            self.server.setup_slots.release()
+        # Without TCP_NODELAY, Nagle's algorithm holds a small SSE write until the client's
+        # delayed ACK (40 ms on Linux) arrives.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_timeout(self.connection, self.timeout)
+        self.wfile = SocketStream(self.connection)
+        self.rfile = io.BufferedReader(self.wfile)
+        self.server.track(self.connection)
 
     def finish(self):
-        self.release_slot()
+        self.server.untrack(self.connection)
         super().finish()
 
-    def send_head(self, status, fields):
-        """Queue the status line and header block of the answer. It leaves with the body's
-        first write, or with the wfile.flush() that ends every request, in one send().
+    def handle_one_request(self):
+        """One request: wait for its first byte as long as an idle keep-alive connection may
+        wait (CLIENT_TIMEOUT_S), then give its whole head HEADER_DEADLINE_S, so that a client
+        trickling its head cannot hold a thread; then dispatch it."""
+        self.close_connection = True
+        self.out = ClientWriter(self.wfile.write)
+        try:
+            if not self.rfile.peek(1):
+                return                              # the client closed between requests
+            self.wfile.deadline = time.monotonic() + HEADER_DEADLINE_S
+            self.raw_requestline = self.rfile.readline(MAX_LINE + 1)
+            if len(self.raw_requestline) > MAX_LINE:
+                self.send_error(414, "the request line is longer than %d bytes" % MAX_LINE)
+            elif self.parse_request():
+                self.wfile.deadline = None
+                self.dispatch()
+            self.out.flush()
+            if self.body_pending:
+                self.linger()
+        except TIMEOUT_ERRORS:
+            self.close_connection = True            # a silent client, or a head past its deadline
+        except CLIENT_GONE:
+            self.close_connection = True
+        finally:
+            self.wfile.deadline = None
 
-        Once this has been called no other status line may follow for the request: an error
-        from then on ends the stream with an SSE error event or closes the connection.
-        """
-        if self.body_pending:
-            self.close_connection = True    # an unread body would be taken for the next request
-        if self.close_connection:
-            fields = fields + [("Connection", "close")]
-        line = "HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0])
-        head = message_head(line, [("Server", self.version_string()),
-                                   ("Date", self.date_time_string())] + fields)
-        self.head_sent = True
-        self.wfile.hold(head)
-
-    def continue_if_expected(self):
-        """Send 100 Continue once the request has passed authentication (RFC 9110 §10.1.1):
-        a client that has not been let in does not get to send its body."""
-        if self.expects_continue:
-            self.expects_continue = False
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    def linger(self):
+        """Before closing on a body that was not read (a 413, a refused request), read and drop
+        what the client still sends, a while: closing with unread bytes makes the kernel send a
+        reset, and the client may then lose the answer it was sent."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            set_timeout(self.connection, LINGER_S)
+            deadline, left = time.monotonic() + LINGER_S, LINGER_MAX_BYTES
+            while left > 0 and time.monotonic() < deadline:
+                data = self.connection.recv(min(left, RELAY_CHUNK))
+                if not data:
+                    break
+                left -= len(data)
+        except (OSError, ValueError):
+            pass        # gone already: nothing to protect
 
     def parse_request(self):
-        """Parse the request line and headers (http.server's own, with a faster header parser)."""
+        """The request line and header fields, parsed strictly (RFC 9112); False after
+        answering what cannot be served."""
         self.command = None
         self.headers = Headers()
         # Errors about the request line itself are answered in HTTP/1.1; http.server would
         # answer them as HTTP/0.9, a bare body without a status line.
         self.request_version = "HTTP/1.1"
         self.close_connection = True
+        self.body_pending = self.expects_continue = False
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if len(words) != 3 or _CONTROL.search(self.requestline):
+        words = self.requestline.split(" ")
+        if len(words) != 3 or not all(words) or _CONTROL.search(self.requestline):
             self.send_error(400, "Bad request line %r" % self.requestline[:ERROR_EXCERPT])
             return False
-        if not words[2].startswith("HTTP/1."):
+        if words[2] not in ("HTTP/1.1", "HTTP/1.0"):
             self.send_error(505, "HTTP version %r is not supported — use HTTP/1.1" % words[2][:ERROR_EXCERPT])
             return False
         self.command, self.path, self.request_version = words
         if self.path.startswith("//"):
             self.path = "/" + self.path.lstrip("/")   # as http.server does: not a network path
-        lines, size = [], 0
-        while True:
-            line = self.rfile.readline(MAX_LINE + 1)
-            if line in (b"\r\n", b"\n"):
-                break
-            if not line:
-                return False                # the client left in the middle of its header block
-            size += len(line)
-            if len(line) > MAX_LINE or len(lines) >= MAX_HEADERS or size > MAX_HEADER_BLOCK:
-                self.send_error(431, "Request header fields too large")
-                return False
-            lines.append(line)
         try:
-            self.headers = parse_header_lines(lines)
+            self.headers = parse_header_lines(read_header_block(self.rfile, HeaderSectionError))
             self.chunked, self.length = body_framing(self.headers)
         except ValueError as exc:
             self.send_error(400, "Bad header: %s" % exc)
@@ -2822,66 +2914,33 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(exc.status, str(exc))
             return False
         self.body_pending = self.chunked or self.length > 0
-        connection = (self.headers.get("Connection") or "").lower()
-        if self.request_version == "HTTP/1.1":
-            self.close_connection = "close" in connection
-        else:
-            self.close_connection = "keep-alive" not in connection
+        tokens = connection_tokens(self.headers)
+        self.close_connection = "close" in tokens if self.request_version == "HTTP/1.1" \
+            else "keep-alive" not in tokens
         self.expects_continue = (self.headers.get("Expect") or "").lower() == "100-continue"
         return True
 
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own refusals (bad request line, headers too large, unknown method) in
-        Anthropic's error shape like every other error; the connection is closed after it."""
-        self.log_error("code %d, message %s", code, message)
-        self.close_connection = True
-        self.send_error_json(ProxyError(message or http.HTTPStatus(code).phrase, code,
-                                        "invalid_request_error" if code < 500 else "api_error"))
-
-    def do_HEAD(self):
-        self.dispatch()
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD
-
-    def do_OPTIONS(self):
-        # No CORS: a page on another origin must not drive this API (its preflight fails).
-        self.send_error_json(ProxyError("cross-origin requests are not allowed", 403,
-                                        "permission_error"))
-
     def dispatch(self):
-        self.release_slot()
         started = time.monotonic()
-        self.head_sent = False
-        path, _, query = self.path.partition("?")
+        path, _, self.query = self.path.partition("?")
         exchange = None
         busy = self.server.busy
         busy.add(self.connection)
         try:
-            if path.startswith("/v1/"):
-                exchange = Exchange()
+            route, params = find_route(self.command, path)
+            if route.recorded:
+                exchange = params["exchange"] = Exchange()
+            if route.access == "key":
                 self.authenticate()
-                if self.command in ("GET", "HEAD") and (path == "/v1/models" or path.startswith("/v1/models/")):
-                    exchange.status = 200
-                    self.local_models(path, query, exchange)
-                    return
-                relay(self, exchange, started)
-            elif path.startswith("/api/") and path != "/api/hello":
-                self.authenticate()
-                self.api(path, query)
-            elif path == "/metrics":
-                self.authenticate()
-                self.send_bytes(200, self.server.recorder.metrics_text().encode(),
-                                "text/plain; version=0.0.4; charset=utf-8")
-            elif path in ("/", "/index.html") or path in ("/api/hello", "/healthz"):
-                self.public(path)
-            else:
-                raise NotFound("no route for %s %s" % (self.command, path))
+            result = route.func(self, params)
+            if result is not None:
+                self.send_json(*result)
         except ProxyError as exc:
             if exchange is not None:
                 exchange.status = exc.status
                 exchange.note = str(exc)
             self.send_error_json(exc)
-        except (BrokenPipeError, ConnectionResetError):
+        except CLIENT_GONE:
             self.close_connection = True
         except Exception:
             # The one place an unexpected error is reported: once, with its traceback.
@@ -2894,7 +2953,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if exchange is not None:
                 self.server.recorder.submit(self.exchange_record(exchange, started))
 
-    # -- authentication and routing
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (an unknown method, say) and parse_request's, in
+        Anthropic's error shape like every other error; the connection is closed after it."""
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True
+        self.send_error_json(ProxyError(message or STATUS_PHRASES.get(code, "error"), code,
+                                        "invalid_request_error" if code < 500 else "api_error"))
+
+    # -- reading the request
 
     def authenticate(self):
         apikey = self.server.store.view.config.apikey
@@ -2905,60 +2972,36 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                                   apikey.encode("utf-8"))
         self.server.throttle.admit(self.client_address[0], key, valid)
 
-    def public(self, path):
-        if path in ("/api/hello", "/healthz"):
-            self.send_json(200, {"ok": True, "service": "ccproxy", "version": VERSION})
-            return
-        if self.command == "HEAD":
-            self.send_bytes(200, b"", "text/html; charset=utf-8")
-            return
+    def read_body(self, limit):
+        """The request body (as parse_request framed it), at most limit bytes, else 413.
+        A client that waits for 100 Continue gets it now: it has passed authentication."""
+        if self.expects_continue:
+            self.expects_continue = False
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self.chunked:
+            body = read_chunked(self.rfile, limit)
+        elif self.length > limit:
+            raise ProxyError("request body of %d MB exceeds MAX_BODY_MB (%d MB)"
+                             % (self.length >> 20, limit >> 20), 413, "request_too_large")
+        else:
+            body = self.rfile.read(self.length) if self.length else b""
+            if len(body) != self.length:
+                raise ClientError("request body ended early")
+        self.body_pending = False       # only now: a body refused half-read closes the connection
+        return body
+
+    def json_body(self):
+        """An API call's JSON body, {} if empty."""
+        raw = self.read_body(API_BODY_MAX)
         try:
-            with open(WEBUI_FILE, "rb") as f:
-                page = f.read()
-        except OSError:
-            raise NotFound("webui.html is missing beside ccproxy.py")
-        self.send_bytes(200, page, "text/html; charset=utf-8",
-                        [("Cache-Control", "no-store"), ("X-Frame-Options", "DENY"),
-                         ("Content-Security-Policy", "default-src 'self'; style-src 'self' "
-                          "'unsafe-inline'; script-src 'self' 'unsafe-inline'; img-src 'self' data:")])
+            return json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            raise ClientError("the request body is not valid JSON")
 
-    def api(self, path, query):
-        match = KEY_ROUTE.match(path)
-        if match and self.command == "GET":
-            status, obj = api_key(self, urllib.parse.unquote(match.group(1)))
-        elif path in QUERY_ROUTES and self.command == "GET":
-            status, obj = QUERY_ROUTES[path](self, query)
-        else:
-            route = API_ROUTES.get((self.command, path))
-            if route is None:
-                raise NotFound("no API route %s %s" % (self.command, path))
-            body = None
-            if self.command == "POST":
-                raw = read_request_body(self, API_BODY_MAX)
-                try:
-                    body = json.loads(raw) if raw.strip() else {}
-                except ValueError:
-                    raise ClientError("the request body is not valid JSON")
-            status, obj = route(self, body)
-        self.send_json(status, obj)
+    def query_params(self):
+        return urllib.parse.parse_qs(self.query)
 
-    def local_models(self, path, query, exchange):
-        """Answered from the models ccproxy knows, never by a call to the provider."""
-        view = self.server.store.view
-        target = view.target
-        if target is None:
-            raise NoProvider("ccproxy has no provider selected — add one to %s" % view.config.path)
-        if path == "/v1/models":
-            page = model_page(target.models, query)
-            exchange.note = "answered by ccproxy: %d of %s's %d models" % (len(page["data"]), target.name,
-                                                                            len(target.models))
-            self.send_json(200, page)
-        elif urllib.parse.unquote(path[len("/v1/models/"):]) in target.model_set:
-            self.send_json(200, model_object(urllib.parse.unquote(path[len("/v1/models/"):])))
-        else:
-            raise NotFound("model %s is not offered by provider %s" % (path[11:], target.name))
-
-    # -- responses
+    # -- answering
 
     def proxy_url(self):
         host = self.headers.get("Host")
@@ -2966,25 +3009,34 @@ class Handler(http.server.BaseHTTPRequestHandler):
             host = "%s:%d" % self.server.server_address[:2]
         return "http://" + host
 
+    def send_head(self, status, fields):
+        """Queue the status line and header block (ClientWriter.head): after this no other
+        status line may follow for the request."""
+        if self.body_pending:
+            self.close_connection = True    # an unread body would be taken for the next request
+        fields = [("Server", self.version_string()), ("Date", self.date_time_string())] + fields
+        if self.close_connection:
+            fields.append(("Connection", "close"))
+        self.out.head(status, fields)
+
     def send_bytes(self, status, data, content_type, extra=()):
         self.send_head(status, [("Content-Type", content_type), ("Content-Length", str(len(data)))]
                        + list(extra))
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        self.out.write(data if self.command != "HEAD" else b"")
 
     def send_json(self, status, obj, extra=()):
         data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
         self.send_bytes(status, data, "application/json", extra)
 
     def send_error_json(self, exc):
-        if self.head_sent:
+        if self.out.started:
             # Part of the answer is out: a second status line would be read as body bytes.
             self.close_connection = True
             return
         extra = list(exc.headers) if exc.retry else [("x-should-retry", "false")]
         try:
             self.send_bytes(exc.status, error_body(exc.kind, str(exc)), "application/json", extra)
-        except (BrokenPipeError, ConnectionResetError):
+        except CLIENT_GONE:
             self.close_connection = True
 
     # -- logging: metadata only; the default access log is replaced
@@ -3013,110 +3065,151 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     redact(format % args, self.server.store.view.config.secrets()))
 
 
+def serve_page(handler, params):
+    if handler.command == "HEAD":
+        handler.send_bytes(200, b"", "text/html; charset=utf-8")
+        return None
+    try:
+        with open(WEBUI_FILE, "rb") as f:
+            page = f.read()
+    except OSError:
+        raise NotFound("webui.html is missing beside ccproxy.py")
+    handler.send_bytes(200, page, "text/html; charset=utf-8",
+                       [("Cache-Control", "no-store"), ("X-Frame-Options", "DENY"),
+                        ("Content-Security-Policy", "default-src 'self'; style-src 'self' "
+                         "'unsafe-inline'; script-src 'self' 'unsafe-inline'; img-src 'self' data:")])
+    return None
+
+
+def hello(handler, params):
+    return 200, {"ok": True, "service": "ccproxy", "version": VERSION}
+
+
+def metrics(handler, params):
+    handler.send_bytes(200, handler.server.recorder.metrics_text().encode("utf-8"),
+                       "text/plain; version=0.0.4; charset=utf-8")
+    return None
+
+
+def refuse_cross_origin(handler, params):
+    # No CORS: a page on another origin must not drive this API (its preflight fails).
+    raise ProxyError("cross-origin requests are not allowed", 403, "permission_error")
+
+
+def selected_target(handler):
+    view = handler.server.store.view
+    if view.target is None:
+        raise NoProvider("ccproxy has no provider selected — add one to %s" % view.config.path)
+    return view.target
+
+
+def list_models(handler, params):
+    """The selected provider's models in Anthropic's list shape, from what ccproxy knows:
+    never a call to the provider."""
+    target = selected_target(handler)
+    page = model_page(target.models, handler.query)
+    exchange = params["exchange"]
+    exchange.status = 200
+    exchange.note = "answered by ccproxy: %d of %s's %d models" % (len(page["data"]), target.name,
+                                                                    len(target.models))
+    return 200, page
+
+
+def get_model(handler, params):
+    target = selected_target(handler)
+    model_id = urllib.parse.unquote(params["id"])
+    params["exchange"].status = 200
+    if model_id not in target.model_set:
+        raise NotFound("model %s is not offered by provider %s" % (model_id, target.name))
+    return 200, model_object(model_id)
+
+
+def relay_request(handler, params):
+    """Everything else under /v1/ goes to the providers (Relay)."""
+    if has_dot_segment(handler.path.partition("?")[0]):
+        # /v1/../admin must not reach the provider, with its key, outside /v1/.
+        raise ClientError("the path has a . or .. segment (perhaps percent-encoded): not relayed")
+    server = handler.server
+    view = server.store.view
+    request = ClientRequest(handler.command, handler.path, handler.headers,
+                            handler.read_body(view.config.max_body_bytes),
+                            handler.request_version == "HTTP/1.0")
+    relay = Relay(view, server.health, server.pool, handler.out, params["exchange"], server.recorder,
+                  server.debug)
+    try:
+        relay.run(request)
+    finally:
+        if relay.close:
+            handler.close_connection = True
+    return None
+
+
+class Route:
+    """One line of ROUTES: the methods ("*" any), a path pattern ({name} is one segment,
+    {name*} the rest), who may call it ("public" or "key") and whether the request log
+    records it."""
+
+    __slots__ = ("methods", "regex", "access", "func", "recorded")
+
+    def __init__(self, methods, pattern, access, func, recorded=False):
+        self.methods = None if methods == "*" else frozenset(methods.split())
+        regex = re.sub(r"\{(\w+)\*\}", r"(?P<\1>.*)", pattern)
+        self.regex = re.compile(re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", regex) + r"\Z")
+        self.access = access
+        self.func = func
+        self.recorded = recorded
+
+
+ROUTES = (
+    Route("OPTIONS", "{any*}", "public", refuse_cross_origin),
+    Route("GET HEAD", "/", "public", serve_page),
+    Route("GET HEAD", "/index.html", "public", serve_page),
+    Route("GET HEAD", "/api/hello", "public", hello),
+    Route("GET HEAD", "/healthz", "public", hello),
+    Route("GET HEAD", "/metrics", "key", metrics),
+    Route("GET HEAD", "/v1/models", "key", list_models, recorded=True),
+    Route("GET HEAD", "/v1/models/{id}", "key", get_model, recorded=True),
+    Route("*", "/v1/{rest*}", "key", relay_request, recorded=True),
+    Route("GET", "/api/state", "key", api_state),
+    Route("POST", "/api/select", "key", api_select),
+    Route("POST", "/api/reload", "key", api_reload),
+    Route("POST", "/api/overrides", "key", api_overrides),
+    Route("POST", "/api/fallback", "key", api_fallback),
+    Route("POST", "/api/refresh-models", "key", api_refresh),
+    Route("POST", "/api/test", "key", api_test),
+    Route("GET", "/api/requests", "key", api_requests),
+    Route("GET", "/api/stats", "key", api_stats),
+    Route("GET", "/api/providers/{name}/key", "key", api_key),
+)
+
+
+def find_route(method, path):
+    """(route, path parameters) of the first line of ROUTES that matches; NotFound, or 405
+    with Allow when the path is known but not the method."""
+    allowed = set()
+    for route in ROUTES:
+        match = route.regex.match(path)
+        if match is None:
+            continue
+        if route.methods is None or method in route.methods:
+            return route, match.groupdict()
+        allowed |= route.methods
+    allowed.discard("OPTIONS")          # answered for every path, only to refuse it
+    if allowed:
+        error = ProxyError("%s is not allowed on %s — use %s" % (method, path, ", ".join(sorted(allowed))),
+                           405, "invalid_request_error")
+        error.headers = [("Allow", ", ".join(sorted(allowed)))]
+        raise error
+    raise NotFound("no route for %s %s" % (method, path))
+
+
 # ============================================================================ server factory and CLI
 
 
-class Workers:
-    """The threads that serve client connections, one connection at a time each, reused.
-
-    The accept loop only queues a connection. Thread.start() blocks until the new thread has
-    run, which under load means waiting for the GIL behind every busy thread (about 1 ms
-    each in profiles), so a burst of 256 connects was served one thread start at a time.
-    Here a spawner thread does the starting, ahead of need, and never holds up an accept;
-    and it starts what is missing as a tree (see _work), so that the 180 threads a burst
-    of 256 streams needs beyond the spares take some 16 starts in a row, not 180.
-    """
-
-    def __init__(self, serve):
-        self.serve = serve
-        self.jobs = queue.SimpleQueue()
-        self.lock = threading.Lock()
-        self.threads = set()
-        self.idle = 0
-        self.need = threading.Event()
-        self.stopping = False
-        self.spawner = threading.Thread(target=self._spawn_loop, name="ccproxy-spawner", daemon=True)
-        self.spawner.start()
-        self.need.set()
-
-    def submit(self, request, client_address):
-        self.jobs.put((request, client_address))
-        if self.idle <= SPARE_WORKERS // 2 and not self.need.is_set():   # unlocked reads: hints
-            self.need.set()
-
-    def _spawn_loop(self):
-        while True:
-            self.need.wait()
-            self.need.clear()
-            while not self.stopping:
-                with self.lock:
-                    # the spares, plus a thread for every queued connection
-                    short = SPARE_WORKERS + max(0, self.jobs.qsize() - self.idle) - self.idle
-                    if short > 0:
-                        self.idle += short      # counted as idle from now: they soon are
-                if short <= 0:
-                    break
-                self._start(short - 1)
-            if self.stopping:
-                return
-
-    def _start(self, owed):
-        """Start a worker that will itself start `owed` more."""
-        thread = threading.Thread(target=self._work, args=(owed,), name="ccproxy-conn", daemon=True)
-        with self.lock:
-            if self.stopping:
-                self.idle -= 1 + owed
-                return
-            self.threads.add(thread)
-        thread.start()
-
-    def _work(self, owed=0):
-        # Each new worker starts up to two more, giving each about half of what is still owed:
-        # n threads are started in about 2·log2(n) starts in a row.
-        if owed:
-            first = (owed - 1) // 2
-            self._start(first)
-            if owed - 1 - first:
-                self._start(owed - 2 - first)
-        me = threading.current_thread()
-        while True:
-            try:
-                job = self.jobs.get(timeout=WORKER_IDLE_S)
-            except queue.Empty:
-                with self.lock:
-                    if self.idle > SPARE_WORKERS:
-                        self.idle -= 1
-                        self.threads.discard(me)
-                        return
-                continue
-            with self.lock:
-                self.idle -= 1
-            if job is None:
-                with self.lock:
-                    self.threads.discard(me)
-                return
-            if self.idle <= SPARE_WORKERS // 2 and not self.need.is_set():
-                self.need.set()
-            self.serve(*job)
-            with self.lock:
-                self.idle += 1
-
-    def stop(self, timeout=THREAD_JOIN_S):
-        with self.lock:
-            self.stopping = True        # from now on no thread is added to the set
-            threads = list(self.threads)
-        self.need.set()
-        self.spawner.join(timeout)
-        for _ in threads:
-            self.jobs.put(None)
-        for thread in threads:
-            if thread.ident is not None:    # one that never started has nothing to join
-                thread.join(timeout)
-
-
 class ProxyServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer that knows its open connections, so it can stop cleanly, and serves
-    them from a pool of reused worker threads."""
+    """ThreadingHTTPServer, a thread per connection, that knows its open connections: on
+    SIGTERM the requests in flight get SHUTDOWN_GRACE_S to finish, then every connection is
+    cut, so that no thread is left blocked on a socket."""
 
     daemon_threads = True
     block_on_close = False
@@ -3133,46 +3226,23 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.recorder = Recorder(config.request_log, config.request_log_max,
                                  lambda: self.store.view.config.secrets())
         self.tests = {}               # provider -> last test result
-        self.setup_slots = threading.BoundedSemaphore(SETUP_SLOTS)   # see Handler.keep_slot_if_ready
         self.conn_lock = threading.Lock()
         self.connections = set()  # every open client socket
         self.busy = set()         # the sockets in the middle of a request
         super().__init__(address, Handler)
-        self.workers = Workers(self.process_request_thread)
 
-    def server_bind(self):
-        """Bind, and give the listener the options every client connection needs. Where
-        accept() passes them on to the connections (Linux does), that is the only place they
-        are set, and a connection costs no system call for them (see passes_options_on)."""
-        super().server_bind()
-        self.options_inherited = None if KERNEL_TIMEOUTS else False
-        if KERNEL_TIMEOUTS:
-            # Without TCP_NODELAY, Nagle's algorithm holds the first small SSE write until the
-            # client's delayed ACK (40 ms on Linux) arrives.
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            set_timeout(self.socket, self.RequestHandlerClass.timeout)
-            # for the setup slot's look at the first request (Handler.keep_slot_if_ready); a
-            # blocking accept() would give up after it too, but accept() only follows select()
-            set_timeout(self.socket, FIRST_BYTES_S, send=False)
-
-    def passes_options_on(self, conn):
-        """Whether client connections come with the listener's options; the first one shows it."""
-        if self.options_inherited is None:
-            self.options_inherited = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0 and \
-                conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16) != bytes(16)
-        return self.options_inherited
-
-    def process_request(self, request, client_address):
+    def track(self, conn):
         with self.conn_lock:
-            self.connections.add(request)
-        self.workers.submit(request, client_address)
+            self.connections.add(conn)
+
+    def untrack(self, conn):
+        with self.conn_lock:
+            self.connections.discard(conn)
 
     def shutdown_request(self, request):
         """Close a client connection. socketserver first calls shutdown(SHUT_WR), because a
         socket with makefile() readers open is only closed when they are; ours has none
         (SocketStream), so close() alone sends the FIN, one system call sooner."""
-        with self.conn_lock:
-            self.connections.discard(request)
         self.close_request(request)
 
     def close_connections(self, grace=0.0):
@@ -3201,7 +3271,6 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def server_close(self):
         super().server_close()
         self.close_connections()
-        self.workers.stop()
         self.pool.close()
         self.recorder.close()
 

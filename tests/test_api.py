@@ -126,7 +126,8 @@ def test_every_route_needs_the_key(proxy, method, path):
 
 def test_unknown_api_route(proxy):
     assert proxy.api("GET", "/api/nothing")[0] == 404
-    assert proxy.api("DELETE", "/api/state")[0] == 404
+    status, headers, data = proxy.call("DELETE", "/api/state")
+    assert status == 405 and headers["allow"] == "GET" and json.loads(data)["type"] == "error"
 
 
 def test_page_is_served_without_auth(proxy):

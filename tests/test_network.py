@@ -150,19 +150,26 @@ def test_a_kernel_timeout_is_a_timeout_not_the_end_of_the_stream():
         b.close()
 
 
-def test_a_held_header_block_leaves_with_the_first_write():
-    a, b = socket.socketpair()
-    try:
-        stream = ccproxy.SocketStream(a)
-        stream.hold(b"HEAD\r\n\r\n")
-        b.settimeout(0.2)
-        with pytest.raises(socket.timeout):
-            b.recv(100)                     # nothing sent yet
-        stream.write(b"body")
-        assert b.recv(100) == b"HEAD\r\n\r\nbody"
-        stream.hold(b"HEAD2\r\n\r\n")
-        stream.flush()
-        assert b.recv(100) == b"HEAD2\r\n\r\n"
-    finally:
-        a.close()
-        b.close()
+def test_the_head_leaves_with_the_first_write():
+    sent = []
+    out = ccproxy.ClientWriter(sent.append)
+    assert not out.started
+    out.head(200, [("Content-Type", "text/plain"), ("x-ccproxy-provider", "alpha")])
+    assert out.started and sent == []                   # nothing sent yet
+    out.write(b"body")
+    assert sent == [b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nx-ccproxy-provider: alpha\r\n\r\nbody"]
+    out.write(b"more")
+    assert sent[1] == b"more"
+    out.head(204, [])
+    out.flush()
+    assert sent[2] == b"HTTP/1.1 204 No Content\r\n\r\n"
+    out.flush()
+    assert len(sent) == 3                               # nothing more to send
+
+
+def test_a_head_outside_latin_1_is_refused_before_anything_is_sent():
+    sent = []
+    out = ccproxy.ClientWriter(sent.append)
+    with pytest.raises(UnicodeEncodeError):
+        out.head(200, [("x-ccproxy-provider", "中转站A")])     # names go through header_text()
+    assert sent == [] and not out.started

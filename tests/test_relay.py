@@ -466,98 +466,44 @@ def raw_exchange(port, data, timeout=5):
     return read_until_closed(sock)
 
 
-def free_setup_slots(server):
-    taken = 0
-    while server.setup_slots.acquire(blocking=False):
-        taken += 1
-    for _ in range(taken):
-        server.setup_slots.release()
-    return taken
-
-
 def request_bytes(body=None, close=True):
     body = json.dumps(MESSAGE).encode() if body is None else body
     return (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: %s\r\nContent-Length: %d\r\n%s\r\n%s"
             % (APIKEY.encode(), len(body), b"Connection: close\r\n" if close else b"", body))
 
 
-def test_idle_and_slow_connections_do_not_keep_a_setup_slot(proxy, upstream, monkeypatch):
-    # Were a slot kept for a connection that sends nothing, the request below would wait
-    # for it far beyond its own timeout.
-    monkeypatch.setattr(ccproxy, "SETUP_WAIT_S", 60.0)
-    idle = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(ccproxy.SETUP_SLOTS + 2)]
-    partial = socket.create_connection(("127.0.0.1", proxy.port))
-    partial.sendall(request_bytes()[:40])         # a head that stops half-way
-    try:
-        assert wait_for(lambda: free_setup_slots(proxy.server) == ccproxy.SETUP_SLOTS)
-        status, _, data = proxy.call("POST", "/v1/messages", MESSAGE, timeout=10)
-        assert status == 200 and b'"hello"' in data
-        partial.sendall(request_bytes()[40:])     # and is served once the rest arrives
-        partial.settimeout(5)
-        assert read_until_closed(partial).startswith(b"HTTP/1.1 200 ")
-    finally:
-        for sock in idle:
-            sock.close()
-
-
-def test_pauses_longer_than_the_setup_window_keep_the_connection(proxy, upstream):
-    """The short wait for a new connection's first bytes must not stay its timeout."""
+def test_client_connections_get_nodelay_and_the_client_timeout(proxy, upstream):
     sock = socket.create_connection(("127.0.0.1", proxy.port))
-    sock.settimeout(5)
-    first = request_bytes(close=False)
-    sock.sendall(first[:30])
-    time.sleep(ccproxy.FIRST_BYTES_S * 20)
-    sock.sendall(first[30:])
-    resp = http.client.HTTPResponse(sock)
-    resp.begin()
-    assert resp.status == 200 and b'"hello"' in resp.read()
-    time.sleep(ccproxy.FIRST_BYTES_S * 20)       # an idle keep-alive connection, then a request
-    sock.sendall(request_bytes())
-    assert read_until_closed(sock).startswith(b"HTTP/1.1 200 ")
-
-
-def test_setup_slots_come_back_however_a_connection_ends(proxy, upstream):
-    raw_exchange(proxy.port, b"NOT A REQUEST\r\n\r\n")
-    raw_exchange(proxy.port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    raw_exchange(proxy.port, request_bytes())
-    socket.create_connection(("127.0.0.1", proxy.port)).close()
-    sock = socket.create_connection(("127.0.0.1", proxy.port))
-    sock.sendall(request_bytes()[:60])
-    sock.close()
-    assert proxy.call("GET", "/healthz")[0] == 200
-    assert wait_for(lambda: free_setup_slots(proxy.server) == ccproxy.SETUP_SLOTS)
-
-
-@pytest.mark.parametrize("cleared", [(), ("nodelay", "timeouts"), ("timeouts",)])
-def test_client_connections_get_nodelay_and_the_client_timeout(config_file, upstream, cleared):
-    """Set once on the listener where accept() passes options on, else on each connection;
-    which of the two is found out on the first connection. Options cleared on the listener
-    act as a system whose accept() does not pass them on."""
-    running = start_proxy(config_file)
-    listener = running.server.socket
-    if "nodelay" in cleared:
-        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
-    if "timeouts" in cleared and ccproxy.KERNEL_TIMEOUTS:
-        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
-            listener.setsockopt(socket.SOL_SOCKET, option, bytes(16))
-    passed_on = not cleared
-    sock = socket.create_connection(("127.0.0.1", running.port))
     try:
         sock.sendall(request_bytes(close=False))
         resp = http.client.HTTPResponse(sock)
         resp.begin()
         assert resp.status == 200 and b'"hello"' in resp.read()
-        if sys.platform.startswith("linux"):
-            assert running.server.options_inherited is passed_on
-        (served,) = running.server.connections
+        (served,) = proxy.server.connections
         assert served.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-        if ccproxy.KERNEL_TIMEOUTS:     # the slot's short receive timeout must not have stayed
+        if ccproxy.KERNEL_TIMEOUTS:
             for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
                 seconds, _ = struct.unpack("ll", served.getsockopt(socket.SOL_SOCKET, option, 16))
                 assert seconds == int(ccproxy.CLIENT_TIMEOUT_S)
+        else:
+            assert served.gettimeout() == ccproxy.CLIENT_TIMEOUT_S
     finally:
         sock.close()
-        running.stop()
+
+
+def test_a_pause_inside_a_request_keeps_the_connection(proxy, upstream):
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.settimeout(5)
+    first = request_bytes(close=False)
+    sock.sendall(first[:30])
+    time.sleep(0.2)
+    sock.sendall(first[30:])
+    resp = http.client.HTTPResponse(sock)
+    resp.begin()
+    assert resp.status == 200 and b'"hello"' in resp.read()
+    time.sleep(0.2)                         # an idle keep-alive connection, then a request
+    sock.sendall(request_bytes())
+    assert read_until_closed(sock).startswith(b"HTTP/1.1 200 ")
 
 
 def test_expect_100_continue_is_answered_before_the_body(proxy, upstream):
@@ -612,27 +558,6 @@ def test_a_stall_on_a_pooled_connection_is_a_timeout_not_a_retry(tmp_path, upstr
         assert len(upstream.requests) == 2          # the stalled request was not sent again
     finally:
         proxy.stop()
-
-
-def test_workers_start_a_thread_for_every_waiting_connection_and_stop_cleanly():
-    release = threading.Event()
-    served = []
-
-    def serve(request, address):
-        served.append(request)
-        release.wait(60)
-
-    workers = ccproxy.Workers(serve)
-    try:
-        for job in range(200):          # each holds its thread: 200 are needed at once
-            workers.submit(job, None)
-        assert wait_for(lambda: len(served) == 200, 20)
-        assert sorted(served) == list(range(200))
-        assert len(workers.threads) <= 200 + 2 * ccproxy.SPARE_WORKERS    # no runaway start
-    finally:
-        release.set()
-        workers.stop()
-    assert not any(thread.is_alive() for thread in workers.threads)
 
 
 # -- holes a rebuild of the relay core could open
