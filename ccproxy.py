@@ -149,6 +149,8 @@ HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy
 REQUEST_OWN = frozenset(("host", "content-length", "accept-encoding", "expect",
                          "x-api-key", "authorization"))
 RESPONSE_OWN = frozenset(("content-length",))
+# What a header preset may not set: the request's framing and routing are ccproxy's.
+PRESET_FORBIDDEN = HOP_BY_HOP | frozenset(("content-length", "host", "expect"))
 
 STATUS_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
 
@@ -385,6 +387,11 @@ def _check_presets(value, where, problems, header):
                             % (where, name, "headers" if header else "body fields"))
         elif header:
             _check_str_map(preset, "%s.%s" % (where, name), problems, header=True)
+            for field in preset:
+                if field.lower() in PRESET_FORBIDDEN:
+                    problems.append("%s.%s.%s: a preset cannot set %s — ccproxy frames each request "
+                                    "itself (the body's length, the connection, the provider's host)"
+                                    % (where, name, field, field))
 
 
 def _check_provider(index, entry, names, problems):
@@ -878,7 +885,7 @@ def content_length(values):
     """The one length that Content-Length field values state (RFC 9110 §8.6: digits only; a
     list of equal values is one value); ValueError for anything else: +98, 0x62, -1, 9_8 and
     differing values are what int() would take and another parser would not."""
-    found = {v.strip() for value in values for v in value.split(",")}
+    found = {v.strip(" \t") for value in values for v in value.split(",")}
     if len(found) != 1:
         raise ValueError("Content-Length is given with different values")
     value = found.pop()
@@ -2895,7 +2902,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.body_pending = self.expects_continue = False
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = self.requestline.split(" ")
-        if len(words) != 3 or not all(words) or _CONTROL.search(self.requestline):
+        if len(words) != 3 or not _TOKEN.fullmatch(words[0]) or not words[1] or _CONTROL.search(self.requestline):
             self.send_error(400, "Bad request line %r" % self.requestline[:ERROR_EXCERPT])
             return False
         if words[2] not in ("HTTP/1.1", "HTTP/1.0"):
@@ -3145,14 +3152,13 @@ def relay_request(handler, params):
 
 
 class Route:
-    """One line of ROUTES: the methods ("*" any), a path pattern ({name} is one segment,
-    {name*} the rest), who may call it ("public" or "key") and whether the request log
-    records it."""
+    """One line of ROUTES: the methods, a path pattern ({name} is one segment, {name*} the
+    rest), who may call it ("public" or "key") and whether the request log records it."""
 
     __slots__ = ("methods", "regex", "access", "func", "recorded")
 
     def __init__(self, methods, pattern, access, func, recorded=False):
-        self.methods = None if methods == "*" else frozenset(methods.split())
+        self.methods = frozenset(methods.split())
         regex = re.sub(r"\{(\w+)\*\}", r"(?P<\1>.*)", pattern)
         self.regex = re.compile(re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", regex) + r"\Z")
         self.access = access
@@ -3169,7 +3175,7 @@ ROUTES = (
     Route("GET HEAD", "/metrics", "key", metrics),
     Route("GET HEAD", "/v1/models", "key", list_models, recorded=True),
     Route("GET HEAD", "/v1/models/{id}", "key", get_model, recorded=True),
-    Route("*", "/v1/{rest*}", "key", relay_request, recorded=True),
+    Route("GET HEAD POST PUT PATCH DELETE", "/v1/{rest*}", "key", relay_request, recorded=True),
     Route("GET", "/api/state", "key", api_state),
     Route("POST", "/api/select", "key", api_select),
     Route("POST", "/api/reload", "key", api_reload),
@@ -3191,7 +3197,7 @@ def find_route(method, path):
         match = route.regex.match(path)
         if match is None:
             continue
-        if route.methods is None or method in route.methods:
+        if method in route.methods:
             return route, match.groupdict()
         allowed |= route.methods
     allowed.discard("OPTIONS")          # answered for every path, only to refuse it

@@ -87,7 +87,7 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
 
     def act(self, action, body):
         """Carry out a queued failure; return True if the request is fully answered."""
-        kind = action.get("kind")
+        kind, mock = action.get("kind"), self.server.mock
         if kind == "close":
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -140,6 +140,49 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
             action["release"].wait(action.get("seconds", 10))
             data = action.get("body", b'{"type":"message","content":[]}')
             self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+            return True
+        if kind == "early_hints":   # RFC 8297: an interim 103 before the real answer
+            self.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+            self.wfile.flush()
+            return False                # then the ordinary answer
+        if kind == "smuggle":       # a whole second answer after the first, on the same connection
+            data = json.dumps({"type": "message", "model": "SMUGGLED", "content": []}).encode()
+            answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" \
+                % (len(data), data)
+            self.wfile.write(answer)
+            self.wfile.flush()
+            time.sleep(action.get("pause", 0.2))     # the second arrives once the first was read
+            self.wfile.write(answer)
+            return True
+        if kind == "huge":          # status, then `size` bytes of body with a Content-Length
+            size = action["size"]
+            self.send_response(action.get("status", 200))
+            self.send_header("Content-Type", action.get("content_type", "application/json"))
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            block = b"x" * 65536
+            try:
+                for _ in range(size // len(block)):
+                    self.wfile.write(block)
+                self.wfile.write(block[:size % len(block)])
+            except (BrokenPipeError, ConnectionResetError):
+                mock.aborted.set()
+            self.close_connection = True
+            return True
+        if kind == "drip":          # a chunked JSON answer, `piece` bytes every `every` seconds
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            piece = b"x" * action.get("piece", 100)
+            try:
+                for _ in range(action.get("count", 1000)):
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    self.wfile.flush()
+                    time.sleep(action.get("every", 0.1))
+            except (BrokenPipeError, ConnectionResetError):
+                mock.aborted.set()
+            self.close_connection = True
             return True
         if kind == "cut":
             self.messages(body, cut_after=action.get("after", 2))
@@ -256,6 +299,8 @@ class MockUpstream:
         """Queue a failure for the next request: status (status=, body=, headers=), close,
         stall (seconds=, no answer), silent_stream (seconds=, SSE headers then nothing),
         slow_body (release=Event: the head at once, the body once it is set), bad_chunk,
+        early_hints (a 103, then the answer), smuggle (two answers to one request),
+        huge (size=, status=: a large body), drip (piece=, every=: a slow chunked answer),
         or cut (after=N events)."""
         with self.lock:
             self.actions.append(dict(action, kind=kind))
