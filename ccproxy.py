@@ -3,20 +3,27 @@
 
 Claude Code (or any Anthropic SDK, or curl) sets ANTHROPIC_BASE_URL to this proxy once.
 Every request under /v1/ is relayed to the provider selected in the web UI; switching takes
-effect on the next request. Streams are relayed piece by piece as they arrive (read1, write),
-never buffered. A provider that fails before the first byte reached the client is replaced
-by the next one of the Fallback list. The proxy does not translate between API formats:
-providers must speak the Anthropic Messages API.
+effect on the next request. Answers are relayed piece by piece as they arrive, never held
+whole. A provider that fails before the first byte reached the client is replaced by the
+next one of the Fallback list. The proxy does not translate between API formats: providers
+must speak the Anthropic Messages API.
 
-Data flow: client -> Handler (parse, auth, route) -> Store.view (config snapshot, selection)
--> candidates (selected, then fallbacks) -> per attempt: headers, auth, presets, model
-mapping -> pooled http.client connection -> relay the answer (chunked to the client)
--> Recorder (log line, request log, stats, metrics; on its own thread).
+Data flow: client -> Handler (strict HTTP parsing, auth, ROUTES) -> Store.view (config
+snapshot, selection) -> Relay: candidates (selected, then fallbacks) -> per attempt: headers,
+auth, presets, model mapping -> Pool (kept-alive provider connections) -> Response (read by
+ccproxy, strictly framed) -> ClientWriter (head and first bytes in one send, chunked to the
+client) -> Recorder (log line, request log, stats, metrics; on its own thread).
+
+Threads and sockets: ThreadingHTTPServer gives each client connection a thread of its own,
+which reads its requests one after another (keep-alive) and relays each answer itself, so a
+slow stream holds nothing but its thread. Sockets keep their timeouts in the kernel
+(set_timeout) and are read through SocketStream; shared state is swapped in whole (Store)
+or guarded by its owner's lock; the pool needs no lock.
 
 Sections, in file order (grep -n '^# ===' ccproxy.py):
-  constants, errors, config, state, pure HTTP helpers, upstream client,
-  providers: discovery and tests, relay, observability, web UI API, request handler,
-  server factory and CLI.
+  constants, errors, config, state, HTTP messages, Anthropic requests and replies,
+  upstream client, providers: discovery and tests, relay, observability, web UI API,
+  request handler, server factory and CLI.
 
 Run:   python3 ccproxy.py [--config config.json] [--host H] [--port P] [--debug]
        (first run creates config.json from config.in.json with a random APIKEY)
@@ -776,10 +783,9 @@ class Store:
         self._change(apply)
 
 
-# ============================================================================ pure HTTP helpers
+# ============================================================================ HTTP messages
 
 _MESSAGES_TAIL = re.compile(r"/v1/messages/?$")
-_MODEL_SUFFIX = re.compile(r"\[[^\[\]]*\]$")
 
 
 def derive_base_url(api_base_url):
@@ -860,6 +866,23 @@ def header_text(text):
     return _NOT_HEADER_TEXT.sub(lambda m: urllib.parse.quote(m.group(), safe=""), text)
 
 
+def message_head(start_line, fields):
+    """A request or status line and its header block, as bytes that leave in one write.
+
+    Values are known to be free of control characters: the client's and the provider's by
+    parse_header_lines, the config's by validate_config, ccproxy's own by header_text. A value
+    outside Latin-1 raises UnicodeEncodeError here, before anything is written.
+    """
+    lines = [start_line]
+    lines.extend("%s: %s" % field for field in fields)
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def request_head(method, target, headers):
+    return message_head("%s %s HTTP/1.1" % (method, target), headers)
+
+
 def body_framing(headers):
     """(chunked, length) of a request body from its header fields (RFC 9112 section 6.3).
 
@@ -907,23 +930,6 @@ def has_dot_segment(path):
     return True
 
 
-def message_head(start_line, fields):
-    """A request or status line and its header block, as bytes that leave in one write.
-
-    Values are known to be free of control characters: the client's and the provider's by
-    parse_header_lines, the config's by validate_config, ccproxy's own by header_text. A value
-    outside Latin-1 raises UnicodeEncodeError here, before anything is written.
-    """
-    lines = [start_line]
-    lines.extend("%s: %s" % field for field in fields)
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1")
-
-
-def request_head(method, target, headers):
-    return message_head("%s %s HTTP/1.1" % (method, target), headers)
-
-
 def connection_tokens(headers):
     tokens = set()
     for name, value in headers:
@@ -957,6 +963,145 @@ def auth_headers(key, style):
     return [("x-api-key", key)]
 
 
+def retry_after_seconds(value, now=None):
+    """Seconds from a Retry-After header (delay-seconds or HTTP-date, RFC 9110 §10.2.3), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
+_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def chunk_size(line):
+    """The size of a chunk from its size line, extensions ignored; ValueError unless the size
+    is hex digits alone (int() would also take "+1a", "0x1a", "1_a" and "-1")."""
+    size = line.split(b";", 1)[0].rstrip(b"\r\n").rstrip(b" \t")     # BWS before an extension
+    if not _HEX.fullmatch(size):
+        raise ValueError("chunk size %r is not hex digits" % size[:20])
+    return int(size, 16)
+
+
+class ChunkDecoder:
+    """A chunked message body (RFC 9112 section 7.1) decoded as it arrives: feed() takes any
+    piece of the wire bytes and returns the payload it completes, however many chunks that
+    spans. `done` once the last chunk and the trailer section are in; `extra` if bytes
+    followed them. Malformed framing raises ValueError.
+    """
+
+    __slots__ = ("left", "crlf", "line", "last", "done", "extra")
+
+    def __init__(self):
+        self.left = 0           # payload bytes of the current chunk still to come
+        self.crlf = b""         # the part of the CRLF after a chunk's payload still to come
+        self.line = b""         # a size or trailer line cut off by the end of a piece
+        self.last = False       # the zero-size chunk has been seen: trailer lines follow
+        self.done = False
+        self.extra = False
+
+    def feed(self, data):
+        out = []
+        pos, end = 0, len(data)
+        while pos < end:
+            if self.done:
+                self.extra = True
+                break
+            if self.left:
+                take = min(self.left, end - pos)
+                out.append(data[pos:pos + take])
+                pos += take
+                self.left -= take
+                if not self.left:
+                    self.crlf = b"\r\n"
+                continue
+            if self.crlf:
+                take = data[pos:pos + len(self.crlf)]
+                if not self.crlf.startswith(take):
+                    raise ValueError("no CRLF after a chunk")
+                self.crlf = self.crlf[len(take):]
+                pos += len(take)
+                continue
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                self.line += data[pos:]
+                if len(self.line) > CHUNK_SIZE_LINE:
+                    raise ValueError("chunk size line too long")
+                break
+            line = self.line + data[pos:newline]
+            self.line = b""
+            pos = newline + 1
+            if len(line) > CHUNK_SIZE_LINE:
+                raise ValueError("chunk size line too long")
+            if self.last:
+                self.done = not line.strip()        # trailer fields until the empty line
+                continue
+            size = chunk_size(line)
+            self.left = size
+            self.last = not size
+        return b"".join(out)
+
+
+def read_chunked(rfile, limit):
+    """A chunked request body (RFC 9112 section 7.1) read line by line, so that nothing of a
+    pipelined next request is taken; the limit applies to the decoded total."""
+    parts, total = [], 0
+    while True:
+        line = rfile.readline(CHUNK_SIZE_LINE + 1)
+        if not line.endswith(b"\n"):
+            raise ClientError("malformed chunked request body: a chunk size line is cut off or too long")
+        try:
+            size = chunk_size(line)
+        except ValueError as exc:
+            raise ClientError("malformed chunked request body: %s" % exc)
+        if not size:
+            break
+        total += size
+        if total > limit:
+            raise ProxyError("request body exceeds MAX_BODY_MB (%d MB)" % (limit >> 20), 413,
+                             "request_too_large")
+        data = rfile.read(size)
+        if len(data) != size or rfile.read(2) != b"\r\n":
+            raise ClientError("malformed chunked request body: a chunk ended early or without CRLF")
+        parts.append(data)
+    for _ in range(MAX_HEADERS + 1):    # trailer fields, dropped
+        line = rfile.readline(MAX_LINE + 1)
+        if line in (b"\r\n", b"\n"):
+            return b"".join(parts)
+        if not line.endswith(b"\n"):
+            break
+    raise ClientError("malformed chunked request body: its trailer section is cut off or too long")
+
+
+def error_body(kind, message):
+    return json.dumps({"type": "error", "error": {"type": kind, "message": message}},
+                      ensure_ascii=False).encode("utf-8")
+
+
+def sse_error(kind, message):
+    return b"event: error\ndata: " + error_body(kind, message) + b"\n\n"
+
+
+def env_proxy_for(scheme, host):
+    """The proxy URL from HTTPS_PROXY/HTTP_PROXY for this host, honouring NO_PROXY, or ''."""
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get(scheme, "")
+    if not url or urllib.request.proxy_bypass_environment(host, proxies):
+        return ""
+    return url if "://" in url else "http://" + url
+
+
+# ============================================================================ Anthropic requests and replies
+
 def apply_header_preset(headers, preset):
     """Set each header of the preset (replacing any of the same name); "" removes it."""
     if not preset:
@@ -989,6 +1134,9 @@ def effective_env_models(global_env, provider_env):
     return merged
 
 
+_MODEL_SUFFIX = re.compile(r"\[[^\[\]]*\]$")
+
+
 def map_model(model, models, env_models):
     """The model to send for a requested one, given the provider's models and env-models.
 
@@ -1005,18 +1153,59 @@ def map_model(model, models, env_models):
     return env_models.get("ANTHROPIC_MODEL") or bare
 
 
-def retry_after_seconds(value, now=None):
-    """Seconds from a Retry-After header (delay-seconds or HTTP-date, RFC 9110 §10.2.3), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
+# Claude Code sends "model" as the body's first key. Anchored at the start, this can only match
+# that top-level key, so mapping can read and replace it without parsing megabytes of JSON.
+_FIRST_KEY_MODEL = re.compile(rb'\s*\{\s*"model"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+def prepare_body(view, target, path, body):
+    """(body bytes, model requested, model sent). Parses JSON only if something may change."""
+    config = view.config
+    if not body or not path.startswith("/v1/messages") or \
+            not (config.model_mapping or target.request_preset):
+        return body, None, None
+    first = None if target.request_preset else _FIRST_KEY_MODEL.match(body)
+    if first is not None:
+        try:
+            requested = json.loads(first.group(1))
+        except ValueError:
+            requested = None
+        if isinstance(requested, str):
+            sent = map_model(requested, target.model_set, target.env_models)
+            if sent != requested:
+                body = body[:first.start(1)] + json.dumps(sent, ensure_ascii=False).encode("utf-8") + \
+                    body[first.end(1):]
+            return body, requested, sent
     try:
-        when = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError):
-        return None
-    return max(0.0, when - (time.time() if now is None else now))
+        obj = json.loads(body)
+    except ValueError:
+        return body, None, None  # not ours to judge: the provider answers it
+    if not isinstance(obj, dict):
+        return body, None, None
+    requested = obj.get("model")
+    changed = obj
+    if target.request_preset:
+        changed = apply_request_preset(obj, target.request_preset)
+    sent = changed.get("model")
+    if config.model_mapping and isinstance(sent, str):
+        sent = map_model(sent, target.model_set, target.env_models)
+        if sent != changed.get("model"):
+            changed = dict(changed, model=sent)
+    if changed is obj:
+        return body, requested, sent
+    return json.dumps(changed, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), requested, sent
+
+
+def upstream_headers(client_headers, target, body):
+    key, style = client_key(client_headers)
+    headers = end_to_end(client_headers, REQUEST_OWN)
+    headers.append(("Host", target.netloc))
+    headers.extend(auth_headers(target.provider.api_key, target.provider.auth or style or "x-api-key"))
+    headers = apply_header_preset(headers, target.header_preset)
+    headers.append(("Accept-Encoding", "identity"))
+    if body:
+        headers.append(("Content-Length", str(len(body))))
+    return headers
 
 
 def is_signature_error(status, body):
@@ -1122,78 +1311,6 @@ class Usage:
                 "cache_creation": self.cache_creation}
 
 
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
-_DIGITS = re.compile(r"[0-9]{1,18}")
-
-
-def chunk_size(line):
-    """The size of a chunk from its size line, extensions ignored; ValueError unless the size
-    is hex digits alone (int() would also take "+1a", "0x1a", "1_a" and "-1")."""
-    size = line.split(b";", 1)[0].rstrip(b"\r\n").rstrip(b" \t")     # BWS before an extension
-    if not _HEX.fullmatch(size):
-        raise ValueError("chunk size %r is not hex digits" % size[:20])
-    return int(size, 16)
-
-
-class ChunkDecoder:
-    """A chunked message body (RFC 9112 section 7.1) decoded as it arrives: feed() takes any
-    piece of the wire bytes and returns the payload it completes, however many chunks that
-    spans. `done` once the last chunk and the trailer section are in; `extra` if bytes
-    followed them. Malformed framing raises ValueError.
-    """
-
-    __slots__ = ("left", "crlf", "line", "last", "done", "extra")
-
-    def __init__(self):
-        self.left = 0           # payload bytes of the current chunk still to come
-        self.crlf = b""         # the part of the CRLF after a chunk's payload still to come
-        self.line = b""         # a size or trailer line cut off by the end of a piece
-        self.last = False       # the zero-size chunk has been seen: trailer lines follow
-        self.done = False
-        self.extra = False
-
-    def feed(self, data):
-        out = []
-        pos, end = 0, len(data)
-        while pos < end:
-            if self.done:
-                self.extra = True
-                break
-            if self.left:
-                take = min(self.left, end - pos)
-                out.append(data[pos:pos + take])
-                pos += take
-                self.left -= take
-                if not self.left:
-                    self.crlf = b"\r\n"
-                continue
-            if self.crlf:
-                take = data[pos:pos + len(self.crlf)]
-                if not self.crlf.startswith(take):
-                    raise ValueError("no CRLF after a chunk")
-                self.crlf = self.crlf[len(take):]
-                pos += len(take)
-                continue
-            newline = data.find(b"\n", pos)
-            if newline < 0:
-                self.line += data[pos:]
-                if len(self.line) > CHUNK_SIZE_LINE:
-                    raise ValueError("chunk size line too long")
-                break
-            line = self.line + data[pos:newline]
-            self.line = b""
-            pos = newline + 1
-            if len(line) > CHUNK_SIZE_LINE:
-                raise ValueError("chunk size line too long")
-            if self.last:
-                self.done = not line.strip()        # trailer fields until the empty line
-                continue
-            size = chunk_size(line)
-            self.left = size
-            self.last = not size
-        return b"".join(out)
-
-
 def claude_settings(base_url, key, env_models, auth=None):
     """A Claude Code settings object ({"env": …}) that talks to base_url; empty values left out.
 
@@ -1204,15 +1321,6 @@ def claude_settings(base_url, key, env_models, auth=None):
            "ANTHROPIC_API_KEY" if auth == "x-api-key" else "ANTHROPIC_AUTH_TOKEN": key}
     env.update(env_models)
     return {"env": {k: v for k, v in env.items() if v}}
-
-
-def error_body(kind, message):
-    return json.dumps({"type": "error", "error": {"type": kind, "message": message}},
-                      ensure_ascii=False).encode("utf-8")
-
-
-def sse_error(kind, message):
-    return b"event: error\ndata: " + error_body(kind, message) + b"\n\n"
 
 
 def key_hint(key):
@@ -1281,15 +1389,6 @@ def model_page(models, query):
 def model_object(model_id):
     return {"type": "model", "id": model_id, "display_name": model_id,
             "created_at": "1970-01-01T00:00:00Z"}
-
-
-def env_proxy_for(scheme, host):
-    """The proxy URL from HTTPS_PROXY/HTTP_PROXY for this host, honouring NO_PROXY, or ''."""
-    proxies = urllib.request.getproxies_environment()
-    url = proxies.get(scheme, "")
-    if not url or urllib.request.proxy_bypass_environment(host, proxies):
-        return ""
-    return url if "://" in url else "http://" + url
 
 
 # ============================================================================ upstream client
@@ -1833,90 +1932,77 @@ def filter_models(models, spec):
 # ============================================================================ relay
 
 
-def read_chunked(rfile, limit):
-    """A chunked request body (RFC 9112 section 7.1) read line by line, so that nothing of a
-    pipelined next request is taken; the limit applies to the decoded total."""
-    parts, total = [], 0
-    while True:
-        line = rfile.readline(CHUNK_SIZE_LINE + 1)
-        if not line.endswith(b"\n"):
-            raise ClientError("malformed chunked request body: a chunk size line is cut off or too long")
-        try:
-            size = chunk_size(line)
-        except ValueError as exc:
-            raise ClientError("malformed chunked request body: %s" % exc)
-        if not size:
-            break
-        total += size
-        if total > limit:
-            raise ProxyError("request body exceeds MAX_BODY_MB (%d MB)" % (limit >> 20), 413,
-                             "request_too_large")
-        data = rfile.read(size)
-        if len(data) != size or rfile.read(2) != b"\r\n":
-            raise ClientError("malformed chunked request body: a chunk ended early or without CRLF")
-        parts.append(data)
-    for _ in range(MAX_HEADERS + 1):    # trailer fields, dropped
-        line = rfile.readline(MAX_LINE + 1)
-        if line in (b"\r\n", b"\n"):
-            return b"".join(parts)
-        if not line.endswith(b"\n"):
-            break
-    raise ClientError("malformed chunked request body: its trailer section is cut off or too long")
+class Health:
+    """Which providers are cooling down after a failure, which lack count_tokens, and which
+    conversations need their thinking signatures stripped on which provider."""
+
+    def __init__(self, clock=time.time):
+        self.clock = clock            # wall-clock seconds: the web UI shows "until" times; injectable for tests
+        self.lock = threading.Lock()
+        self.cooling = {}             # name -> (until, reason)
+        self.no_count_tokens = {}     # name -> until
+        self.strip_for = {}           # (conversation, provider) -> when a signature strip helped
+
+    def cool_down(self, name, seconds, reason):
+        with self.lock:
+            self.cooling[name] = (self.clock() + min(seconds, MAX_COOLDOWN_S), reason)
+
+    def recovered(self, name):
+        if name in self.cooling:
+            with self.lock:
+                self.cooling.pop(name, None)
+
+    def is_cooling(self, name, now):
+        entry = self.cooling.get(name)
+        return entry is not None and entry[0] > now
+
+    def snapshot(self):
+        now = self.clock()
+        with self.lock:
+            return {n: {"until": u, "reason": r} for n, (u, r) in self.cooling.items() if u > now}
+
+    def strips_signatures(self, session, name):
+        """Whether this conversation needed its thinking signatures stripped on this provider."""
+        when = self.strip_for.get((session, name))
+        return when is not None and self.clock() - when < SESSION_MEMORY_S
+
+    def remember_strip(self, session, name):
+        with self.lock:
+            if len(self.strip_for) >= SESSION_MEMORY_MAX:
+                for key in list(self.strip_for)[:SESSION_MEMORY_MAX // 2]:     # the oldest half
+                    del self.strip_for[key]
+            self.strip_for[(session, name)] = self.clock()
+
+    def lacks_count_tokens(self, name):
+        until = self.no_count_tokens.get(name)
+        return until is not None and until > self.clock()
+
+    def remember_no_count_tokens(self, name):
+        with self.lock:
+            self.no_count_tokens[name] = self.clock() + COUNT_TOKENS_MEMORY_S
 
 
-# Claude Code sends "model" as the body's first key. Anchored at the start, this can only match
-# that top-level key, so mapping can read and replace it without parsing megabytes of JSON.
-_FIRST_KEY_MODEL = re.compile(rb'\s*\{\s*"model"\s*:\s*("(?:[^"\\]|\\.)*")')
+def candidates(view, health):
+    """The providers to try in order: the selected one, then the fallback list, skipping any
+    that still has a placeholder key and any that is cooling down. If all are cooling down,
+    the first of them is tried anyway."""
+    names = [view.selected] + [n for n in (view.fallback if view.fallback_enabled else ())
+                               if n != view.selected]
+    usable = [view.targets[n] for n in names if n in view.targets and not view.targets[n].provider.placeholder_key]
+    now = health.clock()
+    chosen = [t for t in usable if not health.is_cooling(t.name, now)]
+    return chosen or usable[:1]
 
 
-def prepare_body(view, target, path, body):
-    """(body bytes, model requested, model sent). Parses JSON only if something may change."""
-    config = view.config
-    if not body or not path.startswith("/v1/messages") or \
-            not (config.model_mapping or target.request_preset):
-        return body, None, None
-    first = None if target.request_preset else _FIRST_KEY_MODEL.match(body)
-    if first is not None:
-        try:
-            requested = json.loads(first.group(1))
-        except ValueError:
-            requested = None
-        if isinstance(requested, str):
-            sent = map_model(requested, target.model_set, target.env_models)
-            if sent != requested:
-                body = body[:first.start(1)] + json.dumps(sent, ensure_ascii=False).encode("utf-8") + \
-                    body[first.end(1):]
-            return body, requested, sent
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        return body, None, None  # not ours to judge: the provider answers it
-    if not isinstance(obj, dict):
-        return body, None, None
-    requested = obj.get("model")
-    changed = obj
-    if target.request_preset:
-        changed = apply_request_preset(obj, target.request_preset)
-    sent = changed.get("model")
-    if config.model_mapping and isinstance(sent, str):
-        sent = map_model(sent, target.model_set, target.env_models)
-        if sent != changed.get("model"):
-            changed = dict(changed, model=sent)
-    if changed is obj:
-        return body, requested, sent
-    return json.dumps(changed, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), requested, sent
-
-
-def upstream_headers(client_headers, target, body):
-    key, style = client_key(client_headers)
-    headers = end_to_end(client_headers, REQUEST_OWN)
-    headers.append(("Host", target.netloc))
-    headers.extend(auth_headers(target.provider.api_key, target.provider.auth or style or "x-api-key"))
-    headers = apply_header_preset(headers, target.header_preset)
-    headers.append(("Accept-Encoding", "identity"))
-    if body:
-        headers.append(("Content-Length", str(len(body))))
-    return headers
+def no_candidate(view):
+    """The NoProvider error that says what to edit when candidates() found nothing."""
+    target = view.target
+    if target is not None and target.provider.placeholder_key:
+        return NoProvider("provider %s still has the example key of config.in.json, so ccproxy did "
+                          "not contact it — put your real key in its api_key in %s, then press "
+                          "Reload in the web UI" % (target.name, view.config.path))
+    return NoProvider("ccproxy has no provider to relay to — add one with an api_base_url to "
+                      "Providers in %s, then press Reload in the web UI" % view.config.path)
 
 
 # A write to a client that has gone away, or stopped reading, fails with one of these.
@@ -2005,80 +2091,9 @@ class Failure:
         self.answer = answer
 
 
-class Health:
-    """Which providers are cooling down after a failure, which lack count_tokens, and which
-    conversations need their thinking signatures stripped on which provider."""
-
-    def __init__(self, clock=time.time):
-        self.clock = clock            # wall-clock seconds: the web UI shows "until" times; injectable for tests
-        self.lock = threading.Lock()
-        self.cooling = {}             # name -> (until, reason)
-        self.no_count_tokens = {}     # name -> until
-        self.strip_for = {}           # (conversation, provider) -> when a signature strip helped
-
-    def cool_down(self, name, seconds, reason):
-        with self.lock:
-            self.cooling[name] = (self.clock() + min(seconds, MAX_COOLDOWN_S), reason)
-
-    def recovered(self, name):
-        if name in self.cooling:
-            with self.lock:
-                self.cooling.pop(name, None)
-
-    def is_cooling(self, name, now):
-        entry = self.cooling.get(name)
-        return entry is not None and entry[0] > now
-
-    def snapshot(self):
-        now = self.clock()
-        with self.lock:
-            return {n: {"until": u, "reason": r} for n, (u, r) in self.cooling.items() if u > now}
-
-    def strips_signatures(self, session, name):
-        """Whether this conversation needed its thinking signatures stripped on this provider."""
-        when = self.strip_for.get((session, name))
-        return when is not None and self.clock() - when < SESSION_MEMORY_S
-
-    def remember_strip(self, session, name):
-        with self.lock:
-            if len(self.strip_for) >= SESSION_MEMORY_MAX:
-                for key in list(self.strip_for)[:SESSION_MEMORY_MAX // 2]:     # the oldest half
-                    del self.strip_for[key]
-            self.strip_for[(session, name)] = self.clock()
-
-    def lacks_count_tokens(self, name):
-        until = self.no_count_tokens.get(name)
-        return until is not None and until > self.clock()
-
-    def remember_no_count_tokens(self, name):
-        with self.lock:
-            self.no_count_tokens[name] = self.clock() + COUNT_TOKENS_MEMORY_S
-
-
-def candidates(view, health):
-    """The providers to try in order: the selected one, then the fallback list, skipping any
-    that still has a placeholder key and any that is cooling down. If all are cooling down,
-    the first of them is tried anyway."""
-    names = [view.selected] + [n for n in (view.fallback if view.fallback_enabled else ())
-                               if n != view.selected]
-    usable = [view.targets[n] for n in names if n in view.targets and not view.targets[n].provider.placeholder_key]
-    now = health.clock()
-    chosen = [t for t in usable if not health.is_cooling(t.name, now)]
-    return chosen or usable[:1]
-
-
-def no_candidate(view):
-    """The NoProvider error that says what to edit when candidates() found nothing."""
-    target = view.target
-    if target is not None and target.provider.placeholder_key:
-        return NoProvider("provider %s still has the example key of config.in.json, so ccproxy did "
-                          "not contact it — put your real key in its api_key in %s, then press "
-                          "Reload in the web UI" % (target.name, view.config.path))
-    return NoProvider("ccproxy has no provider to relay to — add one with an api_base_url to "
-                      "Providers in %s, then press Reload in the web UI" % view.config.path)
-
-
 _STREAM_FLAG = re.compile(rb'"stream"\s*:\s*true')
+
+
 _EVENT_END = (b"\n\n", b"\r\n\r\n")
 
 
