@@ -783,6 +783,80 @@ class Store:
         self._change(apply)
 
 
+class Health:
+    """Which providers are cooling down after a failure, which lack count_tokens, and which
+    conversations need their thinking signatures stripped on which provider."""
+
+    def __init__(self, clock=time.time):
+        self.clock = clock            # wall-clock seconds: the web UI shows "until" times; injectable for tests
+        self.lock = threading.Lock()
+        self.cooling = {}             # name -> (until, reason)
+        self.no_count_tokens = {}     # name -> until
+        self.strip_for = {}           # (conversation, provider) -> when a signature strip helped
+
+    def cool_down(self, name, seconds, reason):
+        with self.lock:
+            self.cooling[name] = (self.clock() + min(seconds, MAX_COOLDOWN_S), reason)
+
+    def recovered(self, name):
+        if name in self.cooling:
+            with self.lock:
+                self.cooling.pop(name, None)
+
+    def is_cooling(self, name, now):
+        entry = self.cooling.get(name)
+        return entry is not None and entry[0] > now
+
+    def snapshot(self):
+        now = self.clock()
+        with self.lock:
+            return {n: {"until": u, "reason": r} for n, (u, r) in self.cooling.items() if u > now}
+
+    def strips_signatures(self, session, name):
+        """Whether this conversation needed its thinking signatures stripped on this provider."""
+        when = self.strip_for.get((session, name))
+        return when is not None and self.clock() - when < SESSION_MEMORY_S
+
+    def remember_strip(self, session, name):
+        with self.lock:
+            if len(self.strip_for) >= SESSION_MEMORY_MAX:
+                for key in list(self.strip_for)[:SESSION_MEMORY_MAX // 2]:     # the oldest half
+                    del self.strip_for[key]
+            self.strip_for[(session, name)] = self.clock()
+
+    def lacks_count_tokens(self, name):
+        until = self.no_count_tokens.get(name)
+        return until is not None and until > self.clock()
+
+    def remember_no_count_tokens(self, name):
+        with self.lock:
+            self.no_count_tokens[name] = self.clock() + COUNT_TOKENS_MEMORY_S
+
+
+def candidates(view, health):
+    """The providers to try in order: the selected one, then the fallback list, skipping any
+    that still has a placeholder key and any that is cooling down. If all are cooling down,
+    the first of them is tried anyway."""
+    names = [view.selected] + [n for n in (view.fallback if view.fallback_enabled else ())
+                               if n != view.selected]
+    usable = [view.targets[n] for n in names if n in view.targets and not view.targets[n].provider.placeholder_key]
+    now = health.clock()
+    chosen = [t for t in usable if not health.is_cooling(t.name, now)]
+    return chosen or usable[:1]
+
+
+def no_candidate(view):
+    """The NoProvider error that says what to edit when candidates() found nothing."""
+    target = view.target
+    if target is not None and target.provider.placeholder_key:
+        return NoProvider("provider %s still has the example key of config.in.json, so ccproxy did "
+                          "not contact it — put your real key in its api_key in %s, then press "
+                          "Reload in the web UI" % (target.name, view.config.path))
+    return NoProvider("ccproxy has no provider to relay to — add one with an api_base_url to "
+                      "Providers in %s, then press Reload in the web UI" % view.config.path)
+
+
+
 # ============================================================================ HTTP messages
 
 _MESSAGES_TAIL = re.compile(r"/v1/messages/?$")
@@ -881,6 +955,10 @@ def message_head(start_line, fields):
 
 def request_head(method, target, headers):
     return message_head("%s %s HTTP/1.1" % (method, target), headers)
+
+
+def response_head(status, fields):
+    return message_head("HTTP/1.1 %d %s" % (status, STATUS_PHRASES.get(status, "")), fields)
 
 
 def body_framing(headers):
@@ -1932,78 +2010,6 @@ def filter_models(models, spec):
 # ============================================================================ relay
 
 
-class Health:
-    """Which providers are cooling down after a failure, which lack count_tokens, and which
-    conversations need their thinking signatures stripped on which provider."""
-
-    def __init__(self, clock=time.time):
-        self.clock = clock            # wall-clock seconds: the web UI shows "until" times; injectable for tests
-        self.lock = threading.Lock()
-        self.cooling = {}             # name -> (until, reason)
-        self.no_count_tokens = {}     # name -> until
-        self.strip_for = {}           # (conversation, provider) -> when a signature strip helped
-
-    def cool_down(self, name, seconds, reason):
-        with self.lock:
-            self.cooling[name] = (self.clock() + min(seconds, MAX_COOLDOWN_S), reason)
-
-    def recovered(self, name):
-        if name in self.cooling:
-            with self.lock:
-                self.cooling.pop(name, None)
-
-    def is_cooling(self, name, now):
-        entry = self.cooling.get(name)
-        return entry is not None and entry[0] > now
-
-    def snapshot(self):
-        now = self.clock()
-        with self.lock:
-            return {n: {"until": u, "reason": r} for n, (u, r) in self.cooling.items() if u > now}
-
-    def strips_signatures(self, session, name):
-        """Whether this conversation needed its thinking signatures stripped on this provider."""
-        when = self.strip_for.get((session, name))
-        return when is not None and self.clock() - when < SESSION_MEMORY_S
-
-    def remember_strip(self, session, name):
-        with self.lock:
-            if len(self.strip_for) >= SESSION_MEMORY_MAX:
-                for key in list(self.strip_for)[:SESSION_MEMORY_MAX // 2]:     # the oldest half
-                    del self.strip_for[key]
-            self.strip_for[(session, name)] = self.clock()
-
-    def lacks_count_tokens(self, name):
-        until = self.no_count_tokens.get(name)
-        return until is not None and until > self.clock()
-
-    def remember_no_count_tokens(self, name):
-        with self.lock:
-            self.no_count_tokens[name] = self.clock() + COUNT_TOKENS_MEMORY_S
-
-
-def candidates(view, health):
-    """The providers to try in order: the selected one, then the fallback list, skipping any
-    that still has a placeholder key and any that is cooling down. If all are cooling down,
-    the first of them is tried anyway."""
-    names = [view.selected] + [n for n in (view.fallback if view.fallback_enabled else ())
-                               if n != view.selected]
-    usable = [view.targets[n] for n in names if n in view.targets and not view.targets[n].provider.placeholder_key]
-    now = health.clock()
-    chosen = [t for t in usable if not health.is_cooling(t.name, now)]
-    return chosen or usable[:1]
-
-
-def no_candidate(view):
-    """The NoProvider error that says what to edit when candidates() found nothing."""
-    target = view.target
-    if target is not None and target.provider.placeholder_key:
-        return NoProvider("provider %s still has the example key of config.in.json, so ccproxy did "
-                          "not contact it — put your real key in its api_key in %s, then press "
-                          "Reload in the web UI" % (target.name, view.config.path))
-    return NoProvider("ccproxy has no provider to relay to — add one with an api_base_url to "
-                      "Providers in %s, then press Reload in the web UI" % view.config.path)
-
 
 # A write to a client that has gone away, or stopped reading, fails with one of these.
 CLIENT_GONE = (BrokenPipeError, ConnectionResetError, socket.timeout, TimeoutError)
@@ -2036,7 +2042,7 @@ class ClientWriter:
         self.started = False
 
     def head(self, status, fields):
-        self.pending = message_head("HTTP/1.1 %d %s" % (status, STATUS_PHRASES.get(status, "")), fields)
+        self.pending = response_head(status, fields)
         self.started = True
 
     def write(self, data):
@@ -2155,7 +2161,7 @@ class Relay:
     def attempt(self, target, stream, last):
         """Try one provider. None once its answer has gone to the client, or the Failure that
         should move the request on (nothing has been sent to the client then)."""
-        exchange, config, health, request = self.exchange, self.config, self.health, self.request
+        exchange, health, request = self.exchange, self.health, self.request
         body, exchange.model_in, exchange.model_out = prepare_body(self.view, target, request.path, request.body)
         # After a switch, a conversation's old thinking blocks carry another provider's
         # signatures; once a strip was needed on this provider, later turns go out stripped.
@@ -2165,61 +2171,70 @@ class Relay:
             body = stripped
             exchange.note = "thinking signatures stripped, as earlier in this conversation"
         retried = bool(stripped)
-        # A stream must show its first event soon when another provider could take over; a
-        # lone provider (or a non-streamed reply, whose head may come after the whole answer)
-        # gets the long idle timeout.
-        first_timeout = config.first_byte_timeout_s if stream and not last else config.api_timeout_s
         while True:
-            headers = upstream_headers(request.headers, target, body)
-            if self.debug:
-                log.debug("-> %s %s body: %s", target.name, request.path,
-                          redact(body[:DEBUG_BODY_CHARS].decode("utf-8", "replace"), config.secrets()))
-            conn = resp = None
-            try:
-                conn, resp = self.pool.request(target, request.method, request.path, headers, body, first_timeout)
-                status, pieces = resp.status, resp.pieces()
-                if status in FAILOVER_STATUSES or status in COUNT_TOKENS_MISSING or status == 400:
-                    held, ended = collect(pieces, ERROR_HOLD_BYTES)     # to decide on: read only so far
-                elif stream and status == 200:
-                    # A stream is committed to the client only once it has shown a real event.
-                    held, ended = collect(pieces, FIRST_EVENT_MAX_BYTES, first_event_in)
-                else:
-                    held, ended = b"", resp.complete
-            except TIMEOUT_ERRORS as exc:
-                if conn is not None:
-                    conn.close()            # timed out mid-answer: not reusable
-                return Failure("timeout", UpstreamTimeout("provider %s did not answer in time (%s)"
-                                                          % (target.name, describe_network_error(exc))),
-                               config.cooldown_s)
-            except NETWORK_ERRORS as exc:
-                if conn is not None:
-                    conn.close()
-                reason = describe_network_error(exc)
-                return Failure(reason, UpstreamError("provider %s at %s could not be reached: %s"
-                                                     % (target.name, target.netloc, reason)), config.cooldown_s)
-            if status == 400 and not retried and is_signature_error(status, held):
+            answer = self.ask(target, body, stream, last)
+            if isinstance(answer, Failure):
+                return answer
+            status = answer.resp.status
+            if status == 400 and not retried and is_signature_error(status, answer.held):
                 stripped = without_thinking(body)
                 if stripped:
-                    self.pool.release(target, conn, resp)
+                    self.pool.release(target, answer.conn, answer.resp)
                     body, retried = stripped, True
                     exchange.note = "thinking signatures stripped, retried"
                     continue
-            if retried and status < 400 and session:
-                health.remember_strip(session, target.name)
-            if status in COUNT_TOKENS_MISSING and request.path.startswith("/v1/messages/count_tokens"):
-                health.remember_no_count_tokens(target.name)
-            answer = Answer(conn, resp, pieces, held, ended)
-            if status in FAILOVER_STATUSES:
-                wait = retry_after_seconds(resp.getheader("Retry-After"), health.clock())
-                return Failure(str(status), cooldown_s=config.cooldown_s if wait is None else wait,
-                               answer=answer)
             break
+        if retried and status < 400 and session:
+            health.remember_strip(session, target.name)
+        if status in COUNT_TOKENS_MISSING and request.path.startswith("/v1/messages/count_tokens"):
+            health.remember_no_count_tokens(target.name)
+        if status in FAILOVER_STATUSES:
+            wait = retry_after_seconds(answer.resp.getheader("Retry-After"), health.clock())
+            return Failure(str(status), cooldown_s=self.config.cooldown_s if wait is None else wait, answer=answer)
         extra = []
         if exchange.attempts:
             chain = exchange.chain() + ["%s %d" % (target.name, status)]
             extra.append(("x-ccproxy-attempts", header_text(", ".join(chain))))
         self.deliver(target, answer, extra)
         return None
+
+    def ask(self, target, body, stream, last):
+        """Send the request to one provider and read its answer as far as the decision needs:
+        an error answer ERROR_HOLD_BYTES far, a stream to its first event, anything else not
+        at all. An Answer, or the Failure of a provider that could not be reached in time."""
+        config, request = self.config, self.request
+        # A stream must show its first event soon when another provider could take over; a
+        # lone provider (or a non-streamed reply, whose head may come after the whole answer)
+        # gets the long idle timeout.
+        timeout = config.first_byte_timeout_s if stream and not last else config.api_timeout_s
+        headers = upstream_headers(request.headers, target, body)
+        if self.debug:
+            log.debug("-> %s %s body: %s", target.name, request.path,
+                      redact(body[:DEBUG_BODY_CHARS].decode("utf-8", "replace"), config.secrets()))
+        conn = None
+        try:
+            conn, resp = self.pool.request(target, request.method, request.path, headers, body, timeout)
+            pieces = resp.pieces()
+            if resp.status in FAILOVER_STATUSES or resp.status in COUNT_TOKENS_MISSING or resp.status == 400:
+                held, ended = collect(pieces, ERROR_HOLD_BYTES)
+            elif stream and resp.status == 200:
+                # A stream is committed to the client only once it has shown a real event.
+                held, ended = collect(pieces, FIRST_EVENT_MAX_BYTES, first_event_in)
+            else:
+                held, ended = b"", resp.complete
+            return Answer(conn, resp, pieces, held, ended)
+        except TIMEOUT_ERRORS as exc:
+            if conn is not None:
+                conn.close()            # timed out mid-answer: not reusable
+            return Failure("timeout", UpstreamTimeout("provider %s did not answer in time (%s)"
+                                                      % (target.name, describe_network_error(exc))),
+                           config.cooldown_s)
+        except NETWORK_ERRORS as exc:
+            if conn is not None:
+                conn.close()
+            reason = describe_network_error(exc)
+            return Failure(reason, UpstreamError("provider %s at %s could not be reached: %s"
+                                                 % (target.name, target.netloc, reason)), config.cooldown_s)
 
     def answer_failure(self, target, failure):
         """Every candidate failed: the client gets the last provider's answer as it was, so its
@@ -2249,35 +2264,38 @@ class Relay:
         finally:
             self.pool.release(target, answer.conn, answer.resp)
 
-    def relay_body(self, target, answer, extra):
-        """The head now (or with the first piece), then the held bytes and the rest of the
-        body as it arrives, each piece in one write the moment it is there."""
-        exchange, out, request, resp = self.exchange, self.out, self.request, answer.resp
-        content_type = resp.headers.get("content-type", "")
-        is_sse = "text/event-stream" in content_type
+    def answer_head(self, target, resp, extra):
+        """The header fields of the answer to the client, and whether its body is re-framed
+        chunked: a body of known length keeps it, a stream or any body of unknown length is
+        chunked for an HTTP/1.1 client (the connection stays reusable) and close-delimited
+        for an HTTP/1.0 one."""
         fields = end_to_end(resp.getheaders(), RESPONSE_OWN)
         fields.append(("x-ccproxy-provider", header_text(target.name)))
         fields.extend(extra)
-        no_body = request.method == "HEAD" or resp.status in (204, 304)
-        if no_body:
+        if self.request.method == "HEAD" or resp.status in (204, 304):
             length = resp.headers.get("content-length")     # describes the GET's body
-            chunked = False
             if length is not None:
                 fields.append(("Content-Length", length))
-        elif resp.length is not None:
-            chunked = False
+            return fields, False
+        if resp.length is not None:
             fields.append(("Content-Length", str(resp.length)))
-        else:
-            # A stream, or a body of unknown length: HTTP/1.1 clients get it re-framed as
-            # chunked so the connection stays reusable; HTTP/1.0 clients, close-delimited.
-            chunked = not request.http10
-            if chunked:
-                fields.append(("Transfer-Encoding", "chunked"))
-            else:
-                self.close = True
+            return fields, False
+        if self.request.http10:
+            self.close = True
+            return fields, False
+        fields.append(("Transfer-Encoding", "chunked"))
+        return fields, True
+
+    def relay_body(self, target, answer, extra):
+        """The head now (or with the first piece), then the held bytes and the rest of the
+        body as it arrives, each piece in one write the moment it is there."""
+        exchange, out, resp = self.exchange, self.out, answer.resp
+        fields, chunked = self.answer_head(target, resp, extra)
         out.head(resp.status, fields)
-        if not answer.held and resp.length is None and not no_body:
+        if not answer.held and resp.length is None:
             out.flush()         # the head goes now, not with a first piece that may be long in coming
+        content_type = resp.headers.get("content-type", "")
+        is_sse = "text/event-stream" in content_type
         feed = exchange.usage.feed if is_sse else None
         keep = [] if resp.status == 200 and "json" in content_type else None    # for the usage
         # A non-streamed answer must end within API_TIMEOUT_MS whatever a provider drips.
@@ -2302,15 +2320,13 @@ class Relay:
                 if last:
                     break
                 if deadline is not None and time.monotonic() > deadline:
-                    raise UpstreamTimeout("the answer took longer than API_TIMEOUT_MS")
+                    self.broken_off(target, "the answer took longer than API_TIMEOUT_MS", is_sse, chunked)
+                    return
                 try:
                     data, last = next(pieces)
                 except NETWORK_ERRORS as exc:
                     self.broken_off(target, describe_network_error(exc), is_sse, chunked)
                     return
-        except UpstreamTimeout as exc:
-            self.broken_off(target, str(exc), is_sse, chunked)
-            return
         except CLIENT_GONE:
             exchange.note = "client went away mid-answer"
             exchange.client_gone = self.close = True
@@ -3355,7 +3371,6 @@ def main(argv=None):
                         level=logging.INFO)
     # What the format does not show is not collected (the logging HOWTO's "Optimization").
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    logging._srcfile = None
     created_key = None
     if not os.path.exists(args.config) and not args.check:
         try:

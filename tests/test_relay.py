@@ -329,6 +329,7 @@ def test_cross_origin_preflight_is_refused(proxy):
 def test_256_concurrent_streams_all_complete(proxy, upstream):
     upstream.event_delay = 0.02
     results = []
+    threads_before = threading.active_count()
 
     def one():
         try:
@@ -344,6 +345,8 @@ def test_256_concurrent_streams_all_complete(proxy, upstream):
     for t in threads:
         t.join(90)
     assert results.count(True) == 256, [r for r in results if r is not True][:3]
+    # the connections were closed: their threads are gone again, none kept waiting
+    assert wait_for(lambda: threading.active_count() <= threads_before + 2, 10), threading.active_count()
 
 
 def _socket_fds():
