@@ -21,7 +21,7 @@ slow stream holds nothing but its thread. Sockets keep their timeouts in the ker
 or guarded by its owner's lock; the pool needs no lock.
 
 Sections, in file order (grep -n '^# ===' ccproxy.py):
-  constants, errors, config, state, HTTP messages, Anthropic requests and replies,
+  constants, errors, config, state, config editing, HTTP messages, Anthropic requests and replies,
   upstream client, providers: discovery and tests, relay, observability, web UI API,
   request handler, server factory and CLI.
 
@@ -174,12 +174,13 @@ class ProxyError(Exception):
     retry = True
     headers = ()
 
-    def __init__(self, message, status=None, kind=None):
+    def __init__(self, message, status=None, kind=None, **extra):
         super().__init__(message)
         if status is not None:
             self.status = status
         if kind is not None:
             self.kind = kind
+        self.extra = extra            # more members of the error body: "problems", "version", "code"…
 
 
 class ClientError(ProxyError):
@@ -738,6 +739,77 @@ class Store:
         log.info("config reloaded: %d providers", len(config.providers))
         return None
 
+    def edit(self, if_match, change):
+        """Change config.json: change(raw) edits the parsed file in place and may return
+        {old name: new name} for renamed providers. Made only on the version the editor saw
+        (If-Match), validated as --check validates, written atomically with mode 0600 after the
+        previous file is kept as a backup, then swapped in as Reload does. The new version."""
+        with self.lock:
+            try:
+                with open(self.config_path, "rb") as f:
+                    data = f.read()
+                raw = json.loads(data.decode("utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ProxyError("%s cannot be read as JSON (%s) — fix it by hand, then Reload"
+                                 % (self.config_path, exc), code="config_unreadable")
+            version = config_version(data)
+            if not if_match:
+                raise ProxyError("send If-Match: <version> (from GET /api/config) with every change",
+                                 428, "invalid_request_error", code="version_missing", version=version)
+            if if_match.strip().strip('"') != version:
+                raise ProxyError("config.json changed since you loaded it (another tab, or a hand edit) — "
+                                 "load it again and redo the change", 409, "invalid_request_error",
+                                 code=CODE_STALE, version=version)
+            renames = change(raw) or {}
+            try:
+                config = validate_config(raw, self.config_path)
+            except ConfigError as exc:
+                raise ProxyError("\n".join(exc.problems), 400, "invalid_request_error",
+                                 code="config_invalid", problems=exc.problems)
+            text = json.dumps(raw, ensure_ascii=False, indent=file_indent(data.decode("utf-8"))) + "\n"
+            try:
+                self.backup(data)
+                write_atomic(self.config_path, text, mode=0o600)
+            except OSError as exc:
+                raise StateError("ccproxy could not write %s (%s), so nothing was changed"
+                                 % (self.config_path, exc.strerror or exc), code="config_not_saved")
+            self.reload_error = None
+            self._install(config)
+        if renames:
+            self.follow(renames)
+        log.info("config.json changed from the web page: %d providers", len(config.providers))
+        return config_version(text.encode("utf-8"))
+
+    def backup(self, data):
+        """Keep the file about to be replaced as config.json.bak-<time>, the newest CONFIG_BACKUPS."""
+        directory, base = os.path.split(os.path.abspath(self.config_path))
+        now = time.time()
+        stamp = "%s-%06d" % (time.strftime("%Y%m%d-%H%M%S", time.localtime(now)), int(now % 1 * 1e6))
+        path = os.path.join(directory, "%s.bak-%s" % (base, stamp))     # names sort by time
+        write_atomic(path, data.decode("utf-8"), mode=0o600)
+        older = sorted(n for n in os.listdir(directory) if n.startswith(base + ".bak-"))
+        for name in older[:-CONFIG_BACKUPS]:
+            os.unlink(os.path.join(directory, name))
+
+    def follow(self, renames):
+        """Carry the state of renamed providers over: selection, presets, models, fallback edit."""
+        selected = self.state.get("selected")      # as saved: the view fell back meanwhile
+
+        def apply(state):
+            if selected in renames:
+                state["selected"] = renames[selected]
+            for old, new in renames.items():
+                for key in ("choices", "discovered"):
+                    if old in state[key]:
+                        state[key][new] = state[key].pop(old)
+                edited = (state.get("fallback") or {}).get("providers")
+                if edited:
+                    state["fallback"]["providers"] = [new if n == old else n for n in edited]
+        try:
+            self._change(apply)
+        except StateError as exc:
+            log.error("renamed providers lost their selection or presets: %s", exc)
+
     def require(self, name):
         if name not in self.view.targets:
             if name in self.view.config.by_name:
@@ -855,6 +927,184 @@ def no_candidate(view):
     return NoProvider("ccproxy has no provider to relay to — add one with an api_base_url to "
                       "Providers in %s, then press Reload in the web UI" % view.config.path)
 
+
+
+# ============================================================================ config editing
+#
+# The web page edits config.json itself, which stays the one source of truth a person may also
+# edit by hand. Every edit names the version it was made on (If-Match: the hash of the file's
+# bytes), is applied to the parsed file (key order, _comment keys and unknown keys kept), is
+# validated exactly as --check validates, and is written atomically with the previous file
+# kept as a backup; then it is swapped in as Reload does (Store.edit).
+
+EDITABLE_SETTINGS = ("LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_MB", "MODEL_MAPPING", "env-models",
+                     "HeaderOverrides", "RequestOverrides", "Fallback", "FIRST_BYTE_TIMEOUT_MS",
+                     "COOLDOWN_MS", "REQUEST_LOG_MAX_MB")
+CONFIG_BACKUPS = 5                  # config.json.bak-<time> files kept beside config.json
+CODE_STALE = "stale_version"
+
+
+def config_version(data):
+    """The version of a config file: a hash of its bytes, so a hand edit changes it too."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def file_indent(text):
+    """The indentation a JSON file uses (its first indented line's), to write it back alike."""
+    match = re.search(r"\n([ \t]+)\S", text)
+    if match is None:
+        return 2
+    found = match.group(1)
+    return "\t" if found.startswith("\t") else len(found)
+
+
+def redacted_config(raw):
+    """The config for the web page: every key replaced by its hint (and "has_key")."""
+    out = json.loads(json.dumps(raw))
+    if out.get("APIKEY"):
+        out["APIKEY"] = key_hint(out["APIKEY"])
+    for entry in out.get("Providers") or []:
+        if isinstance(entry, dict) and entry.get("api_key"):
+            entry["api_key"] = key_hint(str(entry["api_key"]))
+            entry["has_key"] = True
+    return out
+
+
+def provider_index(raw, name):
+    for index, entry in enumerate(raw.get("Providers") or []):
+        if isinstance(entry, dict) and entry.get("name") == name:
+            return index
+    return None
+
+
+def put_provider(raw, name, fields):
+    """Create or change provider `name` in raw (in place): fields are merged into its entry
+    (null removes one; an absent api_key keeps the stored key), so keys the page does not know
+    stay. A "name" different from `name` renames it, in Fallback too. Returns the new name."""
+    if not isinstance(fields, dict):
+        raise ClientError("the provider must be a JSON object")
+    fields = {k: v for k, v in fields.items() if k not in ("has_key", "key_hint")}
+    new_name = fields.get("name", name)
+    providers = raw.setdefault("Providers", [])
+    if not isinstance(providers, list):
+        raise ClientError("Providers in config.json is not a list — fix the file by hand first")
+    index = provider_index(raw, name)
+    if new_name != name and provider_index(raw, new_name) is not None:
+        raise ProxyError("there is already a provider named %r" % new_name, 409, "invalid_request_error")
+    entry = providers[index] if index is not None else {}
+    if index is None:
+        providers.append(entry)
+    entry["name"] = new_name
+    for key, value in fields.items():
+        if value is None:
+            entry.pop(key, None)
+        else:
+            entry[key] = value
+    if new_name != name and isinstance(raw.get("Fallback"), list):
+        raw["Fallback"] = [new_name if n == name else n for n in raw["Fallback"]]
+    return new_name
+
+
+def delete_provider(raw, name):
+    index = provider_index(raw, name)
+    if index is None:
+        raise NotFound("no provider named %r in config.json" % name)
+    del raw["Providers"][index]
+    if isinstance(raw.get("Fallback"), list):
+        raw["Fallback"] = [n for n in raw["Fallback"] if n != name]
+
+
+def order_providers(raw, names):
+    providers = raw.get("Providers") or []
+    current = [entry.get("name") for entry in providers if isinstance(entry, dict)]
+    if not isinstance(names, list) or sorted(map(str, names)) != sorted(map(str, current)) \
+            or len(set(names)) != len(names):
+        raise ClientError("names must list every provider of config.json once, in the new order")
+    by_name = {entry.get("name"): entry for entry in providers}
+    raw["Providers"] = [by_name[name] for name in names]
+
+
+def put_settings(raw, settings):
+    if not isinstance(settings, dict):
+        raise ClientError("the settings must be a JSON object")
+    for key, value in settings.items():
+        if key not in EDITABLE_SETTINGS:
+            raise ClientError("%s cannot be edited here — the page edits %s; HOST, PORT, APIKEY and "
+                              "REQUEST_LOG are changed in config.json" % (key, ", ".join(EDITABLE_SETTINGS)))
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+
+
+def exported_config(raw, with_keys):
+    """What Export gives: the providers and the settings the page edits, never the APIKEY;
+    provider keys only when asked for."""
+    out = {"_comment": "ccproxy %s export, %s%s" % (VERSION, time.strftime("%Y-%m-%d %H:%M"),
+                                                    " — it holds provider keys: keep it private" if with_keys else
+                                                    " — without keys")}
+    for key in EDITABLE_SETTINGS + ("Providers",):
+        if key in raw:
+            out[key] = json.loads(json.dumps(raw[key]))
+    for entry in out.get("Providers") or []:
+        if isinstance(entry, dict) and not with_keys:
+            entry.pop("api_key", None)
+    return out
+
+
+def imported_providers(text):
+    """(format, [provider entries]) from what a user pastes or uploads: a ccproxy config or
+    export, a claude-code-router config.json (its Providers), or a Claude Code settings.json
+    (its env block). ClientError if it is none of these."""
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise ClientError("not JSON: %s" % exc)
+    if not isinstance(obj, dict):
+        raise ClientError("not a config: the top level is not a JSON object")
+    env = obj.get("env")
+    if isinstance(env, dict) and env.get("ANTHROPIC_BASE_URL"):
+        base = str(env["ANTHROPIC_BASE_URL"])
+        entry = {"name": urllib.parse.urlsplit(base).hostname or "imported", "api_base_url": base}
+        if env.get("ANTHROPIC_API_KEY"):
+            entry.update(api_key=str(env["ANTHROPIC_API_KEY"]), auth="x-api-key")
+        elif env.get("ANTHROPIC_AUTH_TOKEN"):
+            entry.update(api_key=str(env["ANTHROPIC_AUTH_TOKEN"]), auth="bearer")
+        models = {var: str(env[var]) for var in MODEL_VARS if env.get(var)}
+        if models:
+            entry["env-models"] = models
+        return "Claude Code settings.json", [entry]
+    providers = obj.get("Providers")
+    if not isinstance(providers, list):
+        raise ClientError("no Providers list and no env block: not a ccproxy, claude-code-router "
+                          "or Claude Code settings file")
+    ccr = "Router" in obj or any(isinstance(p, dict) and ("transformer" in p or "protocol" in p) for p in providers)
+    entries = []
+    for item in providers:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            continue
+        if ccr:
+            item = {k: item[k] for k in ("name", "api_base_url", "api_key", "models") if k in item}
+        entries.append({k: v for k, v in item.items() if k != "has_key"})
+    return ("claude-code-router config" if ccr else "ccproxy config"), entries
+
+
+def import_plan(raw, entries):
+    """For each imported provider: add, change (which fields) or same, with keys hidden."""
+    plan = []
+    for entry in entries:
+        index = provider_index(raw, entry["name"])
+        if index is None:
+            action, changed = "add", sorted(k for k in entry if k != "name")
+        else:
+            old = raw["Providers"][index]
+            changed = sorted(k for k, v in entry.items() if k != "name" and old.get(k) != v)
+            action = "change" if changed else "same"
+        shown = dict(entry)
+        if shown.get("api_key"):
+            shown["api_key"] = key_hint(str(shown["api_key"]))
+        plan.append({"name": entry["name"], "action": action, "fields": changed, "provider": shown})
+    return plan
 
 
 # ============================================================================ HTTP messages
@@ -1160,9 +1410,12 @@ def read_chunked(rfile, limit):
     raise ClientError("malformed chunked request body: its trailer section is cut off or too long")
 
 
-def error_body(kind, message):
-    return json.dumps({"type": "error", "error": {"type": kind, "message": message}},
-                      ensure_ascii=False).encode("utf-8")
+def error_body(kind, message, extra=None):
+    """Anthropic's error shape; `extra` members (a machine-readable "code" the web page
+    translates, "problems", "version"…) go beside "error", where clients ignore them."""
+    body = {"type": "error", "error": {"type": kind, "message": message}}
+    body.update(extra or {})
+    return json.dumps(body, ensure_ascii=False).encode("utf-8")
 
 
 def sse_error(kind, message):
@@ -2827,6 +3080,103 @@ def api_refresh(handler, params):
     return 200, {"results": results}
 
 
+def api_config(handler, params):
+    """The whole config.json for the editor, keys replaced by their hints, and its version."""
+    store = handler.server.store
+    with store.lock:
+        try:
+            with open(store.config_path, "rb") as f:
+                data = f.read()
+            raw = json.loads(data.decode("utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ProxyError("%s cannot be read as JSON (%s) — fix it by hand, then Reload"
+                             % (store.config_path, exc), code="config_unreadable")
+    version = config_version(data)
+    handler.send_json(200, {"version": version, "config": redacted_config(raw),
+                            "editable": list(EDITABLE_SETTINGS)}, [("ETag", '"%s"' % version)])
+    return None
+
+
+def edited(handler, change):
+    """Run a change through Store.edit with the request's If-Match; the new version and state."""
+    version = handler.server.store.edit(handler.headers.get("If-Match"), change)
+    return 200, {"version": version, "state": api_state(handler)[1]}
+
+
+def api_put_provider(handler, params):
+    name = urllib.parse.unquote(params["name"])
+    fields = handler.json_body()
+
+    def change(raw):
+        new = put_provider(raw, name, fields)
+        return {name: new} if new != name else None
+    result = edited(handler, change)
+    new_name = fields.get("name", name) if isinstance(fields, dict) else name
+    if new_name != name and name in handler.server.tests:
+        handler.server.tests[new_name] = handler.server.tests.pop(name)
+    return result
+
+
+def api_delete_provider(handler, params):
+    name = urllib.parse.unquote(params["name"])
+    result = edited(handler, lambda raw: delete_provider(raw, name))
+    handler.server.tests.pop(name, None)
+    return result
+
+
+def api_order(handler, params):
+    body = handler.json_body()
+    names = body.get("names") if isinstance(body, dict) else None
+    return edited(handler, lambda raw: order_providers(raw, names))
+
+
+def api_settings(handler, params):
+    settings = handler.json_body()
+    return edited(handler, lambda raw: put_settings(raw, settings))
+
+
+def api_export(handler, params):
+    """The providers and settings as a file to download; keys only with ?keys=1."""
+    with_keys = handler.query_params().get("keys", ["0"])[0] in ("1", "true", "yes")
+    raw = read_config(handler.server.store.config_path)[1]
+    data = json.dumps(exported_config(raw, with_keys), ensure_ascii=False, indent=2).encode("utf-8") + b"\n"
+    handler.send_bytes(200, data, "application/json",
+                       [("Content-Disposition", 'attachment; filename="ccproxy-export%s.json"'
+                         % ("-with-keys" if with_keys else "")), ("Cache-Control", "no-store")])
+    return None
+
+
+def import_request(handler):
+    body = handler.json_body()
+    text = body.get("text") if isinstance(body, dict) else None
+    if not isinstance(text, str):
+        raise ClientError("send {\"text\": <the file's content>}")
+    return body, imported_providers(text)
+
+
+def api_import_preview(handler, params):
+    _, (kind, entries) = import_request(handler)
+    raw = read_config(handler.server.store.config_path)[1]
+    return 200, {"format": kind, "providers": import_plan(raw, entries)}
+
+
+def api_import(handler, params):
+    """Add or change the imported providers (all, or those in "names"), by the same write path."""
+    body, (kind, entries) = import_request(handler)
+    names = body.get("names")
+    chosen = [e for e in entries if names is None or e["name"] in names]
+
+    def change(raw):
+        for entry in chosen:
+            fields = dict(entry)
+            if not fields.get("api_key"):
+                fields.pop("api_key", None)     # an export without keys keeps the stored ones
+            put_provider(raw, entry["name"], fields)
+    status, result = edited(handler, change)
+    result["imported"] = [e["name"] for e in chosen]
+    return status, result
+
+
 def api_key(handler, params):
     """One provider's key, and a settings.json that talks to it directly."""
     name = urllib.parse.unquote(params["name"])
@@ -3073,7 +3423,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         extra = list(exc.headers) if exc.retry else [("x-should-retry", "false")]
         try:
-            self.send_bytes(exc.status, error_body(exc.kind, str(exc)), "application/json", extra)
+            self.send_bytes(exc.status, error_body(exc.kind, str(exc), getattr(exc, "extra", None)),
+                            "application/json", extra)
         except CLIENT_GONE:
             self.close_connection = True
 
@@ -3217,6 +3568,14 @@ ROUTES = (
     Route("GET", "/api/requests", "key", api_requests),
     Route("GET", "/api/stats", "key", api_stats),
     Route("GET", "/api/providers/{name}/key", "key", api_key),
+    Route("GET", "/api/config", "key", api_config),
+    Route("PUT", "/api/providers/{name}", "key", api_put_provider),
+    Route("DELETE", "/api/providers/{name}", "key", api_delete_provider),
+    Route("POST", "/api/providers-order", "key", api_order),
+    Route("PUT", "/api/settings", "key", api_settings),
+    Route("GET", "/api/export", "key", api_export),
+    Route("POST", "/api/import/preview", "key", api_import_preview),
+    Route("POST", "/api/import", "key", api_import),
 )
 
 

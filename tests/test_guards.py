@@ -62,7 +62,8 @@ def test_the_web_ui_loads_nothing_from_elsewhere():
 def test_the_docstring_lists_the_sections_in_file_order():
     source = read("ccproxy.py")
     banners = re.findall(r"^# =+ (.+)$", source, re.M)
-    assert banners == ["constants", "errors", "config", "state", "HTTP messages", "Anthropic requests and replies",
+    assert banners == ["constants", "errors", "config", "state", "config editing", "HTTP messages",
+                       "Anthropic requests and replies",
                        "upstream client", "providers: discovery and tests", "relay", "observability", "web UI API",
                        "request handler", "server factory and CLI"]
     doc = ccproxy.__doc__.split("Sections, in file order", 1)[1].split("\n\n", 1)[0]
