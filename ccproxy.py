@@ -2208,7 +2208,7 @@ def test_provider(target, timeout=TEST_TIMEOUT_S):
     if status != 200:
         looks_html = data.lstrip()[:1] == b"<"
         return dict(result, status="failing", reason="HTTP %d%s" % (status, " (HTML page)" if looks_html else
-                                                                    ": " + data[:ERROR_EXCERPT].decode("utf-8", "replace")))
+                                                                    ": " + error_message(data)))
     usage.feed(data + b"\n\n")
     if b"event:" not in data and b"data:" not in data:
         return dict(result, status="failing", reason="HTTP 200 but no SSE events")
@@ -2217,6 +2217,16 @@ def test_provider(target, timeout=TEST_TIMEOUT_S):
     if seconds > TEST_SLOW_S:
         return dict(result, status="slow", reason="first event after %.1f s" % seconds)
     return dict(result, status="ok", reason="first event in %d ms" % result["ttfb_ms"])
+
+
+def error_message(data):
+    """The message of an Anthropic-shaped error body, else the body's first characters."""
+    try:
+        message = json.loads(data)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = None
+    text = message if isinstance(message, str) else data.decode("utf-8", "replace")
+    return escape_unprintable(text.strip())[:ERROR_EXCERPT]
 
 
 def discover_all(providers, timeout=REFRESH_TIMEOUT_S):

@@ -1,7 +1,8 @@
 """Tier 3: the real page in headless Chromium (Debian's chromium + chromium-driver, selenium).
 
-Skips with the reason when no browser is installed; .ci/run installs one. With
-CCPROXY_SCREENSHOTS=1 the light and dark screenshots are written to docs/ for the README.
+Skips with the reason when no browser is installed; .ci/run installs one (and axe-core, for
+the accessibility check, under .ci/node). With CCPROXY_SCREENSHOTS=1 the light and dark
+screenshots are written to docs/ for the README.
 """
 
 import json
@@ -21,13 +22,16 @@ else:
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is a test-only dependency")
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 DRIVER = shutil.which("chromedriver")
+AXE = os.environ.get("CCPROXY_AXE") or os.path.join(ROOT, ".ci", "node", "node_modules", "axe-core", "axe.min.js")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER) and not REQUIRED,
                                 reason="no chromium/chromedriver (apt-get install chromium chromium-driver)")
 EVIL = "<img src=x onerror=alert(1)>"
+LONG = "一段很长的备注" * 30 + "https://relay.example/averyveryverylongpathwithoutanyspacesatall" * 3
 
 
 @pytest.fixture
@@ -40,7 +44,7 @@ def browser(tmp_path):
                  "--user-data-dir=%s" % (tmp_path / "profile"), "--lang=en-US"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=options)
-    driver.set_script_timeout(10)
+    driver.set_script_timeout(20)
     yield driver
     driver.quit()
 
@@ -64,12 +68,21 @@ def wait(driver, predicate, timeout=10):
 
 
 def click(driver, find):
-    """Click what find(driver) returns, finding it again if a poll re-rendered it meanwhile."""
-    wait(driver, lambda d: find(d).click() or True)
+    """Click what find(driver) returns, finding it again if a poll re-rendered it meanwhile;
+    centred first, as a person would scroll to it, not under the sticky header."""
+    def go(d):
+        target = find(d)
+        d.execute_script("arguments[0].scrollIntoView({block: 'center'})", target)
+        target.click()
+        return True
+    wait(driver, go)
 
 
-def login(driver, proxy):
+def login(driver, proxy, lang=None):
     driver.get(proxy.url + "/")
+    if lang:
+        driver.execute_script("localStorage.setItem('ccproxy.lang', arguments[0])", lang)
+        driver.get(proxy.url + "/")
     wait(driver, lambda d: d.find_element(By.ID, "password").is_displayed())
     driver.find_element(By.ID, "password").send_keys(APIKEY)
     driver.find_element(By.CSS_SELECTOR, "#login-form button[type=submit]").click()
@@ -83,15 +96,25 @@ def provider_card(driver, name):
     raise AssertionError("no card for %r" % name)
 
 
+def card_names(driver):
+    return [c.get_attribute("data-name") for c in driver.find_elements(By.CSS_SELECTOR, "#providers .prov")]
+
+
+def config_on_disk(proxy):
+    with open(proxy.config_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def test_the_page_end_to_end(browser, ui_proxy):
     login(browser, ui_proxy)
-    names = [c.find_element(By.CSS_SELECTOR, ".name").text for c in browser.find_elements(By.CSS_SELECTOR, ".prov")]
-    assert names == ["alpha", "beta", EVIL]
+    assert card_names(browser) == ["alpha", "beta", EVIL]
     assert browser.find_element(By.CSS_SELECTOR, ".sep").text == "----"
     # names, comments and model ids are text, never markup
     assert not browser.find_elements(By.CSS_SELECTOR, "#providers img, #providers b, #models script")
     assert EVIL in browser.find_element(By.ID, "providers").text
     assert browser.find_element(By.ID, "selected-name").text == "alpha"
+    # focus is on the first provider after login
+    assert browser.switch_to.active_element.text == "alpha"
 
     # select another provider: the server's selection changes
     click(browser, lambda d: provider_card(d, "beta").find_element(By.CSS_SELECTOR, "[data-action=select]"))
@@ -99,7 +122,7 @@ def test_the_page_end_to_end(browser, ui_proxy):
     wait(browser, lambda d: d.find_element(By.ID, "selected-name").text == "beta")
 
     # filter the viewed provider's models (comma-separated keywords match any)
-    click(browser, lambda d: provider_card(d, "alpha"))
+    click(browser, lambda d: provider_card(d, "alpha").find_element(By.CSS_SELECTOR, "button.name"))
     wait(browser, lambda d: d.find_element(By.ID, "detail-name").get_attribute("textContent") == "alpha")
     box = browser.find_element(By.ID, "filter")
     box.send_keys("haiku")
@@ -107,21 +130,30 @@ def test_the_page_end_to_end(browser, ui_proxy):
     wait(browser, lambda d: models(d) == ["claude-haiku-4-5"])
     box.send_keys(", sonnet")
     wait(browser, lambda d: models(d) == ["claude-sonnet-4-5", "claude-haiku-4-5"])
+    # the filter is for one provider: viewing another clears it
+    click(browser, lambda d: provider_card(d, "beta").find_element(By.CSS_SELECTOR, "button.name"))
+    wait(browser, lambda d: d.find_element(By.ID, "filter").get_attribute("value") == "")
+    click(browser, lambda d: provider_card(d, "alpha").find_element(By.CSS_SELECTOR, "button.name"))
 
     # copy /model x where navigator.clipboard is unavailable (plain http://server-ip) and
-    # execCommand fails too: the text is shown selected for a manual copy
+    # execCommand fails too: the text is shown selected; focus stays in the dialog and returns
     browser.execute_script("Object.defineProperty(navigator, 'clipboard', {value: undefined});"
                            "document.execCommand = () => false;")
-    click(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#models li button"))
+    opener = browser.find_element(By.CSS_SELECTOR, "#models li button")
+    opener.click()
     wait(browser, lambda d: d.find_element(By.ID, "manual").is_displayed())
     assert browser.find_element(By.ID, "manual-text").get_attribute("value") == "/model claude-sonnet-4-5"
     assert browser.execute_script("const a = document.getElementById('manual-text');"
                                   "return a.value.substring(a.selectionStart, a.selectionEnd);") \
         == "/model claude-sonnet-4-5"
-    browser.find_element(By.ID, "manual-close").click()
+    for _ in range(3):
+        browser.switch_to.active_element.send_keys(Keys.TAB)
+        assert browser.switch_to.active_element.get_attribute("id") in ("manual-text", "manual-close")
+    browser.switch_to.active_element.send_keys(Keys.ESCAPE)
+    wait(browser, lambda d: not d.find_element(By.ID, "manual").is_displayed())
+    assert browser.switch_to.active_element.text == "Copy /model"      # back where it was opened
 
     # failover: add two providers, move the second up, remove one; the server sees each edit
-    from selenium.webdriver.support.ui import Select
     for name in ("beta", EVIL):
         Select(browser.find_element(By.ID, "fallback-add")).select_by_value(name)
         browser.find_element(By.ID, "fallback-add-btn").click()
@@ -133,19 +165,19 @@ def test_the_page_end_to_end(browser, ui_proxy):
     wait(browser, lambda d: ui_proxy.store.view.fallback == ("beta",))
     browser.find_element(By.ID, "fallback-enabled").click()
     wait(browser, lambda d: ui_proxy.store.view.fallback_enabled is False)
-    # a provider cooling down says so, with the reason
     ui_proxy.server.health.cool_down("beta", 60, "529")
     wait(browser, lambda d: "cooling down (529)" in provider_card(d, "beta").text, timeout=8)
 
     # requests panel: a relayed request shows up live, with its tokens; stats beside the provider
     ui_proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []})
     wait(browser, lambda d: "claude-sonnet-4-5" in d.find_element(By.ID, "requests").text, timeout=8)
-    # 11 + 5 + 3 tokens in, 7 out: the mock's usage
     wait(browser, lambda d: "19 / 7" in d.find_element(By.CSS_SELECTOR, "#requests tbody tr").text)
     wait(browser, lambda d: "1 req · 100% ok" in provider_card(d, "beta").text, timeout=8)
-    # test a provider and sort by the result: the failing one goes last
-    click(browser, lambda d: provider_card(d, EVIL).find_element(By.CSS_SELECTOR, "[data-action=test]"))
+    # test the viewed provider: busy while it runs, then the result in words on its card
+    click(browser, lambda d: provider_card(d, EVIL).find_element(By.CSS_SELECTOR, "button.name"))
+    click(browser, lambda d: d.find_element(By.ID, "detail-test"))
     wait(browser, lambda d: "ok: first event in" in provider_card(d, EVIL).text, timeout=15)
+    assert browser.find_element(By.ID, "detail-test").is_enabled()
 
     # a failed reload shows the problems and the running config stays
     with open(ui_proxy.config_path, "w") as f:
@@ -153,7 +185,116 @@ def test_the_page_end_to_end(browser, ui_proxy):
     browser.find_element(By.ID, "reload").click()
     wait(browser, lambda d: d.find_element(By.ID, "reload-error").is_displayed())
     assert "api_base_url must be an http(s) URL" in browser.find_element(By.ID, "reload-error").text
+    assert browser.find_element(By.ID, "toast").text == "Reload failed — the running config is kept"
     assert len(browser.find_elements(By.CSS_SELECTOR, "#providers .prov")) == 3
+
+
+def fill(browser, field_id, text):
+    field = browser.find_element(By.ID, field_id)
+    field.clear()
+    field.send_keys(text)
+
+
+def save_editor(browser):
+    browser.find_element(By.CSS_SELECTOR, "#editor-form button[type=submit]").click()
+    wait(browser, lambda d: not d.find_element(By.ID, "editor").is_displayed())
+
+
+@pytest.mark.parametrize("lang, width", [("en", 1280), ("zh", 390)])
+def test_manage_relays_through_the_page(browser, ui_proxy, upstream, lang, width):
+    browser.set_window_size(width, 900)
+    login(browser, ui_proxy, lang)
+    # add a provider named in Chinese, with a key
+    browser.find_element(By.ID, "add-provider").click()
+    wait(browser, lambda d: d.find_element(By.ID, "editor").is_displayed())
+    assert browser.switch_to.active_element.get_attribute("id") == "ed-name"
+    fill(browser, "ed-name", "beta")                                     # taken: said inline, nothing sent
+    fill(browser, "ed-url", "relay.example")
+    browser.find_element(By.CSS_SELECTOR, "#editor-form button[type=submit]").click()
+    assert browser.find_element(By.ID, "ed-name-error").text and browser.find_element(By.ID, "ed-url-error").text
+    fill(browser, "ed-name", "新中转")
+    fill(browser, "ed-url", upstream.url + "/v1/messages")
+    fill(browser, "ed-key", "sk-new-secret-1234567890")
+    fill(browser, "ed-models", "claude-sonnet-4-5\nglm-4.6")
+    fill(browser, "ed-comment", LONG)
+    save_editor(browser)
+    wait(browser, lambda d: "新中转" in card_names(d))
+    entry = config_on_disk(ui_proxy)["Providers"][-1]
+    assert entry["name"] == "新中转" and entry["api_key"] == "sk-new-secret-1234567890"
+    assert "sk-new-secret" not in browser.page_source                  # the key is write-only
+    # edit: rename it; the key stays
+    click(browser, lambda d: provider_card(d, "新中转").find_element(By.CSS_SELECTOR, "button.name"))
+    click(browser, lambda d: d.find_element(By.ID, "detail-edit"))
+    wait(browser, lambda d: d.find_element(By.ID, "editor").is_displayed())
+    assert browser.find_element(By.ID, "ed-key").get_attribute("value") == ""
+    fill(browser, "ed-name", "中转站B")
+    save_editor(browser)
+    wait(browser, lambda d: "中转站B" in card_names(d) and "新中转" not in card_names(d))
+    assert config_on_disk(ui_proxy)["Providers"][-1]["api_key"] == "sk-new-secret-1234567890"
+    # reorder with the keyboard: its "up" button, twice
+    for _ in range(2):
+        up = provider_card(browser, "中转站B").find_element(By.CSS_SELECTOR, "[data-role=up]")
+        browser.execute_script("arguments[0].focus()", up)
+        browser.switch_to.active_element.send_keys(Keys.ENTER)
+        time.sleep(0.3)
+    wait(browser, lambda d: [p["name"] for p in config_on_disk(ui_proxy)["Providers"]][2] == "中转站B")
+    # and by drag and drop: beta onto alpha
+    browser.execute_script("""
+        const [from, to] = arguments, data = new DataTransfer();
+        from.dispatchEvent(new DragEvent('dragstart', {dataTransfer: data, bubbles: true}));
+        to.dispatchEvent(new DragEvent('dragover', {dataTransfer: data, bubbles: true, cancelable: true}));
+        to.dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));
+        from.dispatchEvent(new DragEvent('dragend', {dataTransfer: data, bubbles: true}));""",
+                           provider_card(browser, "beta"), provider_card(browser, "alpha"))
+    wait(browser, lambda d: [p["name"] for p in config_on_disk(ui_proxy)["Providers"]][0] == "beta")
+    # duplicate, then delete the copy
+    click(browser, lambda d: provider_card(d, "alpha").find_element(By.CSS_SELECTOR, "button.name"))
+    click(browser, lambda d: d.find_element(By.ID, "detail-duplicate"))
+    wait(browser, lambda d: d.find_element(By.ID, "editor").is_displayed())
+    copy_name = browser.find_element(By.ID, "ed-name").get_attribute("value")
+    assert copy_name.startswith("alpha")
+    fill(browser, "ed-key", "sk-copy-key-0987654321")
+    save_editor(browser)
+    wait(browser, lambda d: copy_name in card_names(d))
+    click(browser, lambda d: provider_card(d, copy_name).find_element(By.CSS_SELECTOR, "button.name"))
+    click(browser, lambda d: d.find_element(By.ID, "detail-edit"))
+    wait(browser, lambda d: d.find_element(By.ID, "editor").is_displayed())
+    browser.execute_script("window.confirm = () => true")
+    browser.find_element(By.ID, "editor-delete").click()
+    wait(browser, lambda d: copy_name not in card_names(d))
+    assert copy_name not in [p["name"] for p in config_on_disk(ui_proxy)["Providers"]]
+    # import a claude-code-router config: preview, then apply
+    browser.execute_script("document.querySelector('#transfer details').open = true")
+    ccr = {"Providers": [{"name": "ccr-导入", "api_base_url": upstream.url + "/v1/messages", "api_key": "sk-ccr-1",
+                          "models": ["glm-4.6"], "transformer": {"use": ["Anthropic"]}}], "Router": {}}
+    browser.execute_script("document.getElementById('import-text').value = arguments[0]", json.dumps(ccr))
+    browser.find_element(By.ID, "import-preview").click()
+    wait(browser, lambda d: d.find_elements(By.ID, "import-apply"))
+    assert "claude-code-router" in browser.find_element(By.ID, "import-plan").text
+    browser.find_element(By.ID, "import-apply").click()
+    wait(browser, lambda d: "ccr-导入" in card_names(d))
+    assert config_on_disk(ui_proxy)["Providers"][-1]["api_key"] == "sk-ccr-1"
+    # search across providers; the page never scrolls sideways
+    fill(browser, "search", "glm-4.6")
+    wait(browser, lambda d: set(card_names(d)) == {"beta", "中转站B", "ccr-导入"})
+    fill(browser, "search", "")
+    overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, "the page scrolls sideways by %d px" % overflow
+
+
+def test_a_stale_version_is_said_and_nothing_is_lost(browser, ui_proxy):
+    login(browser, ui_proxy)
+    click(browser, lambda d: d.find_element(By.ID, "detail-edit"))
+    wait(browser, lambda d: d.find_element(By.ID, "editor").is_displayed())
+    with open(ui_proxy.config_path, "a", encoding="utf-8") as f:   # a hand edit meanwhile
+        f.write("\n")
+    fill(browser, "ed-comment", "from the page")
+    browser.find_element(By.CSS_SELECTOR, "#editor-form button[type=submit]").click()
+    wait(browser, lambda d: "changed meanwhile" in d.find_element(By.ID, "editor-errors").text)
+    assert "from the page" not in json.dumps(config_on_disk(ui_proxy))
+    browser.find_element(By.CSS_SELECTOR, "#editor-form button[type=submit]").click()   # now on the new version
+    wait(browser, lambda d: not d.find_element(By.ID, "editor").is_displayed())
+    assert config_on_disk(ui_proxy)["Providers"][0]["comment"] == "from the page"
 
 
 def test_clipboard_copy_and_chinese(browser, ui_proxy):
@@ -166,6 +307,8 @@ def test_clipboard_copy_and_chinese(browser, ui_proxy):
     assert copied == ui_proxy.url
     browser.find_element(By.CSS_SELECTOR, "header .lang-toggle").click()
     wait(browser, lambda d: d.find_element(By.ID, "reload").text == "重载配置")
+    assert browser.find_element(By.CSS_SELECTOR, "label[for=fallback-add]").text == "要添加的供应商"
+    assert browser.find_element(By.CSS_SELECTOR, "th:nth-child(5)").text == "首字节"
     browser.refresh()                                    # remembered, and still logged in
     wait(browser, lambda d: d.find_element(By.ID, "reload").text == "重载配置")
     wait(browser, lambda d: d.find_element(By.ID, "app").is_displayed())
@@ -194,12 +337,16 @@ def test_screenshots_light_and_dark(browser, tmp_path, upstream, upstream2):
         proxy.stop()
 
 
+def set_scheme(browser, scheme):
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                            {"features": [{"name": "prefers-color-scheme", "value": scheme}]})
+    time.sleep(0.3)                                      # let the new palette paint
+
+
 def shoot(browser, out):
     wait(browser, lambda d: "models in" in d.find_element(By.ID, "providers").text)  # the next poll
     for scheme in ("light", "dark"):
-        browser.execute_cdp_cmd("Emulation.setEmulatedMedia",
-                                {"features": [{"name": "prefers-color-scheme", "value": scheme}]})
-        time.sleep(0.3)                                  # let the new palette paint
+        set_scheme(browser, scheme)
         path = os.path.join(out, "webui-%s.png" % scheme)
         browser.save_screenshot(path)
         assert os.path.getsize(path) > 10000
@@ -207,21 +354,58 @@ def shoot(browser, out):
     assert bg == "rgb(21, 24, 29)"                       # the dark palette is in force
 
 
-def test_phone_width_and_keyboard(browser, ui_proxy):
-    from selenium.webdriver.common.keys import Keys
+def test_phone_width_and_keyboard(browser, ui_proxy, upstream):
     browser.set_window_size(390, 844)
     login(browser, ui_proxy)
     overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, "the page scrolls sideways at phone width by %d px" % overflow
-    # keyboard only: focus beta's card, open it with Enter, select it with its button
-    card = provider_card(browser, "beta")
-    browser.execute_script("arguments[0].focus()", card)
+    # a skip link is the first stop
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
+    browser.execute_script("document.activeElement.blur(); document.body.focus()")
+    skip = browser.find_element(By.CSS_SELECTOR, "a.skip")
+    assert skip.get_attribute("href").endswith("#detail")
+    # keyboard only: Enter on beta's name shows its details, with focus there (a phone scrolls to them)
+    name = provider_card(browser, "beta").find_element(By.CSS_SELECTOR, "button.name")
+    browser.execute_script("arguments[0].focus()", name)
     browser.switch_to.active_element.send_keys(Keys.ENTER)
     wait(browser, lambda d: d.find_element(By.ID, "detail-name").get_attribute("textContent") == "beta")
-    browser.switch_to.active_element.send_keys(Keys.TAB)          # the card's first button: select
-    assert browser.switch_to.active_element.get_attribute("data-action") == "select"
+    assert browser.switch_to.active_element.get_attribute("id") == "detail"
+    select = provider_card(browser, "beta").find_element(By.CSS_SELECTOR, "[data-action=select]")
+    browser.execute_script("arguments[0].focus()", select)
     browser.switch_to.active_element.send_keys(Keys.ENTER)
     wait(browser, lambda d: ui_proxy.store.view.selected == "beta")
+
+
+def run_axe(browser):
+    if not os.path.exists(AXE):
+        if REQUIRED:
+            raise AssertionError("axe-core is missing at %s (.ci/run installs it)" % AXE)
+        pytest.skip("axe-core is a test-only dependency: npm install --prefix .ci/node axe-core")
+    with open(AXE, encoding="utf-8") as f:
+        browser.execute_script(f.read())
+    result = browser.execute_async_script(
+        "axe.run(document, {resultTypes: ['violations']}).then(r => arguments[0](r.violations), "
+        "e => arguments[0]([{impact: 'critical', id: 'axe failed: ' + e}]))")
+    return [(v["id"], v["impact"], [n["target"] for n in v.get("nodes", [])][:3]) for v in result
+            if v["impact"] in ("serious", "critical")]
+
+
+@pytest.mark.parametrize("lang, scheme", [("en", "light"), ("zh", "dark")])
+def test_no_serious_accessibility_violations(browser, ui_proxy, lang, scheme):
+    set_scheme(browser, scheme)
+    browser.get(ui_proxy.url + "/")
+    browser.execute_script("localStorage.setItem('ccproxy.lang', arguments[0])", lang)
+    browser.get(ui_proxy.url + "/")
+    wait(browser, lambda d: d.find_element(By.ID, "password").is_displayed())
+    assert run_axe(browser) == []                        # the login page
+    login(browser, ui_proxy, lang)
+    ui_proxy.api("POST", "/api/test", {})
+    wait(browser, lambda d: "first event" in d.find_element(By.ID, "providers").text
+         or "首个事件" in d.find_element(By.ID, "providers").text)
+    assert run_axe(browser) == []                        # the main view
+    browser.find_element(By.ID, "detail-edit").click()
+    wait(browser, lambda d: d.find_element(By.ID, "editor").is_displayed())
+    assert run_axe(browser) == []                        # the provider editor
 
 
 def test_chinese_names_placeholder_keys_and_a_provider_refusing_its_key(browser, tmp_path, upstream, upstream2):
@@ -231,11 +415,9 @@ def test_chinese_names_placeholder_keys_and_a_provider_refusing_its_key(browser,
     config["Providers"].append({"name": "示例", "api_base_url": upstream.url, "api_key": "sk-your-relay-key"})
     proxy = start_proxy(write_config(tmp_path / "config.json", config))
     try:
-        login(browser, proxy)
-        browser.find_element(By.CSS_SELECTOR, "header .lang-toggle").click()
+        login(browser, proxy, "zh")
         wait(browser, lambda d: d.find_element(By.ID, "reload").text == "重载配置")
-        names = [c.get_attribute("data-name") for c in browser.find_elements(By.CSS_SELECTOR, ".prov")]
-        assert names == ["中转站A", "🚀备用", "示例"]
+        assert card_names(browser) == ["中转站A", "🚀备用", "示例"]
         assert "示例密钥" in provider_card(browser, "示例").text
         assert "示例密钥" not in provider_card(browser, "中转站A").text
         click(browser, lambda d: provider_card(d, "🚀备用").find_element(By.CSS_SELECTOR, "[data-action=select]"))
