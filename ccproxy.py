@@ -39,6 +39,7 @@ import argparse
 import base64
 import concurrent.futures
 import email.utils
+import fnmatch
 import functools
 import hashlib
 import hmac
@@ -143,7 +144,8 @@ FAMILY_VARS = (("haiku", "ANTHROPIC_DEFAULT_HAIKU_MODEL"), ("sonnet", "ANTHROPIC
                ("opus", "ANTHROPIC_DEFAULT_OPUS_MODEL"))
 TOP_KEYS = ("HOST", "PORT", "APIKEY", "LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_MB", "MODEL_MAPPING",
             "env-models", "HeaderOverrides", "RequestOverrides", "Providers", "Fallback",
-            "FIRST_BYTE_TIMEOUT_MS", "COOLDOWN_MS", "REQUEST_LOG", "REQUEST_LOG_MAX_MB")
+            "FIRST_BYTE_TIMEOUT_MS", "COOLDOWN_MS", "REQUEST_LOG", "REQUEST_LOG_MAX_MB", "Routes")
+ALIAS_PREFIX = "claude-via-"        # every provider's models, as ids Claude Code's /model lists
 # Failures that move a request to the next provider, if no byte has reached the client yet.
 FAILOVER_STATUSES = frozenset([401, 403, 408, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524, 529])
 COUNT_TOKENS_MISSING = frozenset([404, 405, 501])
@@ -314,6 +316,8 @@ class Config:
         self.max_body_bytes = int(raw.get("MAX_BODY_MB", DEFAULT_MAX_BODY_MB) * 1024 * 1024)
         self.model_mapping = raw.get("MODEL_MAPPING", True)
         self.fallback = tuple(raw.get("Fallback", ()))
+        # Routes: a model glob -> the provider that serves it, tried in the file's order.
+        self.routes = tuple((glob.lower(), name) for glob, name in strip_comments(raw.get("Routes", {})).items())
         self.first_byte_timeout_s = raw.get("FIRST_BYTE_TIMEOUT_MS", DEFAULT_FIRST_BYTE_TIMEOUT_MS) / 1000.0
         self.cooldown_s = raw.get("COOLDOWN_MS", DEFAULT_COOLDOWN_MS) / 1000.0
         log_path = raw.get("REQUEST_LOG", REQUEST_LOG_NAME)
@@ -328,6 +332,15 @@ class Config:
 
     def secrets(self):
         return [s for s in [self.apikey] + [p.api_key for p in self.providers] if s]
+
+    def route_for(self, model):
+        """The provider a Routes entry sends this model to, or None."""
+        if self.routes and isinstance(model, str):
+            lower = model.lower()
+            for glob, name in self.routes:
+                if fnmatch.fnmatchcase(lower, glob):
+                    return name
+        return None
 
 
 def strip_comments(obj):
@@ -473,6 +486,18 @@ def _check_fallback(value, providers, problems):
         problems.append("Fallback names a provider twice")
 
 
+def _check_routes(value, providers, problems):
+    usable = {p.name for p in providers if p.usable}
+    if not isinstance(value, dict):
+        problems.append('Routes must be an object of model glob -> provider name, such as {"*haiku*": "cheap-relay"}')
+        return
+    for glob, name in value.items():
+        if glob.startswith("_"):
+            continue
+        if name not in usable:
+            problems.append("Routes.%s: %r is not a provider with an api_base_url" % (glob, name))
+
+
 def validate_config(raw, path="config.json"):
     """Return a Config for a parsed config object, or raise ConfigError listing every problem."""
     if not isinstance(raw, dict):
@@ -512,6 +537,7 @@ def validate_config(raw, path="config.json"):
         if provider is not None:
             providers.append(provider)
     _check_fallback(raw.get("Fallback", []), providers, problems)
+    _check_routes(raw.get("Routes", {}), providers, problems)
     if problems:
         raise ConfigError(["%s: %s" % (path, p) for p in problems])
     for key in raw:
@@ -638,7 +664,7 @@ class Target:
 class View:
     """What one request reads: the config and the resolved targets, swapped in whole."""
 
-    __slots__ = ("config", "targets", "selected", "fallback", "fallback_enabled")
+    __slots__ = ("config", "targets", "selected", "fallback", "fallback_enabled", "aliases", "model_ids")
 
     def __init__(self, config, targets, selected, fallback=(), fallback_enabled=True):
         self.config = config
@@ -646,10 +672,40 @@ class View:
         self.selected = selected
         self.fallback = fallback
         self.fallback_enabled = fallback_enabled
+        # /v1/models: the selected provider's models, then every provider's under its alias.
+        self.aliases = alias_catalog(targets)
+        own = targets[selected].models if selected in targets else ()
+        self.model_ids = tuple(own) + tuple(self.aliases)
 
     @property
     def target(self):
         return self.targets.get(self.selected)
+
+
+def provider_tokens(names):
+    """A short ASCII token per provider name for its model aliases: a readable slug and a hash
+    of the exact name, so that 中转站A, a.b and a_b all get one of their own."""
+    tokens, length = {}, 6
+    while True:
+        for name in names:
+            slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:24]
+            tokens[name] = "%s-%s" % (slug or "p", hashlib.sha1(name.encode("utf-8")).hexdigest()[:length])
+        if len(set(tokens.values())) == len(tokens) or length >= 40:
+            return tokens
+        length += 4                     # two hashes collided: longer ones for all
+
+
+def model_alias(token, model):
+    """claude-via-<provider token>--<model id>: an id that starts with "claude" (Claude Code's
+    gateway discovery keeps only those) and names one provider's model."""
+    return "%s%s--%s" % (ALIAS_PREFIX, token, model)
+
+
+def alias_catalog(targets):
+    """{alias: (provider name, model id)} for every model of every provider, in config order."""
+    tokens = provider_tokens(list(targets))
+    return {model_alias(tokens[name], model): (name, model)
+            for name, target in targets.items() for model in target.models}
 
 
 class Store:
@@ -928,7 +984,6 @@ def no_candidate(view):
                       "Providers in %s, then press Reload in the web UI" % view.config.path)
 
 
-
 # ============================================================================ config editing
 #
 # The web page edits config.json itself, which stays the one source of truth a person may also
@@ -939,7 +994,7 @@ def no_candidate(view):
 
 EDITABLE_SETTINGS = ("LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_MB", "MODEL_MAPPING", "env-models",
                      "HeaderOverrides", "RequestOverrides", "Fallback", "FIRST_BYTE_TIMEOUT_MS",
-                     "COOLDOWN_MS", "REQUEST_LOG_MAX_MB")
+                     "COOLDOWN_MS", "REQUEST_LOG_MAX_MB", "Routes")
 CONFIG_BACKUPS = 5                  # config.json.bak-<time> files kept beside config.json
 CODE_STALE = "stale_version"
 
@@ -1105,6 +1160,103 @@ def import_plan(raw, entries):
             shown["api_key"] = key_hint(str(shown["api_key"]))
         plan.append({"name": entry["name"], "action": action, "fields": changed, "provider": shown})
     return plan
+
+
+def api_config(handler, params):
+    """The whole config.json for the editor, keys replaced by their hints, and its version."""
+    store = handler.server.store
+    with store.lock:
+        try:
+            with open(store.config_path, "rb") as f:
+                data = f.read()
+            raw = json.loads(data.decode("utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ProxyError("%s cannot be read as JSON (%s) — fix it by hand, then Reload"
+                             % (store.config_path, exc), code="config_unreadable")
+    version = config_version(data)
+    handler.send_json(200, {"version": version, "config": redacted_config(raw),
+                            "editable": list(EDITABLE_SETTINGS)}, [("ETag", '"%s"' % version)])
+    return None
+
+
+def edited(handler, change):
+    """Run a change through Store.edit with the request's If-Match; the new version and state."""
+    version = handler.server.store.edit(handler.headers.get("If-Match"), change)
+    return 200, {"version": version, "state": api_state(handler)[1]}
+
+
+def api_put_provider(handler, params):
+    name = urllib.parse.unquote(params["name"])
+    fields = handler.json_body()
+
+    def change(raw):
+        new = put_provider(raw, name, fields)
+        return {name: new} if new != name else None
+    result = edited(handler, change)
+    new_name = fields.get("name", name) if isinstance(fields, dict) else name
+    if new_name != name and name in handler.server.tests:
+        handler.server.tests[new_name] = handler.server.tests.pop(name)
+    return result
+
+
+def api_delete_provider(handler, params):
+    name = urllib.parse.unquote(params["name"])
+    result = edited(handler, lambda raw: delete_provider(raw, name))
+    handler.server.tests.pop(name, None)
+    return result
+
+
+def api_order(handler, params):
+    body = handler.json_body()
+    names = body.get("names") if isinstance(body, dict) else None
+    return edited(handler, lambda raw: order_providers(raw, names))
+
+
+def api_settings(handler, params):
+    settings = handler.json_body()
+    return edited(handler, lambda raw: put_settings(raw, settings))
+
+
+def api_export(handler, params):
+    """The providers and settings as a file to download; keys only with ?keys=1."""
+    with_keys = handler.query_params().get("keys", ["0"])[0] in ("1", "true", "yes")
+    raw = read_config(handler.server.store.config_path)[1]
+    data = json.dumps(exported_config(raw, with_keys), ensure_ascii=False, indent=2).encode("utf-8") + b"\n"
+    handler.send_bytes(200, data, "application/json",
+                       [("Content-Disposition", 'attachment; filename="ccproxy-export%s.json"'
+                         % ("-with-keys" if with_keys else "")), ("Cache-Control", "no-store")])
+    return None
+
+
+def import_request(handler):
+    body = handler.json_body()
+    text = body.get("text") if isinstance(body, dict) else None
+    if not isinstance(text, str):
+        raise ClientError("send {\"text\": <the file's content>}")
+    return body, imported_providers(text)
+
+
+def api_import_preview(handler, params):
+    _, (kind, entries) = import_request(handler)
+    raw = read_config(handler.server.store.config_path)[1]
+    return 200, {"format": kind, "providers": import_plan(raw, entries)}
+
+
+def api_import(handler, params):
+    """Add or change the imported providers (all, or those in "names"), by the same write path."""
+    body, (kind, entries) = import_request(handler)
+    names = body.get("names")
+    chosen = [e for e in entries if names is None or e["name"] in names]
+
+    def change(raw):
+        for entry in chosen:
+            fields = dict(entry)
+            if not fields.get("api_key"):
+                fields.pop("api_key", None)     # an export without keys keeps the stored ones
+            put_provider(raw, entry["name"], fields)
+    status, result = edited(handler, change)
+    result["imported"] = [e["name"] for e in chosen]
+    return status, result
 
 
 # ============================================================================ HTTP messages
@@ -1489,11 +1641,27 @@ def map_model(model, models, env_models):
 _FIRST_KEY_MODEL = re.compile(rb'\s*\{\s*"model"\s*:\s*("(?:[^"\\]|\\.)*")')
 
 
-def prepare_body(view, target, path, body):
-    """(body bytes, model requested, model sent). Parses JSON only if something may change."""
+def requested_model(body):
+    """The "model" a Messages request body asks for, or None; the first-key fast path first."""
+    first = _FIRST_KEY_MODEL.match(body)
+    try:
+        model = json.loads(first.group(1)) if first is not None else json.loads(body).get("model")
+    except (ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
+
+
+def prepare_body(view, target, path, body, real_model=None):
+    """(body bytes, model requested, model sent). Parses JSON only if something may change.
+    real_model: the model an alias named, sent as it is (no family mapping on top)."""
     config = view.config
-    if not body or not path.startswith("/v1/messages") or \
-            not (config.model_mapping or target.request_preset):
+    if real_model is not None:
+        mapped = lambda model: real_model                                       # noqa: E731
+    elif config.model_mapping:
+        mapped = lambda model: map_model(model, target.model_set, target.env_models)  # noqa: E731
+    else:
+        mapped = None
+    if not body or not path.startswith("/v1/messages") or not (mapped or target.request_preset):
         return body, None, None
     first = None if target.request_preset else _FIRST_KEY_MODEL.match(body)
     if first is not None:
@@ -1502,7 +1670,7 @@ def prepare_body(view, target, path, body):
         except ValueError:
             requested = None
         if isinstance(requested, str):
-            sent = map_model(requested, target.model_set, target.env_models)
+            sent = mapped(requested)
             if sent != requested:
                 body = body[:first.start(1)] + json.dumps(sent, ensure_ascii=False).encode("utf-8") + \
                     body[first.end(1):]
@@ -1518,8 +1686,8 @@ def prepare_body(view, target, path, body):
     if target.request_preset:
         changed = apply_request_preset(obj, target.request_preset)
     sent = changed.get("model")
-    if config.model_mapping and isinstance(sent, str):
-        sent = map_model(sent, target.model_set, target.env_models)
+    if mapped and isinstance(sent, str):
+        sent = mapped(sent)
         if sent != changed.get("model"):
             changed = dict(changed, model=sent)
     if changed is obj:
@@ -1642,14 +1810,18 @@ class Usage:
                 "cache_creation": self.cache_creation}
 
 
-def claude_settings(base_url, key, env_models, auth=None):
+def claude_settings(base_url, key, env_models, auth=None, gateway=False):
     """A Claude Code settings object ({"env": …}) that talks to base_url; empty values left out.
 
     A provider that wants x-api-key gets ANTHROPIC_API_KEY (sent as x-api-key), any other
-    ANTHROPIC_AUTH_TOKEN (sent as Authorization: Bearer).
+    ANTHROPIC_AUTH_TOKEN (sent as Authorization: Bearer). gateway: the settings for ccproxy
+    itself, with Claude Code's gateway model discovery on, so its /model lists every
+    provider's models (their aliases).
     """
     env = {"ANTHROPIC_BASE_URL": base_url,
            "ANTHROPIC_API_KEY" if auth == "x-api-key" else "ANTHROPIC_AUTH_TOKEN": key}
+    if gateway:
+        env["CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY"] = "1"
     env.update(env_models)
     return {"env": {k: v for k, v in env.items() if v}}
 
@@ -1699,8 +1871,9 @@ def sane_model_id(model_id):
     return len(model_id) <= MODEL_ID_MAX and not _UNPRINTABLE.search(model_id)
 
 
-def model_page(models, query):
-    """Anthropic's GET /v1/models list shape for our models, honouring limit/after_id/before_id."""
+def model_page(models, query, display=None):
+    """Anthropic's GET /v1/models list shape for our models, honouring limit/after_id/before_id;
+    display(id) gives a model's display_name (its id by default)."""
     params = urllib.parse.parse_qs(query)
     try:
         limit = max(1, min(1000, int(params.get("limit", ["20"])[0])))
@@ -1713,12 +1886,12 @@ def model_page(models, query):
     if before in ids:
         ids = ids[:ids.index(before)][-limit:]
     page = ids[:limit]
-    return {"data": [model_object(m) for m in page], "has_more": len(ids) > len(page),
+    return {"data": [model_object(m, display(m) if display else m) for m in page], "has_more": len(ids) > len(page),
             "first_id": page[0] if page else None, "last_id": page[-1] if page else None}
 
 
-def model_object(model_id):
-    return {"type": "model", "id": model_id, "display_name": model_id,
+def model_object(model_id, display_name=None):
+    return {"type": "model", "id": model_id, "display_name": display_name or model_id,
             "created_at": "1970-01-01T00:00:00Z"}
 
 
@@ -2390,12 +2563,13 @@ class Relay:
         self.debug = debug
         self.started = time.monotonic()
         self.request = None
+        self.real_model = None          # the model a model alias names
         self.close = False              # the client connection must close after the answer
 
     def run(self, request):
         self.request = request
         exchange, health = self.exchange, self.health
-        chain = candidates(self.view, health)
+        chain = self.route(request)
         if not chain:
             raise no_candidate(self.view)
         if request.path.startswith("/v1/messages/count_tokens") and health.lacks_count_tokens(chain[0].name):
@@ -2421,11 +2595,34 @@ class Relay:
             if failure.answer is not None:
                 failure.answer.conn.close()     # its answer was not read to its end
 
+    def route(self, request):
+        """The providers to try, in order. A model alias (alias_catalog) goes to its provider
+        with the real model id, then to the providers of the failover list that list the same
+        id; a Routes match to its provider, then the failover list; anything else to the
+        selection, then the failover list (candidates()). The selection itself never changes."""
+        view, health = self.view, self.health
+        model = requested_model(request.body) if request.path.startswith("/v1/messages") else None
+        if model in view.aliases:
+            name, self.real_model = view.aliases[model]
+            now = health.clock()
+            same = [view.targets[n] for n in view.fallback if view.fallback_enabled and n != name
+                    and n in view.targets and self.real_model in view.targets[n].model_set
+                    and not health.is_cooling(n, now)]
+            self.exchange.note = "model alias: %s of %s" % (self.real_model, name)
+            return [t for t in [view.targets[name]] + same if not t.provider.placeholder_key]
+        chain = candidates(view, health)
+        routed = view.config.route_for(model)
+        if routed in view.targets and not view.targets[routed].provider.placeholder_key:
+            self.exchange.note = "Routes: %s to %s" % (model, routed)
+            return [view.targets[routed]] + [t for t in chain if t.name != routed]
+        return chain
+
     def attempt(self, target, stream, last):
         """Try one provider. None once its answer has gone to the client, or the Failure that
         should move the request on (nothing has been sent to the client then)."""
         exchange, health, request = self.exchange, self.health, self.request
-        body, exchange.model_in, exchange.model_out = prepare_body(self.view, target, request.path, request.body)
+        body, exchange.model_in, exchange.model_out = prepare_body(self.view, target, request.path, request.body,
+                                                                   self.real_model)
         # After a switch, a conversation's old thinking blocks carry another provider's
         # signatures; once a strip was needed on this provider, later turns go out stripped.
         session = request.headers.get("X-Claude-Code-Session-Id")
@@ -2980,6 +3177,7 @@ def provider_summary(target, provider):
 def api_state(handler, params=None):
     view = handler.server.store.view
     config = view.config
+    tokens = provider_tokens(list(view.targets))
     return 200, {
         "version": VERSION,
         "selected": view.selected,
@@ -2989,10 +3187,14 @@ def api_state(handler, params=None):
         "reload_error": handler.server.store.reload_error,
         "model_mapping": config.model_mapping,
         "env_models": effective_env_models(config.env_models, {}),
-        "proxy_settings": claude_settings(handler.proxy_url(), "", effective_env_models(config.env_models, {})),
+        "proxy_settings": claude_settings(handler.proxy_url(), "", effective_env_models(config.env_models, {}),
+                                          gateway=True),
         "header_overrides": config.header_presets,
         "request_overrides": config.request_presets,
-        "providers": [provider_summary(view.targets.get(p.name), p) for p in config.providers],
+        "providers": [dict(provider_summary(view.targets.get(p.name), p),
+                           alias_prefix=model_alias(tokens[p.name], "") if p.name in tokens else None)
+                      for p in config.providers],
+        "routes": dict(config.routes),
         "fallback": {"enabled": view.fallback_enabled, "providers": list(view.fallback),
                      "edited": (handler.server.store.state.get("fallback") or {}).get("providers") is not None},
         "cooling": handler.server.health.snapshot(),
@@ -3090,102 +3292,6 @@ def api_refresh(handler, params):
     return 200, {"results": results}
 
 
-def api_config(handler, params):
-    """The whole config.json for the editor, keys replaced by their hints, and its version."""
-    store = handler.server.store
-    with store.lock:
-        try:
-            with open(store.config_path, "rb") as f:
-                data = f.read()
-            raw = json.loads(data.decode("utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ProxyError("%s cannot be read as JSON (%s) — fix it by hand, then Reload"
-                             % (store.config_path, exc), code="config_unreadable")
-    version = config_version(data)
-    handler.send_json(200, {"version": version, "config": redacted_config(raw),
-                            "editable": list(EDITABLE_SETTINGS)}, [("ETag", '"%s"' % version)])
-    return None
-
-
-def edited(handler, change):
-    """Run a change through Store.edit with the request's If-Match; the new version and state."""
-    version = handler.server.store.edit(handler.headers.get("If-Match"), change)
-    return 200, {"version": version, "state": api_state(handler)[1]}
-
-
-def api_put_provider(handler, params):
-    name = urllib.parse.unquote(params["name"])
-    fields = handler.json_body()
-
-    def change(raw):
-        new = put_provider(raw, name, fields)
-        return {name: new} if new != name else None
-    result = edited(handler, change)
-    new_name = fields.get("name", name) if isinstance(fields, dict) else name
-    if new_name != name and name in handler.server.tests:
-        handler.server.tests[new_name] = handler.server.tests.pop(name)
-    return result
-
-
-def api_delete_provider(handler, params):
-    name = urllib.parse.unquote(params["name"])
-    result = edited(handler, lambda raw: delete_provider(raw, name))
-    handler.server.tests.pop(name, None)
-    return result
-
-
-def api_order(handler, params):
-    body = handler.json_body()
-    names = body.get("names") if isinstance(body, dict) else None
-    return edited(handler, lambda raw: order_providers(raw, names))
-
-
-def api_settings(handler, params):
-    settings = handler.json_body()
-    return edited(handler, lambda raw: put_settings(raw, settings))
-
-
-def api_export(handler, params):
-    """The providers and settings as a file to download; keys only with ?keys=1."""
-    with_keys = handler.query_params().get("keys", ["0"])[0] in ("1", "true", "yes")
-    raw = read_config(handler.server.store.config_path)[1]
-    data = json.dumps(exported_config(raw, with_keys), ensure_ascii=False, indent=2).encode("utf-8") + b"\n"
-    handler.send_bytes(200, data, "application/json",
-                       [("Content-Disposition", 'attachment; filename="ccproxy-export%s.json"'
-                         % ("-with-keys" if with_keys else "")), ("Cache-Control", "no-store")])
-    return None
-
-
-def import_request(handler):
-    body = handler.json_body()
-    text = body.get("text") if isinstance(body, dict) else None
-    if not isinstance(text, str):
-        raise ClientError("send {\"text\": <the file's content>}")
-    return body, imported_providers(text)
-
-
-def api_import_preview(handler, params):
-    _, (kind, entries) = import_request(handler)
-    raw = read_config(handler.server.store.config_path)[1]
-    return 200, {"format": kind, "providers": import_plan(raw, entries)}
-
-
-def api_import(handler, params):
-    """Add or change the imported providers (all, or those in "names"), by the same write path."""
-    body, (kind, entries) = import_request(handler)
-    names = body.get("names")
-    chosen = [e for e in entries if names is None or e["name"] in names]
-
-    def change(raw):
-        for entry in chosen:
-            fields = dict(entry)
-            if not fields.get("api_key"):
-                fields.pop("api_key", None)     # an export without keys keeps the stored ones
-            put_provider(raw, entry["name"], fields)
-    status, result = edited(handler, change)
-    result["imported"] = [e["name"] for e in chosen]
-    return status, result
-
 
 def api_key(handler, params):
     """One provider's key, and a settings.json that talks to it directly."""
@@ -3198,6 +3304,52 @@ def api_key(handler, params):
     return 200, {"name": name, "api_key": provider.api_key,
                  "settings": claude_settings(provider.base_url, provider.api_key, target.env_models,
                                              provider.auth)}
+
+
+def selected_target(handler):
+    view = handler.server.store.view
+    if view.target is None:
+        raise NoProvider("ccproxy has no provider selected — add one to %s" % view.config.path)
+    return view.target
+
+
+def alias_display(server, view):
+    """display_name for the models /v1/models lists: "glm-4.6 · 中转站A" for an alias, marked
+    while its provider cools down or failed its last test; a plain id for the selected one's."""
+    now = server.health.clock()
+
+    def display(model_id):
+        found = view.aliases.get(model_id)
+        if found is None:
+            return model_id
+        name, model = found
+        mark = " (cooling down)" if server.health.is_cooling(name, now) else \
+            " (failing its test)" if (server.tests.get(name) or {}).get("status") == "failing" else ""
+        return "%s · %s%s" % (model, name, mark)
+    return display
+
+
+def list_models(handler, params):
+    """The selected provider's models, then every provider's under its alias, in Anthropic's
+    list shape, from the lists ccproxy keeps: never a call to a provider."""
+    target = selected_target(handler)
+    view = handler.server.store.view
+    page = model_page(view.model_ids, handler.query, alias_display(handler.server, view))
+    exchange = params["exchange"]
+    exchange.status = 200
+    exchange.note = "answered by ccproxy: %d of %d models (%s's and every provider's aliases)" \
+        % (len(page["data"]), len(view.model_ids), target.name)
+    return 200, page
+
+
+def get_model(handler, params):
+    target = selected_target(handler)
+    view = handler.server.store.view
+    model_id = urllib.parse.unquote(params["id"])
+    params["exchange"].status = 200
+    if model_id not in target.model_set and model_id not in view.aliases:
+        raise NotFound("model %s is not offered by provider %s, nor an alias of another" % (model_id, target.name))
+    return 200, model_object(model_id, alias_display(handler.server, view)(model_id))
 
 
 # ============================================================================ request handler
@@ -3495,33 +3647,6 @@ def refuse_cross_origin(handler, params):
     raise ProxyError("cross-origin requests are not allowed", 403, "permission_error")
 
 
-def selected_target(handler):
-    view = handler.server.store.view
-    if view.target is None:
-        raise NoProvider("ccproxy has no provider selected — add one to %s" % view.config.path)
-    return view.target
-
-
-def list_models(handler, params):
-    """The selected provider's models in Anthropic's list shape, from what ccproxy knows:
-    never a call to the provider."""
-    target = selected_target(handler)
-    page = model_page(target.models, handler.query)
-    exchange = params["exchange"]
-    exchange.status = 200
-    exchange.note = "answered by ccproxy: %d of %s's %d models" % (len(page["data"]), target.name,
-                                                                    len(target.models))
-    return 200, page
-
-
-def get_model(handler, params):
-    target = selected_target(handler)
-    model_id = urllib.parse.unquote(params["id"])
-    params["exchange"].status = 200
-    if model_id not in target.model_set:
-        raise NotFound("model %s is not offered by provider %s" % (model_id, target.name))
-    return 200, model_object(model_id)
-
 
 def relay_request(handler, params):
     """Everything else under /v1/ goes to the providers (Relay)."""
@@ -3782,7 +3907,7 @@ def main(argv=None):
     if created_key:
         print("  created %s with a new APIKEY (the web UI password): %s" % (args.config, created_key))
         print("  Claude Code ~/.claude/settings.json:")
-        print(json.dumps(claude_settings(url, created_key, {}), indent=2))
+        print(json.dumps(claude_settings(url, created_key, {}, gateway=True), indent=2))
     target = server.store.view.target
     if created_key or (target is not None and target.provider.placeholder_key):
         print("  next: put your relays in Providers of %s (name, api_base_url, api_key), then press\n"

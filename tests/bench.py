@@ -41,6 +41,7 @@ TARGETS = [
     ("big_body_ratio", "2 MB request body: latency vs direct", "<= 2 x", lambda v: v <= 2.0),
     ("rss_peak_mb", "proxy RSS peak during the 256 streams", "<= 50 MB", lambda v: v <= 50.0),
     ("rss_growth_mb", "RSS growth over the soak after warm-up", "<= 5 MB", lambda v: v <= 5.0),
+    ("models_list_ms", "/v1/models?limit=1000, 50 relays x 200 models: p50", "<= 100 ms", lambda v: v <= 100.0),
 ]
 
 # ---------------------------------------------------------------- mock upstream (own process)
@@ -303,6 +304,26 @@ async def streams(port, clients, events, delay_ms):
     return len(done), lags, ttfbs
 
 
+def list_models_ms(port, count):
+    """Times of GET /v1/models?limit=1000 (a 1000-model page of the aliases), in ms."""
+    times = []
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        reader = conn.makefile("rb")
+        for _ in range(count):
+            t0 = time.perf_counter()
+            conn.sendall(b"GET /v1/models?limit=1000 HTTP/1.1\r\nHost: b\r\nx-api-key: %s\r\n\r\n" % APIKEY.encode())
+            length = 0
+            while True:
+                line = reader.readline()
+                if line in (b"\r\n", b""):
+                    break
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            reader.read(length)
+            times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
 def mock_connections(mock_port):
     conn = socket.create_connection(("127.0.0.1", mock_port))
     conn.sendall(b"POST /bench/connections HTTP/1.1\r\nHost: b\r\nContent-Length: 0\r\n\r\n")
@@ -428,6 +449,17 @@ async def run(quick):
         await phase("soak", parallel(proxy_port, 16, total // 16))
         raw["rss_soak_start_mb"], raw["rss_soak_end_mb"] = rss0, proc_mem_mb(pid, "VmRSS")
         r["rss_growth_mb"] = raw["rss_soak_end_mb"] - rss0
+
+        # Claude Code's /model picker: every provider's models under an alias, from stored lists
+        many = [{"name": "中转站%02d" % i, "api_base_url": "http://127.0.0.1:%d/r%d" % (mock_port, i),
+                 "api_key": "sk-up", "models": ["model-%03d" % m for m in range(200)]} for i in range(50)]
+        relays, relays_port = start_proxy(tmp, mock_port, "relays.json", Providers=many)
+        try:
+            print("  /v1/models with 50 relays…", file=sys.stderr, flush=True)
+            raw["models_list_ms_p95"] = pct(list_models_ms(relays_port, scale(100, 20)), 0.95)
+            r["models_list_ms"] = pct(list_models_ms(relays_port, scale(100, 20)), 0.5)
+        finally:
+            stop_proxy(relays)
     finally:
         stop_proxy(proxy)
         mock.kill()

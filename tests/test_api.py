@@ -108,7 +108,7 @@ def test_discovered_models_survive_a_restart(config_file, upstream):
     try:
         assert proxy.store.view.targets["alpha"].models == ("fresh-1", "fresh-2")
         page = json.loads(proxy.call("GET", "/v1/models")[2])
-        assert [m["id"] for m in page["data"]] == ["fresh-1", "fresh-2"]
+        assert [m["id"] for m in page["data"]][:2] == ["fresh-1", "fresh-2"]     # then the aliases
     finally:
         proxy.stop()
     with open(config_file, encoding="utf-8") as f:

@@ -152,6 +152,13 @@ def test_the_page_end_to_end(browser, ui_proxy):
     browser.switch_to.active_element.send_keys(Keys.ESCAPE)
     wait(browser, lambda d: not d.find_element(By.ID, "manual").is_displayed())
     assert browser.switch_to.active_element.text == "Copy /model"      # back where it was opened
+    # the alias picks this relay and this model from Claude Code's /model
+    browser.find_element(By.CSS_SELECTOR, "#models li button[title]").click()
+    wait(browser, lambda d: d.find_element(By.ID, "manual").is_displayed())
+    alias = browser.find_element(By.ID, "manual-text").get_attribute("value")
+    assert alias.startswith("/model claude-via-alpha-") and alias.endswith("--claude-sonnet-4-5")
+    assert alias.split(" ", 1)[1] in ui_proxy.store.view.aliases
+    browser.find_element(By.ID, "manual-close").click()
 
     # failover: add two providers, move the second up, remove one; the server sees each edit
     for name in ("beta", EVIL):

@@ -52,8 +52,12 @@ def test_count_tokens(client, upstream):
 
 
 def test_models_list_follows_pages(client, upstream):
-    ids = [m.id for m in client.models.list(limit=20)]
-    assert ids == MANY + ["claude-sonnet-4-5"]
+    models = list(client.models.list(limit=20))
+    ids = [m.id for m in models]
+    assert ids[:len(MANY) + 1] == MANY + ["claude-sonnet-4-5"]
+    aliases = models[len(MANY) + 1:]                         # then each one under its alias
+    assert len(aliases) == len(MANY) + 1 and all(m.id.startswith("claude-via-") for m in aliases)
+    assert [m.display_name for m in aliases] == ["%s · alpha" % m for m in MANY + ["claude-sonnet-4-5"]]
     assert not upstream.requests                              # answered by the proxy itself
 
 
