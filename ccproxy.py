@@ -22,7 +22,7 @@ or guarded by its owner's lock; the pool needs no lock.
 
 Sections, in file order (grep -n '^# ===' ccproxy.py):
   constants, errors, config, state, config editing, HTTP messages, Anthropic requests and replies,
-  upstream client, providers: discovery and tests, relay, observability, web UI API,
+  relay compatibility, upstream client, providers: discovery and tests, relay, observability, web UI API,
   request handler, server factory and CLI.
 
 Run:   python3 ccproxy.py [--config config.json] [--host H] [--port P] [--debug]
@@ -103,8 +103,10 @@ LINGER_MAX_BYTES = 1 << 20
 CHUNK_SIZE_LINE = 1024              # longest chunk-size line (with extensions) read from a client
 API_BODY_MAX = 1 << 20              # a web UI API call's JSON body
 ERROR_EXCERPT = 160                 # characters of a provider's answer quoted in a message
-SNIFF_BYTES = 4096                  # of an error answer, searched for the signature error
+SNIFF_BYTES = 4096                  # of an error answer that did not end, searched for a fix
 ERROR_HOLD_BYTES = 65536            # of an error answer, read before deciding on failover
+MAX_FIXES_PER_REQUEST = 3           # learned fixes tried on one request, one retry each
+THINKING_BUDGET = 16000             # budget_tokens when adaptive thinking must become budgeted
 USAGE_JSON_MAX = 1 << 20            # a JSON reply is parsed for its usage if no larger
 THREAD_JOIN_S = 2.0                 # a stopping thread is waited for this long
 POLL_S = 0.05                       # how often shutdown checks that requests have finished
@@ -635,10 +637,12 @@ class Target:
     __slots__ = ("provider", "name", "scheme", "host", "port", "prefix", "netloc", "models",
                  "model_set", "env_models", "header_preset", "header_preset_name",
                  "request_preset", "request_preset_name", "proxy", "pool_key",
-                 "refresh", "models_source")
+                 "refresh", "models_source", "fixes")
 
-    def __init__(self, config, provider, choices, discovered):
+    def __init__(self, config, provider, choices, discovered, learned=()):
         self.provider = provider
+        # the fixes this provider proved it needs (LEARNED_FIXES), made before every request
+        self.fixes = tuple(Fix.from_id(entry["id"]) for entry in learned if isinstance(entry, dict) and entry.get("id"))
         self.name = provider.name
         parts = urllib.parse.urlsplit(provider.base_url)
         self.scheme = parts.scheme
@@ -737,7 +741,7 @@ class Store:
             state = {}
         if not isinstance(state, dict):
             state = {}
-        for key in ("choices", "discovered"):
+        for key in ("choices", "discovered", "fixes", "checks"):
             if not isinstance(state.get(key), dict):
                 state[key] = {}
         return state
@@ -748,7 +752,8 @@ class Store:
         for provider in config.providers:
             if provider.usable:
                 choices = state["choices"].get(provider.name) or {}
-                targets[provider.name] = Target(config, provider, choices, state["discovered"])
+                targets[provider.name] = Target(config, provider, choices, state["discovered"],
+                                                state["fixes"].get(provider.name) or ())
         selected = state.get("selected")
         if selected not in targets:
             selected = next(iter(targets), None)
@@ -855,7 +860,7 @@ class Store:
             if selected in renames:
                 state["selected"] = renames[selected]
             for old, new in renames.items():
-                for key in ("choices", "discovered"):
+                for key in ("choices", "discovered", "fixes", "checks"):
                     if old in state[key]:
                         state[key][new] = state[key].pop(old)
                 edited = (state.get("fallback") or {}).get("providers")
@@ -865,6 +870,31 @@ class Store:
             self._change(apply)
         except StateError as exc:
             log.error("renamed providers lost their selection or presets: %s", exc)
+
+    def learn_fixes(self, name, fixes, error):
+        """Remember fixes that made a provider answer (LEARNED_FIXES), with the error that
+        taught them; later requests to it go out fixed."""
+        def apply(state):
+            known = state["fixes"].setdefault(name, [])
+            ids = {entry.get("id") for entry in known}
+            for fix in fixes:
+                if fix.id not in ids:
+                    known.append({"id": fix.id, "what": fix.describe(), "at": time.time(), "error": error})
+        self._change(apply)
+        log.warning("provider %s needs: %s (learned, remembered)", name, "; ".join(f.describe() for f in fixes))
+
+    def forget_fixes(self, name, fix_id=None):
+        self.require(name)
+
+        def apply(state):
+            if fix_id is None:
+                state["fixes"].pop(name, None)
+            else:
+                state["fixes"][name] = [e for e in state["fixes"].get(name, []) if e.get("id") != fix_id]
+        self._change(apply)
+
+    def record_check(self, name, result):
+        self._change(lambda state: state["checks"].update({name: result}))
 
     def require(self, name):
         if name not in self.view.targets:
@@ -921,6 +951,7 @@ class Health:
         self.cooling = {}             # name -> (until, reason)
         self.no_count_tokens = {}     # name -> until
         self.strip_for = {}           # (conversation, provider) -> when a signature strip helped
+        self.gates = {}               # provider -> the last client-version gate it answered
 
     def cool_down(self, name, seconds, reason):
         with self.lock:
@@ -951,6 +982,15 @@ class Health:
                 for key in list(self.strip_for)[:SESSION_MEMORY_MAX // 2]:     # the oldest half
                     del self.strip_for[key]
             self.strip_for[(session, name)] = self.clock()
+
+    def note_gate(self, name, model, gate, user_agent):
+        """A provider answered "Claude Code X does not support this model; version Y or newer
+        is required": kept for the page, and a warning in the log."""
+        sent, required = gate
+        self.gates[name] = {"model": model, "required": required, "sent": sent, "at": self.clock(),
+                            "user_agent": user_agent}
+        log.warning("provider %s: model %s needs Claude Code %s or newer (it was told %s) — update Claude "
+                    "Code, or the User-Agent of a header preset", name, model, required, sent)
 
     def lacks_count_tokens(self, name):
         until = self.no_count_tokens.get(name)
@@ -1595,21 +1635,6 @@ def apply_header_preset(headers, preset):
     return out
 
 
-def apply_request_preset(body, preset):
-    """Return a copy of body with the preset merged in: objects merge, null deletes a field."""
-    out = dict(body)
-    for key, value in preset.items():
-        if key.startswith("_"):
-            continue
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = apply_request_preset(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def effective_env_models(global_env, provider_env):
     """Global env-models overlaid by the provider's own; empty values count as unset."""
     merged = {k: v for k, v in global_env.items() if v}
@@ -1675,24 +1700,29 @@ def prepare_body(view, target, path, body, real_model=None):
                 body = body[:first.start(1)] + json.dumps(sent, ensure_ascii=False).encode("utf-8") + \
                     body[first.end(1):]
             return body, requested, sent
+    # Edited in place (patch_json): every byte ccproxy does not change stays as it was sent.
     try:
-        obj = json.loads(body)
-    except ValueError:
+        text = body.decode("utf-8")
+        requested = model_of(text)
+        if target.request_preset:
+            text = patch_json(text, target.request_preset)
+        sent = model_of(text)
+        if mapped and isinstance(sent, str):
+            sent, before = mapped(sent), sent
+            if sent != before:
+                text = patch_json(text, {"model": Replace(sent)})
+    except (UnicodeDecodeError, ValueError):
         return body, None, None  # not ours to judge: the provider answers it
-    if not isinstance(obj, dict):
-        return body, None, None
-    requested = obj.get("model")
-    changed = obj
-    if target.request_preset:
-        changed = apply_request_preset(obj, target.request_preset)
-    sent = changed.get("model")
-    if mapped and isinstance(sent, str):
-        sent = mapped(sent)
-        if sent != changed.get("model"):
-            changed = dict(changed, model=sent)
-    if changed is obj:
-        return body, requested, sent
-    return json.dumps(changed, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), requested, sent
+    return text.encode("utf-8"), requested, sent
+
+
+def model_of(text):
+    """The top-level "model" of a JSON object's text, or None."""
+    for key, _, start, end in json_members(text)[0]:
+        if key == "model":
+            model = json.loads(text[start:end])
+            return model if isinstance(model, str) else None
+    return None
 
 
 def upstream_headers(client_headers, target, body):
@@ -1705,14 +1735,6 @@ def upstream_headers(client_headers, target, body):
     if body:
         headers.append(("Content-Length", str(len(body))))
     return headers
-
-
-def is_signature_error(status, body):
-    """A 400 caused by thinking-block signatures another provider made."""
-    if status != 400:
-        return False
-    text = body[:SNIFF_BYTES].decode("utf-8", "replace").lower()
-    return "signature" in text and "thinking" in text
 
 
 def without_thinking(body):
@@ -1893,6 +1915,211 @@ def model_page(models, query, display=None):
 def model_object(model_id, display_name=None):
     return {"type": "model", "id": model_id, "display_name": display_name or model_id,
             "created_at": "1970-01-01T00:00:00Z"}
+
+
+# ============================================================================ relay compatibility
+#
+# Claude Code adds request fields and betas every few weeks, and relays on older stacks answer
+# them with a 400 that Claude Code does not retry. Anthropic's gateway guidance is to pass
+# everything through untouched, so ccproxy changes a request only for a relay that proved it
+# must: a 400 that matches a pattern of LEARNED_FIXES gets the smallest change that avoids it,
+# and one retry on the same provider; if that works, the fix is remembered for the provider
+# (the state file) and later requests go out fixed at once. Body edits keep every other byte
+# as it was sent (patch_json).
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+class Replace:
+    """In a patch_json change: set this value as it is, never merged into an object."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+def json_members(text, start=0):
+    """The members of the JSON object at text[start:] as (key, start, value start, value end),
+    and the index of its closing brace; ValueError if it is not an object."""
+    pos = _WS.match(text, start).end()
+    if text[pos:pos + 1] != "{":
+        raise ValueError("not a JSON object")
+    members = []
+    pos = _WS.match(text, pos + 1).end()
+    if text[pos:pos + 1] == "}":
+        return members, pos
+    while True:
+        key, after = _DECODER.raw_decode(text, pos)
+        colon = _WS.match(text, after).end()
+        if not isinstance(key, str) or text[colon:colon + 1] != ":":
+            raise ValueError("not a JSON object member")
+        value_start = _WS.match(text, colon + 1).end()
+        _, value_end = _DECODER.raw_decode(text, value_start)
+        members.append((key, pos, value_start, value_end))
+        pos = _WS.match(text, value_end).end()
+        if text[pos:pos + 1] == ",":
+            pos = _WS.match(text, pos + 1).end()
+        elif text[pos:pos + 1] == "}":
+            return members, pos
+        else:
+            raise ValueError("not a JSON object")
+
+
+def patch_json(text, changes):
+    """The JSON object text with changes made in place, in a request preset's terms: null
+    removes a member, an object merges into an object member, anything else (or a Replace)
+    sets it. Every character not changed stays as it was: key order, spacing, number
+    formatting and escapes (a parse and dump would change them). ValueError if not an object."""
+    for key, value in changes.items():
+        if key.startswith("_"):
+            continue
+        members, close = json_members(text)
+        found = [m for m in members if m[0] == key]
+        index = members.index(found[-1]) if found else None
+        if value is None:
+            if index is None:
+                continue
+            _, start, _, end = members[index]
+            if index + 1 < len(members):
+                end = members[index + 1][1]         # up to the next member: its comma goes too
+            elif index:
+                start = members[index - 1][3]       # from the previous value: its comma goes
+            text = text[:start] + text[end:]
+        elif index is not None:
+            _, _, start, end = members[index]
+            if isinstance(value, dict) and text[start] == "{":
+                new = patch_json(text[start:end], value)
+            else:
+                new = json.dumps(value.value if isinstance(value, Replace) else value, ensure_ascii=False)
+            text = text[:start] + new + text[end:]
+        else:
+            member = "%s: %s" % (json.dumps(key, ensure_ascii=False),
+                                 json.dumps(value.value if isinstance(value, Replace) else value, ensure_ascii=False))
+            at = members[-1][3] if members else close
+            text = text[:at] + (", " if members else "") + member + text[at:]
+    return text
+
+
+# Words with which relays refuse a request field they do not know (Pydantic, OpenAI-style
+# gateways, Go and Node validators).
+_REFUSAL = re.compile(r"extra inputs are not permitted|unknown (field|parameter|key)|unrecognized|"
+                      r"not permitted|unexpected (field|keyword|property)|not supported|"
+                      r"additional propert|invalid (field|parameter)")
+# Fields Claude Code sends that a relay may not know; the core of a Messages request never goes.
+CORE_FIELDS = frozenset(("model", "messages", "max_tokens", "system", "tools", "tool_choice", "stream",
+                         "temperature", "top_p", "top_k", "stop_sequences"))
+_GATE = re.compile(r"claude code ([0-9][0-9.]*) does not support this model; version ([0-9][0-9.]*) or newer", re.I)
+
+
+class Fix:
+    """One learned fix: `kind` ("field", "beta", "thinking", "signatures") and its `param`."""
+
+    __slots__ = ("kind", "param")
+
+    def __init__(self, kind, param=""):
+        self.kind, self.param = kind, param
+
+    @property
+    def id(self):
+        return "%s:%s" % (self.kind, self.param) if self.param else self.kind
+
+    def describe(self):
+        return {"field": "remove the body field %s", "beta": "remove %s from anthropic-beta",
+                "thinking": "turn adaptive thinking into budgeted thinking%s",
+                "signatures": "strip thinking signatures%s"}[self.kind] % self.param
+
+    @classmethod
+    def from_id(cls, fix_id):
+        kind, _, param = fix_id.partition(":")
+        return cls(kind, param)
+
+
+def match_fix(message, body, headers):
+    """The LEARNED_FIXES entry that a provider's 400 message calls for, given what the request
+    sent, or None. The table, in the order it is tried:
+      - signatures: thinking blocks signed by another provider (after a switch);
+      - thinking: adaptive thinking ("type": "adaptive") the relay does not know;
+      - beta: an anthropic-beta token the message names;
+      - field: a top-level body field the message names with words of refusal.
+    A 400 that matches nothing passes through unchanged."""
+    text = message.lower()
+    if "signature" in text and "thinking" in text:
+        return Fix("signatures")
+    try:
+        members = {m[0]: m for m in json_members(body)[0]}
+    except ValueError:
+        members = {}
+    if "thinking" in members and "adaptive" in text and \
+            '"adaptive"' in body[members["thinking"][2]:members["thinking"][3]]:
+        return Fix("thinking")
+    betas = [t.strip() for t in (headers.get("anthropic-beta") or "").split(",") if t.strip()]
+    for token in betas:
+        if token.lower() in text and "beta" in text:
+            return Fix("beta", token)
+    if _REFUSAL.search(text):
+        for name in members:
+            if name not in CORE_FIELDS and re.search(r"(?<![\w.])%s(?![\w])" % re.escape(name.lower()), text):
+                return Fix("field", name)
+    return None
+
+
+def fix_changes(fixes, body):
+    """The patch_json changes that body fixes make."""
+    changes = {}
+    for fix in fixes:
+        if fix.kind == "field":
+            changes[fix.param] = None
+        elif fix.kind == "thinking":
+            try:
+                members = {m[0]: m for m in json_members(body)[0]}
+                max_tokens = json.loads(body[members["max_tokens"][2]:members["max_tokens"][3]])
+            except (ValueError, KeyError):
+                max_tokens = 0
+            budget = min(THINKING_BUDGET, int(max_tokens) - 1) if isinstance(max_tokens, int) else 0
+            # Budgeted thinking needs at least 1024 tokens below max_tokens; else none at all.
+            changes["thinking"] = Replace({"type": "enabled", "budget_tokens": budget}) if budget >= 1024 else None
+    return changes
+
+
+def fixed_body(fixes, body):
+    """The request body with the fixes made, in place (patch_json)."""
+    changes = fix_changes(fixes, body)
+    if changes:
+        try:
+            body = patch_json(body.decode("utf-8"), changes).encode("utf-8")
+        except (UnicodeDecodeError, ValueError):
+            pass
+    if any(f.kind == "signatures" for f in fixes):
+        body = without_thinking(body) or body
+    return body
+
+
+def fixed_headers(fixes, headers):
+    """The upstream header fields with the beta tokens that fixes drop taken out."""
+    drop = {f.param.lower() for f in fixes if f.kind == "beta"}
+    if not drop:
+        return headers
+    out = []
+    for name, value in headers:
+        if name.lower() == "anthropic-beta":
+            value = ",".join(t for t in value.split(",") if t.strip().lower() not in drop)
+            if not value:
+                continue
+        out.append((name, value))
+    return out
+
+
+def version_gate(message):
+    """(client version, required version) of a "Claude Code X does not support this model;
+    version Y or newer is required" answer, else None."""
+    match = _GATE.search(message)
+    return match.groups() if match else None
+
+
+def version_tuple(text):
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:4])
 
 
 # ============================================================================ upstream client
@@ -2552,8 +2779,9 @@ class Relay:
     here runs without sockets. `exchange` collects what the log line and request log show.
     """
 
-    def __init__(self, view, health, pool, out, exchange, recorder, debug=False):
+    def __init__(self, view, health, pool, out, exchange, recorder, debug=False, store=None):
         self.view = view
+        self.store = store              # remembers learned fixes (Store.learn_fixes)
         self.recorder = recorder        # counts the open streams (stream_opened, stream_closed)
         self.config = view.config
         self.health = health
@@ -2621,31 +2849,35 @@ class Relay:
         """Try one provider. None once its answer has gone to the client, or the Failure that
         should move the request on (nothing has been sent to the client then)."""
         exchange, health, request = self.exchange, self.health, self.request
-        body, exchange.model_in, exchange.model_out = prepare_body(self.view, target, request.path, request.body,
-                                                                   self.real_model)
+        prepared, exchange.model_in, exchange.model_out = prepare_body(self.view, target, request.path,
+                                                                       request.body, self.real_model)
+        fixes = list(target.fixes)          # what this provider proved it needs (LEARNED_FIXES)
         # After a switch, a conversation's old thinking blocks carry another provider's
         # signatures; once a strip was needed on this provider, later turns go out stripped.
         session = request.headers.get("X-Claude-Code-Session-Id")
-        stripped = bool(session) and health.strips_signatures(session, target.name) and without_thinking(body)
-        if stripped:
-            body = stripped
+        if session and health.strips_signatures(session, target.name):
+            fixes.append(Fix("signatures"))
             exchange.note = "thinking signatures stripped, as earlier in this conversation"
-        retried = bool(stripped)
+        elif fixes:
+            exchange.note = "fixed for this provider: " + "; ".join(f.describe() for f in fixes)
+        learned = []
         while True:
-            answer = self.ask(target, body, stream, last)
+            body = fixed_body(fixes, prepared)
+            headers = fixed_headers(fixes, upstream_headers(request.headers, target, body))
+            answer = self.ask(target, body, headers, stream, last)
             if isinstance(answer, Failure):
                 return answer
             status = answer.resp.status
-            if status == 400 and not retried and is_signature_error(status, answer.held):
-                stripped = without_thinking(body)
-                if stripped:
-                    self.pool.release(target, answer.conn, answer.resp)
-                    body, retried = stripped, True
-                    exchange.note = "thinking signatures stripped, retried"
-                    continue
-            break
-        if retried and status < 400 and session:
-            health.remember_strip(session, target.name)
+            fix = self.fix_for(target, answer, prepared, fixes) if status == 400 else None
+            if fix is None or len(learned) >= MAX_FIXES_PER_REQUEST:
+                break
+            self.pool.release(target, answer.conn, answer.resp)
+            fixes.append(fix)
+            learned.append(fix)
+            exchange.note = "thinking signatures stripped, retried" if fix.kind == "signatures" else \
+                "fix applied, retried: " + fix.describe()
+        if learned and status < 400:
+            self.remember(target, session, learned)
         if status in COUNT_TOKENS_MISSING and request.path.startswith("/v1/messages/count_tokens"):
             health.remember_no_count_tokens(target.name)
         if status in FAILOVER_STATUSES:
@@ -2658,7 +2890,35 @@ class Relay:
         self.deliver(target, answer, extra)
         return None
 
-    def ask(self, target, body, stream, last):
+    def fix_for(self, target, answer, body, applied):
+        """The LEARNED_FIXES entry a 400 calls for that was not tried yet; a client-version gate
+        is noted on the way (Health.gates)."""
+        message = error_message(answer.held) if answer.ended else answer.held[:SNIFF_BYTES].decode("utf-8", "replace")
+        gate = version_gate(message)
+        if gate:
+            self.health.note_gate(target.name, self.exchange.model_out, gate, self.request.headers.get("User-Agent"))
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        fix = match_fix(message, text, self.request.headers)
+        if fix is None or fix.id in {f.id for f in applied}:
+            return None
+        return fix
+
+    def remember(self, target, session, learned):
+        """Fixes that made the provider answer: a signature strip for this conversation, the
+        others for the provider, in the state file. A fix that did not help is not kept."""
+        if any(f.kind == "signatures" for f in learned) and session:
+            self.health.remember_strip(session, target.name)
+        lasting = [f for f in learned if f.kind != "signatures"]
+        if lasting and self.store is not None:
+            try:
+                self.store.learn_fixes(target.name, lasting, self.exchange.model_out)
+            except StateError as exc:
+                log.error("%s", exc)
+
+    def ask(self, target, body, headers, stream, last):
         """Send the request to one provider and read its answer as far as the decision needs:
         an error answer ERROR_HOLD_BYTES far, a stream to its first event, anything else not
         at all. An Answer, or the Failure of a provider that could not be reached in time."""
@@ -2667,7 +2927,6 @@ class Relay:
         # lone provider (or a non-streamed reply, whose head may come after the whole answer)
         # gets the long idle timeout.
         timeout = config.first_byte_timeout_s if stream and not last else config.api_timeout_s
-        headers = upstream_headers(request.headers, target, body)
         if self.debug:
             log.debug("-> %s %s body: %s", target.name, request.path,
                       redact(body[:DEBUG_BODY_CHARS].decode("utf-8", "replace"), config.secrets()))
@@ -3659,7 +3918,7 @@ def relay_request(handler, params):
                             handler.read_body(view.config.max_body_bytes),
                             handler.request_version == "HTTP/1.0")
     relay = Relay(view, server.health, server.pool, handler.out, params["exchange"], server.recorder,
-                  server.debug)
+                  server.debug, server.store)
     try:
         relay.run(request)
     finally:

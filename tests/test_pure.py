@@ -86,12 +86,28 @@ def test_header_preset_replaces_case_insensitively_and_empty_removes():
     assert ccproxy.apply_header_preset(headers, None) is headers
 
 
-def test_request_preset_merges_deletes_and_does_not_mutate():
-    body = {"model": "m", "thinking": {"type": "enabled"}, "metadata": {"user_id": "u"}, "new": [1]}
-    out = ccproxy.apply_request_preset(body, {"thinking": None, "metadata": {"tag": "t"},
-                                              "temperature": 0, "_comment": "x"})
-    assert out == {"model": "m", "metadata": {"user_id": "u", "tag": "t"}, "new": [1], "temperature": 0}
-    assert body["thinking"] == {"type": "enabled"} and "tag" not in body["metadata"]
+def test_request_preset_merges_deletes_and_sets_in_place():
+    body = '{"model": "m",  "thinking": {"type": "enabled"}, "metadata": {"user_id": "u"}, "new": [1.0, 2e3]}'
+    out = ccproxy.patch_json(body, {"thinking": None, "metadata": {"tag": "t"}, "temperature": 0, "_comment": "x"})
+    assert json.loads(out) == {"model": "m", "metadata": {"user_id": "u", "tag": "t"}, "new": [1.0, 2e3],
+                               "temperature": 0}
+    assert '"new": [1.0, 2e3]' in out and out.startswith('{"model": "m",  "metadata"')   # untouched bytes stay
+
+
+@pytest.mark.parametrize("body, changes, expected", [
+    ('{"a":1,"b":2,"c":3}', {"b": None}, '{"a":1,"c":3}'),
+    ('{"a":1,"b":2,"c":3}', {"c": None}, '{"a":1,"b":2}'),
+    ('{"a":1,"b":2,"c":3}', {"a": None}, '{"b":2,"c":3}'),
+    ('{"only": 1}', {"only": None}, '{}'),
+    ('{}', {"x": "é"}, '{"x": "é"}'),
+    ('{"a": 1}', {"x": None}, '{"a": 1}'),
+    ('{ "s": "\\u00e9\\n", "t": {"k": 1} }', {"t": {"k": None, "j": 2}},
+     '{ "s": "\\u00e9\\n", "t": {"j": 2} }'),
+    ('{"t": {"k": 1}}', {"t": ccproxy.Replace({"z": 0})}, '{"t": {"z": 0}}'),
+    ('{"a":1,"b":2,"c":3}', {"b": None, "c": None}, '{"a":1}'),
+])
+def test_patch_json_changes_only_what_it_must(body, changes, expected):
+    assert ccproxy.patch_json(body, changes) == expected
 
 
 def test_redact_removes_configured_secrets_and_key_shapes():
