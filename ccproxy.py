@@ -637,10 +637,12 @@ class Target:
     __slots__ = ("provider", "name", "scheme", "host", "port", "prefix", "netloc", "models",
                  "model_set", "env_models", "header_preset", "header_preset_name",
                  "request_preset", "request_preset_name", "proxy", "pool_key",
-                 "refresh", "models_source", "fixes")
+                 "refresh", "models_source", "fixes", "learned", "check")
 
-    def __init__(self, config, provider, choices, discovered, learned=()):
+    def __init__(self, config, provider, choices, discovered, learned=(), check=None):
         self.provider = provider
+        self.learned = list(learned)    # as the state file keeps them: id, what, when, the error
+        self.check = check              # the last "Check a relay" result
         # the fixes this provider proved it needs (LEARNED_FIXES), made before every request
         self.fixes = tuple(Fix.from_id(entry["id"]) for entry in learned if isinstance(entry, dict) and entry.get("id"))
         self.name = provider.name
@@ -753,7 +755,8 @@ class Store:
             if provider.usable:
                 choices = state["choices"].get(provider.name) or {}
                 targets[provider.name] = Target(config, provider, choices, state["discovered"],
-                                                state["fixes"].get(provider.name) or ())
+                                                state["fixes"].get(provider.name) or (),
+                                                state["checks"].get(provider.name))
         selected = state.get("selected")
         if selected not in targets:
             selected = next(iter(targets), None)
@@ -2066,7 +2069,7 @@ def match_fix(message, body, headers):
 
 
 def fix_changes(fixes, body):
-    """The patch_json changes that body fixes make."""
+    """The patch_json changes that body fixes make to the JSON text body."""
     changes = {}
     for fix in fixes:
         if fix.kind == "field":
@@ -2085,10 +2088,10 @@ def fix_changes(fixes, body):
 
 def fixed_body(fixes, body):
     """The request body with the fixes made, in place (patch_json)."""
-    changes = fix_changes(fixes, body)
-    if changes:
+    if any(f.kind in ("field", "thinking") for f in fixes):
         try:
-            body = patch_json(body.decode("utf-8"), changes).encode("utf-8")
+            text = body.decode("utf-8")
+            body = patch_json(text, fix_changes(fixes, text)).encode("utf-8")
         except (UnicodeDecodeError, ValueError):
             pass
     if any(f.kind == "signatures" for f in fixes):
@@ -2570,6 +2573,26 @@ def test_model(target):
     return target.models[0] if target.models else "claude-haiku-4-5"
 
 
+def probe(target, path, body, timeout=TEST_TIMEOUT_S, extra_headers=()):
+    """One small request of ccproxy's own to a provider, as the relay would send it (its key,
+    its auth style, its header preset): (status, body bytes, ms to the first byte)."""
+    headers = [("Host", target.netloc), ("anthropic-version", ANTHROPIC_VERSION),
+               ("Content-Type", "application/json"), ("Accept-Encoding", "identity"),
+               ("User-Agent", "ccproxy/" + VERSION), ("Content-Length", str(len(body)))] + list(extra_headers)
+    headers = apply_header_preset(headers + auth_headers(target.provider.api_key, target.provider.auth or "both"),
+                                  target.header_preset)
+    started = time.monotonic()
+    conn = open_connection(target.scheme, target.host, target.port, target.proxy, timeout)
+    try:
+        resp = send_request(conn, "POST", target.prefix + path, headers, body)
+        pieces = resp.pieces()
+        first = next(pieces)[0]
+        ttfb = int((time.monotonic() - started) * 1000)
+        return resp.status, first + collect(pieces)[0], ttfb
+    finally:
+        conn.close()
+
+
 def test_provider(target, timeout=TEST_TIMEOUT_S):
     """Measure a provider: its /v1/models round trip and a minimal real streaming message
     (max_tokens TEST_MAX_TOKENS, no thinking, no tools). Classified ok / slow / failing."""
@@ -2584,27 +2607,13 @@ def test_provider(target, timeout=TEST_TIMEOUT_S):
               "model": test_model(target), "ttfb_ms": None, "total_ms": None, "tokens": None}
     body = json.dumps({"model": result["model"], "max_tokens": TEST_MAX_TOKENS, "stream": True,
                        "messages": [{"role": "user", "content": "Reply with the word ok."}]}).encode()
-    headers = [("Host", target.netloc), ("anthropic-version", ANTHROPIC_VERSION),
-               ("Content-Type", "application/json"), ("Accept-Encoding", "identity"),
-               ("User-Agent", "ccproxy/" + VERSION), ("Content-Length", str(len(body)))]
-    headers = apply_header_preset(headers + auth_headers(target.provider.api_key, target.provider.auth or "both"),
-                                  target.header_preset)
     started = time.monotonic()
-    usage, status = Usage(), None
+    usage = Usage()
     try:
-        conn = open_connection(target.scheme, target.host, target.port, target.proxy, timeout)
-        try:
-            resp = send_request(conn, "POST", target.prefix + "/v1/messages", headers, body)
-            status, pieces = resp.status, resp.pieces()
-            first = next(pieces)[0]
-            result["ttfb_ms"] = int((time.monotonic() - started) * 1000)
-            rest = collect(pieces)[0]
-        finally:
-            conn.close()
+        status, data, result["ttfb_ms"] = probe(target, "/v1/messages", body, timeout)
     except NETWORK_ERRORS as exc:
         return dict(result, status="failing", reason=describe_network_error(exc))
     result["total_ms"] = int((time.monotonic() - started) * 1000)
-    data = first + rest
     if status != 200:
         looks_html = data.lstrip()[:1] == b"<"
         return dict(result, status="failing", reason="HTTP %d%s" % (status, " (HTML page)" if looks_html else
@@ -2617,6 +2626,55 @@ def test_provider(target, timeout=TEST_TIMEOUT_S):
     if seconds > TEST_SLOW_S:
         return dict(result, status="slow", reason="first event after %.1f s" % seconds)
     return dict(result, status="ok", reason="first event in %d ms" % result["ttfb_ms"])
+
+
+def check_cases(model):
+    """The battery of "Check a relay": what Claude Code sends that relays trip over, each in
+    a request of at most TEST_MAX_TOKENS tokens. (name, path, body, extra header fields)."""
+    user = [{"role": "user", "content": "Reply with the word ok."}]
+    base = {"model": model, "max_tokens": TEST_MAX_TOKENS, "messages": user}
+    cached = [{"role": "user", "content": [{"type": "text", "text": "Reply with the word ok.",
+                                            "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}]
+    return [
+        ("stream", "/v1/messages", dict(base, stream=True), ()),
+        ("count_tokens", "/v1/messages/count_tokens", {"model": model, "messages": user}, ()),
+        ("context_management", "/v1/messages",
+         dict(base, context_management={"edits": [{"type": "clear_tool_uses_20250919"}]}),
+         (("anthropic-beta", "context-management-2025-06-27"),)),
+        ("output_config", "/v1/messages", dict(base, output_config={"effort": "low"}), ()),
+        ("adaptive_thinking", "/v1/messages", dict(base, thinking={"type": "adaptive"}), ()),
+        ("cache_ttl_1h", "/v1/messages", dict(base, messages=cached), ()),
+        ("safeguards", "/v1/messages", dict(base, safeguards={"mode": "auto"}), ()),
+        ("model_1m", "/v1/messages", dict(base, model=model + "[1m]"), ()),
+    ]
+
+
+def check_provider(target, timeout=TEST_TIMEOUT_S):
+    """Check a relay: each case of check_cases() sent to it at once; per case "ok", "rejected"
+    (its status and reason, and the learned fix that would avoid it) or "not tested" (it
+    could not be reached)."""
+    model = test_model(target)
+    if target.provider.placeholder_key:
+        return {"at": time.time(), "model": model, "results": {
+            name: {"result": "not tested", "reason": PLACEHOLDER_REASON} for name, _, _, _ in check_cases(model)}}
+
+    def one(case):
+        name, path, body, extra = case
+        raw = json.dumps(body).encode()
+        try:
+            status, data, _ = probe(target, path, raw, timeout, extra)
+        except NETWORK_ERRORS as exc:
+            return name, {"result": "not tested", "reason": describe_network_error(exc)}
+        if 200 <= status < 300:
+            return name, {"result": "ok"}
+        message = error_message(data)
+        fix = match_fix(message, raw.decode("utf-8"), Headers(extra))
+        return name, {"result": "rejected", "reason": "HTTP %d: %s" % (status, message),
+                      "fix": fix.describe() if fix else None}
+    cases = check_cases(model)
+    with concurrent.futures.ThreadPoolExecutor(len(cases)) as executor:
+        results = dict(executor.map(one, cases))
+    return {"at": time.time(), "model": model, "results": results}
 
 
 def error_message(data):
@@ -2868,16 +2926,17 @@ class Relay:
             if isinstance(answer, Failure):
                 return answer
             status = answer.resp.status
-            fix = self.fix_for(target, answer, prepared, fixes) if status == 400 else None
+            fix, message = self.fix_for(target, answer, prepared, fixes) if status == 400 else (None, "")
             if fix is None or len(learned) >= MAX_FIXES_PER_REQUEST:
                 break
+            taught = message
             self.pool.release(target, answer.conn, answer.resp)
             fixes.append(fix)
             learned.append(fix)
             exchange.note = "thinking signatures stripped, retried" if fix.kind == "signatures" else \
                 "fix applied, retried: " + fix.describe()
         if learned and status < 400:
-            self.remember(target, session, learned)
+            self.remember(target, session, learned, taught)
         if status in COUNT_TOKENS_MISSING and request.path.startswith("/v1/messages/count_tokens"):
             health.remember_no_count_tokens(target.name)
         if status in FAILOVER_STATUSES:
@@ -2891,22 +2950,21 @@ class Relay:
         return None
 
     def fix_for(self, target, answer, body, applied):
-        """The LEARNED_FIXES entry a 400 calls for that was not tried yet; a client-version gate
-        is noted on the way (Health.gates)."""
+        """(the LEARNED_FIXES entry a 400 calls for that was not tried yet, or None; its error
+        message); a client-version gate is noted on the way (Health.gates)."""
         message = error_message(answer.held) if answer.ended else answer.held[:SNIFF_BYTES].decode("utf-8", "replace")
         gate = version_gate(message)
         if gate:
             self.health.note_gate(target.name, self.exchange.model_out, gate, self.request.headers.get("User-Agent"))
         try:
-            text = body.decode("utf-8")
+            fix = match_fix(message, body.decode("utf-8"), self.request.headers)
         except UnicodeDecodeError:
-            return None
-        fix = match_fix(message, text, self.request.headers)
-        if fix is None or fix.id in {f.id for f in applied}:
-            return None
-        return fix
+            fix = None
+        if fix is not None and fix.id in {f.id for f in applied}:
+            fix = None
+        return fix, message
 
-    def remember(self, target, session, learned):
+    def remember(self, target, session, learned, error):
         """Fixes that made the provider answer: a signature strip for this conversation, the
         others for the provider, in the state file. A fix that did not help is not kept."""
         if any(f.kind == "signatures" for f in learned) and session:
@@ -2914,7 +2972,8 @@ class Relay:
         lasting = [f for f in learned if f.kind != "signatures"]
         if lasting and self.store is not None:
             try:
-                self.store.learn_fixes(target.name, lasting, self.exchange.model_out)
+                self.store.learn_fixes(target.name, lasting, "model %s: %s" % (
+                    self.exchange.model_out, redact(error[:300], self.config.secrets())))
             except StateError as exc:
                 log.error("%s", exc)
 
@@ -3426,7 +3485,7 @@ def provider_summary(target, provider):
            "has_key": bool(provider.api_key), "placeholder_key": provider.placeholder_key,
            "auth": provider.auth, "proxy": bool(provider.proxy)}
     if target is not None:
-        out.update(models=list(target.models), models_source=target.models_source,
+        out.update(fixes=target.learned, check=target.check, models=list(target.models), models_source=target.models_source,
                    header_override=target.header_preset_name,
                    request_override=target.request_preset_name,
                    env_models=target.env_models, refresh=target.refresh)
@@ -3454,6 +3513,8 @@ def api_state(handler, params=None):
                            alias_prefix=model_alias(tokens[p.name], "") if p.name in tokens else None)
                       for p in config.providers],
         "routes": dict(config.routes),
+        "gates": handler.server.health.gates,
+        "outdated_presets": outdated_presets(config, handler.server.health.gates),
         "fallback": {"enabled": view.fallback_enabled, "providers": list(view.fallback),
                      "edited": (handler.server.store.state.get("fallback") or {}).get("providers") is not None},
         "cooling": handler.server.health.snapshot(),
@@ -3550,6 +3611,39 @@ def api_refresh(handler, params):
     results = refresh_models(store, None if name is None else [name])
     return 200, {"results": results}
 
+
+
+def api_check(handler, params):
+    """Check a relay: the battery of check_cases(), a few tokens each; kept in the state file."""
+    store = handler.server.store
+    name = _field(handler.json_body(), "provider")
+    store.require(name)
+    result = check_provider(store.view.targets[name])
+    try:
+        store.record_check(name, result)
+    except StateError as exc:
+        result["saved"] = str(exc)
+    return 200, result
+
+
+def api_forget_fixes(handler, params):
+    """Forget one learned fix of a provider ({id}), or all of them."""
+    name = urllib.parse.unquote(params["name"])
+    fix_id = urllib.parse.unquote(params["id"]) if params.get("id") else None
+    handler.server.store.forget_fixes(name, fix_id)
+    return api_state(handler)
+
+
+def outdated_presets(config, gates):
+    """Header presets whose User-Agent claims a Claude Code older than a provider's gate asked for."""
+    needed = max((version_tuple(g["required"]) for g in gates.values()), default=None)
+    flagged = []
+    for name, preset in config.header_presets.items():
+        agent = next((v for k, v in preset.items() if k.lower() == "user-agent"), "")
+        match = re.search(r"claude-cli/([0-9][0-9.]*)", agent)
+        if needed and match and version_tuple(match.group(1)) < needed:
+            flagged.append(name)
+    return flagged
 
 
 def api_key(handler, params):
@@ -3959,6 +4053,9 @@ ROUTES = (
     Route("POST", "/api/fallback", "key", api_fallback),
     Route("POST", "/api/refresh-models", "key", api_refresh),
     Route("POST", "/api/test", "key", api_test),
+    Route("POST", "/api/check", "key", api_check),
+    Route("DELETE", "/api/fixes/{name}", "key", api_forget_fixes),
+    Route("DELETE", "/api/fixes/{name}/{id}", "key", api_forget_fixes),
     Route("GET", "/api/requests", "key", api_requests),
     Route("GET", "/api/stats", "key", api_stats),
     Route("GET", "/api/providers/{name}/key", "key", api_key),

@@ -80,7 +80,12 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
         elif path.endswith("/v1/messages/count_tokens"):
             self.send_json(200, {"input_tokens": 42})
         elif path.endswith("/v1/messages"):
-            self.messages(body)
+            refusal = mock.refusal(body, self.headers)
+            if refusal:
+                self.send_json(400, {"type": "error", "error": {"type": "invalid_request_error",
+                                                                "message": refusal}})
+            else:
+                self.messages(body)
         else:
             self.send_json(404, {"type": "error", "error": {"type": "not_found_error",
                                                             "message": "mock: no " + path}})
@@ -271,6 +276,12 @@ class MockUpstream:
         self.event_delay = 0.0
         self.first_delay = 0.0      # before a /v1/messages answer starts
         self.close_connections = False  # answer with Connection: close
+        # A relay on an older stack: every /v1/messages request that carries one of these is
+        # answered 400 in the words such relays use (refusal()).
+        self.refuse_fields = set()      # top-level body fields
+        self.refuse_betas = set()       # anthropic-beta tokens
+        self.refuse_adaptive = False    # "thinking": {"type": "adaptive"}
+        self.gate = None                # (required version, model): a client-version gate
         self.requests = []
         self.connections = 0
         self.actions = []
@@ -290,6 +301,30 @@ class MockUpstream:
     def record(self, recorded):
         with self.lock:
             self.requests.append(recorded)
+
+    def refusal(self, body, headers):
+        """The 400 message this mock relay answers a /v1/messages request with, else None."""
+        try:
+            req = json.loads(body or b"{}")
+        except ValueError:
+            return None
+        for name in sorted(self.refuse_fields & set(req)):
+            return "%s: Extra inputs are not permitted" % name
+        betas = [t.strip() for t in (headers.get("anthropic-beta") or "").split(",")]
+        for token in betas:
+            if token in self.refuse_betas:
+                return "Unexpected value(s) `%s` for the `anthropic-beta` header. Please consult our " \
+                       "documentation at docs.anthropic.com or try again without the header." % token
+        if self.refuse_adaptive and (req.get("thinking") or {}).get("type") == "adaptive":
+            return "thinking: Input tag 'adaptive' found using 'type' does not match any of the " \
+                   "expected tags: 'disabled', 'enabled'"
+        if self.gate and req.get("model") == self.gate[1]:
+            agent = headers.get("User-Agent") or ""
+            sent = agent.partition("claude-cli/")[2].partition(" ")[0] or "0.0.0"
+            if tuple(map(int, sent.split("."))) < tuple(map(int, self.gate[0].split("."))):
+                return "Claude Code %s does not support this model; version %s or newer is required" % (
+                    sent, self.gate[0])
+        return None
 
     def take_action(self):
         with self.lock:

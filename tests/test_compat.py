@@ -1,0 +1,211 @@
+"""Relay compatibility: a relay on an older stack refuses what Claude Code sends; ccproxy learns
+the smallest fix, retries once, remembers it per provider, and shows it (and its own check)."""
+
+import json
+
+import pytest
+
+from conftest import make_config, start_proxy, write_config
+from test_relay import MESSAGE
+
+FIELD_ID = "field:context_management"
+BETA = "context-management-2025-06-27"
+
+
+@pytest.fixture
+def relay(tmp_path, upstream, upstream2):
+    """A proxy whose first provider is named 中转站A; start() again on the same files restarts it."""
+    config = make_config(upstream, upstream2)
+    config["Providers"][0]["name"] = "中转站A"
+    config["HeaderOverrides"]["old-cli"] = {"User-Agent": "claude-cli/2.0.14 (external, cli)"}
+    path = write_config(tmp_path / "config.json", config)
+    running = []
+
+    def start():
+        for proxy in running:
+            proxy.stop()
+        running.append(start_proxy(path))
+        return running[-1]
+    yield start
+    for proxy in running[-1:]:
+        proxy.stop()
+
+
+def provider_state(proxy, name="中转站A"):
+    status, state = proxy.api("GET", "/api/state")
+    assert status == 200
+    return next(p for p in state["providers"] if p["name"] == name), state
+
+
+def test_a_refused_field_is_removed_retried_and_remembered(relay, upstream):
+    upstream.refuse_fields = {"context_management"}
+    proxy = relay()
+    body = dict(MESSAGE, context_management={"edits": [{"type": "clear_tool_uses_20250919"}]})
+    status, headers, data = proxy.call("POST", "/v1/messages", body)
+    assert status == 200 and json.loads(data)["type"] == "message"
+    first, retry = upstream.requests
+    assert "context_management" in first.json and "context_management" not in retry.json
+    assert retry.json["messages"] == MESSAGE["messages"]
+    provider, _ = provider_state(proxy)
+    assert [f["id"] for f in provider["fixes"]] == [FIELD_ID]
+    assert "Extra inputs are not permitted" in provider["fixes"][0]["error"]
+    assert "remove the body field context_management" == provider["fixes"][0]["what"]
+
+    # Remembered: the next request goes out fixed at once, also after a restart.
+    del upstream.requests[:]
+    assert proxy.call("POST", "/v1/messages", body)[0] == 200
+    assert len(upstream.requests) == 1 and "context_management" not in upstream.last.json
+    proxy = relay()
+    del upstream.requests[:]
+    assert proxy.call("POST", "/v1/messages", dict(body, stream=True))[0] == 200
+    assert len(upstream.requests) == 1 and "context_management" not in upstream.last.json
+
+    # Forgotten: the next request is sent as the client sent it, and learns again.
+    status, _ = proxy.api("DELETE", "/api/fixes/%E4%B8%AD%E8%BD%AC%E7%AB%99A/" + FIELD_ID)
+    assert status == 200
+    assert provider_state(proxy)[0]["fixes"] == []
+    del upstream.requests[:]
+    assert proxy.call("POST", "/v1/messages", body)[0] == 200
+    assert len(upstream.requests) == 2
+    assert proxy.api("DELETE", "/api/fixes/%E4%B8%AD%E8%BD%AC%E7%AB%99A")[0] == 200
+    assert provider_state(proxy)[0]["fixes"] == []
+    assert proxy.api("DELETE", "/api/fixes/nobody")[0] == 404
+
+
+def test_a_fixed_body_keeps_every_other_byte(relay, upstream):
+    """Only the refused member goes; spacing, key order, escapes, number formats and unknown
+    fields stay exactly as the client wrote them."""
+    upstream.refuse_fields = {"safeguards"}
+    proxy = relay()
+    head = ('{"model":"claude-sonnet-4-5",  "max_tokens":64,"temperature":1.0E0,'
+            '"messages":[{"role":"user","content":"\\u4e2d\\u6587 \u00e9 \\"q\\""}],'
+            '"metadata":{"user_id":"u-1"},"future_field":{"a":[1,2.50,-0.0]}')
+    raw = head + ', "safeguards" : {"mode":"auto"}\n}'
+    status, _, _ = proxy.call("POST", "/v1/messages", raw.encode("utf-8"),
+                              headers={"Content-Type": "application/json"})
+    assert status == 200
+    assert upstream.requests[0].body == raw.encode("utf-8")
+    assert upstream.requests[1].body == (head + "\n}").encode("utf-8")
+
+
+def test_a_refused_beta_token_is_taken_out_of_the_header(relay, upstream):
+    upstream.refuse_betas = {BETA}
+    proxy = relay()
+    status, _, _ = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True),
+                              headers={"anthropic-beta": "claude-code-20250219, %s,oauth-2025-04-20" % BETA})
+    assert status == 200
+    assert BETA in upstream.requests[0].headers["anthropic-beta"]
+    assert upstream.requests[1].headers["anthropic-beta"] == "claude-code-20250219,oauth-2025-04-20"
+    assert [f["id"] for f in provider_state(proxy)[0]["fixes"]] == ["beta:" + BETA]
+    # A request with only that token goes out without the header at all.
+    del upstream.requests[:]
+    assert proxy.call("POST", "/v1/messages", MESSAGE, headers={"anthropic-beta": BETA})[0] == 200
+    assert len(upstream.requests) == 1 and "anthropic-beta" not in upstream.last.headers
+
+
+def test_adaptive_thinking_becomes_budgeted_thinking(relay, upstream):
+    upstream.refuse_adaptive = True
+    proxy = relay()
+    body = dict(MESSAGE, max_tokens=32000, thinking={"type": "adaptive"})
+    assert proxy.call("POST", "/v1/messages", body)[0] == 200
+    assert upstream.requests[1].json["thinking"] == {"type": "enabled", "budget_tokens": 16000}
+    # Too few tokens for a thinking budget (1024 at least): no thinking at all.
+    del upstream.requests[:]
+    assert proxy.call("POST", "/v1/messages", dict(body, max_tokens=1000))[0] == 200
+    assert len(upstream.requests) == 1 and "thinking" not in upstream.last.json
+
+
+def test_several_fixes_in_one_request_are_bounded(relay, upstream):
+    fields = ["f%d_extra" % n for n in range(5)]
+    upstream.refuse_fields = set(fields)
+    proxy = relay()
+    body = dict(MESSAGE, **{f: 1 for f in fields})
+    status, _, data = proxy.call("POST", "/v1/messages", body)
+    assert status == 400 and "Extra inputs are not permitted" in json.loads(data)["error"]["message"]
+    assert len(upstream.requests) == 4             # the request, then MAX_FIXES_PER_REQUEST retries
+    assert provider_state(proxy)[0]["fixes"] == []  # it never worked: nothing is kept
+    # Two fields are within reach: both are learned from one request.
+    upstream.refuse_fields = set(fields[:2])
+    del upstream.requests[:]
+    assert proxy.call("POST", "/v1/messages", dict(MESSAGE, f0_extra=1, f1_extra=2))[0] == 200
+    assert len(upstream.requests) == 3
+    assert [f["id"] for f in provider_state(proxy)[0]["fixes"]] == ["field:f0_extra", "field:f1_extra"]
+
+
+def test_a_fix_that_does_not_help_is_not_kept(relay, upstream):
+    refused = {"type": "error", "error": {"type": "invalid_request_error",
+                                          "message": "output_config: Extra inputs are not permitted"}}
+    other = {"type": "error", "error": {"type": "invalid_request_error", "message": "messages: too long"}}
+    upstream.fail_next(status=400, body=refused)
+    upstream.fail_next(status=400, body=other)
+    proxy = relay()
+    status, _, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, output_config={"effort": "low"}))
+    assert status == 400 and json.loads(data) == other
+    assert len(upstream.requests) == 2
+    assert provider_state(proxy)[0]["fixes"] == []
+
+
+def test_a_400_that_names_nothing_passes_through_untouched(relay, upstream):
+    refused = {"type": "error", "error": {"type": "invalid_request_error",
+                                          "message": "max_tokens: must be at most 8192"}}
+    upstream.fail_next(status=400, body=refused)
+    proxy = relay()
+    status, _, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, max_tokens=64000, metadata={"a": 1}))
+    assert status == 400 and json.loads(data) == refused
+    assert len(upstream.requests) == 1
+
+
+def test_an_unknown_stream_event_passes_through_byte_for_byte(relay, upstream):
+    sse = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","usage":{"input_tokens":1}}}\n\n'
+           b'event: future_event_2027\ndata: {"type":"future_event_2027","x":[1,2.50]}\n\n'
+           b': a comment line\n\n'
+           b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    upstream.fail_next(status=200, body=sse, content_type="text/event-stream")
+    proxy = relay()
+    status, _, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    assert status == 200 and data == sse
+
+
+def test_a_client_version_gate_is_shown_with_the_presets_it_outdates(relay, upstream):
+    upstream.gate = ("2.1.0", "claude-sonnet-4-5")
+    proxy = relay()
+    status, _, data = proxy.call("POST", "/v1/messages", MESSAGE,
+                                 headers={"User-Agent": "claude-cli/2.0.14 (external, cli)"})
+    assert status == 400 and "2.1.0 or newer" in json.loads(data)["error"]["message"]
+    assert len(upstream.requests) == 1              # a gate is not something a retry fixes
+    _, state = provider_state(proxy)
+    gate = state["gates"]["中转站A"]
+    assert (gate["required"], gate["sent"], gate["model"]) == ("2.1.0", "2.0.14", "claude-sonnet-4-5")
+    assert state["outdated_presets"] == ["old-cli"]
+
+
+def test_check_a_relay(relay, upstream):
+    upstream.refuse_fields = {"context_management", "safeguards"}
+    upstream.refuse_adaptive = True
+    proxy = relay()
+    status, check = proxy.api("POST", "/api/check", {"provider": "中转站A"})
+    assert status == 200
+    results = check["results"]
+    assert {n for n, r in results.items() if r["result"] == "ok"} == {
+        "stream", "count_tokens", "output_config", "cache_ttl_1h", "model_1m"}
+    assert results["context_management"]["fix"] == "remove the body field context_management"
+    assert results["safeguards"]["reason"].startswith("HTTP 400: safeguards: Extra inputs")
+    assert results["adaptive_thinking"]["fix"] == "turn adaptive thinking into budgeted thinking"
+    # Each case is a small real request, with the provider's key.
+    assert all(r.json.get("max_tokens", 1) <= 16 for r in upstream.requests)
+    assert all(r.headers["x-api-key"] for r in upstream.requests)
+    # Kept in the state file: shown after a restart.
+    proxy = relay()
+    assert provider_state(proxy)[0]["check"]["results"] == results
+    # A checked relay learns nothing: fixes come only from real traffic.
+    assert provider_state(proxy)[0]["fixes"] == []
+
+
+def test_check_a_relay_errors(relay, upstream):
+    proxy = relay()
+    assert proxy.api("POST", "/api/check", {"provider": "无此中转"})[0] == 404
+    assert proxy.api("POST", "/api/check", {})[0] == 400
+    upstream.close()
+    status, check = proxy.api("POST", "/api/check", {"provider": "中转站A"})
+    assert status == 200
+    assert {r["result"] for r in check["results"].values()} == {"not tested"}
