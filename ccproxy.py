@@ -105,7 +105,7 @@ API_BODY_MAX = 1 << 20              # a web UI API call's JSON body
 ERROR_EXCERPT = 160                 # characters of a provider's answer quoted in a message
 SNIFF_BYTES = 4096                  # of an error answer that did not end, searched for a fix
 ERROR_HOLD_BYTES = 65536            # of an error answer, read before deciding on failover
-MAX_FIXES_PER_REQUEST = 3           # learned fixes tried on one request, one retry each
+MAX_FIXES_PER_REQUEST = 5           # learned fixes tried on one request, one retry each
 THINKING_BUDGET = 16000             # budget_tokens when adaptive thinking must become budgeted
 USAGE_JSON_MAX = 1 << 20            # a JSON reply is parsed for its usage if no larger
 THREAD_JOIN_S = 2.0                 # a stopping thread is waited for this long
@@ -874,17 +874,17 @@ class Store:
         except StateError as exc:
             log.error("renamed providers lost their selection or presets: %s", exc)
 
-    def learn_fixes(self, name, fixes, error):
-        """Remember fixes that made a provider answer (LEARNED_FIXES), with the error that
-        taught them; later requests to it go out fixed."""
+    def learn_fixes(self, name, fixes):
+        """Remember fixes that made a provider answer (LEARNED_FIXES), as (fix, the error that
+        taught it) pairs; later requests to it go out fixed."""
         def apply(state):
             known = state["fixes"].setdefault(name, [])
             ids = {entry.get("id") for entry in known}
-            for fix in fixes:
+            for fix, error in fixes:
                 if fix.id not in ids:
                     known.append({"id": fix.id, "what": fix.describe(), "at": time.time(), "error": error})
         self._change(apply)
-        log.warning("provider %s needs: %s (learned, remembered)", name, "; ".join(f.describe() for f in fixes))
+        log.warning("provider %s needs: %s (learned, remembered)", name, "; ".join(f.describe() for f, _ in fixes))
 
     def forget_fixes(self, name, fix_id=None):
         self.require(name)
@@ -2670,7 +2670,7 @@ def check_provider(target, timeout=TEST_TIMEOUT_S):
         message = error_message(data)
         fix = match_fix(message, raw.decode("utf-8"), Headers(extra))
         return name, {"result": "rejected", "reason": "HTTP %d: %s" % (status, message),
-                      "fix": fix.describe() if fix else None}
+                      "fix": fix.describe() if fix else None, "fix_id": fix.id if fix else None}
     cases = check_cases(model)
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as executor:
         results = dict(executor.map(one, cases))
@@ -2918,7 +2918,7 @@ class Relay:
             exchange.note = "thinking signatures stripped, as earlier in this conversation"
         elif fixes:
             exchange.note = "fixed for this provider: " + "; ".join(f.describe() for f in fixes)
-        learned = []
+        learned, helped, taught = [], [], {}     # taught: the error each fix was learned from
         while True:
             body = fixed_body(fixes, prepared)
             headers = fixed_headers(fixes, upstream_headers(request.headers, target, body))
@@ -2927,16 +2927,20 @@ class Relay:
                 return answer
             status = answer.resp.status
             fix, message = self.fix_for(target, answer, prepared, fixes) if status == 400 else (None, "")
+            if fix is not None and learned:
+                helped.append(learned[-1])  # the relay got past it, to something else it refuses
             if fix is None or len(learned) >= MAX_FIXES_PER_REQUEST:
                 break
-            taught = message
+            taught[fix.id] = message
             self.pool.release(target, answer.conn, answer.resp)
             fixes.append(fix)
             learned.append(fix)
             exchange.note = "thinking signatures stripped, retried" if fix.kind == "signatures" else \
                 "fix applied, retried: " + fix.describe()
-        if learned and status < 400:
-            self.remember(target, session, learned, taught)
+        if status < 400:
+            helped = learned
+        if helped:
+            self.remember(target, session, helped, taught)
         if status in COUNT_TOKENS_MISSING and request.path.startswith("/v1/messages/count_tokens"):
             health.remember_no_count_tokens(target.name)
         if status in FAILOVER_STATUSES:
@@ -2964,16 +2968,17 @@ class Relay:
             fix = None
         return fix, message
 
-    def remember(self, target, session, learned, error):
-        """Fixes that made the provider answer: a signature strip for this conversation, the
-        others for the provider, in the state file. A fix that did not help is not kept."""
+    def remember(self, target, session, learned, taught):
+        """Fixes that got the provider past what it refused (it answered, or refused something
+        else next): a signature strip for this conversation, the others for the provider, in
+        the state file. A fix after which it still refused the same, or gave up, is not kept."""
         if any(f.kind == "signatures" for f in learned) and session:
             self.health.remember_strip(session, target.name)
         lasting = [f for f in learned if f.kind != "signatures"]
         if lasting and self.store is not None:
             try:
-                self.store.learn_fixes(target.name, lasting, "model %s: %s" % (
-                    self.exchange.model_out, redact(error[:300], self.config.secrets())))
+                self.store.learn_fixes(target.name, [(f, "model %s: %s" % (
+                    self.exchange.model_out, redact(taught[f.id][:300], self.config.secrets()))) for f in lasting])
             except StateError as exc:
                 log.error("%s", exc)
 
@@ -3034,13 +3039,19 @@ class Relay:
 
     def deliver(self, target, answer, extra):
         """Relay a provider's answer to the client. Its connection goes back to the pool only
-        if the answer was read to its end."""
+        if the answer was read to its end, as soon as it was (a client's next request finds it)."""
         retime(answer.conn, self.config.api_timeout_s)
         self.exchange.status = answer.resp.status
         try:
             self.relay_body(target, answer, extra)
         finally:
+            self.give_back(target, answer)
+
+    def give_back(self, target, answer):
+        """Release the answer's connection (Pool.release), once."""
+        if answer.conn is not None:
             self.pool.release(target, answer.conn, answer.resp)
+            answer.conn = None
 
     def answer_head(self, target, resp, extra):
         """The header fields of the answer to the client, and whether its body is re-framed
@@ -3082,6 +3093,8 @@ class Relay:
         self.recorder.stream_opened()
         try:
             while True:
+                if last:    # all read: the connection is free before the client has the end
+                    self.give_back(target, answer)
                 if data:
                     if exchange.ttfb_ms is None:
                         exchange.ttfb_ms = (time.monotonic() - self.started) * 1000

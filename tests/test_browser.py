@@ -450,3 +450,38 @@ def test_chinese_names_placeholder_keys_and_a_provider_refusing_its_key(browser,
         assert not browser.find_element(By.ID, "fallback-reset").is_displayed()
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_compatibility_panel(browser, tmp_path, upstream, upstream2, lang):
+    """A fix learned from real traffic shows on the relay's page and can be forgotten; Check
+    this relay shows each case; a client-version gate is said, with the presets it outdates."""
+    config = make_config(upstream, upstream2)
+    config["Providers"][0]["name"] = "中转站A"
+    config["HeaderOverrides"]["旧版"] = {"User-Agent": "claude-cli/2.0.14 (external, cli)"}
+    proxy = start_proxy(write_config(tmp_path / "config.json", config))
+    words = {"en": ("remove the body field context_management", "Forget", "refused", "Claude Code 2.1.0 or newer"),
+             "zh": ("删除请求体字段 context_management", "忘记", "被拒绝", "Claude Code 2.1.0 或更新版本")}[lang]
+    try:
+        upstream.refuse_fields = {"context_management", "safeguards"}
+        body = {"model": "claude-sonnet-4-5", "max_tokens": 5, "context_management": {"edits": []},
+                "messages": [{"role": "user", "content": "hi"}]}
+        assert proxy.call("POST", "/v1/messages", body)[0] == 200
+        upstream.gate = ("2.1.0", "claude-opus-4-1")
+        proxy.call("POST", "/v1/messages", dict(body, model="claude-opus-4-1"),
+                   headers={"User-Agent": "claude-cli/2.0.14 (external, cli)"})
+        login(browser, proxy, lang)
+        wait(browser, lambda d: words[0] in d.find_element(By.ID, "fixes").text)
+        gate = browser.find_element(By.ID, "gate").text
+        assert words[3] in gate and "旧版" in gate
+        click(browser, lambda d: d.find_element(By.ID, "detail-check"))
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#check-results li")) == 8, timeout=15)
+        results = browser.find_element(By.ID, "check-results").text
+        assert "safeguards " + words[2] in results and "Extra inputs are not permitted" in results
+        assert proxy.store.state["checks"]["中转站A"]["results"]["stream"]["result"] == "ok"
+        click(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#fixes button[data-fix]"))
+        wait(browser, lambda d: "context_management" not in d.find_element(By.ID, "fixes").text)
+        assert proxy.store.state["fixes"].get("中转站A") == []
+        assert run_axe(browser) == []
+    finally:
+        proxy.stop()

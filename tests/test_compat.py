@@ -115,21 +115,42 @@ def test_adaptive_thinking_becomes_budgeted_thinking(relay, upstream):
     assert len(upstream.requests) == 1 and "thinking" not in upstream.last.json
 
 
-def test_several_fixes_in_one_request_are_bounded(relay, upstream):
-    fields = ["f%d_extra" % n for n in range(5)]
+def test_several_fixes_in_one_request_are_bounded_and_progress_is_kept(relay, upstream):
+    """Claude Code 2.1.332 sends four things an old relay refuses one at a time; a relay that
+    refuses more than MAX_FIXES_PER_REQUEST gets them over two requests."""
+    fields = ["f%d_extra" % n for n in range(7)]
     upstream.refuse_fields = set(fields)
     proxy = relay()
     body = dict(MESSAGE, **{f: 1 for f in fields})
     status, _, data = proxy.call("POST", "/v1/messages", body)
-    assert status == 400 and "Extra inputs are not permitted" in json.loads(data)["error"]["message"]
-    assert len(upstream.requests) == 4             # the request, then MAX_FIXES_PER_REQUEST retries
-    assert provider_state(proxy)[0]["fixes"] == []  # it never worked: nothing is kept
-    # Two fields are within reach: both are learned from one request.
-    upstream.refuse_fields = set(fields[:2])
+    assert status == 400 and "f5_extra: Extra inputs are not permitted" in json.loads(data)["error"]["message"]
+    assert len(upstream.requests) == 6              # the request, then MAX_FIXES_PER_REQUEST retries
+    # each of the five got the relay past a refusal: kept, each with its own error
+    fixes = provider_state(proxy)[0]["fixes"]
+    assert [f["id"] for f in fixes] == ["field:f%d_extra" % n for n in range(5)]
+    assert all("f%d_extra: Extra" % n in f["error"] for n, f in enumerate(fixes))
     del upstream.requests[:]
-    assert proxy.call("POST", "/v1/messages", dict(MESSAGE, f0_extra=1, f1_extra=2))[0] == 200
+    assert proxy.call("POST", "/v1/messages", body)[0] == 200
     assert len(upstream.requests) == 3
-    assert [f["id"] for f in provider_state(proxy)[0]["fixes"]] == ["field:f0_extra", "field:f1_extra"]
+    assert len(provider_state(proxy)[0]["fixes"]) == 7
+    del upstream.requests[:]
+    assert proxy.call("POST", "/v1/messages", body)[0] == 200
+    assert len(upstream.requests) == 1
+
+
+def test_every_kind_of_fix_in_one_request(relay, upstream):
+    """What Claude Code 2.1.332 sends to a relay that knows none of it, learned in one go."""
+    upstream.refuse_fields = {"context_management", "output_config"}
+    upstream.refuse_betas = {BETA}
+    upstream.refuse_adaptive = True
+    proxy = relay()
+    body = dict(MESSAGE, max_tokens=32000, thinking={"type": "adaptive", "display": "omitted"},
+                context_management={"edits": []}, output_config={"effort": "high"})
+    status, _, _ = proxy.call("POST", "/v1/messages?beta=true", dict(body, stream=True),
+                              headers={"anthropic-beta": "claude-code-20250219," + BETA})
+    assert status == 200 and len(upstream.requests) == 5
+    assert sorted(f["id"] for f in provider_state(proxy)[0]["fixes"]) == [
+        "beta:" + BETA, "field:context_management", "field:output_config", "thinking"]
 
 
 def test_a_fix_that_does_not_help_is_not_kept(relay, upstream):

@@ -176,6 +176,8 @@ def test_103_early_hints_do_not_leave_the_real_answer_in_the_pool(proxy, upstrea
     upstream.fail_next("early_hints")
     for tag in ("first", "second", "third"):
         assert client_gets_its_own_answer(proxy, tag)
+        # back in the pool before the client had the answer's end: its next request finds it
+        assert sum(len(stack) for stack in proxy.server.pool.idle.values()) == 1
     assert proxy.server.pool.opened == 1                     # the connection was reused, cleanly
 
 
