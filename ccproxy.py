@@ -2068,6 +2068,15 @@ def match_fix(message, body, headers):
     return None
 
 
+def next_fix(message, body, headers, applied):
+    """match_fix() for a request body in bytes, unless that fix was applied already."""
+    try:
+        fix = match_fix(message, body.decode("utf-8"), headers)
+    except UnicodeDecodeError:
+        return None
+    return None if fix is None or fix.id in {f.id for f in applied} else fix
+
+
 def fix_changes(fixes, body):
     """The patch_json changes that body fixes make to the JSON text body."""
     changes = {}
@@ -2960,13 +2969,7 @@ class Relay:
         gate = version_gate(message)
         if gate:
             self.health.note_gate(target.name, self.exchange.model_out, gate, self.request.headers.get("User-Agent"))
-        try:
-            fix = match_fix(message, body.decode("utf-8"), self.request.headers)
-        except UnicodeDecodeError:
-            fix = None
-        if fix is not None and fix.id in {f.id for f in applied}:
-            fix = None
-        return fix, message
+        return next_fix(message, body, self.request.headers, applied), message
 
     def remember(self, target, session, learned, taught):
         """Fixes that got the provider past what it refused (it answered, or refused something

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import make_config, start_proxy, write_config
+from conftest import make_config, start_proxy, wait_for, write_config
 from test_relay import MESSAGE
 
 FIELD_ID = "field:context_management"
@@ -37,7 +37,7 @@ def provider_state(proxy, name="中转站A"):
     return next(p for p in state["providers"] if p["name"] == name), state
 
 
-def test_a_refused_field_is_removed_retried_and_remembered(relay, upstream):
+def test_a_refused_field_is_removed_retried_and_remembered(relay, upstream, log_lines):
     upstream.refuse_fields = {"context_management"}
     proxy = relay()
     body = dict(MESSAGE, context_management={"edits": [{"type": "clear_tool_uses_20250919"}]})
@@ -51,10 +51,14 @@ def test_a_refused_field_is_removed_retried_and_remembered(relay, upstream):
     assert "Extra inputs are not permitted" in provider["fixes"][0]["error"]
     assert "remove the body field context_management" == provider["fixes"][0]["what"]
 
+    assert wait_for(lambda: "fix applied, retried: remove the body field context_management" in log_lines.text)
+
     # Remembered: the next request goes out fixed at once, also after a restart.
     del upstream.requests[:]
     assert proxy.call("POST", "/v1/messages", body)[0] == 200
     assert len(upstream.requests) == 1 and "context_management" not in upstream.last.json
+    assert wait_for(lambda: "fixed for this provider: remove the body field context_management" in log_lines.text)
+    assert "a secret prompt" not in log_lines.text
     proxy = relay()
     del upstream.requests[:]
     assert proxy.call("POST", "/v1/messages", dict(body, stream=True))[0] == 200
@@ -86,6 +90,23 @@ def test_a_fixed_body_keeps_every_other_byte(relay, upstream):
     assert status == 200
     assert upstream.requests[0].body == raw.encode("utf-8")
     assert upstream.requests[1].body == (head + "\n}").encode("utf-8")
+
+
+def test_model_mapping_and_a_request_preset_keep_every_other_byte(relay, upstream2):
+    """beta maps sonnet to glm-4.6 (env-models) and gets the request preset nothink (thinking
+    removed, metadata merged): only those values change."""
+    proxy = relay()
+    assert proxy.api("POST", "/api/select", {"provider": "beta"})[0] == 200
+    assert proxy.api("POST", "/api/overrides", {"provider": "beta", "request_override": "nothink"})[0] == 200
+    raw = ('{ "model" :"claude-sonnet-4-5","max_tokens":64,"temperature":1.0E0,'
+           '"messages":[{"role":"user","content":"\u4e2d\u6587 é"}],"thinking":{"type":"adaptive"},'
+           '"metadata":{"user_id":"u-1"},"safeguards":{"mode":"auto","n":1.50}}')
+    status, _, _ = proxy.call("POST", "/v1/messages", raw.encode("utf-8"), headers={"Content-Type": "application/json"})
+    assert status == 200
+    assert upstream2.last.body.decode("utf-8") == (
+        '{ "model" :"glm-4.6","max_tokens":64,"temperature":1.0E0,'
+        '"messages":[{"role":"user","content":"\u4e2d\u6587 é"}],'
+        '"metadata":{"user_id":"u-1", "tag": "x"},"safeguards":{"mode":"auto","n":1.50}}')
 
 
 def test_a_refused_beta_token_is_taken_out_of_the_header(relay, upstream):
@@ -178,7 +199,11 @@ def test_a_400_that_names_nothing_passes_through_untouched(relay, upstream):
 
 def test_an_unknown_stream_event_passes_through_byte_for_byte(relay, upstream):
     sse = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","usage":{"input_tokens":1}}}\n\n'
+           b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":'
+           b'{"type":"tool_use","id":"toolu_01A\\u00e9","name":"Bash","input":{}}}\n\n'
            b'event: future_event_2027\ndata: {"type":"future_event_2027","x":[1,2.50]}\n\n'
+           b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},'
+           b'"safeguard_results":[{"verdict":"pass"}],"usage":{"output_tokens":3}}\n\n'
            b': a comment line\n\n'
            b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
     upstream.fail_next(status=200, body=sse, content_type="text/event-stream")
