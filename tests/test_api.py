@@ -1,7 +1,6 @@
 """The web UI's JSON API: every route, auth failures and bad input."""
 
 import json
-import time
 
 import pytest
 

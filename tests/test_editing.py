@@ -8,7 +8,7 @@ import urllib.parse
 import pytest
 
 import ccproxy
-from conftest import APIKEY, KEY_A, KEY_B, make_config, start_proxy, write_config
+from conftest import APIKEY, KEY_A, KEY_B, make_config, start_proxy
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ TLS that is verified, and the sockets' kernel-kept timeouts."""
 import base64
 import io
 import json
-import os
 import select
 import shutil
 import socket
