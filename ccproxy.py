@@ -955,6 +955,7 @@ class Health:
         self.no_count_tokens = {}     # name -> until
         self.strip_for = {}           # (conversation, provider) -> when a signature strip helped
         self.gates = {}               # provider -> the last client-version gate it answered
+        self.client_agent = None      # the last Claude Code User-Agent relayed (Check a relay sends it)
 
     def cool_down(self, name, seconds, reason):
         with self.lock:
@@ -2585,9 +2586,11 @@ def test_model(target):
 def probe(target, path, body, timeout=TEST_TIMEOUT_S, extra_headers=()):
     """One small request of ccproxy's own to a provider, as the relay would send it (its key,
     its auth style, its header preset): (status, body bytes, ms to the first byte)."""
-    headers = [("Host", target.netloc), ("anthropic-version", ANTHROPIC_VERSION),
-               ("Content-Type", "application/json"), ("Accept-Encoding", "identity"),
-               ("User-Agent", "ccproxy/" + VERSION), ("Content-Length", str(len(body)))] + list(extra_headers)
+    extra = {name.lower() for name, _ in extra_headers}
+    headers = [field for field in (
+        ("Host", target.netloc), ("anthropic-version", ANTHROPIC_VERSION), ("Content-Type", "application/json"),
+        ("Accept-Encoding", "identity"), ("User-Agent", "ccproxy/" + VERSION), ("Content-Length", str(len(body))))
+        if field[0].lower() not in extra] + list(extra_headers)
     headers = apply_header_preset(headers + auth_headers(target.provider.api_key, target.provider.auth or "both"),
                                   target.header_preset)
     started = time.monotonic()
@@ -2658,20 +2661,21 @@ def check_cases(model):
     ]
 
 
-def check_provider(target, timeout=TEST_TIMEOUT_S):
-    """Check a relay: each case of check_cases() sent to it at once; per case "ok", "rejected"
-    (its status and reason, and the learned fix that would avoid it) or "not tested" (it
-    could not be reached)."""
+def check_provider(target, agent=None, timeout=TEST_TIMEOUT_S):
+    """Check a relay: each case of check_cases() sent to it at once, as Claude Code's `agent`
+    (User-Agent) when one went through ccproxy; per case "ok", "rejected" (its status and
+    reason, and the learned fix that would avoid it) or "not tested" (it could not be reached)."""
     model = test_model(target)
+    agent_field = (("User-Agent", agent),) if agent else ()
     if target.provider.placeholder_key:
-        return {"at": time.time(), "model": model, "results": {
+        return {"at": time.time(), "model": model, "user_agent": agent, "results": {
             name: {"result": "not tested", "reason": PLACEHOLDER_REASON} for name, _, _, _ in check_cases(model)}}
 
     def one(case):
         name, path, body, extra = case
         raw = json.dumps(body).encode()
         try:
-            status, data, _ = probe(target, path, raw, timeout, extra)
+            status, data, _ = probe(target, path, raw, timeout, agent_field + extra)
         except NETWORK_ERRORS as exc:
             return name, {"result": "not tested", "reason": describe_network_error(exc)}
         if 200 <= status < 300:
@@ -2683,7 +2687,7 @@ def check_provider(target, timeout=TEST_TIMEOUT_S):
     cases = check_cases(model)
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as executor:
         results = dict(executor.map(one, cases))
-    return {"at": time.time(), "model": model, "results": results}
+    return {"at": time.time(), "model": model, "user_agent": agent, "results": results}
 
 
 def error_message(data):
@@ -2864,6 +2868,9 @@ class Relay:
     def run(self, request):
         self.request = request
         exchange, health = self.exchange, self.health
+        agent = request.headers.get("User-Agent")
+        if agent and agent.startswith("claude-cli/"):
+            health.client_agent = agent
         chain = self.route(request)
         if not chain:
             raise no_candidate(self.view)
@@ -3634,7 +3641,7 @@ def api_check(handler, params):
     store = handler.server.store
     name = _field(handler.json_body(), "provider")
     store.require(name)
-    result = check_provider(store.view.targets[name])
+    result = check_provider(store.view.targets[name], handler.server.health.client_agent)
     try:
         store.record_check(name, result)
     except StateError as exc:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import ccproxy
 from conftest import make_config, start_proxy, wait_for, write_config
 from test_relay import MESSAGE
 
@@ -240,11 +241,29 @@ def test_check_a_relay(relay, upstream):
     # Each case is a small real request, with the provider's key.
     assert all(r.json.get("max_tokens", 1) <= 16 for r in upstream.requests)
     assert all(r.headers["x-api-key"] for r in upstream.requests)
+    assert {r.headers["user-agent"] for r in upstream.requests} == {"ccproxy/" + ccproxy.VERSION}
     # Kept in the state file: shown after a restart.
     proxy = relay()
     assert provider_state(proxy)[0]["check"]["results"] == results
     # A checked relay learns nothing: fixes come only from real traffic.
     assert provider_state(proxy)[0]["fixes"] == []
+
+
+def test_check_a_relay_as_the_claude_code_that_used_it(relay, upstream):
+    """A relay that gates on the client's version: the check goes as the last Claude Code seen,
+    not as ccproxy (which such a relay would turn away), and a header preset still wins."""
+    upstream.gate = ("2.1.0", "claude-haiku-4-5")
+    proxy = relay()
+    agent = "claude-cli/2.1.332 (external, cli)"
+    assert proxy.call("POST", "/v1/messages", MESSAGE, headers={"User-Agent": agent})[0] == 200
+    del upstream.requests[:]
+    check = proxy.api("POST", "/api/check", {"provider": "中转站A"})[1]
+    assert check["model"] == "claude-haiku-4-5" and check["user_agent"] == agent
+    assert {r["result"] for r in check["results"].values()} == {"ok"}
+    assert {r.headers["user-agent"] for r in upstream.requests} == {agent}
+    assert proxy.api("POST", "/api/overrides", {"provider": "中转站A", "header_override": "old-cli"})[0] == 200
+    check = proxy.api("POST", "/api/check", {"provider": "中转站A"})[1]
+    assert "2.1.0 or newer" in check["results"]["stream"]["reason"]
 
 
 def test_check_a_relay_errors(relay, upstream):
