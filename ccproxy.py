@@ -803,19 +803,24 @@ class Store:
         log.info("config reloaded: %d providers", len(config.providers))
         return None
 
+    def config_file(self):
+        """config.json as it is on disk: (its bytes, parsed)."""
+        with self.lock:
+            try:
+                with open(self.config_path, "rb") as f:
+                    data = f.read()
+                return data, json.loads(data.decode("utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ProxyError("%s cannot be read as JSON (%s) — fix it by hand, then Reload"
+                                 % (self.config_path, exc), code="config_unreadable")
+
     def edit(self, if_match, change):
         """Change config.json: change(raw) edits the parsed file in place and may return
         {old name: new name} for renamed providers. Made only on the version the editor saw
         (If-Match), validated as --check validates, written atomically with mode 0600 after the
         previous file is kept as a backup, then swapped in as Reload does. The new version."""
         with self.lock:
-            try:
-                with open(self.config_path, "rb") as f:
-                    data = f.read()
-                raw = json.loads(data.decode("utf-8"))
-            except (OSError, ValueError) as exc:
-                raise ProxyError("%s cannot be read as JSON (%s) — fix it by hand, then Reload"
-                                 % (self.config_path, exc), code="config_unreadable")
+            data, raw = self.config_file()
             version = config_version(data)
             if not if_match:
                 raise ProxyError("send If-Match: <version> (from GET /api/config) with every change",
@@ -1208,15 +1213,7 @@ def import_plan(raw, entries):
 
 def api_config(handler, params):
     """The whole config.json for the editor, keys replaced by their hints, and its version."""
-    store = handler.server.store
-    with store.lock:
-        try:
-            with open(store.config_path, "rb") as f:
-                data = f.read()
-            raw = json.loads(data.decode("utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ProxyError("%s cannot be read as JSON (%s) — fix it by hand, then Reload"
-                             % (store.config_path, exc), code="config_unreadable")
+    data, raw = handler.server.store.config_file()
     version = config_version(data)
     handler.send_json(200, {"version": version, "config": redacted_config(raw),
                             "editable": list(EDITABLE_SETTINGS)}, [("ETag", '"%s"' % version)])
