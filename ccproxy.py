@@ -2679,7 +2679,8 @@ def check_provider(target, agent=None, timeout=TEST_TIMEOUT_S):
             return name, {"result": "ok"}
         message = error_message(data)
         fix = match_fix(message, raw.decode("utf-8"), Headers(extra))
-        return name, {"result": "rejected", "reason": "HTTP %d: %s" % (status, message),
+        reason = "HTTP %d: %s" % (status, redact(message, (target.provider.api_key,)))
+        return name, {"result": "rejected", "reason": reason,
                       "fix": fix.describe() if fix else None, "fix_id": fix.id if fix else None}
     cases = check_cases(model)
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as executor:
@@ -3505,7 +3506,8 @@ def provider_summary(target, provider):
            "has_key": bool(provider.api_key), "placeholder_key": provider.placeholder_key,
            "auth": provider.auth, "proxy": bool(provider.proxy)}
     if target is not None:
-        out.update(fixes=target.learned, check=target.check, models=list(target.models), models_source=target.models_source,
+        out.update(fixes=target.learned, check=target.check,
+                   models=list(target.models), models_source=target.models_source,
                    header_override=target.header_preset_name,
                    request_override=target.request_preset_name,
                    env_models=target.env_models, refresh=target.refresh)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import ccproxy
-from conftest import make_config, start_proxy, wait_for, write_config
+from conftest import KEY_A, make_config, start_proxy, wait_for, write_config
 from test_relay import MESSAGE
 
 FIELD_ID = "field:context_management"
@@ -268,6 +268,13 @@ def test_check_a_relay_as_the_claude_code_that_used_it(relay, upstream):
 
 def test_check_a_relay_errors(relay, upstream):
     proxy = relay()
+    # a relay that echoes the key in its error: the check keeps no key
+    upstream.fail_next(status=400, body={"type": "error", "error": {
+        "type": "invalid_request_error", "message": "key %s is not allowed" % KEY_A}})
+    check = proxy.api("POST", "/api/check", {"provider": "中转站A"})[1]
+    assert "key *** is not allowed" in json.dumps(check)
+    with open(proxy.store.state_path, encoding="utf-8") as f:
+        assert KEY_A not in f.read()
     assert proxy.api("POST", "/api/check", {"provider": "无此中转"})[0] == 404
     assert proxy.api("POST", "/api/check", {})[0] == 400
     upstream.close()
