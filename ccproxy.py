@@ -641,10 +641,12 @@ class Target:
 
     def __init__(self, config, provider, choices, discovered, learned=(), check=None):
         self.provider = provider
-        self.learned = list(learned)    # as the state file keeps them: id, what, when, the error
+        # the fixes this provider proved it needs (LEARNED_FIXES), made before every request;
+        # `learned` as the state file keeps them (id, what, when, the error), those this
+        # ccproxy knows (a state file may be newer or hand-edited)
+        self.learned = [entry for entry in learned if isinstance(entry, dict) and Fix.known(entry.get("id"))]
+        self.fixes = tuple(Fix.from_id(entry["id"]) for entry in self.learned)
         self.check = check              # the last "Check a relay" result
-        # the fixes this provider proved it needs (LEARNED_FIXES), made before every request
-        self.fixes = tuple(Fix.from_id(entry["id"]) for entry in learned if isinstance(entry, dict) and entry.get("id"))
         self.name = provider.name
         parts = urllib.parse.urlsplit(provider.base_url)
         self.scheme = parts.scheme
@@ -2026,10 +2028,16 @@ class Fix:
     def id(self):
         return "%s:%s" % (self.kind, self.param) if self.param else self.kind
 
+    TEXT = {"field": "remove the body field %s", "beta": "remove %s from anthropic-beta",
+            "thinking": "turn adaptive thinking into budgeted thinking%s", "signatures": "strip thinking signatures%s"}
+
     def describe(self):
-        return {"field": "remove the body field %s", "beta": "remove %s from anthropic-beta",
-                "thinking": "turn adaptive thinking into budgeted thinking%s",
-                "signatures": "strip thinking signatures%s"}[self.kind] % self.param
+        return self.TEXT[self.kind] % self.param
+
+    @staticmethod
+    def known(fix_id):
+        """Whether fix_id names a kind of fix this ccproxy makes (a state file may be older or hand-edited)."""
+        return isinstance(fix_id, str) and fix_id.partition(":")[0] in Fix.TEXT
 
     @classmethod
     def from_id(cls, fix_id):

@@ -77,6 +77,18 @@ def test_a_refused_field_is_removed_retried_and_remembered(relay, upstream, log_
     assert proxy.api("DELETE", "/api/fixes/nobody")[0] == 404
 
 
+def test_a_state_file_with_an_unknown_fix_still_relays(relay, upstream, tmp_path):
+    """A state file written by a newer ccproxy, or edited by hand: what it does not know is skipped."""
+    state = {"fixes": {"中转站A": [{"id": "rename:x"}, {"id": 7}, "junk", {"id": "field:context_management"}]}}
+    with open(str(tmp_path / "config.state.json"), "w", encoding="utf-8") as f:
+        json.dump(state, f, ensure_ascii=False)
+    proxy = relay()
+    body = dict(MESSAGE, context_management={"edits": []})
+    assert proxy.call("POST", "/v1/messages", body)[0] == 200
+    assert "context_management" not in upstream.last.json
+    assert [f["id"] for f in provider_state(proxy)[0]["fixes"]] == ["field:context_management"]
+
+
 def test_a_fixed_body_keeps_every_other_byte(relay, upstream):
     """Only the refused member goes; spacing, key order, escapes, number formats and unknown
     fields stay exactly as the client wrote them."""
