@@ -2799,10 +2799,10 @@ class Exchange:
     """Facts about one relayed request, for the log line and the request log."""
 
     __slots__ = ("provider", "model_in", "model_out", "status", "bytes_in", "bytes_out", "ttfb_ms",
-                 "note", "attempts", "stream", "usage", "midstream_error", "client_gone")
+                 "note", "note_code", "attempts", "stream", "usage", "midstream_error", "client_gone")
 
     def __init__(self):
-        self.provider = self.model_in = self.model_out = self.note = None
+        self.provider = self.model_in = self.model_out = self.note = self.note_code = None
         self.status = self.bytes_in = self.bytes_out = 0
         self.ttfb_ms = None
         self.attempts = []          # (provider, label, model sent) of each failed attempt, in order
@@ -2811,6 +2811,12 @@ class Exchange:
 
     def chain(self):
         return ["%s %s" % a[:2] for a in self.attempts]
+
+    def say(self, code, text, *args, shown=None):
+        """The request's note: text % args for the log, and [code, *args] (or `shown` for
+        args) for the page to say it in its own language."""
+        self.note = text % args if args else text
+        self.note_code = [code] + [str(a) for a in (args if shown is None else shown)]
 
 
 class Answer:
@@ -2916,12 +2922,12 @@ class Relay:
             same = [view.targets[n] for n in view.fallback if view.fallback_enabled and n != name
                     and n in view.targets and self.real_model in view.targets[n].model_set
                     and not health.is_cooling(n, now)]
-            self.exchange.note = "model alias: %s of %s" % (self.real_model, name)
+            self.exchange.say("alias", "model alias: %s of %s", self.real_model, name)
             return [t for t in [view.targets[name]] + same if not t.provider.placeholder_key]
         chain = candidates(view, health)
         routed = view.config.route_for(model)
         if routed in view.targets and not view.targets[routed].provider.placeholder_key:
-            self.exchange.note = "Routes: %s to %s" % (model, routed)
+            self.exchange.say("routes", "Routes: %s to %s", model, routed)
             return [view.targets[routed]] + [t for t in chain if t.name != routed]
         return chain
 
@@ -2937,9 +2943,10 @@ class Relay:
         session = request.headers.get("X-Claude-Code-Session-Id")
         if session and health.strips_signatures(session, target.name):
             fixes.append(Fix("signatures"))
-            exchange.note = "thinking signatures stripped, as earlier in this conversation"
+            exchange.say("strip_again", "thinking signatures stripped, as earlier in this conversation")
         elif fixes:
-            exchange.note = "fixed for this provider: " + "; ".join(f.describe() for f in fixes)
+            exchange.say("fixed", "fixed for this provider: %s", "; ".join(f.describe() for f in fixes),
+                         shown=[f.id for f in fixes])
         learned, helped, taught = [], [], {}     # taught: the error each fix was learned from
         while True:
             body = fixed_body(fixes, prepared)
@@ -2957,8 +2964,8 @@ class Relay:
             self.pool.release(target, answer.conn, answer.resp)
             fixes.append(fix)
             learned.append(fix)
-            exchange.note = "thinking signatures stripped, retried" if fix.kind == "signatures" else \
-                "fix applied, retried: " + fix.describe()
+            exchange.say("retried", "thinking signatures stripped, retried" if fix.kind == "signatures" else
+                         "fix applied, retried: " + fix.describe(), shown=[fix.id])
         if status < 400:
             helped = learned
         if helped:
@@ -3048,8 +3055,8 @@ class Relay:
         status = failure.answer.resp.status
         if status in (401, 403):
             # Claude Code shows "Invalid API key" alike for ccproxy's key and the provider's.
-            exchange.note = "provider %s rejected its api_key (HTTP %d) — check it in config.json" \
-                % (target.name, status)
+            exchange.say("key_rejected", "provider %s rejected its api_key (HTTP %s) — check it in config.json",
+                         target.name, status)
         extra = [("x-ccproxy-attempts", header_text(chain))] if exchange.attempts else []
         self.deliver(target, failure.answer, extra)
 
@@ -3135,7 +3142,7 @@ class Relay:
                     self.broken_off(target, describe_network_error(exc), is_sse, chunked)
                     return
         except CLIENT_GONE:
-            exchange.note = "client went away mid-answer"
+            exchange.say("client_gone", "client went away mid-answer")
             exchange.client_gone = self.close = True
             return
         finally:
@@ -3154,7 +3161,7 @@ class Relay:
         body is left unfinished and the connection closed, so that the client sees it was cut
         short rather than taking part of an answer for all of it."""
         exchange = self.exchange
-        exchange.note = "upstream failed mid-answer: " + reason
+        exchange.say("broken", "upstream failed mid-answer: %s", reason)
         exchange.midstream_error = True
         if is_sse:
             event = sse_error("api_error", "ccproxy: provider %s broke off the stream: %s" % (target.name, reason))
@@ -3720,8 +3727,8 @@ def list_models(handler, params):
     page = model_page(view.model_ids, handler.query, alias_display(handler.server, view))
     exchange = params["exchange"]
     exchange.status = 200
-    exchange.note = "answered by ccproxy: %d of %d models (%s's and every provider's aliases)" \
-        % (len(page["data"]), len(view.model_ids), target.name)
+    exchange.say("models", "answered by ccproxy: %s of %s models (%s's and every provider's aliases)",
+                 len(page["data"]), len(view.model_ids), target.name)
     return 200, page
 
 
@@ -3989,7 +3996,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             "bytes_in": exchange.bytes_in, "bytes_out": exchange.bytes_out,
             "usage": usage.as_dict() if (usage.input or usage.output) else None,
             "stop_reason": usage.stop_reason, "midstream_error": exchange.midstream_error,
-            "note": exchange.note}
+            "note": exchange.note, "note_code": exchange.note_code}
 
     def log_request(self, code="-", size="-"):
         pass

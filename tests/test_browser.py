@@ -472,6 +472,9 @@ def test_compatibility_panel(browser, tmp_path, upstream, upstream2, lang):
                    headers={"User-Agent": "claude-cli/2.0.14 (external, cli)"})
         login(browser, proxy, lang)
         wait(browser, lambda d: words[0] in d.find_element(By.ID, "fixes").text)
+        # the request that taught it, in the Requests panel, in the page's language
+        note = {"en": "fix applied, retried: ", "zh": "已修正并重试："}[lang] + words[0]
+        wait(browser, lambda d: note in d.find_element(By.ID, "requests").text)
         gate = browser.find_element(By.ID, "gate").text
         assert words[3] in gate and "旧版" in gate
         click(browser, lambda d: d.find_element(By.ID, "detail-check"))

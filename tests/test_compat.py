@@ -53,6 +53,8 @@ def test_a_refused_field_is_removed_retried_and_remembered(relay, upstream, log_
     assert "remove the body field context_management" == provider["fixes"][0]["what"]
 
     assert wait_for(lambda: "fix applied, retried: remove the body field context_management" in log_lines.text)
+    record = proxy.api("GET", "/api/requests?limit=1")[1]["requests"][0]
+    assert record["note_code"] == ["retried", FIELD_ID]
 
     # Remembered: the next request goes out fixed at once, also after a restart.
     del upstream.requests[:]
