@@ -2795,30 +2795,6 @@ class ClientWriter:
         self.write(b"")
 
 
-class Exchange:
-    """Facts about one relayed request, for the log line and the request log."""
-
-    __slots__ = ("provider", "model_in", "model_out", "status", "bytes_in", "bytes_out", "ttfb_ms",
-                 "note", "note_code", "attempts", "stream", "usage", "midstream_error", "client_gone")
-
-    def __init__(self):
-        self.provider = self.model_in = self.model_out = self.note = self.note_code = None
-        self.status = self.bytes_in = self.bytes_out = 0
-        self.ttfb_ms = None
-        self.attempts = []          # (provider, label, model sent) of each failed attempt, in order
-        self.stream = self.midstream_error = self.client_gone = False
-        self.usage = Usage()
-
-    def chain(self):
-        return ["%s %s" % a[:2] for a in self.attempts]
-
-    def say(self, code, text, *args, shown=None):
-        """The request's note: text % args for the log, and [code, *args] (or `shown` for
-        args) for the page to say it in its own language."""
-        self.note = text % args if args else text
-        self.note_code = [code] + [str(a) for a in (args if shown is None else shown)]
-
-
 class Answer:
     """A provider's answer whose head has arrived: the part of its body read ahead (`held`,
     all of it if `ended`) and the rest, still to be read from `pieces` (Response.pieces())."""
@@ -3175,6 +3151,30 @@ class Relay:
 
 
 # ============================================================================ observability
+
+
+class Exchange:
+    """Facts about one relayed request, for the log line and the request log."""
+
+    __slots__ = ("provider", "model_in", "model_out", "status", "bytes_in", "bytes_out", "ttfb_ms",
+                 "note", "note_code", "attempts", "stream", "usage", "midstream_error", "client_gone")
+
+    def __init__(self):
+        self.provider = self.model_in = self.model_out = self.note = self.note_code = None
+        self.status = self.bytes_in = self.bytes_out = 0
+        self.ttfb_ms = None
+        self.attempts = []          # (provider, label, model sent) of each failed attempt, in order
+        self.stream = self.midstream_error = self.client_gone = False
+        self.usage = Usage()
+
+    def chain(self):
+        return ["%s %s" % a[:2] for a in self.attempts]
+
+    def say(self, code, text, *args, shown=None):
+        """The request's note: text % args for the log, and [code, *args] (or `shown` for
+        args) for the page to say it in its own language."""
+        self.note = text % args if args else text
+        self.note_code = [code] + [str(a) for a in (args if shown is None else shown)]
 
 
 def _label(value):
