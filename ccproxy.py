@@ -2013,6 +2013,8 @@ _REFUSAL = re.compile(r"extra inputs are not permitted|unknown (field|parameter|
 # Fields Claude Code sends that a relay may not know; the core of a Messages request never goes.
 CORE_FIELDS = frozenset(("model", "messages", "max_tokens", "system", "tools", "tool_choice", "stream",
                          "temperature", "top_p", "top_k", "stop_sequences"))
+# What every tool may have; a relay refusing one of these is not fixed by removing it.
+CORE_TOOL_KEYS = frozenset(("name", "description", "input_schema", "type", "cache_control"))
 _GATE = re.compile(r"claude code ([0-9][0-9.]*) does not support this model; version ([0-9][0-9.]*) or newer", re.I)
 
 
@@ -2028,7 +2030,8 @@ class Fix:
     def id(self):
         return "%s:%s" % (self.kind, self.param) if self.param else self.kind
 
-    TEXT = {"field": "remove the body field %s", "beta": "remove %s from anthropic-beta",
+    TEXT = {"field": "remove the body field %s", "tool_field": "remove %s from every tool",
+            "beta": "remove %s from anthropic-beta",
             "thinking": "turn adaptive thinking into budgeted thinking%s", "signatures": "strip thinking signatures%s"}
 
     def describe(self):
@@ -2051,7 +2054,8 @@ def match_fix(message, body, headers):
       - signatures: thinking blocks signed by another provider (after a switch);
       - thinking: adaptive thinking ("type": "adaptive") the relay does not know;
       - beta: an anthropic-beta token the message names;
-      - field: a top-level body field the message names with words of refusal.
+      - field: a top-level body field the message names with words of refusal;
+      - tool_field: a key of the request's tools (not one every tool has) named so.
     A 400 that matches nothing passes through unchanged."""
     text = message.lower()
     if "signature" in text and "thinking" in text:
@@ -2071,7 +2075,51 @@ def match_fix(message, body, headers):
         for name in members:
             if name not in CORE_FIELDS and re.search(r"(?<![\w.])%s(?![\w])" % re.escape(name.lower()), text):
                 return Fix("field", name)
+        for name in tool_keys(body, members.get("tools")) - CORE_TOOL_KEYS:
+            if re.search(r"(?<![\w])%s(?![\w])" % re.escape(name.lower()), text):
+                return Fix("tool_field", name)
     return None
+
+
+def json_elements(text):
+    """(start, end) of each value of the JSON array text; ValueError if it is not an array."""
+    pos = _WS.match(text).end()
+    if text[pos:pos + 1] != "[":
+        raise ValueError("not a JSON array")
+    spans = []
+    pos = _WS.match(text, pos + 1).end()
+    while text[pos:pos + 1] != "]":
+        _, end = _DECODER.raw_decode(text, pos)
+        spans.append((pos, end))
+        pos = _WS.match(text, end).end()
+        if text[pos:pos + 1] == ",":
+            pos = _WS.match(text, pos + 1).end()
+        elif text[pos:pos + 1] != "]":
+            raise ValueError("not a JSON array")
+    return spans
+
+
+def tool_keys(body, member):
+    """The keys that the request's tools (the "tools" member of json_members) have."""
+    keys = set()
+    if member is not None:
+        tools = json.loads(body[member[2]:member[3]])
+        for tool in tools if isinstance(tools, list) else ():
+            keys.update(tool if isinstance(tool, dict) else ())
+    return keys
+
+
+def without_tool_keys(text, names):
+    """The request body text with the keys names taken out of every tool, in place."""
+    members = {m[0]: m for m in json_members(text)[0]}
+    if "tools" not in members:
+        return text
+    _, _, start, end = members["tools"]
+    tools = text[start:end]
+    for first, last in reversed(json_elements(tools)):
+        if tools[first] == "{":
+            tools = tools[:first] + patch_json(tools[first:last], dict.fromkeys(names)) + tools[last:]
+    return text[:start] + tools + text[end:]
 
 
 def next_fix(message, body, headers, applied):
@@ -2103,10 +2151,12 @@ def fix_changes(fixes, body):
 
 def fixed_body(fixes, body):
     """The request body with the fixes made, in place (patch_json)."""
-    if any(f.kind in ("field", "thinking") for f in fixes):
+    if any(f.kind in ("field", "thinking", "tool_field") for f in fixes):
         try:
             text = body.decode("utf-8")
-            body = patch_json(text, fix_changes(fixes, text)).encode("utf-8")
+            text = patch_json(text, fix_changes(fixes, text))
+            tool_fields = [f.param for f in fixes if f.kind == "tool_field"]
+            body = (without_tool_keys(text, tool_fields) if tool_fields else text).encode("utf-8")
         except (UnicodeDecodeError, ValueError):
             pass
     if any(f.kind == "signatures" for f in fixes):

@@ -280,6 +280,7 @@ class MockUpstream:
         # answered 400 in the words such relays use (refusal()).
         self.refuse_fields = set()      # top-level body fields
         self.refuse_betas = set()       # anthropic-beta tokens
+        self.refuse_tool_fields = set()  # keys of a tool ("defer_loading")
         self.refuse_adaptive = False    # "thinking": {"type": "adaptive"}
         self.gate = None                # (required version, model): a client-version gate
         self.requests = []
@@ -310,6 +311,9 @@ class MockUpstream:
             return None
         for name in sorted(self.refuse_fields & set(req)):
             return "%s: Extra inputs are not permitted" % name
+        for index, tool in enumerate(req.get("tools") or []):
+            for name in sorted(self.refuse_tool_fields & set(tool)):
+                return "tools.%d.custom.%s: Extra inputs are not permitted" % (index, name)
         betas = [t.strip() for t in (headers.get("anthropic-beta") or "").split(",")]
         for token in betas:
             if token in self.refuse_betas:

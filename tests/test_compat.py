@@ -124,6 +124,31 @@ def test_model_mapping_and_a_request_preset_keep_every_other_byte(relay, upstrea
         '"metadata":{"user_id":"u-1", "tag": "x"},"safeguards":{"mode":"auto","n":1.50}}')
 
 
+def test_a_refused_tool_key_is_taken_out_of_every_tool(relay, upstream):
+    """Claude Code 2.1.332 marks a tool "defer_loading"; a relay on an older schema refuses it
+    by its path (tools.3.custom.defer_loading). Everything else in the tools stays as sent."""
+    upstream.refuse_tool_fields = {"defer_loading"}
+    proxy = relay()
+    head = '{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"hi"}],'
+    raw = (head + '"tools":[ {"name":"Bash","description":"\u8fd0\u884c","input_schema":{"type":"object"}},'
+           '{"name":"Find","defer_loading" : true,"input_schema":{"type":"object","x":1.50}},"odd"],'
+           '"metadata":{"defer_loading":1}}')
+    status, _, _ = proxy.call("POST", "/v1/messages", raw.encode("utf-8"), headers={"Content-Type": "application/json"})
+    assert status == 200 and len(upstream.requests) == 2
+    assert upstream.requests[1].body.decode("utf-8") == (
+        head + '"tools":[ {"name":"Bash","description":"\u8fd0\u884c","input_schema":{"type":"object"}},'
+        '{"name":"Find","input_schema":{"type":"object","x":1.50}},"odd"],"metadata":{"defer_loading":1}}')
+    assert [f["id"] for f in provider_state(proxy)[0]["fixes"]] == ["tool_field:defer_loading"]
+    # A refusal naming a key every tool has is not something to remove.
+    upstream.refuse_tool_fields = set()
+    refused = {"type": "error", "error": {"type": "invalid_request_error",
+                                          "message": "tools.0.custom.input_schema: Extra inputs are not permitted"}}
+    upstream.fail_next(status=400, body=refused)
+    del upstream.requests[:]
+    status, _, data = proxy.call("POST", "/v1/messages", raw.encode("utf-8"), headers={"Content-Type": "application/json"})
+    assert status == 400 and json.loads(data) == refused and len(upstream.requests) == 1
+
+
 def test_a_refused_beta_token_is_taken_out_of_the_header(relay, upstream):
     upstream.refuse_betas = {BETA}
     proxy = relay()
@@ -180,13 +205,16 @@ def test_every_kind_of_fix_in_one_request(relay, upstream):
     upstream.refuse_betas = {BETA}
     upstream.refuse_adaptive = True
     proxy = relay()
+    upstream.refuse_tool_fields = {"defer_loading"}
     body = dict(MESSAGE, max_tokens=32000, thinking={"type": "adaptive", "display": "omitted"},
-                context_management={"edits": []}, output_config={"effort": "high"})
+                context_management={"edits": []}, output_config={"effort": "high"},
+                tools=[{"name": "Bash", "input_schema": {"type": "object"}},
+                       {"name": "ToolSearch", "defer_loading": True, "input_schema": {"type": "object"}}])
     status, _, _ = proxy.call("POST", "/v1/messages?beta=true", dict(body, stream=True),
                               headers={"anthropic-beta": "claude-code-20250219," + BETA})
-    assert status == 200 and len(upstream.requests) == 5
+    assert status == 200 and len(upstream.requests) == 6
     assert sorted(f["id"] for f in provider_state(proxy)[0]["fixes"]) == [
-        "beta:" + BETA, "field:context_management", "field:output_config", "thinking"]
+        "beta:" + BETA, "field:context_management", "field:output_config", "thinking", "tool_field:defer_loading"]
 
 
 def test_a_fix_that_does_not_help_is_not_kept(relay, upstream):

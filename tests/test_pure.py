@@ -291,3 +291,15 @@ def test_chunk_decoder_stops_at_the_end_and_notes_what_follows():
 def test_chunk_decoder_refuses_broken_framing(wire):
     with pytest.raises(ValueError):
         ccproxy.ChunkDecoder().feed(wire)
+
+
+def test_json_elements_and_tool_keys():
+    text = ' [ 1 , {"a": [2, 3]},"s\\"]" ,[] ]'
+    assert [text[a:b] for a, b in ccproxy.json_elements(text)] == ["1", '{"a": [2, 3]}', '"s\\"]"', "[]"]
+    assert ccproxy.json_elements("[]") == [] and ccproxy.json_elements(" [ ] ") == []
+    for bad in ("{}", "[1 2]", "[1,", ""):
+        with pytest.raises(ValueError):
+            ccproxy.json_elements(bad)
+    body = '{"tools": [{"name": "a", "defer_loading": true}, {"name": "b"}], "x": 1}'
+    assert ccproxy.without_tool_keys(body, ["defer_loading"]) == '{"tools": [{"name": "a"}, {"name": "b"}], "x": 1}'
+    assert ccproxy.without_tool_keys('{"x": 1}', ["defer_loading"]) == '{"x": 1}'
