@@ -12,7 +12,8 @@ Data flow: client -> Handler (strict HTTP parsing, auth, ROUTES) -> Store.view (
 snapshot, selection) -> Relay: candidates (selected, then fallbacks) -> per attempt: headers,
 auth, presets, model mapping -> Pool (kept-alive provider connections) -> Response (read by
 ccproxy, strictly framed) -> ClientWriter (head and first bytes in one send, chunked to the
-client) -> Recorder (log line, request log, stats, metrics; on its own thread).
+client) -> Recorder (log line, request log, cost, cache guard, stats, metrics, and the hourly
+usage roll-ups in sqlite: UsageStore; on its own thread).
 
 Threads and sockets: ThreadingHTTPServer gives each client connection a thread of its own,
 which reads its requests one after another (keep-alive) and relays each answer itself, so a
@@ -22,8 +23,8 @@ or guarded by its owner's lock; the pool needs no lock.
 
 Sections, in file order (grep -n '^# ===' ccproxy.py):
   constants, errors, config, state, config editing, HTTP messages, Anthropic requests and replies,
-  relay compatibility, upstream client, providers: discovery and tests, relay, observability, web UI API,
-  request handler, server factory and CLI.
+  relay compatibility, upstream client, providers: discovery and tests, relay, observability,
+  usage and cost, balance, web UI API, request handler, server factory and CLI.
 
 Run:   python3 ccproxy.py [--config config.json] [--host H] [--port P] [--debug]
        (first run creates config.json from config.in.json with a random APIKEY)
@@ -37,7 +38,10 @@ Standard library only; runs on Python 3.8 and newer.
 
 import argparse
 import base64
+import bisect
 import concurrent.futures
+import csv
+import datetime
 import email.utils
 import fnmatch
 import functools
@@ -66,6 +70,11 @@ import time
 import urllib.parse
 import urllib.request
 from collections import deque
+
+try:
+    import sqlite3
+except ImportError:         # a Python built without it: no usage store, all else works
+    sqlite3 = None
 
 # ============================================================================ constants
 
@@ -137,6 +146,19 @@ DEBUG_BODY_CHARS = 2000
 STATE_SUFFIX = ".state.json"
 STALE_TEMP_S = 60.0                 # a temp file of write_atomic this old was left by a crash
 ANTHROPIC_VERSION = "2023-06-01"
+USAGE_DB_NAME = "usage.sqlite3"     # hourly roll-ups, beside the config unless USAGE_DB says otherwise
+SQLITE_BUSY_MS = 5000               # another process holding the usage file's write lock
+USAGE_TTFB_MS = (100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500, 10000, 20000, 30000, 60000)
+USAGE_MAX_DAYS = 400                # one /api/usage query spans at most this many days
+CACHE_LIFETIME_S = 300.0            # Anthropic's default prompt cache lifetime
+CACHE_WINDOW = 20                   # a provider's recent cached requests the cache guard weighs
+CACHE_MIN_SAMPLES = 5               # ... and how many it needs before it judges
+DEFAULT_CACHE_WARN_PCT = 50
+BALANCE_TTL_S = 300.0               # a relay's balance answer is reused this long
+BALANCE_MISSING_TTL_S = 3600.0      # "this relay has no billing routes" is remembered this long
+BALANCE_TIMEOUT_S = 10.0
+BALANCE_MAX_BYTES = 65536
+BALANCE_UNLIMITED = 1e8             # NewAPI/OneAPI report an unlimited token as this many USD or more
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 AUTH_STYLES = ("bearer", "x-api-key", "both")
@@ -146,12 +168,15 @@ FAMILY_VARS = (("haiku", "ANTHROPIC_DEFAULT_HAIKU_MODEL"), ("sonnet", "ANTHROPIC
                ("opus", "ANTHROPIC_DEFAULT_OPUS_MODEL"))
 TOP_KEYS = ("HOST", "PORT", "APIKEY", "LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_MB", "MODEL_MAPPING",
             "env-models", "HeaderOverrides", "RequestOverrides", "Providers", "Fallback",
-            "FIRST_BYTE_TIMEOUT_MS", "COOLDOWN_MS", "REQUEST_LOG", "REQUEST_LOG_MAX_MB", "Routes")
+            "FIRST_BYTE_TIMEOUT_MS", "COOLDOWN_MS", "REQUEST_LOG", "REQUEST_LOG_MAX_MB", "Routes",
+            "Pricing", "USAGE_DB", "CACHE_WARN_PCT", "LOW_BALANCE", "LOW_BALANCE_LAST")
 ALIAS_PREFIX = "claude-via-"        # every provider's models, as ids Claude Code's /model lists
 # Failures that move a request to the next provider, if no byte has reached the client yet.
 FAILOVER_STATUSES = frozenset([401, 403, 408, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524, 529])
 COUNT_TOKENS_MISSING = frozenset([404, 405, 501])
-PROVIDER_KEYS = ("name", "api_base_url", "api_key", "models", "comment", "env-models", "auth", "proxy")
+PROVIDER_KEYS = ("name", "api_base_url", "api_key", "models", "comment", "env-models", "auth", "proxy",
+                 "price_multiplier", "balance", "console_url")
+PRICE_KINDS = ("input", "output", "cache_read", "cache_write")
 
 # RFC 9110 section 7.6.1: hop-by-hop fields, plus every token listed in Connection.
 HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
@@ -283,9 +308,11 @@ class Provider:
     """One entry of Providers[], validated. A provider without a URL is a separator."""
 
     __slots__ = ("name", "api_base_url", "base_url", "api_key", "models", "comment",
-                 "env_models", "auth", "proxy", "placeholder_key")
+                 "env_models", "auth", "proxy", "placeholder_key", "price_multiplier", "balance",
+                 "console_url")
 
-    def __init__(self, name, api_base_url, api_key, models, comment, env_models, auth, proxy):
+    def __init__(self, name, api_base_url, api_key, models, comment, env_models, auth, proxy,
+                 price_multiplier=1.0, balance=True, console_url=""):
         self.name = name
         self.api_base_url = api_base_url
         self.base_url = derive_base_url(api_base_url) if api_base_url else ""
@@ -298,6 +325,12 @@ class Provider:
         # config.in.json's example keys ("sk-ant-your-key-here"): sent to the real host they
         # only earn a 401, which Claude Code retries ten times.
         self.placeholder_key = bool(_PLACEHOLDER_KEY.search(api_key))
+        self.price_multiplier = price_multiplier   # the relay's price as a share of Pricing's
+        self.balance = balance                     # False: never ask the relay for its balance
+        # The relay's console (top-ups, check-in): as configured, else the site's root.
+        parts = urllib.parse.urlsplit(self.base_url)
+        self.console_url = console_url or ("%s://%s/" % (parts.scheme, parts.netloc.rsplit("@", 1)[-1])
+                                           if self.base_url else "")
 
     @property
     def usable(self):
@@ -330,6 +363,12 @@ class Config:
         self.request_presets = strip_comments(raw.get("RequestOverrides", {}))
         self.providers = tuple(providers)
         self.by_name = {p.name: p for p in providers}
+        self.pricing = Pricing(strip_comments(raw.get("Pricing", {})), self.by_name)
+        db = raw.get("USAGE_DB", USAGE_DB_NAME)
+        self.usage_db = os.path.join(os.path.dirname(os.path.abspath(path)), db) if db else ""
+        self.cache_warn_pct = raw.get("CACHE_WARN_PCT", DEFAULT_CACHE_WARN_PCT)
+        self.low_balance = raw.get("LOW_BALANCE", 0)
+        self.low_balance_last = raw.get("LOW_BALANCE_LAST", False)
         self.loaded_at = time.time()
 
     def secrets(self):
@@ -470,10 +509,29 @@ def _check_provider(index, entry, names, problems):
         proxy = ""
     elif proxy and urllib.parse.urlsplit(proxy).scheme != "http":
         problems.append("%s.proxy must be an http://host:port proxy URL (CONNECT)" % where)
+    multiplier = entry.get("price_multiplier", 1)
+    if not _is_number(multiplier) or multiplier < 0:
+        problems.append("%s.price_multiplier must be a number of 0 or more: the relay's price as a "
+                        "share of Pricing's (0.3 for a relay that sells at 30%% of list)" % where)
+        multiplier = 1
+    balance = entry.get("balance", True)
+    if not isinstance(balance, bool):
+        problems.append("%s.balance must be true (ask the relay for its balance) or false" % where)
+        balance = True
+    console = entry.get("console_url", "")
+    if not isinstance(console, str) or (console and urllib.parse.urlsplit(console).scheme not in ("http", "https")):
+        problems.append("%s.console_url must be an http(s) URL (the relay's console, for top-ups "
+                        "and check-in)" % where)
+        console = ""
     env_models = entry.get("env-models", {})
     return Provider(name, url.strip(), str(api_key).strip(), [m for m in models if m],
                     str(entry.get("comment", "")),
-                    strip_comments(env_models) if isinstance(env_models, dict) else {}, auth, proxy)
+                    strip_comments(env_models) if isinstance(env_models, dict) else {}, auth, proxy,
+                    float(multiplier), balance, console.strip())
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_fallback(value, providers, problems):
@@ -525,6 +583,16 @@ def validate_config(raw, path="config.json"):
         problems.append('REQUEST_LOG must be a file name ("" turns the request log file off)')
     if not isinstance(raw.get("MODEL_MAPPING", True), bool):
         problems.append("MODEL_MAPPING must be true or false")
+    if not isinstance(raw.get("USAGE_DB", USAGE_DB_NAME), str):
+        problems.append('USAGE_DB must be a file name ("" turns the usage store off)')
+    warn = raw.get("CACHE_WARN_PCT", DEFAULT_CACHE_WARN_PCT)
+    if not _is_number(warn) or not 0 <= warn <= 100:
+        problems.append("CACHE_WARN_PCT must be a number from 0 to 100 (0 turns the cache warning off)")
+    if not _is_number(raw.get("LOW_BALANCE", 0)) or raw.get("LOW_BALANCE", 0) < 0:
+        problems.append("LOW_BALANCE must be a number of 0 or more, in the relays' balance unit (0 = off)")
+    if not isinstance(raw.get("LOW_BALANCE_LAST", False), bool):
+        problems.append("LOW_BALANCE_LAST must be true or false")
+    _check_pricing(raw.get("Pricing", {}), problems)
     _check_str_map(raw.get("env-models", {}), "env-models", problems, MODEL_VARS)
     _check_presets(raw.get("HeaderOverrides", {}), "HeaderOverrides", problems, header=True)
     _check_presets(raw.get("RequestOverrides", {}), "RequestOverrides", problems, header=False)
@@ -963,6 +1031,7 @@ class Health:
         self.strip_for = {}           # (conversation, provider) -> when a signature strip helped
         self.gates = {}               # provider -> the last client-version gate it answered
         self.client_agent = None      # the last Claude Code User-Agent relayed (Check a relay sends it)
+        self.low_balance = frozenset()  # providers under LOW_BALANCE, tried last (LOW_BALANCE_LAST)
 
     def cool_down(self, name, seconds, reason):
         with self.lock:
@@ -1014,10 +1083,12 @@ class Health:
 
 def candidates(view, health):
     """The providers to try in order: the selected one, then the fallback list, skipping any
-    that still has a placeholder key and any that is cooling down. If all are cooling down,
-    the first of them is tried anyway."""
-    names = [view.selected] + [n for n in (view.fallback if view.fallback_enabled else ())
-                               if n != view.selected]
+    that still has a placeholder key and any that is cooling down; fallbacks whose balance is
+    low come last (LOW_BALANCE_LAST). If all are cooling down, the first of them is tried anyway."""
+    fallback = [n for n in (view.fallback if view.fallback_enabled else ()) if n != view.selected]
+    if health.low_balance:
+        fallback.sort(key=health.low_balance.__contains__)     # stable: the rest keep their order
+    names = [view.selected] + fallback
     usable = [view.targets[n] for n in names if n in view.targets and not view.targets[n].provider.placeholder_key]
     now = health.clock()
     chosen = [t for t in usable if not health.is_cooling(t.name, now)]
@@ -1045,7 +1116,8 @@ def no_candidate(view):
 
 EDITABLE_SETTINGS = ("LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_MB", "MODEL_MAPPING", "env-models",
                      "HeaderOverrides", "RequestOverrides", "Fallback", "FIRST_BYTE_TIMEOUT_MS",
-                     "COOLDOWN_MS", "REQUEST_LOG_MAX_MB", "Routes")
+                     "COOLDOWN_MS", "REQUEST_LOG_MAX_MB", "Routes", "Pricing", "CACHE_WARN_PCT",
+                     "LOW_BALANCE", "LOW_BALANCE_LAST")
 CONFIG_BACKUPS = 5                  # config.json.bak-<time> files kept beside config.json
 CODE_STALE = "stale_version"
 
@@ -2564,41 +2636,21 @@ def fetch_models(provider, timeout=REFRESH_TIMEOUT_S):
     unprintable character, or past MAX_MODELS. What is read is capped (MODELS_MAX_BYTES a page)."""
     if provider.placeholder_key:
         return None, PLACEHOLDER_REASON, 0
-    parts = urllib.parse.urlsplit(provider.base_url)
-    scheme, host = parts.scheme, parts.hostname
-    port = parts.port or (443 if scheme == "https" else 80)
-    proxy = provider.proxy or env_proxy_for(scheme, host)
-    headers = [("Host", parts.netloc.rsplit("@", 1)[-1]), ("anthropic-version", ANTHROPIC_VERSION),
-               ("Accept", "application/json"), ("Accept-Encoding", "identity"),
-               ("User-Agent", "ccproxy/" + VERSION)]
-    if provider.api_key:
-        headers.extend(auth_headers(provider.api_key, "both"))
-    ids, seen, dropped, after, conn = [], set(), 0, None, None
+    path = urllib.parse.urlsplit(provider.base_url).path.rstrip("/") + "/v1/models?"
+    ids, seen, dropped, after = [], set(), 0, None
     deadline = time.monotonic() + timeout
     try:
         for _ in range(MAX_MODEL_PAGES):
             query = {"limit": MODELS_PAGE_LIMIT}
             if after:
                 query["after_id"] = after
-            left = max(0.1, deadline - time.monotonic())
-            if conn is None:
-                conn = open_connection(scheme, host, port, proxy, left)
-            else:
-                set_timeout(conn.sock, left)
-            resp = send_request(conn, "GET", parts.path.rstrip("/") + "/v1/models?" + urllib.parse.urlencode(query),
-                                headers)
-            raw, ended = collect(resp.pieces(), MODELS_MAX_BYTES + 1)
+            status, kind, raw = provider_get(provider, path + urllib.parse.urlencode(query),
+                                             max(0.1, deadline - time.monotonic()), MODELS_MAX_BYTES)
             if len(raw) > MODELS_MAX_BYTES:
                 return None, "the model list is larger than %d MB" % (MODELS_MAX_BYTES >> 20), 0
-            if not ended:
-                raw += resp.read()      # it ended right at the cap
-            if resp.will_close:
-                conn.close()
-                conn = None
-            kind = resp.getheader("Content-Type", "")
             looks_html = "html" in kind or raw.lstrip()[:1] == b"<"
-            if resp.status != 200:
-                return None, "HTTP %d%s" % (resp.status, " (HTML page, not JSON)" if looks_html else ""), 0
+            if status != 200:
+                return None, "HTTP %d%s" % (status, " (HTML page, not JSON)" if looks_html else ""), 0
             if looks_html:
                 return None, "an HTML page instead of JSON", 0
             try:
@@ -2619,9 +2671,6 @@ def fetch_models(provider, timeout=REFRESH_TIMEOUT_S):
             after = obj["last_id"]
     except NETWORK_ERRORS as exc:
         return None, describe_network_error(exc), 0
-    finally:
-        if conn is not None:
-            conn.close()
     if not ids:
         return None, "the provider listed no models" + (" that could be kept" if dropped else ""), dropped
     return ids, None, dropped
@@ -3248,9 +3297,10 @@ def log_line(rec):
     elif rec["model_sent"] and rec["model_sent"] != rec["model"]:
         model = "%s → %s" % (rec["model"], rec["model_sent"])
     ttfb = rec["ttfb_ms"]
-    return "%s %s %s → %s model %s %dB ttfb %s total %dms%s" % (
+    cost = " cost %.4f %s" % (rec["cost"], rec["currency"]) if rec.get("cost") is not None else ""
+    return "%s %s %s → %s model %s %dB ttfb %s total %dms%s%s" % (
         rec["client"], rec["method"], rec["path"], " → ".join("%s %s" % (a[0] or "-", a[1]) for a in rec["attempts"]),
-        model, rec["bytes_out"], "-" if ttfb is None else "%dms" % ttfb, rec["total_ms"],
+        model, rec["bytes_out"], "-" if ttfb is None else "%dms" % ttfb, rec["total_ms"], cost,
         " (%s)" % rec["note"] if rec["note"] else "")
 
 
@@ -3259,8 +3309,9 @@ class Recorder:
     log file (written by a background thread, off the request path), per-provider rollups
     since start and the Prometheus counters."""
 
-    def __init__(self, path, max_bytes, secrets=lambda: ()):
-        self.secrets = secrets        # values to redact from log lines
+    def __init__(self, path, max_bytes, config=lambda: None, usage=None):
+        self.config = config          # the running Config: secrets to redact, Pricing, CACHE_WARN_PCT
+        self.usage = usage            # a UsageStore, or None
         self.lock = threading.Lock()
         self.ring = deque(maxlen=REQUEST_RING)
         self.path = path
@@ -3271,6 +3322,10 @@ class Recorder:
         self.errors = {}              # (provider, kind) -> count
         self.tokens = {}              # (provider, kind) -> count
         self.ttfb = {}                # provider -> [bucket counts..., +Inf], sum
+        self.costs = {}               # (provider, currency) -> cost since start
+        self.cache = {}               # provider -> its recent cached requests' (cache_read, prompt)
+        self.cache_low = set()        # providers whose cache hit rate is under CACHE_WARN_PCT
+        self.contexts = {}            # provider -> {model: (time, prompt tokens)} of its last answer
         self.open_streams = 0
         self.queue = queue.SimpleQueue()
         self.file = None
@@ -3311,15 +3366,21 @@ class Recorder:
                     batch.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            lines = []
+            lines, done = [], []
+            config = self.config()
+            secrets = config.secrets() if config is not None else ()
             for rec in batch:
                 if rec is None:
-                    self._write(lines)
-                    return
-                self.record(rec)
-                log.info("%s", redact(log_line(rec), self.secrets()))
+                    break
+                self.record(rec, config)
+                log.info("%s", redact(log_line(rec), secrets))
                 lines.append((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+                done.append(rec)
             self._write(lines)
+            if self.usage is not None:
+                self.usage.add(done)
+            if len(done) < len(batch):
+                return
 
     def _write(self, lines):
         """Append lines to the request log, rotating it to .1 before it would pass max_bytes."""
@@ -3368,9 +3429,20 @@ class Recorder:
                                                       "cache_creation": 0}}
         return roll
 
-    def record(self, rec):
-        """Take one record into the ring, the rollups and the counters."""
+    def record(self, rec, config=None):
+        """Take one record into the ring, the rollups and the counters; with a config, price it
+        (rec["cost"], None for a model without a price) and watch the provider's cache."""
+        usage, name = rec.get("usage"), rec["provider"]
+        if usage and name is not None and config is not None:
+            cost = config.pricing.cost(name, rec.get("model_sent") or rec.get("model"), usage)
+            rec["cost"] = None if cost is None else round(cost, 8)
+            rec["currency"] = config.pricing.currency
         with self.lock:
+            if usage and name is not None and config is not None:
+                self.watch_cache(name, rec, config.cache_warn_pct)
+                if rec["cost"] is not None:
+                    key = (name, rec["currency"])
+                    self.costs[key] = self.costs.get(key, 0.0) + rec["cost"]
             self.ring.append(rec)
             for name, label in (a[:2] for a in rec["attempts"][:-1]):
                 roll = self._rollup(name)
@@ -3405,6 +3477,45 @@ class Recorder:
                     key = (name, kind)
                     self.tokens[key] = self.tokens.get(key, 0) + count
 
+    def watch_cache(self, name, rec, threshold):
+        """The cache guard: a provider's hit rate over its recent cached requests, and a log
+        line when it falls under CACHE_WARN_PCT (or is back over it). Under self.lock."""
+        usage = rec["usage"]
+        prompt = usage["input"] + usage["cache_read"] + usage["cache_creation"]
+        self.contexts.setdefault(name, {})[rec.get("model") or "-"] = (rec["time"], prompt)
+        if not (usage["cache_read"] or usage["cache_creation"]):
+            return                  # not a cached request (a title, a count): says nothing
+        window = self.cache.setdefault(name, deque(maxlen=CACHE_WINDOW))
+        window.append((usage["cache_read"], prompt))
+        rate = hit_rate(sum(r for r, _ in window), sum(p for _, p in window))
+        low = bool(threshold) and len(window) >= CACHE_MIN_SAMPLES and rate is not None and rate < threshold
+        if low and name not in self.cache_low:
+            self.cache_low.add(name)
+            log.warning("provider %s: cache hit rate %.0f%% over its last %d cached requests is under "
+                        "CACHE_WARN_PCT (%s%%) — the relay may not keep Claude Code's prompt cache, and "
+                        "every request then pays for cache writes", escape_unprintable(name), rate,
+                        len(window), threshold)
+        elif not low and name in self.cache_low:
+            self.cache_low.discard(name)
+            log.info("provider %s: cache hit rate back to %.0f%%", escape_unprintable(name), rate)
+
+    def cache_status(self):
+        """Each provider's recent cache hit rate, for the page and /metrics."""
+        with self.lock:
+            return {n: {"hit_rate_pct": hit_rate(sum(r for r, _ in w), sum(p for _, p in w)),
+                        "samples": len(w), "low": n in self.cache_low} for n, w in self.cache.items()}
+
+    def active_context(self, name, now):
+        """(model, prompt tokens, age in s) of the largest conversation answered by provider
+        within the prompt cache's lifetime, or None: what a switch would write to a new cache."""
+        with self.lock:
+            recent = [(tokens, model, now - at) for model, (at, tokens) in self.contexts.get(name, {}).items()
+                      if now - at < CACHE_LIFETIME_S]
+        if not recent:
+            return None
+        tokens, model, age = max(recent)
+        return model, tokens, age
+
     def newest(self, limit, provider=None):
         with self.lock:
             records = list(self.ring)
@@ -3435,7 +3546,7 @@ class Recorder:
         with self.lock:
             requests, errors, tokens = dict(self.requests), dict(self.errors), dict(self.tokens)
             ttfb = {n: list(b) for n, b in self.ttfb.items()}
-            open_streams = self.open_streams
+            open_streams, costs = self.open_streams, dict(self.costs)
         out = ["# HELP ccproxy_requests_total Requests sent to each provider, by the status it answered.",
                "# TYPE ccproxy_requests_total counter"]
         out += ['ccproxy_requests_total{provider="%s",status="%s"} %d' % (_label(p), _label(st), n)
@@ -3459,7 +3570,387 @@ class Recorder:
             out.append('ccproxy_ttfb_seconds_count{provider="%s"} %d' % (label, buckets[-2]))
         out += ["# HELP ccproxy_open_streams Answers being relayed to clients right now, streams included.",
                 "# TYPE ccproxy_open_streams gauge", "ccproxy_open_streams %d" % open_streams]
+        out += ["# HELP ccproxy_cost_total What the priced requests cost, from Pricing and price_multiplier.",
+                "# TYPE ccproxy_cost_total counter"]
+        out += ['ccproxy_cost_total{provider="%s",currency="%s"} %.8f' % (_label(p), _label(c), n)
+                for (p, c), n in sorted(costs.items())]
+        cache = self.cache_status()
+        out += ["# HELP ccproxy_cache_hit_ratio Cache reads over prompt tokens, a provider's recent cached requests.",
+                "# TYPE ccproxy_cache_hit_ratio gauge"]
+        out += ['ccproxy_cache_hit_ratio{provider="%s"} %.4f' % (_label(p), c["hit_rate_pct"] / 100.0)
+                for p, c in sorted(cache.items()) if c["hit_rate_pct"] is not None]
+        out += ["# HELP ccproxy_cache_low 1 while a provider's cache hit rate is under CACHE_WARN_PCT.",
+                "# TYPE ccproxy_cache_low gauge"]
+        out += ['ccproxy_cache_low{provider="%s"} %d' % (_label(p), c["low"]) for p, c in sorted(cache.items())]
         return "\n".join(out) + "\n"
+
+
+# ============================================================================ usage and cost
+
+
+def _check_pricing(value, problems):
+    """Pricing: {"currency": "USD", "models": {model id or glob: {input, output[, cache_read,
+    cache_write]}}}, prices per million tokens."""
+    if not isinstance(value, dict):
+        problems.append('Pricing must be an object such as {"currency": "USD", "models": '
+                        '{"claude-sonnet-*": {"input": 3, "output": 15}}}')
+        return
+    currency = value.get("currency", "USD")
+    if not isinstance(currency, str) or not currency.strip() or len(currency) > 16:
+        problems.append("Pricing.currency must be a short name such as USD, CNY or 元")
+    elif _UNPRINTABLE.search(currency):
+        problems.append("Pricing.currency contains an unprintable character")
+    models = value.get("models", {})
+    if not isinstance(models, dict):
+        problems.append("Pricing.models must be an object of model id or glob -> prices")
+        return
+    for glob, prices in models.items():
+        if glob.startswith("_"):
+            continue
+        where = "Pricing.models.%s" % escape_unprintable(glob)
+        _check_name(glob, where, problems, "model ids")
+        if not isinstance(prices, dict):
+            problems.append("%s must be an object of prices per million tokens: input, output, "
+                            "cache_read, cache_write" % where)
+            continue
+        for kind in ("input", "output"):
+            if kind not in prices:
+                problems.append("%s needs %s (the price per million tokens)" % (where, kind))
+        for kind, price in prices.items():
+            if kind.startswith("_"):
+                continue
+            if kind not in PRICE_KINDS:
+                problems.append("%s.%s is not a price — use %s" % (where, kind, ", ".join(PRICE_KINDS)))
+            elif not _is_number(price) or price < 0:
+                problems.append("%s.%s must be a number of 0 or more (per million tokens)" % (where, kind))
+
+
+class Pricing:
+    """config.json's Pricing: prices per million tokens for a model id or a glob, any case, in
+    one currency. An exact id wins, else the matching glob with the most literal characters
+    (the most specific one; on a tie, the first in the file). A provider's price_multiplier
+    scales the price. A model without a price has no cost: never a guessed one."""
+
+    def __init__(self, raw, providers):
+        currency = raw.get("currency", "USD")
+        self.currency = currency.strip() if isinstance(currency, str) else "USD"
+        self.exact, self.globs = {}, []
+        for glob, prices in (raw.get("models") or {}).items():
+            if glob.startswith("_") or not isinstance(prices, dict):
+                continue
+            base = prices.get("input", 0)
+            # Anthropic's own rule when a cache price is left out: reads 0.1x, writes 1.25x input.
+            rates = (base, prices.get("output", 0), prices.get("cache_read", base * 0.1),
+                     prices.get("cache_write", base * 1.25))
+            if re.search(r"[*?\[]", glob):
+                self.globs.append((-len(re.sub(r"[*?\[\]!]", "", glob)), glob.lower(), rates))
+            else:
+                self.exact[glob.lower()] = rates
+        self.globs.sort(key=lambda entry: entry[0])        # stable: file order among equals
+        self.multipliers = {name: p.price_multiplier for name, p in providers.items()}
+        self.found = {}             # model -> rates or None, as looked up
+
+    def rates(self, model):
+        """(input, output, cache_read, cache_write) per million tokens, or None."""
+        key = (model or "").lower()
+        if key in self.found:
+            return self.found[key]
+        rates = self.exact.get(key)
+        if rates is None:
+            rates = next((r for _, glob, r in self.globs if fnmatch.fnmatchcase(key, glob)), None)
+        if len(self.found) < MAX_MODELS:
+            self.found[key] = rates
+        return rates
+
+    def cost(self, provider, model, usage):
+        """What a request's usage cost on provider, or None when the model has no price."""
+        rates = self.rates(model)
+        if rates is None:
+            return None
+        tokens = (usage.get("input", 0), usage.get("output", 0), usage.get("cache_read", 0),
+                  usage.get("cache_creation", 0))
+        return sum(n * r for n, r in zip(tokens, rates)) * self.multipliers.get(provider, 1.0) / 1e6
+
+
+def hit_rate(cache_read, prompt):
+    """The cache hit rate in percent: cache_read / (input + cache_read + cache_write)."""
+    return round(100.0 * cache_read / prompt, 1) if prompt else None
+
+
+def outcomes(rec):
+    """(provider, model sent, failed, final) of each provider a record's request went to."""
+    for attempt in rec["attempts"][:-1]:
+        yield attempt[0], attempt[2] if len(attempt) > 2 else None, True, False
+    if rec["provider"] is not None:
+        failed = rec["status"] >= 400 or rec["status"] == 0 or bool(rec.get("midstream_error"))
+        yield rec["provider"], rec.get("model_sent") or rec.get("model"), failed, True
+
+
+class UsageStore:
+    """Hourly roll-ups of the request records in one sqlite3 file beside the config (WAL mode):
+    kept across restarts and request-log rotation, and shared by every ccproxy process on the
+    host, each adding its own requests under the file's lock. Written by the recorder's thread,
+    one transaction a batch, never on a request's path. Hours are the machine's local time."""
+
+    SUMS = ("requests", "errors", "input", "output", "cache_read", "cache_write", "cost", "priced",
+            "unpriced") + tuple("t%d" % i for i in range(len(USAGE_TTFB_MS) + 1))
+    GROUPS = {"provider": "provider", "model": "model", "day": "substr(hour, 1, 10)", "hour": "hour"}
+
+    def __init__(self, path):
+        self.path = path
+        self.conn = None            # the writer's connection (the recorder thread's)
+        self.broken = False
+
+    def connect(self):
+        conn = sqlite3.connect(self.path, timeout=SQLITE_BUSY_MS / 1000.0, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("CREATE TABLE IF NOT EXISTS usage (hour TEXT NOT NULL, provider TEXT NOT NULL, "
+                     "model TEXT NOT NULL, key_name TEXT NOT NULL DEFAULT '', %s, "
+                     "PRIMARY KEY (hour, provider, model, key_name))"
+                     % ", ".join("%s %s NOT NULL DEFAULT 0" % (c, "REAL" if c == "cost" else "INTEGER")
+                                 for c in self.SUMS))
+        return conn
+
+    @staticmethod
+    def rows_of(rec):
+        """((hour, provider, model), sums) for each provider the record's request went to."""
+        hour = time.strftime("%Y-%m-%d %H", time.localtime(rec["time"]))
+        for provider, model, failed, final in outcomes(rec):
+            sums = dict.fromkeys(UsageStore.SUMS, 0)
+            sums["requests"], sums["errors"] = 1, int(failed)
+            usage = rec.get("usage") if final else None
+            if usage:
+                sums.update(input=usage["input"], output=usage["output"], cache_read=usage["cache_read"],
+                            cache_write=usage["cache_creation"])
+                if rec.get("cost") is None:
+                    sums["unpriced"] = 1
+                else:
+                    sums.update(cost=rec["cost"], priced=1)
+            if final and rec.get("ttfb_ms") is not None:
+                sums["t%d" % bisect.bisect_left(USAGE_TTFB_MS, rec["ttfb_ms"])] = 1
+            yield (hour, provider, model or "-"), sums
+
+    def add(self, records):
+        """Add a batch of records: one transaction. A failure is logged, never raised."""
+        batch = {}
+        for rec in records:
+            for key, sums in self.rows_of(rec):
+                total = batch.setdefault(key, dict.fromkeys(self.SUMS, 0))
+                for column, value in sums.items():
+                    total[column] += value
+        if not batch or self.broken:
+            return
+        adding = ", ".join("%s = %s + ?" % (c, c) for c in self.SUMS)
+        try:
+            if self.conn is None:
+                self.conn = self.connect()
+            with self.conn:
+                self.conn.execute("BEGIN IMMEDIATE")
+                for (hour, provider, model), sums in batch.items():
+                    values = [sums[c] for c in self.SUMS]
+                    if not self.conn.execute("UPDATE usage SET %s WHERE hour = ? AND provider = ? AND model = ? "
+                                             "AND key_name = ''" % adding,
+                                             values + [hour, provider, model]).rowcount:
+                        self.conn.execute("INSERT INTO usage (hour, provider, model, %s) VALUES (?, ?, ?, %s)"
+                                          % (", ".join(self.SUMS), ", ".join("?" * len(self.SUMS))),
+                                          [hour, provider, model] + values)
+        except sqlite3.Error as exc:
+            log.error("%s: cannot add to the usage store (%s); usage figures miss these requests", self.path, exc)
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+
+    def query(self, first_day, last_day, by):
+        """[(group values, sums)] of the hours from first_day to last_day (YYYY-MM-DD), grouped."""
+        conn = self.connect()
+        try:
+            columns = [self.GROUPS[b] for b in by]
+            sql = "SELECT %s FROM usage WHERE hour BETWEEN ? AND ?" % ", ".join(
+                columns + ["SUM(%s)" % c for c in self.SUMS])
+            if columns:
+                sql += " GROUP BY %s ORDER BY %s" % (", ".join(columns), ", ".join(columns))
+            found = conn.execute(sql, (first_day + " 00", last_day + " 23")).fetchall()
+        finally:
+            conn.close()
+        return [(row[:len(by)], dict(zip(self.SUMS, row[len(by):]))) for row in found if row[len(by)]]
+
+
+def ttfb_quantile(sums, q):
+    """The TTFB under which a share q of the requests got their first byte, to the bucket's
+    upper bound (USAGE_TTFB_MS; past the last, its value)."""
+    counts = [sums["t%d" % i] or 0 for i in range(len(USAGE_TTFB_MS) + 1)]
+    total = sum(counts)
+    if not total:
+        return None
+    seen = 0
+    for bound, count in zip(USAGE_TTFB_MS + (USAGE_TTFB_MS[-1],), counts):
+        seen += count
+        if seen >= q * total:
+            return bound
+    return USAGE_TTFB_MS[-1]
+
+
+def usage_row(sums, currency):
+    """The figures /api/usage gives for one group of roll-ups."""
+    prompt = sums["input"] + sums["cache_read"] + sums["cache_write"]
+    return {"requests": sums["requests"], "errors": sums["errors"], "input": sums["input"],
+            "output": sums["output"], "cache_read": sums["cache_read"], "cache_write": sums["cache_write"],
+            "hit_rate_pct": hit_rate(sums["cache_read"], prompt),
+            "cost": None if sums["unpriced"] and not sums["priced"] else round(sums["cost"] or 0.0, 6),
+            "unpriced": sums["unpriced"], "currency": currency,
+            "ttfb_p50_ms": ttfb_quantile(sums, 0.5), "ttfb_p95_ms": ttfb_quantile(sums, 0.95)}
+
+
+def usage_report(store, currency, query):
+    """/api/usage's answer for its query parameters: rows grouped as ?by= says, and the total."""
+    def one(name, default):
+        return query.get(name, [default])[0]
+    try:
+        last = datetime.date.fromisoformat(one("to", datetime.date.today().isoformat()))
+        first = datetime.date.fromisoformat(one("from", (last - datetime.timedelta(days=6)).isoformat()))
+    except ValueError:
+        raise ClientError("from and to must be dates such as 2026-01-31")
+    if first > last or (last - first).days >= USAGE_MAX_DAYS:
+        raise ClientError("from must be on or before to, and at most %d days before it" % USAGE_MAX_DAYS)
+    by = [b for b in one("by", "provider").split(",") if b]
+    if not by or any(b not in UsageStore.GROUPS for b in by) or len(set(by)) != len(by):
+        raise ClientError("by must be one or more of %s, separated by commas" % ", ".join(UsageStore.GROUPS))
+    if store is None:
+        raise ProxyError("the usage store is off (USAGE_DB is empty in config.json)", 404, "not_found_error")
+    try:
+        found = store.query(first.isoformat(), last.isoformat(), by)
+    except sqlite3.Error as exc:
+        raise ProxyError("the usage store cannot be read: %s" % exc, 500, "api_error")
+    total = dict.fromkeys(UsageStore.SUMS, 0)
+    for _, sums in found:
+        for column in UsageStore.SUMS:
+            total[column] += sums[column] or 0
+    rows = [dict(zip(by, values), **usage_row(sums, currency)) for values, sums in found]
+    return {"from": first.isoformat(), "to": last.isoformat(), "by": by, "currency": currency,
+            "rows": rows, "total": usage_row(total, currency)}
+
+
+def usage_csv(report):
+    """The rows of a usage report as CSV for a spreadsheet: UTF-8 with a byte order mark, which
+    is how Excel knows to read Chinese names as UTF-8."""
+    out = io.StringIO()
+    columns = report["by"] + ["requests", "errors", "input", "output", "cache_read", "cache_write",
+                              "hit_rate_pct", "cost", "unpriced", "currency", "ttfb_p50_ms", "ttfb_p95_ms"]
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(columns)
+    for row in report["rows"]:
+        # A cell that starts like a formula is read as text, not run: a name such as "=1+1".
+        writer.writerow(["" if row[c] is None else "'" + row[c] if isinstance(row[c], str) and row[c][:1] in "=+-@"
+                         else row[c] for c in columns])
+    return ("\ufeff" + out.getvalue()).encode("utf-8")
+
+
+# ============================================================================ balance
+
+
+def provider_get(provider, path, timeout, max_bytes):
+    """GET path from a provider with its key, as ccproxy's own call (not a client's):
+    (status, Content-Type, body bytes, at most max_bytes + 1)."""
+    parts = urllib.parse.urlsplit(provider.base_url)
+    scheme, host = parts.scheme, parts.hostname
+    port = parts.port or (443 if scheme == "https" else 80)
+    headers = [("Host", parts.netloc.rsplit("@", 1)[-1]), ("anthropic-version", ANTHROPIC_VERSION),
+               ("Accept", "application/json"), ("Accept-Encoding", "identity"),
+               ("User-Agent", "ccproxy/" + VERSION)]
+    if provider.api_key:
+        headers.extend(auth_headers(provider.api_key, "both"))
+    conn = open_connection(scheme, host, port, provider.proxy or env_proxy_for(scheme, host), timeout)
+    try:
+        resp = send_request(conn, "GET", path, headers)
+        return resp.status, resp.getheader("Content-Type", ""), collect(resp.pieces(), max_bytes + 1)[0]
+    finally:
+        conn.close()
+
+
+def billing_json(provider, route):
+    """(JSON object, None, False) from one billing route, else (None, why it is not available,
+    whether the relay simply lacks the route: then it is not asked again for a while)."""
+    status, kind, raw = provider_get(provider, route, BALANCE_TIMEOUT_S, BALANCE_MAX_BYTES)
+    if status in (401, 403):
+        return None, "the relay refused the key on %s (HTTP %d)" % (route, status), False
+    if status != 200:
+        return None, "the relay has no %s (HTTP %d)" % (route, status), status in (404, 405, 501)
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        obj = None
+    if not isinstance(obj, dict):
+        return None, "the relay has no %s (it answered %s)" % (
+            route, "a web page" if "html" in kind or raw.lstrip()[:1] == b"<" else "no JSON object"), True
+    return obj, None, False
+
+
+def fetch_balance(provider):
+    """A relay's balance from the OpenAI-style billing routes that NewAPI, OneAPI and their
+    kin answer with the user's own key: subscription's hard_limit_usd is the limit, usage's
+    total_usage (in cents) what is used. A relay without them is "not available", not an error."""
+    if not provider.balance:
+        return {"available": False, "reason": "switched off (balance: false)", "checked_at": None}
+    if provider.placeholder_key:
+        return {"available": False, "reason": PLACEHOLDER_REASON, "checked_at": None}
+    now = time.time()
+    try:
+        prefix = urllib.parse.urlsplit(provider.base_url).path.rstrip("/")
+        sub, why, missing = billing_json(provider, prefix + "/v1/dashboard/billing/subscription")
+        if sub is not None and not _is_number(sub.get("hard_limit_usd")):
+            why, missing = "the relay's subscription answer has no hard_limit_usd", True
+        if why:
+            return {"available": False, "reason": why, "checked_at": now, "missing": missing}
+        usage, why, _ = billing_json(provider, prefix + "/v1/dashboard/billing/usage")
+    except NETWORK_ERRORS as exc:
+        return {"available": False, "reason": describe_network_error(exc), "checked_at": now}
+    limit, cents = sub["hard_limit_usd"], (usage or {}).get("total_usage")
+    used = round(cents / 100.0, 4) if _is_number(cents) else None
+    unlimited = limit >= BALANCE_UNLIMITED
+    return {"available": True, "limit": None if unlimited else limit, "used": used, "unit": "USD",
+            "remaining": None if unlimited or used is None else round(limit - used, 4),
+            "unlimited": unlimited, "checked_at": now,
+            "reason": None if used is not None else why or "the usage answer has no total_usage"}
+
+
+class Balances:
+    """The relays' balances, each fetched at most every BALANCE_TTL_S (a relay without billing
+    routes: every BALANCE_MISSING_TTL_S), several at once."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.known = {}             # provider name -> (monotonic time it expires, result)
+
+    def get(self, providers, refresh=False):
+        now = time.monotonic()
+        stale = [p for p in providers if refresh or self.known.get(p.name, (0,))[0] <= now]
+        if stale:
+            with concurrent.futures.ThreadPoolExecutor(min(REFRESH_WORKERS, len(stale))) as executor:
+                results = list(executor.map(fetch_balance, stale))
+            with self.lock:
+                for provider, result in zip(stale, results):
+                    ttl = BALANCE_MISSING_TTL_S if result.pop("missing", False) else BALANCE_TTL_S
+                    self.known[provider.name] = (now + ttl, result)
+        return self.cached([p.name for p in providers])
+
+    def cached(self, names):
+        with self.lock:
+            return {n: self.known[n][1] for n in names if n in self.known}
+
+    def low(self, threshold):
+        """The providers whose known remaining balance is under threshold."""
+        with self.lock:
+            return frozenset(n for n, (_, r) in self.known.items()
+                             if r.get("remaining") is not None and r["remaining"] < threshold)
+
+    def metrics_lines(self):
+        with self.lock:
+            known = {n: r for n, (_, r) in self.known.items() if r.get("remaining") is not None}
+        out = ["# HELP ccproxy_balance_remaining What a relay's billing routes say is left.",
+               "# TYPE ccproxy_balance_remaining gauge"]
+        return out + ['ccproxy_balance_remaining{provider="%s",unit="%s"} %s' % (_label(n), r["unit"], r["remaining"])
+                      for n, r in sorted(known.items())]
 
 
 # ============================================================================ web UI API
@@ -3569,7 +4060,9 @@ def provider_summary(target, provider):
            "api_base_url": provider.api_base_url, "base_url": provider.base_url,
            "separator": target is None, "key_hint": key_hint(provider.api_key),
            "has_key": bool(provider.api_key), "placeholder_key": provider.placeholder_key,
-           "auth": provider.auth, "proxy": bool(provider.proxy)}
+           "auth": provider.auth, "proxy": bool(provider.proxy),
+           "price_multiplier": provider.price_multiplier, "balance": provider.balance,
+           "console_url": provider.console_url}
     if target is not None:
         out.update(fixes=target.learned, check=target.check,
                    models=list(target.models), models_source=target.models_source,
@@ -3607,7 +4100,59 @@ def api_state(handler, params=None):
         "cooling": handler.server.health.snapshot(),
         "stats": handler.server.recorder.stats()["providers"],
         "tests": handler.server.tests,
+        "currency": config.pricing.currency,
+        "cache": handler.server.recorder.cache_status(),
+        "cache_warn_pct": config.cache_warn_pct,
+        "switch": switch_estimate(handler.server, view),
+        "balances": handler.server.balances.cached([p.name for p in config.providers]),
+        "low_balance": config.low_balance,
+        "usage_store": bool(handler.server.recorder.usage),
     }
+
+
+def switch_estimate(server, view):
+    """What switching away from the selected provider now would cost: a conversation it answered
+    within the prompt cache's lifetime is written to the new relay's cache in full on its next
+    request. Its prompt tokens, and their cache-write price on each other provider (None: no price)."""
+    found = server.recorder.active_context(view.selected, time.time())
+    if found is None:
+        return None
+    model, tokens, age = found
+    pricing, costs = view.config.pricing, {}
+    for name, target in view.targets.items():
+        if name != view.selected:
+            sent = map_model(model, target.model_set, target.env_models) if view.config.model_mapping else model
+            rates = pricing.rates(sent)
+            costs[name] = None if rates is None else round(
+                tokens * rates[3] * pricing.multipliers.get(name, 1.0) / 1e6, 6)
+    return {"from": view.selected, "model": model, "tokens": tokens, "age_s": round(age),
+            "currency": pricing.currency, "costs": costs}
+
+
+def api_usage(handler, params):
+    """Usage and cost over days from the usage store: JSON, or CSV with ?format=csv."""
+    query = handler.query_params()
+    report = usage_report(handler.server.recorder.usage, handler.server.store.view.config.pricing.currency, query)
+    if query.get("format", ["json"])[0] == "csv":
+        handler.send_bytes(200, usage_csv(report), "text/csv; charset=utf-8",
+                           [("Content-Disposition", 'attachment; filename="ccproxy-usage-%s-%s.csv"'
+                             % (report["from"], report["to"])), ("Cache-Control", "no-store")])
+        return None
+    return 200, report
+
+
+def api_balance(handler, params):
+    """Every provider's balance (or why it is not available), asked of the relays that have not
+    been asked within BALANCE_TTL_S; ?refresh=1 asks them all now."""
+    query = handler.query_params()
+    refresh = query.get("refresh", ["0"])[0] in ("1", "true", "yes")
+    view = handler.server.store.view
+    names = [p.name for p in view.config.providers if p.usable]
+    if "provider" in query:
+        handler.server.store.require(query["provider"][0])
+        names = [query["provider"][0]]
+    return 200, {"balances": handler.server.check_balances(names, refresh),
+                 "low_balance": view.config.low_balance, "low": sorted(handler.server.health.low_balance)}
 
 
 def _field(body, name, required=True, nullable=False):
@@ -4077,7 +4622,8 @@ def hello(handler, params):
 
 
 def metrics(handler, params):
-    handler.send_bytes(200, handler.server.recorder.metrics_text().encode("utf-8"),
+    text = handler.server.recorder.metrics_text() + "\n".join(handler.server.balances.metrics_lines()) + "\n"
+    handler.send_bytes(200, text.encode("utf-8"),
                        "text/plain; version=0.0.4; charset=utf-8")
     return None
 
@@ -4145,6 +4691,8 @@ ROUTES = (
     Route("DELETE", "/api/fixes/{name}/{id}", "key", api_forget_fixes),
     Route("GET", "/api/requests", "key", api_requests),
     Route("GET", "/api/stats", "key", api_stats),
+    Route("GET", "/api/usage", "key", api_usage),
+    Route("GET", "/api/balance", "key", api_balance),
     Route("GET", "/api/providers/{name}/key", "key", api_key),
     Route("GET", "/api/config", "key", api_config),
     Route("PUT", "/api/providers/{name}", "key", api_put_provider),
@@ -4197,13 +4745,39 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.throttle = Throttle()
         self.health = Health()
         config = store.view.config
-        self.recorder = Recorder(config.request_log, config.request_log_max,
-                                 lambda: self.store.view.config.secrets())
+        usage = None
+        if config.usage_db and sqlite3 is None:
+            log.warning("this Python has no sqlite3 module: usage over time is not kept (USAGE_DB)")
+        elif config.usage_db:
+            usage = UsageStore(config.usage_db)
+        self.recorder = Recorder(config.request_log, config.request_log_max, lambda: self.store.view.config, usage)
+        self.balances = Balances()
+        self.stopping = threading.Event()
+        threading.Thread(target=self.watch_balances, name="ccproxy-balances", daemon=True).start()
         self.tests = {}               # provider -> last test result
         self.conn_lock = threading.Lock()
         self.connections = set()  # every open client socket
         self.busy = set()         # the sockets in the middle of a request
         super().__init__(address, Handler)
+
+    def watch_balances(self):
+        """With LOW_BALANCE set, ask the relays of the failover order for their balance every
+        BALANCE_TTL_S, so a low one is moved to its end (LOW_BALANCE_LAST) with the page closed."""
+        while not self.stopping.wait(BALANCE_TTL_S):
+            if self.store.view.config.low_balance:
+                self.check_balances()
+
+    def check_balances(self, names=None, refresh=False):
+        """The balances of the named providers (None: the selected one and the failover list),
+        fetched when stale; updates which ones are low."""
+        view = self.store.view
+        if names is None:
+            names = [view.selected] + list(view.fallback)
+        found = self.balances.get([view.targets[n].provider for n in names if n in view.targets], refresh)
+        config = view.config
+        self.health.low_balance = self.balances.low(config.low_balance) \
+            if config.low_balance and config.low_balance_last else frozenset()
+        return found
 
     def track(self, conn):
         with self.conn_lock:
@@ -4243,6 +4817,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             log.exception("internal error serving %s", client_address[0])
 
     def server_close(self):
+        self.stopping.set()
         super().server_close()
         self.close_connections()
         self.pool.close()

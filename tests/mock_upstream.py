@@ -32,11 +32,11 @@ def sse(event, data):
     return ("event: %s\ndata: %s\n\n" % (event, json.dumps(data))).encode()
 
 
-def message_events(model, words, delay=0.0):
+def message_events(model, words, delay=0.0, usage=USAGE_IN):
     """The SSE events of one reply; each after the first is made `delay` seconds later."""
     yield sse("message_start", {"type": "message_start", "message": {
         "id": "msg_mock", "type": "message", "role": "assistant", "model": model, "content": [],
-        "stop_reason": None, "usage": dict(USAGE_IN, output_tokens=1)}})
+        "stop_reason": None, "usage": dict(usage, output_tokens=1)}})
     yield sse("content_block_start", {"type": "content_block_start", "index": 0,
                                       "content_block": {"type": "text", "text": ""}})
     for i in range(words):
@@ -77,6 +77,12 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
         path = self.path.partition("?")[0]
         if path.endswith("/v1/models"):
             self.models()
+        elif path.endswith("/v1/dashboard/billing/subscription") and mock.billing:
+            self.send_json(200, {"object": "billing_subscription", "has_payment_method": True,
+                                 "hard_limit_usd": mock.billing["hard_limit_usd"],
+                                 "soft_limit_usd": mock.billing["hard_limit_usd"], "access_until": 0})
+        elif path.endswith("/v1/dashboard/billing/usage") and mock.billing:
+            self.send_json(200, {"object": "list", "total_usage": mock.billing["total_usage"]})
         elif path.endswith("/v1/messages/count_tokens"):
             self.send_json(200, {"input_tokens": 42})
         elif path.endswith("/v1/messages"):
@@ -237,7 +243,7 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(200, {"id": "msg_mock", "type": "message", "role": "assistant",
                                  "model": model, "content": [{"type": "text", "text": "hello"}],
                                  "stop_reason": "end_turn",
-                                 "usage": dict(USAGE_IN, output_tokens=7)})
+                                 "usage": dict(mock.usage, output_tokens=7)})
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -248,7 +254,7 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         try:
-            for n, event in enumerate(message_events(model, mock.words, mock.event_delay)):
+            for n, event in enumerate(message_events(model, mock.words, mock.event_delay, mock.usage)):
                 if cut_after is not None and n >= cut_after:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -283,6 +289,10 @@ class MockUpstream:
         self.refuse_tool_fields = set()  # keys of a tool ("defer_loading")
         self.refuse_adaptive = False    # "thinking": {"type": "adaptive"}
         self.gate = None                # (required version, model): a client-version gate
+        self.usage = dict(USAGE_IN)     # what each reply reports (output_tokens aside)
+        # A NewAPI/OneAPI-style relay: {"hard_limit_usd": 100, "total_usage": cents} answers
+        # the billing routes; None leaves them 404, as a relay without them.
+        self.billing = None
         self.requests = []
         self.connections = 0
         self.actions = []

@@ -488,3 +488,76 @@ def test_compatibility_panel(browser, tmp_path, upstream, upstream2, lang):
         assert run_axe(browser) == []
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize("lang, width, scheme", [("en", 1280, "light"), ("zh", 390, "dark")])
+def test_usage_cost_cache_and_balance_in_the_page(browser, tmp_path, upstream, upstream2, lang, width, scheme):
+    """The Usage panel's charts carry their data points (values on focus and hover), the cards
+    show balance and cost, a relay that loses the cache is flagged, and a switch mid-conversation
+    says what it costs before it is made; desktop in English, phone in Chinese and dark."""
+    config = make_config(upstream, upstream2, CACHE_WARN_PCT=90, Fallback=["🚀备用"],
+                         Pricing={"currency": "USD", "models": {"claude-sonnet-*": {"input": 3, "output": 15}}})
+    config["Providers"][0].update(name="中转站A", price_multiplier=0.5)
+    config["Providers"][2]["name"] = "🚀备用"
+    upstream.billing = {"hard_limit_usd": 100, "total_usage": 2550}
+    upstream.usage = {"input_tokens": 100, "cache_read_input_tokens": 1000, "cache_creation_input_tokens": 5000}
+    proxy = start_proxy(write_config(tmp_path / "config.json", config))
+    words = {"en": ("74.50 USD left of 100", "requests", "cache hit rate 16.4%", "no price", "context"),
+             "zh": ("剩余 74.50 USD（共 100）", "次请求", "缓存命中率为 16.4%", "无价格", "上下文")}[lang]
+    try:
+        set_scheme(browser, scheme)
+        browser.set_window_size(width, 900)
+        for _ in range(5):
+            assert proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 8,
+                                                        "messages": [{"role": "user", "content": "hi"}]})[0] == 200
+        proxy.api("POST", "/api/select", {"provider": "🚀备用"})
+        proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": []})
+        proxy.api("POST", "/api/select", {"provider": "中转站A"})
+        proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": []})
+        login(browser, proxy, lang)
+        wait(browser, lambda d: words[0] in provider_card(d, "中转站A").text)
+        assert "中转站A" in browser.find_element(By.ID, "cache-warning").text
+        assert words[2] in browser.find_element(By.ID, "cache-warning").text
+        # Charts: a column per day of the range, a row per provider; the values are the points' names.
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chart-tokens g[data-col]")) == 7)
+        today = time.strftime("%Y-%m-%d")
+        columns = browser.find_elements(By.CSS_SELECTOR, "#chart-cost g[data-col]")
+        last = columns[-1].get_attribute("aria-label")
+        assert last.startswith(today) and "中转站A: " in last and "🚀备用: " + words[3] in last
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#chart-hit g[data-col]")) == 7
+        hits = browser.find_elements(By.CSS_SELECTOR, "#chart-hit g[data-col]")[-1].get_attribute("aria-label")
+        assert "中转站A: 16.4%" in hits and "🚀备用: 26.3%" in hits           # 1000 / 6100; 5 / 19
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#chart-hit circle")) == 2
+        ttfb = [g.get_attribute("aria-label") for g in browser.find_elements(By.CSS_SELECTOR, "#chart-ttfb g[data-col]")]
+        assert [label.split(" — ")[0] for label in ttfb] == ["中转站A", "🚀备用"] and "p95" in ttfb[0]
+        rows = browser.find_elements(By.CSS_SELECTOR, "#usage-table tbody tr")
+        assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == ["中转站A", "🚀备用"]
+        assert words[1] in browser.find_element(By.ID, "usage-total").text
+        # Keyboard: one tab stop a chart, arrows move, the value shows beside the point.
+        first = columns[0]
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].focus()", first)
+        browser.switch_to.active_element.send_keys(Keys.END)
+        wait(browser, lambda d: d.switch_to.active_element.get_attribute("aria-label") == last)
+        tip = browser.find_element(By.ID, "chart-tip")
+        assert tip.is_displayed() and tip.text == last
+        assert [c.get_attribute("tabindex") for c in columns].count("0") == 1
+        colour = browser.execute_script("return getComputedStyle(document.querySelector('svg.chart text')).fill")
+        assert colour == {"light": "rgb(88, 98, 115)", "dark": "rgb(169, 178, 192)"}[scheme]   # --muted
+        # Requests: each with its cache read/write and cost; a model without a price says so.
+        wait(browser, lambda d: words[3] in d.find_element(By.ID, "requests").text)
+        assert "1.0k / 5.0k" in browser.find_element(By.ID, "requests").text
+        overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, "the page scrolls sideways by %d px" % overflow
+        assert run_axe(browser) == []
+        # Switching mid-conversation: the page says what the new relay's cache write costs first.
+        click(browser, lambda d: provider_card(d, "🚀备用").find_element(By.CSS_SELECTOR, "[data-action=select]"))
+        alert = WebDriverWait(browser, 5).until(lambda d: d.switch_to.alert)
+        assert words[4] in alert.text and "6.1k" in alert.text and words[3] in alert.text   # glm-4.6 has no price
+        alert.dismiss()
+        time.sleep(0.3)
+        assert proxy.store.view.selected == "中转站A"
+        click(browser, lambda d: provider_card(d, "🚀备用").find_element(By.CSS_SELECTOR, "[data-action=select]"))
+        WebDriverWait(browser, 5).until(lambda d: d.switch_to.alert).accept()
+        wait(browser, lambda d: proxy.store.view.selected == "🚀备用")
+    finally:
+        proxy.stop()
