@@ -24,7 +24,8 @@ or guarded by its owner's lock; the pool needs no lock.
 Sections, in file order (grep -n '^# ===' ccproxy.py):
   constants, errors, config, state, config editing, HTTP messages, Anthropic requests and replies,
   relay compatibility, upstream client, providers: discovery and tests, relay, observability,
-  usage and cost, balance, web UI API, request handler, server factory and CLI.
+  usage and cost, balance, team keys, health and failover, web UI API, request handler,
+  server factory and CLI.
 
 Run:   python3 ccproxy.py [--config config.json] [--host H] [--port P] [--debug]
        (first run creates config.json from config.in.json with a random APIKEY)
@@ -40,6 +41,7 @@ import argparse
 import base64
 import bisect
 import concurrent.futures
+import contextlib
 import csv
 import datetime
 import email.utils
@@ -75,6 +77,10 @@ try:
     import sqlite3
 except ImportError:         # a Python built without it: no usage store, all else works
     sqlite3 = None
+try:
+    import fcntl
+except ImportError:         # Windows: one ccproxy process at a time
+    fcntl = None
 
 # ============================================================================ constants
 
@@ -127,6 +133,7 @@ SESSION_MEMORY_S = 86400.0          # how long "this conversation needs its sign
 SESSION_MEMORY_MAX = 10000          # conversations remembered at most
 FIRST_EVENT_MAX_BYTES = 1 << 20     # held before relaying a stream; more means "not SSE framing"
 REQUEST_RING = 1000                 # request records kept in memory
+REQUEST_TAIL_BYTES = 8 << 20        # of the request log read at most for the newest records (/api/requests)
 RECORDER_BATCH_S = 0.02             # records wait this long to be logged together
 REQUEST_LOG_NAME = "requests.jsonl"  # beside the config unless REQUEST_LOG says otherwise
 DEFAULT_REQUEST_LOG_MAX_MB = 20     # then rotated once to .1
@@ -159,6 +166,11 @@ BALANCE_MISSING_TTL_S = 3600.0      # "this relay has no billing routes" is reme
 BALANCE_TIMEOUT_S = 10.0
 BALANCE_MAX_BYTES = 65536
 BALANCE_UNLIMITED = 1e8             # NewAPI/OneAPI report an unlimited token as this many USD or more
+USER_KEY_PREFIX = "sk-ccp-"         # a user key the web page creates: this and 32 random bytes
+KEY_LIMITS = ("rpm", "tokens_per_day", "cost_per_day", "cost_per_month")
+KEY_TOTALS_S = 1.0                  # a key's day and month totals are re-read this often at most
+KEY_RECENT = 20                     # requests /api/me lists
+STATE_POLL_S = 0.5                  # how often another process's change to the state file is looked for
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 AUTH_STYLES = ("bearer", "x-api-key", "both")
@@ -169,7 +181,8 @@ FAMILY_VARS = (("haiku", "ANTHROPIC_DEFAULT_HAIKU_MODEL"), ("sonnet", "ANTHROPIC
 TOP_KEYS = ("HOST", "PORT", "APIKEY", "LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_MB", "MODEL_MAPPING",
             "env-models", "HeaderOverrides", "RequestOverrides", "Providers", "Fallback",
             "FIRST_BYTE_TIMEOUT_MS", "COOLDOWN_MS", "REQUEST_LOG", "REQUEST_LOG_MAX_MB", "Routes",
-            "Pricing", "USAGE_DB", "CACHE_WARN_PCT", "LOW_BALANCE", "LOW_BALANCE_LAST")
+            "Pricing", "USAGE_DB", "CACHE_WARN_PCT", "LOW_BALANCE", "LOW_BALANCE_LAST", "Keys",
+            "TRUSTED_PROXIES")
 ALIAS_PREFIX = "claude-via-"        # every provider's models, as ids Claude Code's /model lists
 # Failures that move a request to the next provider, if no byte has reached the client yet.
 FAILOVER_STATUSES = frozenset([401, 403, 408, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524, 529])
@@ -177,6 +190,7 @@ COUNT_TOKENS_MISSING = frozenset([404, 405, 501])
 PROVIDER_KEYS = ("name", "api_base_url", "api_key", "models", "comment", "env-models", "auth", "proxy",
                  "price_multiplier", "balance", "console_url")
 PRICE_KINDS = ("input", "output", "cache_read", "cache_write")
+KEY_FIELDS = ("name", "sha256", "enabled", "expires", "providers", "models") + KEY_LIMITS
 
 # RFC 9110 section 7.6.1: hop-by-hop fields, plus every token listed in Connection.
 HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
@@ -369,7 +383,12 @@ class Config:
         self.cache_warn_pct = raw.get("CACHE_WARN_PCT", DEFAULT_CACHE_WARN_PCT)
         self.low_balance = raw.get("LOW_BALANCE", 0)
         self.low_balance_last = raw.get("LOW_BALANCE_LAST", False)
+        self.keys = tuple(UserKey(entry) for entry in raw.get("Keys", ()))
+        self.key_by_hash = {key.sha256: key for key in self.keys}
+        # Requests from these addresses (nginx in front) are from the X-Forwarded-For they name.
+        self.trusted_proxies = frozenset(raw.get("TRUSTED_PROXIES", ()))
         self.loaded_at = time.time()
+        self.version = None             # of the file it was read from (config_version)
 
     def secrets(self):
         return [s for s in [self.apikey] + [p.api_key for p in self.providers] if s]
@@ -530,6 +549,14 @@ def _check_provider(index, entry, names, problems):
                     float(multiplier), balance, console.strip())
 
 
+def _is_address(text):
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -593,6 +620,9 @@ def validate_config(raw, path="config.json"):
     if not isinstance(raw.get("LOW_BALANCE_LAST", False), bool):
         problems.append("LOW_BALANCE_LAST must be true or false")
     _check_pricing(raw.get("Pricing", {}), problems)
+    proxies = raw.get("TRUSTED_PROXIES", [])
+    if not isinstance(proxies, list) or not all(isinstance(a, str) and _is_address(a) for a in proxies):
+        problems.append('TRUSTED_PROXIES must be a list of IP addresses, such as ["127.0.0.1"] for nginx on this host')
     _check_str_map(raw.get("env-models", {}), "env-models", problems, MODEL_VARS)
     _check_presets(raw.get("HeaderOverrides", {}), "HeaderOverrides", problems, header=True)
     _check_presets(raw.get("RequestOverrides", {}), "RequestOverrides", problems, header=False)
@@ -608,6 +638,7 @@ def validate_config(raw, path="config.json"):
             providers.append(provider)
     _check_fallback(raw.get("Fallback", []), providers, problems)
     _check_routes(raw.get("Routes", {}), providers, problems)
+    _check_keys(raw.get("Keys", []), providers, raw.get("USAGE_DB", USAGE_DB_NAME), problems)
     if problems:
         raise ConfigError(["%s: %s" % (path, p) for p in problems])
     for key in raw:
@@ -619,8 +650,8 @@ def validate_config(raw, path="config.json"):
 def read_config(path):
     """(text, parsed JSON) of a config file; ConfigError with one readable line if unreadable."""
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")     # as bytes: config_version() hashes them as they are
         raw = json.loads(text)
     except FileNotFoundError:
         raise ConfigError(["%s: no such file — copy config.in.json to it, or run ccproxy.py "
@@ -637,7 +668,10 @@ def read_config(path):
 
 def load_config(path):
     """Read and validate a config file; raise ConfigError with one readable line per problem."""
-    return validate_config(read_config(path)[1], path)
+    text, raw = read_config(path)
+    config = validate_config(raw, path)
+    config.version = config_version(text.encode("utf-8"))
+    return config
 
 
 def write_atomic(path, text, mode=None):
@@ -784,25 +818,84 @@ def alias_catalog(targets):
             for name, target in targets.items() for model in target.models}
 
 
+def file_signature(path):
+    """What changes whenever a file is replaced or written: (inode, mtime, size); None if absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+@contextlib.contextmanager
+def flocked(f):
+    """An exclusive flock() on an open file, between the ccproxy processes of one host; none
+    where there is no flock (Windows: run one process there)."""
+    if fcntl is None:
+        yield
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+class FileLock:
+    """An exclusive lock between the ccproxy processes of one host: flock() on a file beside
+    the config. Taken under Store.lock, so the thread that holds it may take it again. Where
+    there is no flock (Windows), nothing: run one process there."""
+
+    def __init__(self, path):
+        self.path = path
+        self.file = None
+        self.depth = 0
+
+    def __enter__(self):
+        if self.depth == 0 and fcntl is not None:
+            if self.file is None:
+                try:
+                    self.file = open(self.path, "a")
+                except OSError as exc:      # the write that follows will say what is wrong
+                    log.warning("%s: cannot lock (%s)", self.path, exc.strerror or exc)
+            if self.file is not None:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc_info):
+        self.depth -= 1
+        if self.depth == 0 and self.file is not None:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+
+
 class Store:
     """The proxy's shared mutable state, guarding itself with one lock.
 
     Requests read `store.view` once (an attribute read of an immutable object); every change
     builds a new View under the lock and swaps it in, then persists the state file.
+
+    Several ccproxy processes on one host share the state file and config.json: a change is
+    made under a FileLock on the newest state (another process's, read first if the file
+    changed), and each process takes the others' changes within STATE_POLL_S (sync), with
+    the config.json they loaded (the state's "config" version).
     """
 
     def __init__(self, config):
         self.lock = threading.RLock()
         self.config_path = config.path
         self.state_path = state_path_for(config.path)
+        self.state_lock = FileLock(self.state_path + ".lock")
         self.reload_error = None
         for path in (self.config_path, self.state_path):
             remove_stale_temp_files(path)
+        self.seen = None                # file_signature of the state file as last read or written
         self.state = self._read_state()
         self.view = None
         self._install(config)
 
     def _read_state(self):
+        self.seen = file_signature(self.state_path)
         try:
             with open(self.state_path, "r", encoding="utf-8") as f:
                 state = json.load(f)
@@ -841,12 +934,14 @@ class Store:
         make it the running state: if the file cannot be written, nothing changes and the
         caller gets a StateError that says why (a change kept only in memory would be gone
         at the next restart without anyone knowing)."""
-        with self.lock:
+        with self.lock, self.state_lock:
+            self.take_newer_state()
             state = json.loads(json.dumps(self.state))
             state["selected"] = self.view.selected
             apply(state)
             try:
                 write_atomic(self.state_path, json.dumps(state, ensure_ascii=False, indent=1) + "\n")
+                self.seen = file_signature(self.state_path)
             except OSError as exc:
                 log.error("%s: cannot save the state (%s); the change was not made",
                           self.state_path, exc.strerror or exc)
@@ -856,7 +951,32 @@ class Store:
             self.state = state
             self._install(self.view.config)
 
-    def reload(self):
+    def take_newer_state(self):
+        """Under self.lock: if another process saved the state file since this one read or
+        wrote it, take its state, and the config.json it loaded. True if there was one."""
+        if file_signature(self.state_path) == self.seen:
+            return False
+        self.state = self._read_state()
+        version = self.state.get("config")
+        if not (version and version != self.view.config.version) or self.reload(tell=False):
+            self._install(self.view.config)     # the same config (or one that would not load)
+        return True
+
+    def sync(self):
+        """Take another process's change, if there is one (every STATE_POLL_S)."""
+        if file_signature(self.state_path) != self.seen:
+            with self.lock:
+                if self.take_newer_state():
+                    log.debug("took the state another ccproxy process saved")
+
+    def tell(self, config):
+        """Say in the state file which config.json this process now runs, for the others."""
+        try:
+            self._change(lambda state: state.update(config=config.version))
+        except StateError as exc:
+            log.error("other ccproxy processes will not see this config until their own reload: %s", exc)
+
+    def reload(self, tell=True):
         """Re-read config.json; on error keep the running config and return the problems."""
         try:
             config = load_config(self.config_path)
@@ -871,6 +991,8 @@ class Store:
             self.reload_error = None
             self._install(config)
         log.info("config reloaded: %d providers", len(config.providers))
+        if tell:
+            self.tell(config)
         return None
 
     def config_file(self):
@@ -889,7 +1011,7 @@ class Store:
         {old name: new name} for renamed providers. Made only on the version the editor saw
         (If-Match), validated as --check validates, written atomically with mode 0600 after the
         previous file is kept as a backup, then swapped in as Reload does. The new version."""
-        with self.lock:
+        with self.lock, self.state_lock:
             data, raw = self.config_file()
             version = config_version(data)
             if not if_match:
@@ -913,11 +1035,11 @@ class Store:
                 raise StateError("ccproxy could not write %s (%s), so nothing was changed"
                                  % (self.config_path, exc.strerror or exc), code="config_not_saved")
             self.reload_error = None
+            config.version = config_version(text.encode("utf-8"))
             self._install(config)
-        if renames:
-            self.follow(renames)
+        self.follow(renames, config.version)
         log.info("config.json changed from the web page: %d providers", len(config.providers))
-        return config_version(text.encode("utf-8"))
+        return config.version
 
     def backup(self, data):
         """Keep the file about to be replaced as config.json.bak-<time>, the newest CONFIG_BACKUPS."""
@@ -930,11 +1052,13 @@ class Store:
         for name in older[:-CONFIG_BACKUPS]:
             os.unlink(os.path.join(directory, name))
 
-    def follow(self, renames):
-        """Carry the state of renamed providers over: selection, presets, models, fallback edit."""
+    def follow(self, renames, version):
+        """After an edit of config.json: carry the state of renamed providers over (selection,
+        presets, models, fallback edit), and say which config.json runs now (tell)."""
         selected = self.state.get("selected")      # as saved: the view fell back meanwhile
 
         def apply(state):
+            state["config"] = version
             if selected in renames:
                 state["selected"] = renames[selected]
             for old, new in renames.items():
@@ -947,7 +1071,8 @@ class Store:
         try:
             self._change(apply)
         except StateError as exc:
-            log.error("renamed providers lost their selection or presets: %s", exc)
+            log.error("renamed providers lost their selection or presets, and other ccproxy processes "
+                      "will not see this config until their own reload: %s", exc)
 
     def learn_fixes(self, name, fixes):
         """Remember fixes that made a provider answer (LEARNED_FIXES), as (fix, the error that
@@ -1017,93 +1142,6 @@ class Store:
                     entry["models"] = models
                 discovered[name] = entry
         self._change(apply)
-
-
-class Health:
-    """Which providers are cooling down after a failure, which lack count_tokens, and which
-    conversations need their thinking signatures stripped on which provider."""
-
-    def __init__(self, clock=time.time):
-        self.clock = clock            # wall-clock seconds: the web UI shows "until" times; injectable for tests
-        self.lock = threading.Lock()
-        self.cooling = {}             # name -> (until, reason)
-        self.no_count_tokens = {}     # name -> until
-        self.strip_for = {}           # (conversation, provider) -> when a signature strip helped
-        self.gates = {}               # provider -> the last client-version gate it answered
-        self.client_agent = None      # the last Claude Code User-Agent relayed (Check a relay sends it)
-        self.low_balance = frozenset()  # providers under LOW_BALANCE, tried last (LOW_BALANCE_LAST)
-
-    def cool_down(self, name, seconds, reason):
-        with self.lock:
-            self.cooling[name] = (self.clock() + min(seconds, MAX_COOLDOWN_S), reason)
-
-    def recovered(self, name):
-        if name in self.cooling:
-            with self.lock:
-                self.cooling.pop(name, None)
-
-    def is_cooling(self, name, now):
-        entry = self.cooling.get(name)
-        return entry is not None and entry[0] > now
-
-    def snapshot(self):
-        now = self.clock()
-        with self.lock:
-            return {n: {"until": u, "reason": r} for n, (u, r) in self.cooling.items() if u > now}
-
-    def strips_signatures(self, session, name):
-        """Whether this conversation needed its thinking signatures stripped on this provider."""
-        when = self.strip_for.get((session, name))
-        return when is not None and self.clock() - when < SESSION_MEMORY_S
-
-    def remember_strip(self, session, name):
-        with self.lock:
-            if len(self.strip_for) >= SESSION_MEMORY_MAX:
-                for key in list(self.strip_for)[:SESSION_MEMORY_MAX // 2]:     # the oldest half
-                    del self.strip_for[key]
-            self.strip_for[(session, name)] = self.clock()
-
-    def note_gate(self, name, model, gate, user_agent):
-        """A provider answered "Claude Code X does not support this model; version Y or newer
-        is required": kept for the page, and a warning in the log."""
-        sent, required = gate
-        self.gates[name] = {"model": model, "required": required, "sent": sent, "at": self.clock(),
-                            "user_agent": user_agent}
-        log.warning("provider %s: model %s needs Claude Code %s or newer (it was told %s) — update Claude "
-                    "Code, or the User-Agent of a header preset", name, model, required, sent)
-
-    def lacks_count_tokens(self, name):
-        until = self.no_count_tokens.get(name)
-        return until is not None and until > self.clock()
-
-    def remember_no_count_tokens(self, name):
-        with self.lock:
-            self.no_count_tokens[name] = self.clock() + COUNT_TOKENS_MEMORY_S
-
-
-def candidates(view, health):
-    """The providers to try in order: the selected one, then the fallback list, skipping any
-    that still has a placeholder key and any that is cooling down; fallbacks whose balance is
-    low come last (LOW_BALANCE_LAST). If all are cooling down, the first of them is tried anyway."""
-    fallback = [n for n in (view.fallback if view.fallback_enabled else ()) if n != view.selected]
-    if health.low_balance:
-        fallback.sort(key=health.low_balance.__contains__)     # stable: the rest keep their order
-    names = [view.selected] + fallback
-    usable = [view.targets[n] for n in names if n in view.targets and not view.targets[n].provider.placeholder_key]
-    now = health.clock()
-    chosen = [t for t in usable if not health.is_cooling(t.name, now)]
-    return chosen or usable[:1]
-
-
-def no_candidate(view):
-    """The NoProvider error that says what to edit when candidates() found nothing."""
-    target = view.target
-    if target is not None and target.provider.placeholder_key:
-        return NoProvider("provider %s still has the example key of config.in.json, so ccproxy did "
-                          "not contact it — put your real key in its api_key in %s, then press "
-                          "Reload in the web UI" % (target.name, view.config.path))
-    return NoProvider("ccproxy has no provider to relay to — add one with an api_base_url to "
-                      "Providers in %s, then press Reload in the web UI" % view.config.path)
 
 
 # ============================================================================ config editing
@@ -1178,9 +1216,17 @@ def put_provider(raw, name, fields):
             entry.pop(key, None)
         else:
             entry[key] = value
-    if new_name != name and isinstance(raw.get("Fallback"), list):
-        raw["Fallback"] = [new_name if n == name else n for n in raw["Fallback"]]
+    if new_name != name:
+        rename_in_lists(raw, lambda n: new_name if n == name else n)
     return new_name
+
+
+def rename_in_lists(raw, rename):
+    """Rename (or with None, remove) providers in Fallback and in each key's providers."""
+    lists = [(raw, "Fallback")] + [(k, "providers") for k in raw.get("Keys") or [] if isinstance(k, dict)]
+    for holder, field in lists:
+        if isinstance(holder.get(field), list):
+            holder[field] = [m for m in map(rename, holder[field]) if m is not None]
 
 
 def delete_provider(raw, name):
@@ -1188,8 +1234,7 @@ def delete_provider(raw, name):
     if index is None:
         raise NotFound("no provider named %r in config.json" % name)
     del raw["Providers"][index]
-    if isinstance(raw.get("Fallback"), list):
-        raw["Fallback"] = [n for n in raw["Fallback"] if n != name]
+    rename_in_lists(raw, lambda n: None if n == name else n)
 
 
 def order_providers(raw, names):
@@ -1990,6 +2035,30 @@ def model_page(models, query, display=None):
 def model_object(model_id, display_name=None):
     return {"type": "model", "id": model_id, "display_name": display_name or model_id,
             "created_at": "1970-01-01T00:00:00Z"}
+
+
+class Exchange:
+    """Facts about one relayed request, for the log line and the request log."""
+
+    __slots__ = ("provider", "model_in", "model_out", "status", "bytes_in", "bytes_out", "ttfb_ms",
+                 "note", "note_code", "attempts", "stream", "usage", "midstream_error", "client_gone", "key")
+
+    def __init__(self):
+        self.provider = self.model_in = self.model_out = self.note = self.note_code = self.key = None
+        self.status = self.bytes_in = self.bytes_out = 0
+        self.ttfb_ms = None
+        self.attempts = []          # (provider, label, model sent) of each failed attempt, in order
+        self.stream = self.midstream_error = self.client_gone = False
+        self.usage = Usage()
+
+    def chain(self):
+        return ["%s %s" % a[:2] for a in self.attempts]
+
+    def say(self, code, text, *args, shown=None):
+        """The request's note: text % args for the log, and [code, *args] (or `shown` for
+        args) for the page to say it in its own language."""
+        self.note = text % args if args else text
+        self.note_code = [code] + [str(a) for a in (args if shown is None else shown)]
 
 
 # ============================================================================ relay compatibility
@@ -2849,7 +2918,6 @@ def filter_models(models, spec):
 # ============================================================================ relay
 
 
-
 # A write to a client that has gone away, or stopped reading, fails with one of these.
 CLIENT_GONE = (BrokenPipeError, ConnectionResetError, socket.timeout, TimeoutError)
 
@@ -2937,9 +3005,10 @@ class Relay:
     here runs without sockets. `exchange` collects what the log line and request log show.
     """
 
-    def __init__(self, view, health, pool, out, exchange, recorder, debug=False, store=None):
+    def __init__(self, view, health, pool, out, exchange, recorder, debug=False, store=None, user=None):
         self.view = view
         self.store = store              # remembers learned fixes (Store.learn_fixes)
+        self.user = user                # a user key: only its providers and models (permitted)
         self.recorder = recorder        # counts the open streams (stream_opened, stream_closed)
         self.config = view.config
         self.health = health
@@ -2961,6 +3030,8 @@ class Relay:
         chain = self.route(request)
         if not chain:
             raise no_candidate(self.view)
+        if self.user is not None:
+            chain = permitted(self.user, self.view, chain, request.body)
         if request.path.startswith("/v1/messages/count_tokens") and health.lacks_count_tokens(chain[0].name):
             # Claude Code 2.1.332 estimates by itself after a 404: the relay is spared /context's burst.
             exchange.provider = chain[0].name
@@ -3252,30 +3323,6 @@ class Relay:
 # ============================================================================ observability
 
 
-class Exchange:
-    """Facts about one relayed request, for the log line and the request log."""
-
-    __slots__ = ("provider", "model_in", "model_out", "status", "bytes_in", "bytes_out", "ttfb_ms",
-                 "note", "note_code", "attempts", "stream", "usage", "midstream_error", "client_gone")
-
-    def __init__(self):
-        self.provider = self.model_in = self.model_out = self.note = self.note_code = None
-        self.status = self.bytes_in = self.bytes_out = 0
-        self.ttfb_ms = None
-        self.attempts = []          # (provider, label, model sent) of each failed attempt, in order
-        self.stream = self.midstream_error = self.client_gone = False
-        self.usage = Usage()
-
-    def chain(self):
-        return ["%s %s" % a[:2] for a in self.attempts]
-
-    def say(self, code, text, *args, shown=None):
-        """The request's note: text % args for the log, and [code, *args] (or `shown` for
-        args) for the page to say it in its own language."""
-        self.note = text % args if args else text
-        self.note_code = [code] + [str(a) for a in (args if shown is None else shown)]
-
-
 def _label(value):
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -3323,14 +3370,19 @@ class Recorder:
         self.tokens = {}              # (provider, kind) -> count
         self.ttfb = {}                # provider -> [bucket counts..., +Inf], sum
         self.costs = {}               # (provider, currency) -> cost since start
+        self.by_key = {}              # (key name, series, label) -> count: requests by status, tokens, cost
         self.cache = {}               # provider -> its recent cached requests' (cache_read, prompt)
         self.cache_low = set()        # providers whose cache hit rate is under CACHE_WARN_PCT
         self.contexts = {}            # provider -> {model: (time, prompt tokens)} of its last answer
         self.open_streams = 0
         self.queue = queue.SimpleQueue()
         self.file = None
-        self.size = 0
+        self.expected = None          # the log's size after this process's last write
+        self.shared = False           # another process writes the same log (then newest() reads it)
+        self.write_lock = threading.Lock()
         if path:
+            found = file_signature(path)
+            self.expected = found[2] if found else 0
             self._load_tail()
         self.writer = threading.Thread(target=self._write_loop, name="ccproxy-recorder", daemon=True)
         self.writer.start()
@@ -3383,24 +3435,47 @@ class Recorder:
                 return
 
     def _write(self, lines):
-        """Append lines to the request log, rotating it to .1 before it would pass max_bytes."""
+        """Append lines to the request log, rotating it to .1 before it would pass max_bytes.
+        Several ccproxy processes may share the file: what fits is written at once to a file
+        opened for appending, under an flock, which also keeps two processes from both
+        rotating it; a process that finds it rotated opens the new one."""
         if not self.path or not lines:
             return
+        pending = list(lines)
         try:
-            if self.file is None:
-                self.file = open(self.path, "ab")
-                self.size = self.file.tell()
-            for line in lines:
-                if self.size + len(line) > self.max_bytes and self.size:
+            for _ in range(len(pending) + 3):
+                if self.file is None:
+                    self.file = open(self.path, "ab", buffering=0)
+                with self.write_lock, flocked(self.file):
+                    current = os.path.exists(self.path) and os.path.samestat(os.stat(self.path),
+                                                                             os.fstat(self.file.fileno()))
+                    if current:
+                        size, count = os.fstat(self.file.fileno()).st_size, 0
+                        if self.expected is not None and size != self.expected:
+                            self.shared = True      # another process appends to it too
+                        for line in pending:
+                            if size and size + len(line) > self.max_bytes:
+                                break
+                            size += len(line)
+                            count += 1
+                        self.file.write(b"".join(pending[:count]))
+                        self.expected = size
+                        del pending[:count]
+                        if pending:
+                            os.replace(self.path, self.path + ".1")    # the rest starts a new file
+                if pending or not current:
+                    self.shared |= not current      # rotated by another process
                     self.file.close()
-                    os.replace(self.path, self.path + ".1")
-                    self.file = open(self.path, "ab")
-                    self.size = 0
-                self.file.write(line)       # buffered: one system call for the batch
-                self.size += len(line)
-            self.file.flush()
+                    self.file = None
+                    self.expected = None
+                if not pending:
+                    return
+            log.error("%s: the request log keeps being rotated by another process; %d records were "
+                      "not written", self.path, len(pending))
         except OSError as exc:
             log.error("%s: cannot write the request log (%s)", self.path, exc.strerror or exc)
+            if self.file is not None:
+                self.file.close()
             self.file = None
 
     def close(self):
@@ -3433,11 +3508,11 @@ class Recorder:
         """Take one record into the ring, the rollups and the counters; with a config, price it
         (rec["cost"], None for a model without a price) and watch the provider's cache."""
         usage, name = rec.get("usage"), rec["provider"]
-        if usage and name is not None and config is not None:
-            cost = config.pricing.cost(name, rec.get("model_sent") or rec.get("model"), usage)
-            rec["cost"] = None if cost is None else round(cost, 8)
-            rec["currency"] = config.pricing.currency
+        if usage and name is not None and config is not None and "cost" not in rec:
+            price(rec, config.pricing)
         with self.lock:
+            if rec.get("key"):
+                self.count_key(rec)
             if usage and name is not None and config is not None:
                 self.watch_cache(name, rec, config.cache_warn_pct)
                 if rec["cost"] is not None:
@@ -3476,6 +3551,16 @@ class Recorder:
                     roll["tokens"][kind] += count
                     key = (name, kind)
                     self.tokens[key] = self.tokens.get(key, 0) + count
+
+    def count_key(self, rec):
+        """A user key's requests, tokens and cost, for /metrics. Under self.lock."""
+        counts, key = self.by_key, rec["key"]
+        series = [("requests", str(rec["status"]), 1)]
+        series += [("tokens", kind, n) for kind, n in (rec.get("usage") or {}).items()]
+        if rec.get("cost") is not None:
+            series.append(("cost", rec["currency"], rec["cost"]))
+        for kind, label, amount in series:
+            counts[(key, kind, label)] = counts.get((key, kind, label), 0) + amount
 
     def watch_cache(self, name, rec, threshold):
         """The cache guard: a provider's hit rate over its recent cached requests, and a log
@@ -3516,17 +3601,63 @@ class Recorder:
         tokens, model, age = max(recent)
         return model, tokens, age
 
-    def newest(self, limit, provider=None):
+    def newest(self, limit, provider=None, key=None):
+        """The newest records, newest first (of one provider, or one user key): from this
+        process's ring, or once another process was seen writing the request log too, from
+        the log, where every process's records are."""
+        def wanted(rec):
+            return (provider is None or rec.get("provider") == provider or
+                    any(a[0] == provider for a in rec.get("attempts", []))) and \
+                (key is None or rec.get("key") == key)
+        out = []
+        if self.path and not self.shared:
+            with self.write_lock:           # not while this process writes it: then it is ours
+                found = file_signature(self.path)
+                self.shared = found is not None and self.expected is not None and found[2] != self.expected
+        if self.path and self.shared:
+            try:
+                for rec in self.logged_backwards():
+                    if wanted(rec):
+                        out.append(rec)
+                        if len(out) >= limit:
+                            break
+                return out
+            except OSError:
+                out = []
         with self.lock:
             records = list(self.ring)
-        out = []
         for rec in reversed(records):
-            if provider is None or rec.get("provider") == provider or \
-                    any(a[0] == provider for a in rec.get("attempts", [])):
+            if wanted(rec):
                 out.append(rec)
                 if len(out) >= limit:
                     break
         return out
+
+    def logged_backwards(self):
+        """The request log's records, newest first (then its rotated .1), read from the end in
+        pieces, REQUEST_TAIL_BYTES at most. OSError if the log cannot be opened."""
+        left = REQUEST_TAIL_BYTES
+        for index, path in enumerate((self.path, self.path + ".1")):
+            try:
+                f = open(path, "rb")
+            except FileNotFoundError:
+                if index:
+                    return
+                raise
+            with f:
+                pos, carry = f.seek(0, os.SEEK_END), b""
+                while pos > 0 and left > 0:
+                    step = min(RELAY_CHUNK, pos, left)
+                    pos -= step
+                    left -= step
+                    f.seek(pos)
+                    lines = (f.read(step) + carry).split(b"\n")
+                    carry = lines.pop(0) if pos else b""
+                    for line in reversed(lines):
+                        try:
+                            yield json.loads(line)
+                        except ValueError:
+                            continue        # the blank after the last line, or a line cut by a crash
 
     def stats(self):
         with self.lock:
@@ -3546,7 +3677,7 @@ class Recorder:
         with self.lock:
             requests, errors, tokens = dict(self.requests), dict(self.errors), dict(self.tokens)
             ttfb = {n: list(b) for n, b in self.ttfb.items()}
-            open_streams, costs = self.open_streams, dict(self.costs)
+            open_streams, costs, by_key = self.open_streams, dict(self.costs), dict(self.by_key)
         out = ["# HELP ccproxy_requests_total Requests sent to each provider, by the status it answered.",
                "# TYPE ccproxy_requests_total counter"]
         out += ['ccproxy_requests_total{provider="%s",status="%s"} %d' % (_label(p), _label(st), n)
@@ -3574,6 +3705,12 @@ class Recorder:
                 "# TYPE ccproxy_cost_total counter"]
         out += ['ccproxy_cost_total{provider="%s",currency="%s"} %.8f' % (_label(p), _label(c), n)
                 for (p, c), n in sorted(costs.items())]
+        for kind, label, text in (("requests", "status", "Requests relayed for each user key, by status."),
+                                  ("tokens", "kind", "Tokens of each user key's requests, by kind."),
+                                  ("cost", "currency", "What each user key's priced requests cost.")):
+            out += ["# HELP ccproxy_key_%s_total %s" % (kind, text), "# TYPE ccproxy_key_%s_total counter" % kind]
+            out += ['ccproxy_key_%s_total{key="%s",%s="%s"} %s' % (kind, _label(k), label, _label(v), round(n, 8))
+                    for (k, series, v), n in sorted(by_key.items()) if series == kind]
         cache = self.cache_status()
         out += ["# HELP ccproxy_cache_hit_ratio Cache reads over prompt tokens, a provider's recent cached requests.",
                 "# TYPE ccproxy_cache_hit_ratio gauge"]
@@ -3672,6 +3809,13 @@ class Pricing:
         return sum(n * r for n, r in zip(tokens, rates)) * self.multipliers.get(provider, 1.0) / 1e6
 
 
+def price(rec, pricing):
+    """Set a record's cost (None: its model has no price) and currency."""
+    cost = pricing.cost(rec["provider"], rec.get("model_sent") or rec.get("model"), rec["usage"])
+    rec["cost"] = None if cost is None else round(cost, 8)
+    rec["currency"] = pricing.currency
+
+
 def hit_rate(cache_read, prompt):
     """The cache hit rate in percent: cache_read / (input + cache_read + cache_write)."""
     return round(100.0 * cache_read / prompt, 1) if prompt else None
@@ -3694,7 +3838,8 @@ class UsageStore:
 
     SUMS = ("requests", "errors", "input", "output", "cache_read", "cache_write", "cost", "priced",
             "unpriced") + tuple("t%d" % i for i in range(len(USAGE_TTFB_MS) + 1))
-    GROUPS = {"provider": "provider", "model": "model", "day": "substr(hour, 1, 10)", "hour": "hour"}
+    GROUPS = {"provider": "provider", "model": "model", "day": "substr(hour, 1, 10)", "hour": "hour",
+              "key": "key_name"}
 
     def __init__(self, path):
         self.path = path
@@ -3702,20 +3847,13 @@ class UsageStore:
         self.broken = False
 
     def connect(self):
-        conn = sqlite3.connect(self.path, timeout=SQLITE_BUSY_MS / 1000.0, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("CREATE TABLE IF NOT EXISTS usage (hour TEXT NOT NULL, provider TEXT NOT NULL, "
-                     "model TEXT NOT NULL, key_name TEXT NOT NULL DEFAULT '', %s, "
-                     "PRIMARY KEY (hour, provider, model, key_name))"
-                     % ", ".join("%s %s NOT NULL DEFAULT 0" % (c, "REAL" if c == "cost" else "INTEGER")
-                                 for c in self.SUMS))
-        return conn
+        return open_store(self.path)
 
     @staticmethod
     def rows_of(rec):
-        """((hour, provider, model), sums) for each provider the record's request went to."""
+        """((hour, provider, model, key name), sums) for each provider the record's request went to."""
         hour = time.strftime("%Y-%m-%d %H", time.localtime(rec["time"]))
+        key = rec.get("key") or ""
         for provider, model, failed, final in outcomes(rec):
             sums = dict.fromkeys(UsageStore.SUMS, 0)
             sums["requests"], sums["errors"] = 1, int(failed)
@@ -3729,7 +3867,7 @@ class UsageStore:
                     sums.update(cost=rec["cost"], priced=1)
             if final and rec.get("ttfb_ms") is not None:
                 sums["t%d" % bisect.bisect_left(USAGE_TTFB_MS, rec["ttfb_ms"])] = 1
-            yield (hour, provider, model or "-"), sums
+            yield (hour, provider, model or "-", key), sums
 
     def add(self, records):
         """Add a batch of records: one transaction. A failure is logged, never raised."""
@@ -3747,14 +3885,13 @@ class UsageStore:
                 self.conn = self.connect()
             with self.conn:
                 self.conn.execute("BEGIN IMMEDIATE")
-                for (hour, provider, model), sums in batch.items():
+                for group, sums in batch.items():
                     values = [sums[c] for c in self.SUMS]
                     if not self.conn.execute("UPDATE usage SET %s WHERE hour = ? AND provider = ? AND model = ? "
-                                             "AND key_name = ''" % adding,
-                                             values + [hour, provider, model]).rowcount:
-                        self.conn.execute("INSERT INTO usage (hour, provider, model, %s) VALUES (?, ?, ?, %s)"
-                                          % (", ".join(self.SUMS), ", ".join("?" * len(self.SUMS))),
-                                          [hour, provider, model] + values)
+                                             "AND key_name = ?" % adding, values + list(group)).rowcount:
+                        self.conn.execute("INSERT INTO usage (hour, provider, model, key_name, %s) VALUES "
+                                          "(?, ?, ?, ?, %s)" % (", ".join(self.SUMS), ", ".join("?" * len(self.SUMS))),
+                                          list(group) + values)
         except sqlite3.Error as exc:
             log.error("%s: cannot add to the usage store (%s); usage figures miss these requests", self.path, exc)
             if self.conn is not None:
@@ -3774,6 +3911,25 @@ class UsageStore:
         finally:
             conn.close()
         return [(row[:len(by)], dict(zip(self.SUMS, row[len(by):]))) for row in found if row[len(by)]]
+
+
+def open_store(path, check_same_thread=True):
+    """A connection to the usage store (WAL mode: readers never wait for the writer, and
+    several processes share it), its tables made if new: the hourly roll-ups and the
+    per-key request counts of the current minute."""
+    conn = sqlite3.connect(path, timeout=SQLITE_BUSY_MS / 1000.0, isolation_level=None,
+                           check_same_thread=check_same_thread)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("CREATE TABLE IF NOT EXISTS usage (hour TEXT NOT NULL, provider TEXT NOT NULL, "
+                 "model TEXT NOT NULL, key_name TEXT NOT NULL DEFAULT '', %s, "
+                 "PRIMARY KEY (hour, provider, model, key_name))"
+                 % ", ".join("%s %s NOT NULL DEFAULT 0" % (c, "REAL" if c == "cost" else "INTEGER")
+                             for c in UsageStore.SUMS))
+    conn.execute("CREATE INDEX IF NOT EXISTS usage_by_key ON usage (key_name, hour)")
+    conn.execute("CREATE TABLE IF NOT EXISTS key_minutes (key_name TEXT NOT NULL, minute TEXT NOT NULL, "
+                 "requests INTEGER NOT NULL, PRIMARY KEY (key_name, minute))")
+    return conn
 
 
 def ttfb_quantile(sums, q):
@@ -3826,7 +3982,9 @@ def usage_report(store, currency, query):
     for _, sums in found:
         for column in UsageStore.SUMS:
             total[column] += sums[column] or 0
-    rows = [dict(zip(by, values), **usage_row(sums, currency)) for values, sums in found]
+    # key: null is the administrator's APIKEY
+    rows = [dict(zip(by, [None if b == "key" and not v else v for b, v in zip(by, values)]), **usage_row(sums, currency))
+            for values, sums in found]
     return {"from": first.isoformat(), "to": last.isoformat(), "by": by, "currency": currency,
             "rows": rows, "total": usage_row(total, currency)}
 
@@ -3844,6 +4002,37 @@ def usage_csv(report):
         writer.writerow(["" if row[c] is None else "'" + row[c] if isinstance(row[c], str) and row[c][:1] in "=+-@"
                          else row[c] for c in columns])
     return ("\ufeff" + out.getvalue()).encode("utf-8")
+
+
+def switch_estimate(server, view):
+    """What switching away from the selected provider now would cost: a conversation it answered
+    within the prompt cache's lifetime is written to the new relay's cache in full on its next
+    request. Its prompt tokens, and their cache-write price on each other provider (None: no price)."""
+    found = server.recorder.active_context(view.selected, time.time())
+    if found is None:
+        return None
+    model, tokens, age = found
+    pricing, costs = view.config.pricing, {}
+    for name, target in view.targets.items():
+        if name != view.selected:
+            sent = map_model(model, target.model_set, target.env_models) if view.config.model_mapping else model
+            rates = pricing.rates(sent)
+            costs[name] = None if rates is None else round(
+                tokens * rates[3] * pricing.multipliers.get(name, 1.0) / 1e6, 6)
+    return {"from": view.selected, "model": model, "tokens": tokens, "age_s": round(age),
+            "currency": pricing.currency, "costs": costs}
+
+
+def api_usage(handler, params):
+    """Usage and cost over days from the usage store: JSON, or CSV with ?format=csv."""
+    query = handler.query_params()
+    report = usage_report(handler.server.recorder.usage, handler.server.store.view.config.pricing.currency, query)
+    if query.get("format", ["json"])[0] == "csv":
+        handler.send_bytes(200, usage_csv(report), "text/csv; charset=utf-8",
+                           [("Content-Disposition", 'attachment; filename="ccproxy-usage-%s-%s.csv"'
+                             % (report["from"], report["to"])), ("Cache-Control", "no-store")])
+        return None
+    return 200, report
 
 
 # ============================================================================ balance
@@ -3951,6 +4140,472 @@ class Balances:
                "# TYPE ccproxy_balance_remaining gauge"]
         return out + ['ccproxy_balance_remaining{provider="%s",unit="%s"} %s' % (_label(n), r["unit"], r["remaining"])
                       for n, r in sorted(known.items())]
+
+
+def api_balance(handler, params):
+    """Every provider's balance (or why it is not available), asked of the relays that have not
+    been asked within BALANCE_TTL_S; ?refresh=1 asks them all now."""
+    query = handler.query_params()
+    refresh = query.get("refresh", ["0"])[0] in ("1", "true", "yes")
+    view = handler.server.store.view
+    names = [p.name for p in view.config.providers if p.usable]
+    if "provider" in query:
+        handler.server.store.require(query["provider"][0])
+        names = [query["provider"][0]]
+    return 200, {"balances": handler.server.check_balances(names, refresh),
+                 "low_balance": view.config.low_balance, "low": sorted(handler.server.health.low_balance)}
+
+
+# ============================================================================ team keys
+#
+# The APIKEY is the administrator's: the web page and every /api/ route. Keys (config.json)
+# are the users': each relays (/v1/...) and reads its own usage (/api/me), nothing else. A
+# key's secret is kept only as its SHA-256, which is enough for a long random secret.
+
+
+class UserKey:
+    """One entry of Keys, validated: who may relay with which secret, until when, to which
+    providers and models, within which limits (None: no limit)."""
+
+    __slots__ = KEY_FIELDS + ("expires_at",)
+
+    def __init__(self, entry):
+        for field in KEY_FIELDS:
+            setattr(self, field, entry.get(field))
+        self.enabled = entry.get("enabled", True)
+        # "expires": "2026-12-31" keeps the key working to the end of that day, local time.
+        self.expires_at = None
+        if self.expires:
+            day = datetime.date.fromisoformat(self.expires) + datetime.timedelta(days=1)
+            self.expires_at = time.mktime(day.timetuple())
+
+    @property
+    def limited(self):
+        return any(getattr(self, limit) for limit in KEY_LIMITS)
+
+    def summary(self):
+        """The key as the page and /api/me show it: everything but its hash."""
+        return {field: getattr(self, field) for field in KEY_FIELDS if field != "sha256"}
+
+
+def key_sha256(secret):
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def new_user_secret():
+    return USER_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def _check_keys(value, providers, usage_db, problems):
+    if not isinstance(value, list):
+        problems.append('Keys must be a list of keys such as {"name": "小王", "sha256": "<64 hex digits>"}')
+        return []
+    names, hashes, keys = set(), set(), []
+    known = {p.name for p in providers if p.usable}
+    for index, entry in enumerate(value):
+        where = "Keys[%d]" % index
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"].strip():
+            problems.append("%s must be an object with a non-empty name" % where)
+            continue
+        _check_name(entry["name"], where + ".name", problems)
+        where = "Keys[%d] (%s)" % (index, escape_unprintable(entry["name"]))
+        count = len(problems)
+        if entry["name"] in names:
+            problems.append("%s: another key has this name — names must be unique" % where)
+        names.add(entry["name"])
+        digest = entry.get("sha256")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            problems.append("%s.sha256 must be the SHA-256 of the key's secret, 64 lowercase hex digits "
+                            "(the web page creates keys and stores only this)" % where)
+        elif digest in hashes:
+            problems.append("%s: the same secret as another key" % where)
+        hashes.add(digest)
+        for field in entry:
+            if field not in KEY_FIELDS and not field.startswith("_"):
+                problems.append("%s.%s is not a key field — use %s" % (where, field, ", ".join(KEY_FIELDS)))
+        if not isinstance(entry.get("enabled", True), bool):
+            problems.append("%s.enabled must be true or false" % where)
+        expires = entry.get("expires")
+        try:
+            if expires is not None:
+                datetime.date.fromisoformat(expires)
+        except (TypeError, ValueError):
+            problems.append("%s.expires must be a date such as 2026-12-31 (the last day it works), or null" % where)
+        allowed = entry.get("providers")
+        if allowed is not None and (not isinstance(allowed, list) or not all(isinstance(n, str) for n in allowed)):
+            problems.append("%s.providers must be a list of provider names, or null for every provider" % where)
+        elif allowed:
+            problems.extend("%s.providers: %r is not a provider with an api_base_url" % (where, n)
+                            for n in allowed if n not in known)
+        globs = entry.get("models")
+        if globs is not None and (not isinstance(globs, list) or not all(isinstance(g, str) and g for g in globs)):
+            problems.append('%s.models must be a list of model ids or globs such as "claude-sonnet-*", '
+                            'or null for every model' % where)
+        for limit in KEY_LIMITS:
+            amount = entry.get(limit)
+            if amount is not None and (not _is_number(amount) or amount <= 0 or
+                                       (limit in ("rpm", "tokens_per_day") and amount != int(amount))):
+                problems.append("%s.%s must be a positive %s, or null for no limit"
+                                % (where, limit, "number" if limit.startswith("cost") else "whole number"))
+        if len(problems) == count:
+            keys.append(UserKey(entry))
+    if any(k.limited for k in keys) and not usage_db:
+        problems.append("Keys: limits are counted in the usage store, and USAGE_DB is empty — set it "
+                        "(usage.sqlite3) or remove the limits")
+    return keys
+
+
+class KeyRefused(AuthError):
+    """A user key that is known but may not be used: retrying cannot help."""
+
+    retry = False
+
+
+class KeyLimitReached(RateLimited):
+    """A day's or a month's limit: Claude Code is told not to retry (it would wait hours)."""
+
+    retry = False
+
+
+def permitted(user, view, chain, body):
+    """The providers of chain this user key may use, for the model the request asks for (an
+    alias's real model); a 403 that says what the key allows if nothing is left. A list left
+    out (null) allows all; an empty one, none."""
+    model = requested_model(body) if user.models is not None else None
+    if model is not None:
+        model = view.aliases.get(model, (None, model))[1]
+        if not any(fnmatch.fnmatchcase(model.lower(), glob.lower()) for glob in user.models):
+            raise ProxyError("key %s may use the models %s, not %s" % (user.name, ", ".join(user.models) or "(none)",
+                                                                       model), 403, "permission_error")
+    if user.providers is None:
+        return chain
+    allowed = [t for t in chain if t.name in user.providers]
+    if not allowed:
+        raise ProxyError("key %s may use the providers %s; none of them is selected or in the failover list"
+                         % (user.name, ", ".join(user.providers) or "(none)"), 403, "permission_error")
+    return allowed
+
+
+def seconds_until(now, days=0, months=0):
+    """Seconds from now to the next local midnight (days=1) or the first of the next month."""
+    today = datetime.date.fromtimestamp(now)
+    if months:
+        day = datetime.date(today.year + today.month // 12, today.month % 12 + 1, 1)
+    else:
+        day = today + datetime.timedelta(days=days)
+    return time.mktime(day.timetuple()) - now
+
+
+class Limits:
+    """Per-key limits, counted in the usage store so that every ccproxy process on the host
+    shares them. Requests per minute exactly: one short transaction a request, in fixed
+    minutes. Tokens and cost per day and month from the usage roll-ups, which the recorder
+    adds a moment after each answer; a process re-reads a key's totals every KEY_TOTALS_S."""
+
+    def __init__(self, path):
+        self.path = path
+        self.idle = queue.SimpleQueue()     # sqlite connections not in use, any thread's
+        self.lock = threading.Lock()
+        self.totals = {}                    # key name -> (read at, day, month, tokens today, cost today, cost this month)
+
+    def admit(self, user, now):
+        if user.rpm:
+            self.count_request(user, now)
+        if user.tokens_per_day or user.cost_per_day or user.cost_per_month:
+            _, _, _, tokens, cost_day, cost_month = self.used(user.name, now)
+            reached = ((user.tokens_per_day, tokens, "tokens_per_day", "%d tokens today", 1, 0),
+                       (user.cost_per_day, cost_day, "cost_per_day", "%s of cost today", 1, 0),
+                       (user.cost_per_month, cost_month, "cost_per_month", "%s of cost this month", 0, 1))
+            for limit, used, name, what, days, months in reached:
+                if limit and used >= limit:
+                    wait = seconds_until(now, days, months)
+                    raise KeyLimitReached("key %s has used its %s (%s) — it frees up in %s"
+                                          % (user.name, what % limit, name, describe_wait(wait)), wait)
+
+    def connection(self):
+        try:
+            return self.idle.get_nowait()
+        except queue.Empty:
+            return open_store(self.path, check_same_thread=False)
+
+    def count_request(self, user, now):
+        minute = time.strftime("%Y-%m-%d %H:%M", time.localtime(now))
+        wait = 60 - time.localtime(now).tm_sec          # fixed minutes: the next one frees it
+        conn = self.connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute("SELECT requests FROM key_minutes WHERE key_name = ? AND minute = ?",
+                                   (user.name, minute)).fetchone()
+                if row is not None and row[0] >= user.rpm:
+                    raise RateLimited("key %s has made its %d requests this minute (rpm) — it frees up in %d s"
+                                      % (user.name, user.rpm, wait), wait)
+                if row is None:
+                    conn.execute("DELETE FROM key_minutes WHERE key_name = ? AND minute < ?", (user.name, minute))
+                    conn.execute("INSERT INTO key_minutes (key_name, minute, requests) VALUES (?, ?, 1)",
+                                 (user.name, minute))
+                else:
+                    conn.execute("UPDATE key_minutes SET requests = requests + 1 WHERE key_name = ? AND minute = ?",
+                                 (user.name, minute))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise ProxyError("the usage store cannot count key %s's requests: %s" % (user.name, exc), 503,
+                             "overloaded_error")
+        except BaseException:
+            self.idle.put(conn)
+            raise
+        self.idle.put(conn)
+
+    def used(self, name, now, fresh=False):
+        """(read at, day, month, tokens today, cost today, cost this month) of a key."""
+        day, month = time.strftime("%Y-%m-%d", time.localtime(now)), time.strftime("%Y-%m", time.localtime(now))
+        found = self.totals.get(name)
+        if not fresh and found and found[1] == day and now - found[0] < KEY_TOTALS_S:
+            return found
+        conn = self.connection()
+        try:
+            today = conn.execute("SELECT SUM(input + output + cache_read + cache_write), SUM(cost) FROM usage "
+                                 "WHERE key_name = ? AND hour BETWEEN ? AND ?", (name, day + " 00", day + " 23")).fetchone()
+            this_month = conn.execute("SELECT SUM(cost) FROM usage WHERE key_name = ? AND hour BETWEEN ? AND ?",
+                                      (name, month + "-01 00", month + "-31 23")).fetchone()
+            self.idle.put(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise ProxyError("the usage store cannot be read: %s" % exc, 503, "overloaded_error")
+        found = (now, day, month, today[0] or 0, today[1] or 0.0, this_month[0] or 0.0)
+        with self.lock:
+            self.totals[name] = found
+        return found
+
+    def spent(self, rec, pricing):
+        """Count a key's answered request in this process's totals at once (the usage store
+        has it a moment later): the key's next request is judged with it."""
+        if rec.get("usage") and rec["provider"] is not None:
+            price(rec, pricing)
+            with self.lock:
+                found = self.totals.get(rec["key"])
+                if found is not None:
+                    tokens = sum(rec["usage"].values())
+                    cost = rec["cost"] or 0.0
+                    self.totals[rec["key"]] = found[:3] + (found[3] + tokens, found[4] + cost, found[5] + cost)
+
+    def minute_count(self, name, now):
+        conn = self.connection()
+        try:
+            row = conn.execute("SELECT requests FROM key_minutes WHERE key_name = ? AND minute = ?",
+                               (name, time.strftime("%Y-%m-%d %H:%M", time.localtime(now)))).fetchone()
+            self.idle.put(conn)
+        except sqlite3.Error:
+            conn.close()
+            return None
+        return row[0] if row else 0
+
+
+def describe_wait(seconds):
+    if seconds < 120:
+        return "%d s" % math.ceil(seconds)
+    if seconds < 7200:
+        return "%d min" % math.ceil(seconds / 60)
+    return "%.1f h" % (seconds / 3600)
+
+
+def key_report(server, user, now):
+    """What a key may do, what it has used and what is left: /api/me, and the page's Keys list."""
+    limits = server.limits
+    out = dict(user.summary(), currency=server.store.view.config.pricing.currency, used={}, left={})
+    if limits is None:
+        return out
+    _, _, _, tokens, cost_day, cost_month = limits.used(user.name, now, fresh=True)
+    used = {"rpm": limits.minute_count(user.name, now), "tokens_per_day": tokens,
+            "cost_per_day": round(cost_day, 6), "cost_per_month": round(cost_month, 6)}
+    out["used"] = used
+    out["left"] = {k: (None if getattr(user, k) is None or used[k] is None
+                       else max(0, round(getattr(user, k) - used[k], 6))) for k in KEY_LIMITS}
+    return out
+
+
+def api_me(handler, params):
+    """A user key's own page: its limits, what is left, its recent requests (never its secret)."""
+    user = handler.user
+    if user is None:
+        return 200, {"name": None, "admin": True}
+    report = key_report(handler.server, user, time.time())
+    report["recent"] = handler.server.recorder.newest(KEY_RECENT, key=user.name)
+    return 200, report
+
+
+def put_key(raw, name, fields, secret=None, create=False):
+    """Create (create=True) or change key `name` in raw, in place: fields are merged into its
+    entry (null removes one; another "name" renames it). A secret replaces its hash: the
+    secret itself is never written."""
+    if not isinstance(fields, dict):
+        raise ClientError("the key must be a JSON object")
+    for field in fields:
+        if field not in KEY_FIELDS or field == "sha256":
+            raise ClientError("%s is not a field a key can be given — use %s (a new secret comes from "
+                              "POST /api/keys/NAME/rekey)" % (field, ", ".join(f for f in KEY_FIELDS if f != "sha256")))
+    keys = raw.setdefault("Keys", [])
+    if not isinstance(keys, list):
+        raise ClientError("Keys in config.json is not a list — fix the file by hand first")
+    found = [k for k in keys if isinstance(k, dict) and k.get("name") == name]
+    new_name = fields.get("name", name)
+    if (create and found) or (new_name != name and any(isinstance(k, dict) and k.get("name") == new_name for k in keys)):
+        raise ProxyError("there is already a key named %r" % new_name, 409, "invalid_request_error")
+    if not create and not found:
+        raise NotFound("no key named %r in config.json" % name)
+    entry = found[0] if found else {"name": name, "enabled": True}
+    if not found:
+        keys.append(entry)
+    for field, value in fields.items():
+        if value is None and field != "name":
+            entry.pop(field, None)
+        else:
+            entry[field] = value
+    if secret is not None:
+        entry["sha256"] = key_sha256(secret)
+
+
+def delete_key(raw, name):
+    keys = raw.get("Keys")
+    if not isinstance(keys, list) or not any(isinstance(k, dict) and k.get("name") == name for k in keys):
+        raise NotFound("no key named %r in config.json" % name)
+    raw["Keys"] = [k for k in keys if not (isinstance(k, dict) and k.get("name") == name)]
+
+
+def api_keys(handler, params):
+    now = time.time()
+    config = handler.server.store.view.config
+    return 200, {"keys": [key_report(handler.server, key, now) for key in config.keys],
+                 "currency": config.pricing.currency, "limits_counted": handler.server.limits is not None}
+
+
+def with_secret(handler, name, secret, change):
+    """Save a change that gives key `name` a new secret; the answer shows the secret, once,
+    with a settings.json for its user. Only its hash is kept."""
+    status, result = edited(handler, change)
+    config = handler.server.store.view.config
+    result.update(name=name, key=secret, settings=claude_settings(handler.proxy_url(), secret,
+                                                                  effective_env_models(config.env_models, {}),
+                                                                  gateway=True))
+    return status, result
+
+
+def api_create_key(handler, params):
+    fields = handler.json_body()
+    name = _field(fields, "name")
+    secret = new_user_secret()
+    return with_secret(handler, name, secret, lambda raw: put_key(raw, name, fields, secret, create=True))
+
+
+def api_put_key(handler, params):
+    name = urllib.parse.unquote(params["name"])
+    fields = handler.json_body()
+    return edited(handler, lambda raw: put_key(raw, name, fields))
+
+
+def api_rekey(handler, params):
+    name = urllib.parse.unquote(params["name"])
+    secret = new_user_secret()
+    return with_secret(handler, name, secret, lambda raw: put_key(raw, name, {}, secret))
+
+
+def api_delete_key(handler, params):
+    name = urllib.parse.unquote(params["name"])
+    return edited(handler, lambda raw: delete_key(raw, name))
+
+
+# ============================================================================ health and failover
+
+
+class Health:
+    """Which providers are cooling down after a failure, which lack count_tokens, and which
+    conversations need their thinking signatures stripped on which provider."""
+
+    def __init__(self, clock=time.time):
+        self.clock = clock            # wall-clock seconds: the web UI shows "until" times; injectable for tests
+        self.lock = threading.Lock()
+        self.cooling = {}             # name -> (until, reason)
+        self.no_count_tokens = {}     # name -> until
+        self.strip_for = {}           # (conversation, provider) -> when a signature strip helped
+        self.gates = {}               # provider -> the last client-version gate it answered
+        self.client_agent = None      # the last Claude Code User-Agent relayed (Check a relay sends it)
+        self.low_balance = frozenset()  # providers under LOW_BALANCE, tried last (LOW_BALANCE_LAST)
+
+    def cool_down(self, name, seconds, reason):
+        with self.lock:
+            self.cooling[name] = (self.clock() + min(seconds, MAX_COOLDOWN_S), reason)
+
+    def recovered(self, name):
+        if name in self.cooling:
+            with self.lock:
+                self.cooling.pop(name, None)
+
+    def is_cooling(self, name, now):
+        entry = self.cooling.get(name)
+        return entry is not None and entry[0] > now
+
+    def snapshot(self):
+        now = self.clock()
+        with self.lock:
+            return {n: {"until": u, "reason": r} for n, (u, r) in self.cooling.items() if u > now}
+
+    def strips_signatures(self, session, name):
+        """Whether this conversation needed its thinking signatures stripped on this provider."""
+        when = self.strip_for.get((session, name))
+        return when is not None and self.clock() - when < SESSION_MEMORY_S
+
+    def remember_strip(self, session, name):
+        with self.lock:
+            if len(self.strip_for) >= SESSION_MEMORY_MAX:
+                for key in list(self.strip_for)[:SESSION_MEMORY_MAX // 2]:     # the oldest half
+                    del self.strip_for[key]
+            self.strip_for[(session, name)] = self.clock()
+
+    def note_gate(self, name, model, gate, user_agent):
+        """A provider answered "Claude Code X does not support this model; version Y or newer
+        is required": kept for the page, and a warning in the log."""
+        sent, required = gate
+        self.gates[name] = {"model": model, "required": required, "sent": sent, "at": self.clock(),
+                            "user_agent": user_agent}
+        log.warning("provider %s: model %s needs Claude Code %s or newer (it was told %s) — update Claude "
+                    "Code, or the User-Agent of a header preset", name, model, required, sent)
+
+    def lacks_count_tokens(self, name):
+        until = self.no_count_tokens.get(name)
+        return until is not None and until > self.clock()
+
+    def remember_no_count_tokens(self, name):
+        with self.lock:
+            self.no_count_tokens[name] = self.clock() + COUNT_TOKENS_MEMORY_S
+
+
+def candidates(view, health):
+    """The providers to try in order: the selected one, then the fallback list, skipping any
+    that still has a placeholder key and any that is cooling down; fallbacks whose balance is
+    low come last (LOW_BALANCE_LAST). If all are cooling down, the first of them is tried anyway."""
+    fallback = [n for n in (view.fallback if view.fallback_enabled else ()) if n != view.selected]
+    if health.low_balance:
+        fallback.sort(key=health.low_balance.__contains__)     # stable: the rest keep their order
+    names = [view.selected] + fallback
+    usable = [view.targets[n] for n in names if n in view.targets and not view.targets[n].provider.placeholder_key]
+    now = health.clock()
+    chosen = [t for t in usable if not health.is_cooling(t.name, now)]
+    return chosen or usable[:1]
+
+
+def no_candidate(view):
+    """The NoProvider error that says what to edit when candidates() found nothing."""
+    target = view.target
+    if target is not None and target.provider.placeholder_key:
+        return NoProvider("provider %s still has the example key of config.in.json, so ccproxy did "
+                          "not contact it — put your real key in its api_key in %s, then press "
+                          "Reload in the web UI" % (target.name, view.config.path))
+    return NoProvider("ccproxy has no provider to relay to — add one with an api_base_url to "
+                      "Providers in %s, then press Reload in the web UI" % view.config.path)
 
 
 # ============================================================================ web UI API
@@ -4110,51 +4765,6 @@ def api_state(handler, params=None):
     }
 
 
-def switch_estimate(server, view):
-    """What switching away from the selected provider now would cost: a conversation it answered
-    within the prompt cache's lifetime is written to the new relay's cache in full on its next
-    request. Its prompt tokens, and their cache-write price on each other provider (None: no price)."""
-    found = server.recorder.active_context(view.selected, time.time())
-    if found is None:
-        return None
-    model, tokens, age = found
-    pricing, costs = view.config.pricing, {}
-    for name, target in view.targets.items():
-        if name != view.selected:
-            sent = map_model(model, target.model_set, target.env_models) if view.config.model_mapping else model
-            rates = pricing.rates(sent)
-            costs[name] = None if rates is None else round(
-                tokens * rates[3] * pricing.multipliers.get(name, 1.0) / 1e6, 6)
-    return {"from": view.selected, "model": model, "tokens": tokens, "age_s": round(age),
-            "currency": pricing.currency, "costs": costs}
-
-
-def api_usage(handler, params):
-    """Usage and cost over days from the usage store: JSON, or CSV with ?format=csv."""
-    query = handler.query_params()
-    report = usage_report(handler.server.recorder.usage, handler.server.store.view.config.pricing.currency, query)
-    if query.get("format", ["json"])[0] == "csv":
-        handler.send_bytes(200, usage_csv(report), "text/csv; charset=utf-8",
-                           [("Content-Disposition", 'attachment; filename="ccproxy-usage-%s-%s.csv"'
-                             % (report["from"], report["to"])), ("Cache-Control", "no-store")])
-        return None
-    return 200, report
-
-
-def api_balance(handler, params):
-    """Every provider's balance (or why it is not available), asked of the relays that have not
-    been asked within BALANCE_TTL_S; ?refresh=1 asks them all now."""
-    query = handler.query_params()
-    refresh = query.get("refresh", ["0"])[0] in ("1", "true", "yes")
-    view = handler.server.store.view
-    names = [p.name for p in view.config.providers if p.usable]
-    if "provider" in query:
-        handler.server.store.require(query["provider"][0])
-        names = [query["provider"][0]]
-    return 200, {"balances": handler.server.check_balances(names, refresh),
-                 "low_balance": view.config.low_balance, "low": sorted(handler.server.health.low_balance)}
-
-
 def _field(body, name, required=True, nullable=False):
     if not isinstance(body, dict):
         raise ClientError("the request body must be a JSON object")
@@ -4242,7 +4852,6 @@ def api_refresh(handler, params):
         store.require(name)
     results = refresh_models(store, None if name is None else [name])
     return 200, {"results": results}
-
 
 
 def api_check(handler, params):
@@ -4337,6 +4946,38 @@ def get_model(handler, params):
     return 200, model_object(model_id, alias_display(handler.server, view)(model_id))
 
 
+def serve_page(handler, params):
+    if handler.command == "HEAD":
+        handler.send_bytes(200, b"", "text/html; charset=utf-8")
+        return None
+    try:
+        with open(WEBUI_FILE, "rb") as f:
+            page = f.read()
+    except OSError:
+        raise NotFound("webui.html is missing beside ccproxy.py")
+    handler.send_bytes(200, page, "text/html; charset=utf-8",
+                       [("Cache-Control", "no-store"), ("X-Frame-Options", "DENY"),
+                        ("Content-Security-Policy", "default-src 'self'; style-src 'self' "
+                         "'unsafe-inline'; script-src 'self' 'unsafe-inline'; img-src 'self' data:")])
+    return None
+
+
+def hello(handler, params):
+    return 200, {"ok": True, "service": "ccproxy", "version": VERSION}
+
+
+def metrics(handler, params):
+    text = handler.server.recorder.metrics_text() + "\n".join(handler.server.balances.metrics_lines()) + "\n"
+    handler.send_bytes(200, text.encode("utf-8"),
+                       "text/plain; version=0.0.4; charset=utf-8")
+    return None
+
+
+def refuse_cross_origin(handler, params):
+    # No CORS: a page on another origin must not drive this API (its preflight fails).
+    raise ProxyError("cross-origin requests are not allowed", 403, "permission_error")
+
+
 # ============================================================================ request handler
 
 
@@ -4360,6 +5001,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     body_pending = False        # the request has a body that has not been read
     query = ""
     out = None
+    user = None                 # the UserKey a request came with; None for the APIKEY
 
     def setup(self):
         """StreamRequestHandler.setup(), on a SocketStream with kernel timeouts (set_timeout)."""
@@ -4465,8 +5107,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             route, params = find_route(self.command, path)
             if route.recorded:
                 exchange = params["exchange"] = Exchange()
-            if route.access == "key":
-                self.authenticate()
+            self.user = None
+            if route.access != "public":
+                self.user = self.authenticate(route.access)
+                if exchange is not None and self.user is not None:
+                    exchange.key = self.user.name
             result = route.func(self, params)
             if result is not None:
                 self.send_json(*result)
@@ -4486,7 +5131,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             busy.discard(self.connection)
             if exchange is not None:
-                self.server.recorder.submit(self.exchange_record(exchange, started))
+                rec = self.exchange_record(exchange, started)
+                if self.user is not None and self.user.limited and self.server.limits is not None:
+                    self.server.limits.spent(rec, self.server.store.view.config.pricing)
+                self.server.recorder.submit(rec)
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (an unknown method, say) and parse_request's, in
@@ -4498,14 +5146,38 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- reading the request
 
-    def authenticate(self):
-        apikey = self.server.store.view.config.apikey
-        if not apikey:
-            return  # no key set: allowed on loopback only, make_server refuses anything else
+    def authenticate(self, access):
+        """Who sent the request: None for the APIKEY (the administrator), else the user key
+        (Keys) whose secret it is. A wrong key meets the throttle; a user key on an "admin"
+        route gets 403, a disabled or expired one 401 saying so."""
+        config = self.server.store.view.config
+        if not config.apikey:
+            return None  # no key set: allowed on loopback only, make_server refuses anything else
         key, _ = client_key(self.headers.items())
-        valid = bool(key) and hmac.compare_digest(key.encode("utf-8", "surrogateescape"),
-                                                  apikey.encode("utf-8"))
-        self.server.throttle.admit(self.client_address[0], key, valid)
+        admin = bool(key) and hmac.compare_digest(key.encode("utf-8", "surrogateescape"),
+                                                  config.apikey.encode("utf-8"))
+        user = config.key_by_hash.get(key_sha256(key)) if key and not admin and config.keys else None
+        self.server.throttle.admit(self.client_ip(), key, admin or user is not None)
+        if user is None:
+            return None
+        if access == "admin":
+            raise ProxyError("this is the user key %s: it relays (/v1/...) and reads its own usage (/api/me); "
+                             "ccproxy's APIKEY manages ccproxy" % user.name, 403, "permission_error")
+        if not user.enabled:
+            raise KeyRefused("key %s is disabled — ask whoever runs this ccproxy" % user.name)
+        if user.expires_at is not None and time.time() >= user.expires_at:
+            raise KeyRefused("key %s expired on %s — ask whoever runs this ccproxy for a new date" % (user.name, user.expires))
+        return user
+
+    def client_ip(self):
+        """The client's address: the peer's, or for a peer in TRUSTED_PROXIES (nginx in front)
+        the last address of the X-Forwarded-For it sends."""
+        peer = self.client_address[0]
+        if peer in self.server.store.view.config.trusted_proxies:
+            forwarded = (self.headers.get("X-Forwarded-For") or "").rsplit(",", 1)[-1].strip()
+            if forwarded and _is_address(forwarded):
+                return forwarded
+        return peer
 
     def read_body(self, limit):
         """The request body (as parse_request framed it), at most limit bytes, else 413.
@@ -4568,7 +5240,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             # Part of the answer is out: a second status line would be read as body bytes.
             self.close_connection = True
             return
-        extra = list(exc.headers) if exc.retry else [("x-should-retry", "false")]
+        extra = list(exc.headers) + ([] if exc.retry else [("x-should-retry", "false")])
         try:
             self.send_bytes(exc.status, error_body(exc.kind, str(exc), getattr(exc, "extra", None)),
                             "application/json", extra)
@@ -4581,7 +5253,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """The request log's record: metadata and token counts only, never bodies or keys."""
         usage = exchange.usage
         return {
-            "time": time.time(), "client": self.client_address[0], "method": self.command,
+            "time": time.time(), "client": self.client_ip(), "key": exchange.key, "method": self.command,
             "path": self.path.partition("?")[0], "provider": exchange.provider,
             "attempts": [list(a) for a in exchange.attempts] + [[exchange.provider, str(exchange.status),
                                                                  exchange.model_out]],
@@ -4601,39 +5273,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     redact(format % args, self.server.store.view.config.secrets()))
 
 
-def serve_page(handler, params):
-    if handler.command == "HEAD":
-        handler.send_bytes(200, b"", "text/html; charset=utf-8")
-        return None
-    try:
-        with open(WEBUI_FILE, "rb") as f:
-            page = f.read()
-    except OSError:
-        raise NotFound("webui.html is missing beside ccproxy.py")
-    handler.send_bytes(200, page, "text/html; charset=utf-8",
-                       [("Cache-Control", "no-store"), ("X-Frame-Options", "DENY"),
-                        ("Content-Security-Policy", "default-src 'self'; style-src 'self' "
-                         "'unsafe-inline'; script-src 'self' 'unsafe-inline'; img-src 'self' data:")])
-    return None
-
-
-def hello(handler, params):
-    return 200, {"ok": True, "service": "ccproxy", "version": VERSION}
-
-
-def metrics(handler, params):
-    text = handler.server.recorder.metrics_text() + "\n".join(handler.server.balances.metrics_lines()) + "\n"
-    handler.send_bytes(200, text.encode("utf-8"),
-                       "text/plain; version=0.0.4; charset=utf-8")
-    return None
-
-
-def refuse_cross_origin(handler, params):
-    # No CORS: a page on another origin must not drive this API (its preflight fails).
-    raise ProxyError("cross-origin requests are not allowed", 403, "permission_error")
-
-
-
 def relay_request(handler, params):
     """Everything else under /v1/ goes to the providers (Relay)."""
     if has_dot_segment(handler.path.partition("?")[0]):
@@ -4641,11 +5280,16 @@ def relay_request(handler, params):
         raise ClientError("the path has a . or .. segment (perhaps percent-encoded): not relayed")
     server = handler.server
     view = server.store.view
+    if handler.user is not None and handler.user.limited:
+        if server.limits is None:
+            raise ProxyError("key %s has limits, and this ccproxy keeps no usage store to count them in "
+                             "(USAGE_DB, or a Python without sqlite3)" % handler.user.name, 503, "api_error")
+        server.limits.admit(handler.user, time.time())
     request = ClientRequest(handler.command, handler.path, handler.headers,
                             handler.read_body(view.config.max_body_bytes),
                             handler.request_version == "HTTP/1.0")
     relay = Relay(view, server.health, server.pool, handler.out, params["exchange"], server.recorder,
-                  server.debug, server.store)
+                  server.debug, server.store, handler.user)
     try:
         relay.run(request)
     finally:
@@ -4656,7 +5300,8 @@ def relay_request(handler, params):
 
 class Route:
     """One line of ROUTES: the methods, a path pattern ({name} is one segment, {name*} the
-    rest), who may call it ("public" or "key") and whether the request log records it."""
+    rest), who may call it ("public"; "user": the APIKEY or a user key; "admin": the APIKEY)
+    and whether the request log records it."""
 
     __slots__ = ("methods", "regex", "access", "func", "recorded")
 
@@ -4675,33 +5320,39 @@ ROUTES = (
     Route("GET HEAD", "/index.html", "public", serve_page),
     Route("GET HEAD", "/api/hello", "public", hello),
     Route("GET HEAD", "/healthz", "public", hello),
-    Route("GET HEAD", "/metrics", "key", metrics),
-    Route("GET HEAD", "/v1/models", "key", list_models, recorded=True),
-    Route("GET HEAD", "/v1/models/{id}", "key", get_model, recorded=True),
-    Route("GET HEAD POST PUT PATCH DELETE", "/v1/{rest*}", "key", relay_request, recorded=True),
-    Route("GET", "/api/state", "key", api_state),
-    Route("POST", "/api/select", "key", api_select),
-    Route("POST", "/api/reload", "key", api_reload),
-    Route("POST", "/api/overrides", "key", api_overrides),
-    Route("POST", "/api/fallback", "key", api_fallback),
-    Route("POST", "/api/refresh-models", "key", api_refresh),
-    Route("POST", "/api/test", "key", api_test),
-    Route("POST", "/api/check", "key", api_check),
-    Route("DELETE", "/api/fixes/{name}", "key", api_forget_fixes),
-    Route("DELETE", "/api/fixes/{name}/{id}", "key", api_forget_fixes),
-    Route("GET", "/api/requests", "key", api_requests),
-    Route("GET", "/api/stats", "key", api_stats),
-    Route("GET", "/api/usage", "key", api_usage),
-    Route("GET", "/api/balance", "key", api_balance),
-    Route("GET", "/api/providers/{name}/key", "key", api_key),
-    Route("GET", "/api/config", "key", api_config),
-    Route("PUT", "/api/providers/{name}", "key", api_put_provider),
-    Route("DELETE", "/api/providers/{name}", "key", api_delete_provider),
-    Route("POST", "/api/providers-order", "key", api_order),
-    Route("PUT", "/api/settings", "key", api_settings),
-    Route("GET", "/api/export", "key", api_export),
-    Route("POST", "/api/import/preview", "key", api_import_preview),
-    Route("POST", "/api/import", "key", api_import),
+    Route("GET HEAD", "/metrics", "admin", metrics),
+    Route("GET HEAD", "/v1/models", "user", list_models, recorded=True),
+    Route("GET HEAD", "/v1/models/{id}", "user", get_model, recorded=True),
+    Route("GET HEAD POST PUT PATCH DELETE", "/v1/{rest*}", "user", relay_request, recorded=True),
+    Route("GET", "/api/me", "user", api_me),
+    Route("GET", "/api/state", "admin", api_state),
+    Route("POST", "/api/select", "admin", api_select),
+    Route("POST", "/api/reload", "admin", api_reload),
+    Route("POST", "/api/overrides", "admin", api_overrides),
+    Route("POST", "/api/fallback", "admin", api_fallback),
+    Route("POST", "/api/refresh-models", "admin", api_refresh),
+    Route("POST", "/api/test", "admin", api_test),
+    Route("POST", "/api/check", "admin", api_check),
+    Route("DELETE", "/api/fixes/{name}", "admin", api_forget_fixes),
+    Route("DELETE", "/api/fixes/{name}/{id}", "admin", api_forget_fixes),
+    Route("GET", "/api/requests", "admin", api_requests),
+    Route("GET", "/api/stats", "admin", api_stats),
+    Route("GET", "/api/usage", "admin", api_usage),
+    Route("GET", "/api/balance", "admin", api_balance),
+    Route("GET", "/api/keys", "admin", api_keys),
+    Route("POST", "/api/keys", "admin", api_create_key),
+    Route("PUT", "/api/keys/{name}", "admin", api_put_key),
+    Route("POST", "/api/keys/{name}/rekey", "admin", api_rekey),
+    Route("DELETE", "/api/keys/{name}", "admin", api_delete_key),
+    Route("GET", "/api/providers/{name}/key", "admin", api_key),
+    Route("GET", "/api/config", "admin", api_config),
+    Route("PUT", "/api/providers/{name}", "admin", api_put_provider),
+    Route("DELETE", "/api/providers/{name}", "admin", api_delete_provider),
+    Route("POST", "/api/providers-order", "admin", api_order),
+    Route("PUT", "/api/settings", "admin", api_settings),
+    Route("GET", "/api/export", "admin", api_export),
+    Route("POST", "/api/import/preview", "admin", api_import_preview),
+    Route("POST", "/api/import", "admin", api_import),
 )
 
 
@@ -4752,20 +5403,29 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             usage = UsageStore(config.usage_db)
         self.recorder = Recorder(config.request_log, config.request_log_max, lambda: self.store.view.config, usage)
         self.balances = Balances()
+        self.limits = Limits(config.usage_db) if usage is not None else None
         self.stopping = threading.Event()
-        threading.Thread(target=self.watch_balances, name="ccproxy-balances", daemon=True).start()
+        threading.Thread(target=self.housekeeping, name="ccproxy-housekeeping", daemon=True).start()
         self.tests = {}               # provider -> last test result
         self.conn_lock = threading.Lock()
         self.connections = set()  # every open client socket
         self.busy = set()         # the sockets in the middle of a request
         super().__init__(address, Handler)
 
-    def watch_balances(self):
-        """With LOW_BALANCE set, ask the relays of the failover order for their balance every
-        BALANCE_TTL_S, so a low one is moved to its end (LOW_BALANCE_LAST) with the page closed."""
-        while not self.stopping.wait(BALANCE_TTL_S):
-            if self.store.view.config.low_balance:
-                self.check_balances()
+    def housekeeping(self):
+        """Every STATE_POLL_S: take what other ccproxy processes changed (Store.sync). Every
+        BALANCE_TTL_S with LOW_BALANCE set: ask the relays of the failover order for their
+        balance, so a low one moves to its end (LOW_BALANCE_LAST) with the page closed."""
+        balances_at = time.monotonic()
+        while not self.stopping.wait(STATE_POLL_S):
+            try:
+                self.store.sync()
+                if time.monotonic() - balances_at >= BALANCE_TTL_S:
+                    balances_at = time.monotonic()
+                    if self.store.view.config.low_balance:
+                        self.check_balances()
+            except Exception:
+                log.exception("housekeeping failed; trying again")
 
     def check_balances(self, names=None, refresh=False):
         """The balances of the named providers (None: the selected one and the failover list),

@@ -13,6 +13,7 @@ Every loop is bounded in count and in time. Linux only (/proc for CPU time and R
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 APIKEY = "sk-bench-0123456789abcdef"
+USER_KEY = "sk-ccp-bench-user-0123456789abcdefghijklmnop"     # a user key (Keys) with every limit
 PHASE_TIMEOUT_S = 180
 TARGETS = [
     # key, label, target, pass(value)
@@ -42,6 +44,7 @@ TARGETS = [
     ("rss_peak_mb", "proxy RSS peak during the 256 streams", "<= 50 MB", lambda v: v <= 50.0),
     ("rss_growth_mb", "RSS growth over the soak after warm-up", "<= 5 MB", lambda v: v <= 5.0),
     ("models_list_ms", "/v1/models?limit=1000, 50 relays x 200 models: p50", "<= 100 ms", lambda v: v <= 100.0),
+    ("key_limits_added_ms", "a user key with limits vs the APIKEY: added p50", "<= 0.1 ms", lambda v: v <= 0.1),
 ]
 
 # ---------------------------------------------------------------- mock upstream (own process)
@@ -187,12 +190,12 @@ class Conn:
     async def __aexit__(self, *exc):
         self.close()
 
-    async def request(self, path, body, headers=b"", on_event=None):
+    async def request(self, path, body, headers=b"", on_event=None, key=APIKEY):
         """Send a POST; return (status, body). on_event(arrival, t) is called per SSE event
         that carries a "t" stamp, as its bytes arrive."""
         self.writer.write(b"POST %s HTTP/1.1\r\nHost: b\r\nx-api-key: %s\r\nanthropic-version: 2023-06-01\r\n"
                           b"Content-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
-                          % (path, APIKEY.encode(), len(body), headers, body))
+                          % (path, key.encode(), len(body), headers, body))
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
         lower = head.lower()
@@ -247,12 +250,12 @@ def proc_mem_mb(pid, field):
     return float("nan")
 
 
-async def sequential(port, count, body, headers=b""):
+async def sequential(port, count, body, headers=b"", key=APIKEY):
     times = []
     async with Conn(port) as conn:
         for _ in range(count):
             t0 = time.perf_counter()
-            status, _ = await conn.request(b"/v1/messages", body, headers)
+            status, _ = await conn.request(b"/v1/messages", body, headers, key=key)
             times.append((time.perf_counter() - t0) * 1000)
             assert status == 200, status
     return times
@@ -450,6 +453,23 @@ async def run(quick):
         raw["rss_soak_start_mb"], raw["rss_soak_end_mb"] = rss0, proc_mem_mb(pid, "VmRSS")
         r["rss_growth_mb"] = raw["rss_soak_end_mb"] - rss0
 
+        # A user key with every limit: its lookup, its rpm counted in the usage store (one sqlite
+        # transaction), its day and month totals; alternated with the APIKEY on the same proxy.
+        limits = {"name": "bench", "sha256": hashlib.sha256(USER_KEY.encode()).hexdigest(), "rpm": 10 ** 9,
+                  "tokens_per_day": 10 ** 12, "cost_per_day": 10 ** 9, "cost_per_month": 10 ** 9}
+        keyed, keyed_port = start_proxy(tmp, mock_port, "keys.json", Keys=[limits])
+        try:
+            n, admin, user = scale(1000, 300), [], []
+            await phase("warm-up keys", parallel(keyed_port, 4, 50))
+            await phase("warm-up keys", sequential(keyed_port, 50, PLAIN, key=USER_KEY))
+            for _ in range(3):
+                admin.append(pct(await phase("APIKEY", sequential(keyed_port, n, PLAIN)), 0.5))
+                user.append(pct(await phase("user key with limits", sequential(keyed_port, n, PLAIN, key=USER_KEY)), 0.5))
+            raw["latency_apikey_ms"], raw["latency_user_key_ms"] = sorted(admin)[1], sorted(user)[1]
+            r["key_limits_added_ms"] = raw["latency_user_key_ms"] - raw["latency_apikey_ms"]
+        finally:
+            stop_proxy(keyed)
+
         # Claude Code's /model picker: every provider's models under an alias, from stored lists
         many = [{"name": "中转站%02d" % i, "api_base_url": "http://127.0.0.1:%d/r%d" % (mock_port, i),
                  "api_key": "sk-up", "models": ["model-%03d" % m for m in range(200)]} for i in range(50)]
@@ -478,6 +498,7 @@ def report(r, raw, baseline=None):
         ("256 streams: TTFB p99 (ms)", raw["ttfb_p99_direct"], raw["ttfb_p99_proxy"]),
         ("  … through a minimal threaded relay (ms)", raw["ttfb_p99_direct"], raw["ttfb_p99_floor"]),
         ("2 MB body: p50 latency (ms)", raw["big_body_ms_direct"], raw["big_body_ms_proxy"]),
+        ("1 client p50 (ms): APIKEY | user key with limits", raw["latency_apikey_ms"], raw["latency_user_key_ms"]),
     ]
     print("%-48s %10s %10s %10s" % ("measured", "direct", "proxy", "diff"))
     for label, direct, proxied in rows:

@@ -561,3 +561,69 @@ def test_usage_cost_cache_and_balance_in_the_page(browser, tmp_path, upstream, u
         wait(browser, lambda d: proxy.store.view.selected == "🚀备用")
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize("lang, width", [("en", 1280), ("zh", 390)])
+def test_user_keys_in_the_page(browser, tmp_path, upstream, upstream2, lang, width):
+    """Create a key for 小王 in the page: its secret is shown once (and copied with its
+    settings.json), only its hash reaches config.json, it relays and is refused the page's API;
+    then disable it, give it a new secret and delete it."""
+    import hashlib
+    config = make_config(upstream, upstream2)
+    config["Providers"][0]["name"] = "中转站A"
+    path = write_config(tmp_path / "config.json", config)
+    proxy = start_proxy(path)
+    words = {"en": ("Key for 小王", "disabled", "Disable", "New secret", "Delete", "limits: 30/min"),
+             "zh": ("小王 的密钥", "已停用", "停用", "换新密钥", "删除", "限额：30/分钟")}[lang]
+    try:
+        browser.set_window_size(width, 900)
+        login(browser, proxy, lang)
+        browser.execute_cdp_cmd("Browser.grantPermissions", {
+            "origin": proxy.url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+        click(browser, lambda d: d.find_element(By.ID, "add-key"))
+        wait(browser, lambda d: d.find_element(By.ID, "key-editor").is_displayed())
+        assert run_axe(browser) == []
+        browser.find_element(By.ID, "key-name").send_keys("小王")
+        browser.find_element(By.ID, "key-rpm").send_keys("30")
+        browser.find_element(By.ID, "key-models").send_keys("claude-sonnet-*, claude-haiku-*")
+        provider_box = [b for b in browser.find_elements(By.CSS_SELECTOR, "#key-providers input") if b.get_attribute("value") == "中转站A"][0]
+        provider_box.click()
+        browser.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
+        wait(browser, lambda d: d.find_element(By.ID, "key-secret").is_displayed())
+        assert browser.find_element(By.ID, "key-secret-title").text == words[0]
+        secret = browser.find_element(By.ID, "key-secret-text").get_attribute("value")
+        assert secret.startswith("sk-ccp-") and browser.switch_to.active_element.get_attribute("id") == "key-copy"
+        click(browser, lambda d: d.find_element(By.ID, "key-copy-settings"))
+        copied = browser.execute_async_script("navigator.clipboard.readText().then(arguments[0], e => arguments[0]('ERR ' + e))")
+        assert json.loads(copied)["env"]["ANTHROPIC_AUTH_TOKEN"] == secret
+        assert run_axe(browser) == []
+        click(browser, lambda d: d.find_element(By.ID, "key-secret-close"))
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        assert secret not in text and hashlib.sha256(secret.encode()).hexdigest() in text
+        entry = json.loads(text)["Keys"][0]
+        assert entry["providers"] == ["中转站A"] and entry["rpm"] == 30
+        # The key relays; the page's API is not its to call.
+        body = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": []}
+        assert proxy.call("POST", "/v1/messages", body, key=secret)[0] == 200
+        assert proxy.call("GET", "/api/state", key=secret)[0] == 403
+        row = lambda d: d.find_element(By.CSS_SELECTOR, '#keys li[data-key="小王"]')
+        wait(browser, lambda d: words[5] in row(d).text)
+        assert secret not in browser.find_element(By.ID, "app").get_attribute("textContent")
+        click(browser, lambda d: row(d).find_element(By.XPATH, ".//button[text()='%s']" % words[2]))
+        wait(browser, lambda d: words[1] in row(d).text)
+        assert proxy.call("POST", "/v1/messages", body, key=secret)[0] == 401
+        click(browser, lambda d: row(d).find_element(By.XPATH, ".//button[text()='%s']" % words[3]))
+        browser.switch_to.alert.accept()
+        wait(browser, lambda d: d.find_element(By.ID, "key-secret").is_displayed())
+        fresh = browser.find_element(By.ID, "key-secret-text").get_attribute("value")
+        assert fresh != secret and proxy.call("POST", "/v1/messages", body, key=secret)[0] == 401
+        click(browser, lambda d: d.find_element(By.ID, "key-secret-close"))
+        click(browser, lambda d: row(d).find_element(By.XPATH, ".//button[text()='%s']" % words[4]))
+        browser.switch_to.alert.accept()
+        wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, '#keys li[data-key="小王"]'))
+        assert proxy.call("POST", "/v1/messages", body, key=fresh)[0] == 401
+        overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0
+    finally:
+        proxy.stop()

@@ -136,7 +136,7 @@ def test_usage_as_csv_for_a_spreadsheet(relays, upstream):
 def test_usage_query_errors_are_clear(relays):
     proxy, _ = relays
     for query, words in (("from=2026-13-01", "dates such as"), ("from=2026-02-01&to=2026-01-01", "on or before"),
-                         ("from=2020-01-01&to=2026-01-01", "at most"), ("by=key", "one or more of"),
+                         ("from=2020-01-01&to=2026-01-01", "at most"), ("by=bogus", "one or more of"),
                          ("by=provider,provider", "one or more of")):
         status, body = proxy.api("GET", "/api/usage?" + query)
         assert status == 400 and body["type"] == "error", query
