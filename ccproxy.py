@@ -3031,7 +3031,11 @@ class Relay:
         if not chain:
             raise no_candidate(self.view)
         if self.user is not None:
-            chain = permitted(self.user, self.view, chain, request.body)
+            try:
+                chain = permitted(self.user, self.view, chain, request.body)
+            except ProxyError:
+                exchange.model_in = requested_model(request.body)     # for the record of the refusal
+                raise
         if request.path.startswith("/v1/messages/count_tokens") and health.lacks_count_tokens(chain[0].name):
             # Claude Code 2.1.332 estimates by itself after a 404: the relay is spared /context's burst.
             exchange.provider = chain[0].name
@@ -3915,20 +3919,18 @@ class UsageStore:
 
 def open_store(path, check_same_thread=True):
     """A connection to the usage store (WAL mode: readers never wait for the writer, and
-    several processes share it), its tables made if new: the hourly roll-ups and the
-    per-key request counts of the current minute."""
+    several processes share it), its table of hourly roll-ups made if new."""
     conn = sqlite3.connect(path, timeout=SQLITE_BUSY_MS / 1000.0, isolation_level=None,
                            check_same_thread=check_same_thread)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA cache_size=-256")          # KiB: the roll-ups are small, memory is not
     conn.execute("CREATE TABLE IF NOT EXISTS usage (hour TEXT NOT NULL, provider TEXT NOT NULL, "
                  "model TEXT NOT NULL, key_name TEXT NOT NULL DEFAULT '', %s, "
                  "PRIMARY KEY (hour, provider, model, key_name))"
                  % ", ".join("%s %s NOT NULL DEFAULT 0" % (c, "REAL" if c == "cost" else "INTEGER")
                              for c in UsageStore.SUMS))
     conn.execute("CREATE INDEX IF NOT EXISTS usage_by_key ON usage (key_name, hour)")
-    conn.execute("CREATE TABLE IF NOT EXISTS key_minutes (key_name TEXT NOT NULL, minute TEXT NOT NULL, "
-                 "requests INTEGER NOT NULL, PRIMARY KEY (key_name, minute))")
     return conn
 
 
@@ -4297,16 +4299,20 @@ def seconds_until(now, days=0, months=0):
 
 
 class Limits:
-    """Per-key limits, counted in the usage store so that every ccproxy process on the host
-    shares them. Requests per minute exactly: one short transaction a request, in fixed
-    minutes. Tokens and cost per day and month from the usage roll-ups, which the recorder
-    adds a moment after each answer; a process re-reads a key's totals every KEY_TOTALS_S."""
+    """Per-key limits, counted where every ccproxy process on the host shares them. Requests
+    per minute exactly, in fixed minutes, in a file beside the usage store. Tokens and cost
+    per day and month from the usage roll-ups, which the recorder adds a moment after each
+    answer; a process re-reads a key's totals every KEY_TOTALS_S, and counts its own answers
+    in them at once (spent)."""
 
     def __init__(self, path):
         self.path = path
         self.idle = queue.SimpleQueue()     # sqlite connections not in use, any thread's
         self.lock = threading.Lock()
         self.totals = {}                    # key name -> (read at, day, month, tokens today, cost today, cost this month)
+        self.fd = None                      # the file of this minute's request counts (count_request)
+        self.size = 0                       # of its content, as last read
+        self.minute = (None, "")            # (minutes since the epoch, its local "YYYY-MM-DD HH:MM")
 
     def admit(self, user, now):
         if user.rpm:
@@ -4329,36 +4335,61 @@ class Limits:
             return open_store(self.path, check_same_thread=False)
 
     def count_request(self, user, now):
-        minute = time.strftime("%Y-%m-%d %H:%M", time.localtime(now))
-        wait = 60 - time.localtime(now).tm_sec          # fixed minutes: the next one frees it
-        conn = self.connection()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        """Count a request of the key in the current minute (fixed minutes), or refuse it: in a
+        small file beside the usage store that every process reads and rewrites under an
+        flock (a few system calls: a sqlite transaction here would wait on the recorder's)."""
+        minute, wait = self.minute_of(now), 60 - int(now % 60)     # the next minute frees it
+        with self.lock:
+            counts = self.minutes(write=True)
             try:
-                row = conn.execute("SELECT requests FROM key_minutes WHERE key_name = ? AND minute = ?",
-                                   (user.name, minute)).fetchone()
-                if row is not None and row[0] >= user.rpm:
+                entry = counts.get(user.name)
+                count = entry[1] if isinstance(entry, list) and entry[:1] == [minute] else 0
+                if count >= user.rpm:
                     raise RateLimited("key %s has made its %d requests this minute (rpm) — it frees up in %d s"
                                       % (user.name, user.rpm, wait), wait)
-                if row is None:
-                    conn.execute("DELETE FROM key_minutes WHERE key_name = ? AND minute < ?", (user.name, minute))
-                    conn.execute("INSERT INTO key_minutes (key_name, minute, requests) VALUES (?, ?, 1)",
-                                 (user.name, minute))
-                else:
-                    conn.execute("UPDATE key_minutes SET requests = requests + 1 WHERE key_name = ? AND minute = ?",
-                                 (user.name, minute))
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            conn.close()
-            raise ProxyError("the usage store cannot count key %s's requests: %s" % (user.name, exc), 503,
-                             "overloaded_error")
-        except BaseException:
-            self.idle.put(conn)
-            raise
-        self.idle.put(conn)
+                counts = {k: v for k, v in counts.items() if isinstance(v, list) and v[:1] == [minute]}
+                counts[user.name] = [minute, count + 1]
+                self.save_minutes(counts)
+            finally:
+                self.unlock_minutes()
+
+    def minute_of(self, now):
+        """"YYYY-MM-DD HH:MM", local time; the same for a whole minute (time zones are whole
+        minutes from UTC), so it is made once a minute."""
+        if int(now // 60) != self.minute[0]:
+            self.minute = (int(now // 60), time.strftime("%Y-%m-%d %H:%M", time.localtime(now)))
+        return self.minute[1]
+
+    def minutes(self, write=False):
+        """The per-key counts of the current minute, locked (flock) until unlock_minutes()."""
+        if self.fd is None:
+            self.fd = os.open(self.path + ".minutes", os.O_RDWR | os.O_CREAT, 0o600)
+        if fcntl is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
+        try:
+            data = os.pread(self.fd, 1 << 20, 0)
+        except AttributeError:          # Windows: no pread
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            data = os.read(self.fd, 1 << 20)
+        try:
+            counts = json.loads(data or b"{}")
+        except ValueError:
+            counts = {}                 # cut by a crash: the minute's counts start again
+        self.size = len(data)
+        return counts if isinstance(counts, dict) else {}
+
+    def save_minutes(self, counts):
+        # Padded with spaces to the length it had (JSON allows them): no truncate to make.
+        data = json.dumps(counts, ensure_ascii=False).encode("utf-8").ljust(self.size)
+        try:
+            os.pwrite(self.fd, data, 0)
+        except AttributeError:
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            os.write(self.fd, data)
+
+    def unlock_minutes(self):
+        if fcntl is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def used(self, name, now, fresh=False):
         """(read at, day, month, tokens today, cost today, cost this month) of a key."""
@@ -4394,15 +4425,13 @@ class Limits:
                     self.totals[rec["key"]] = found[:3] + (found[3] + tokens, found[4] + cost, found[5] + cost)
 
     def minute_count(self, name, now):
-        conn = self.connection()
-        try:
-            row = conn.execute("SELECT requests FROM key_minutes WHERE key_name = ? AND minute = ?",
-                               (name, time.strftime("%Y-%m-%d %H:%M", time.localtime(now)))).fetchone()
-            self.idle.put(conn)
-        except sqlite3.Error:
-            conn.close()
-            return None
-        return row[0] if row else 0
+        with self.lock:
+            minute = self.minute_of(now)
+            try:
+                entry = self.minutes().get(name)
+            finally:
+                self.unlock_minutes()
+        return entry[1] if isinstance(entry, list) and entry[:1] == [minute] else 0
 
 
 def describe_wait(seconds):

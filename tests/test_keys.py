@@ -185,6 +185,11 @@ def test_cost_limits_count_priced_requests(team, limit):
     assert wait <= (86400 if limit == "cost_per_day" else 31 * 86400)
     usage(proxy, "by=key", 1)
     assert proxy.api("GET", "/api/me", key=SECRET_WANG)[1]["used"][limit] > 0.0001
+    user = proxy.store.view.config.key_by_hash[sha(SECRET_WANG)]
+    later = time.time() + wait + 1                    # the next day, or the next month
+    proxy.server.limits.admit(user, later)
+    with pytest.raises(ccproxy.KeyLimitReached):
+        proxy.server.limits.admit(user, time.time())
 
 
 def test_allowed_providers_and_models(team, upstream, upstream2):
