@@ -41,7 +41,9 @@ TARGETS = [
     # the fastest peer (claude-code-router), less than half of what it adds (measured apart).
     ("ttfb_added_p99_ms", "256 concurrent streams: added TTFB p99", "<= 1.3 x base", None),
     ("big_body_ratio", "2 MB request body: latency vs direct", "<= 2 x", lambda v: v <= 2.0),
-    ("rss_peak_mb", "proxy RSS peak during the 256 streams", "<= 50 MB", lambda v: v <= 50.0),
+    # 56 MB since the usage store and team keys: the script itself (compiled at every start)
+    # and sqlite3 hold ~6 MB more; what the 256 streams add is unchanged (docs/performance.md).
+    ("rss_peak_mb", "proxy RSS peak during the 256 streams", "<= 56 MB", lambda v: v <= 56.0),
     ("rss_growth_mb", "RSS growth over the soak after warm-up", "<= 5 MB", lambda v: v <= 5.0),
     ("models_list_ms", "/v1/models?limit=1000, 50 relays x 200 models: p50", "<= 100 ms", lambda v: v <= 100.0),
     ("key_limits_added_ms", "a user key with limits vs the APIKEY: added p50", "<= 0.1 ms", lambda v: v <= 0.1),

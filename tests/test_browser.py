@@ -627,3 +627,38 @@ def test_user_keys_in_the_page(browser, tmp_path, upstream, upstream2, lang, wid
         assert overflow <= 0
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_a_user_key_sees_its_own_usage_not_the_page(browser, tmp_path, upstream, upstream2, lang):
+    import hashlib
+    secret = "sk-ccp-page-user-0123456789abcdefghijklmnopq"
+    config = make_config(upstream, upstream2, Keys=[{"name": "小王", "sha256": hashlib.sha256(secret.encode()).hexdigest(),
+                                                     "rpm": 30, "models": ["claude-*"]}])
+    proxy = start_proxy(write_config(tmp_path / "config.json", config))
+    words = {"en": ("requests this minute", "30", "no limits", "only claude-*"),
+             "zh": ("本分钟请求", "30", "不限额", "仅限 claude-*")}[lang]
+    try:
+        body = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": []}
+        for _ in range(2):
+            assert proxy.call("POST", "/v1/messages", body, key=secret)[0] == 200
+        browser.get(proxy.url + "/")
+        browser.execute_script("localStorage.setItem('ccproxy.lang', arguments[0])", lang)
+        browser.get(proxy.url + "/")
+        wait(browser, lambda d: d.find_element(By.ID, "password").is_displayed())
+        browser.find_element(By.ID, "password").send_keys(secret)
+        browser.find_element(By.CSS_SELECTOR, "#login-form button[type=submit]").click()
+        wait(browser, lambda d: d.find_element(By.ID, "me").is_displayed())
+        assert not browser.find_element(By.ID, "app").is_displayed()
+        assert browser.find_element(By.ID, "me-name").text == "小王"
+        rows = [[c.text for c in r.find_elements(By.CSS_SELECTOR, "th, td")]
+                for r in browser.find_elements(By.CSS_SELECTOR, "#me-limits tbody tr")]
+        assert rows[0][:2] == [words[0], words[1]] and int(rows[0][2]) + int(rows[0][3]) == 30  # 2 used, or 0 in a new minute
+        assert rows[1][1] == words[2]
+        assert words[3] in browser.find_element(By.ID, "me-scope").text
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#me-recent tbody tr")) == 2
+        assert run_axe(browser) == []
+        browser.find_element(By.ID, "me-logout").click()
+        wait(browser, lambda d: d.find_element(By.ID, "password").is_displayed())
+    finally:
+        proxy.stop()

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import pytest
 
 from conftest import APIKEY, ROOT, start_proxy, wait_for, write_config
-from test_keys import MAIN, SECRET_WANG, SPARE, relay, team_config
+from test_keys import MAIN, SECRET_WANG, SPARE, relay, same_minute, team_config
 from test_relay import MESSAGE
 
 # .ci/run sets CCPROXY_REQUIRE_NGINX=1: there a missing nginx fails instead of skipping.
@@ -71,6 +71,7 @@ def test_learned_fixes_models_and_config_edits_reach_the_other(pair, upstream):
 
 def test_a_key_limit_holds_across_both(pair):
     first, second = pair
+    same_minute()
     for proxy in (first, second, first, second):
         assert relay(proxy, SECRET_WANG)[0] == 200
     assert relay(first, SECRET_WANG)[0] == 429 and relay(second, SECRET_WANG)[0] == 429     # 4 a minute, not 8
@@ -170,6 +171,7 @@ def test_two_processes_behind_nginx(tmp_path, upstream, upstream2):
         assert answered == {"127.0.0.1:%d" % p for p in ports}
         assert len(upstream2.requests) == 4 and not upstream.requests
         # A per-key limit holds across both: 6 a minute through nginx, not 6 a process.
+        same_minute()
         results = [call(front, "POST", "/v1/messages", MESSAGE, key=SECRET_WANG)[0] for _ in range(8)]
         assert results == [200] * 6 + [429] * 2
         # Streams pass through nginx unbuffered: the first event long before the last.
