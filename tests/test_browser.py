@@ -315,7 +315,7 @@ def test_clipboard_copy_and_chinese(browser, ui_proxy):
     browser.find_element(By.CSS_SELECTOR, "header .lang-toggle").click()
     wait(browser, lambda d: d.find_element(By.ID, "reload").text == "重载配置")
     assert browser.find_element(By.CSS_SELECTOR, "label[for=fallback-add]").text == "要添加的供应商"
-    assert browser.find_element(By.CSS_SELECTOR, "th:nth-child(5)").text == "首字节"
+    assert browser.find_element(By.CSS_SELECTOR, "#requests th:nth-child(5)").text == "首字节"
     browser.refresh()                                    # remembered, and still logged in
     wait(browser, lambda d: d.find_element(By.ID, "reload").text == "重载配置")
     wait(browser, lambda d: d.find_element(By.ID, "app").is_displayed())
