@@ -4790,7 +4790,6 @@ def api_state(handler, params=None):
         "switch": switch_estimate(handler.server, view),
         "balances": handler.server.balances.cached([p.name for p in config.providers]),
         "low_balance": config.low_balance,
-        "usage_store": bool(handler.server.recorder.usage),
     }
 
 

@@ -327,6 +327,9 @@ def test_screenshots_light_and_dark(browser, tmp_path, upstream, upstream2):
     config["Providers"][0].update(name="anthropic", comment="Anthropic's own API")
     config["Providers"][1]["name"] = "----- relays -----"
     config["Providers"][2].update(name="relay-hk", comment="中转 · Hong Kong")
+    with open(os.path.join(ROOT, "config.in.json"), encoding="utf-8") as f:
+        config["Pricing"] = json.load(f)["Pricing"]          # the template's list prices
+    upstream.billing = {"hard_limit_usd": 50, "total_usage": 1234}
     proxy = start_proxy(write_config(tmp_path / "config.json", config))
     try:
         browser.set_window_size(1280, 1500)
