@@ -4288,6 +4288,16 @@ def permitted(user, view, chain, body):
     return allowed
 
 
+def visible_models(user, view):
+    """The ids of /v1/models a user key may use: the selected provider's and the aliases of
+    its providers, whose real model its globs allow."""
+    def allowed(model_id):
+        name, model = view.aliases.get(model_id, (view.selected, model_id))
+        return (user.providers is None or name in user.providers) and \
+            (user.models is None or any(fnmatch.fnmatchcase(model.lower(), g.lower()) for g in user.models))
+    return [m for m in view.model_ids if allowed(m)]
+
+
 def seconds_until(now, days=0, months=0):
     """Seconds from now to the next local midnight (days=1) or the first of the next month."""
     today = datetime.date.fromtimestamp(now)
@@ -4956,11 +4966,12 @@ def list_models(handler, params):
     list shape, from the lists ccproxy keeps: never a call to a provider."""
     target = selected_target(handler)
     view = handler.server.store.view
-    page = model_page(view.model_ids, handler.query, alias_display(handler.server, view))
+    ids = view.model_ids if handler.user is None else visible_models(handler.user, view)
+    page = model_page(ids, handler.query, alias_display(handler.server, view))
     exchange = params["exchange"]
     exchange.status = 200
     exchange.say("models", "answered by ccproxy: %s of %s models (%s's and every provider's aliases)",
-                 len(page["data"]), len(view.model_ids), target.name)
+                 len(page["data"]), len(ids), target.name)
     return 200, page
 
 

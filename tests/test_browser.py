@@ -544,6 +544,13 @@ def test_usage_cost_cache_and_balance_in_the_page(browser, tmp_path, upstream, u
         tip = browser.find_element(By.ID, "chart-tip")
         assert tip.is_displayed() and tip.text == last
         assert [c.get_attribute("tabindex") for c in columns].count("0") == 1
+        # Today by hour: 24 columns, the requests in the hour they were made.
+        Select(browser.find_element(By.ID, "usage-range")).select_by_value("1")
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chart-tokens g[data-col]")) == 24)
+        hours = [g.get_attribute("aria-label") for g in browser.find_elements(By.CSS_SELECTOR, "#chart-tokens g[data-col]")]
+        assert hours[0].startswith(today + " 00") and sum("中转站A: " in h for h in hours) >= 1
+        Select(browser.find_element(By.ID, "usage-range")).select_by_value("7")
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chart-tokens g[data-col]")) == 7)
         colour = browser.execute_script("return getComputedStyle(document.querySelector('svg.chart text')).fill")
         assert colour == {"light": "rgb(88, 98, 115)", "dark": "rgb(169, 178, 192)"}[scheme]   # --muted
         # Requests: each with its cache read/write and cost; a model without a price says so.

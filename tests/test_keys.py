@@ -217,6 +217,10 @@ def test_allowed_providers_and_models(team, upstream, upstream2):
              if m["id"].endswith("--glm-4.6")][0]
     assert relay(proxy, SECRET_WANG, dict(MESSAGE, model=alias))[0] == 200
     assert relay(proxy, SECRET_LI, dict(MESSAGE, model="claude-haiku-4-5"))[0] == 200     # 李四: anything
+    # /v1/models offers 小王 what he may use: SPARE's models his globs allow, under their aliases.
+    listed = [m["id"] for m in json.loads(proxy.call("GET", "/v1/models?limit=100", key=SECRET_WANG)[2])["data"]]
+    assert listed == [alias]
+    assert len(json.loads(proxy.call("GET", "/v1/models?limit=100", key=SECRET_LI)[2])["data"]) == 5
 
 
 def test_a_renamed_or_deleted_provider_follows_into_keys(team):
