@@ -583,8 +583,9 @@ def test_user_keys_in_the_page(browser, tmp_path, upstream, upstream2, lang, wid
     config["Providers"][0]["name"] = "中转站A"
     path = write_config(tmp_path / "config.json", config)
     proxy = start_proxy(path)
-    words = {"en": ("Key for 小王", "disabled", "Disable", "New secret", "Delete", "limits: 30/min"),
-             "zh": ("小王 的密钥", "已停用", "停用", "换新密钥", "删除", "限额：30/分钟")}[lang]
+    proxy.config_path = path
+    words = {"en": ("Key for 小王", "disabled", "Disable", "New secret", "Delete", "limits: 30/min", "Edit", "limits: 5/min"),
+             "zh": ("小王 的密钥", "已停用", "停用", "换新密钥", "删除", "限额：30/分钟", "编辑", "限额：5/分钟")}[lang]
     try:
         browser.set_window_size(width, 900)
         login(browser, proxy, lang)
@@ -620,6 +621,17 @@ def test_user_keys_in_the_page(browser, tmp_path, upstream, upstream2, lang, wid
         row = lambda d: d.find_element(By.CSS_SELECTOR, '#keys li[data-key="小王"]')
         wait(browser, lambda d: words[5] in row(d).text)
         assert secret not in browser.find_element(By.ID, "app").get_attribute("textContent")
+        # Edit: another limit, every provider; the secret stays.
+        click(browser, lambda d: row(d).find_element(By.XPATH, ".//button[text()='%s']" % words[6]))
+        wait(browser, lambda d: d.find_element(By.ID, "key-editor").is_displayed())
+        assert browser.find_element(By.ID, "key-rpm").get_attribute("value") == "30"
+        browser.find_element(By.ID, "key-rpm").clear()
+        browser.find_element(By.ID, "key-rpm").send_keys("5")
+        [b for b in browser.find_elements(By.CSS_SELECTOR, "#key-providers input") if b.is_selected()][0].click()
+        browser.find_element(By.ID, "key-submit").click()
+        wait(browser, lambda d: words[7] in row(d).text)
+        entry = config_on_disk(proxy)["Keys"][0]
+        assert entry["rpm"] == 5 and "providers" not in entry and entry["sha256"] == hashlib.sha256(secret.encode()).hexdigest()
         click(browser, lambda d: row(d).find_element(By.XPATH, ".//button[text()='%s']" % words[2]))
         wait(browser, lambda d: words[1] in row(d).text)
         assert proxy.call("POST", "/v1/messages", body, key=secret)[0] == 401
