@@ -157,6 +157,7 @@ USAGE_DB_NAME = "usage.sqlite3"     # hourly roll-ups, beside the config unless 
 SQLITE_BUSY_MS = 5000               # another process holding the usage file's write lock
 USAGE_TTFB_MS = (100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500, 10000, 20000, 30000, 60000)
 USAGE_MAX_DAYS = 400                # one /api/usage query spans at most this many days
+USAGE_RETRY_S = 60                  # a usage store that failed is tried again after this long
 CACHE_LIFETIME_S = 300.0            # Anthropic's default prompt cache lifetime
 CACHE_WINDOW = 20                   # a provider's recent cached requests the cache guard weighs
 CACHE_MIN_SAMPLES = 5               # ... and how many it needs before it judges
@@ -3848,7 +3849,7 @@ class UsageStore:
     def __init__(self, path):
         self.path = path
         self.conn = None            # the writer's connection (the recorder thread's)
-        self.broken = False
+        self.retry_at = 0.0             # after a failure, the store is left alone until then
 
     def connect(self):
         return open_store(self.path)
@@ -3881,7 +3882,7 @@ class UsageStore:
                 total = batch.setdefault(key, dict.fromkeys(self.SUMS, 0))
                 for column, value in sums.items():
                     total[column] += value
-        if not batch or self.broken:
+        if not batch or time.monotonic() < self.retry_at:
             return
         adding = ", ".join("%s = %s + ?" % (c, c) for c in self.SUMS)
         try:
@@ -3897,7 +3898,10 @@ class UsageStore:
                                           "(?, ?, ?, ?, %s)" % (", ".join(self.SUMS), ", ".join("?" * len(self.SUMS))),
                                           list(group) + values)
         except sqlite3.Error as exc:
-            log.error("%s: cannot add to the usage store (%s); usage figures miss these requests", self.path, exc)
+            # Once a minute at most: a broken file must not fill the log at every batch.
+            self.retry_at = time.monotonic() + USAGE_RETRY_S
+            log.error("%s: cannot add to the usage store (%s); usage figures miss the requests of the "
+                      "next %d s, then it is tried again", self.path, exc, USAGE_RETRY_S)
             if self.conn is not None:
                 self.conn.close()
                 self.conn = None

@@ -6,6 +6,7 @@ import datetime
 import io
 import json
 import logging
+import time
 
 import pytest
 
@@ -331,3 +332,20 @@ def test_a_low_balance_relay_is_tried_last(tmp_path, upstream, upstream2):
 def test_the_template_ships_anthropic_list_prices(model, rates):
     config = ccproxy.load_config(ccproxy.TEMPLATE_CONFIG)
     assert config.pricing.currency == "USD" and config.pricing.rates(model) == rates
+
+
+def test_a_broken_usage_store_is_said_once_and_the_relay_goes_on(tmp_path, upstream, upstream2, caplog):
+    caplog.set_level(logging.INFO, logger="ccproxy")
+    (tmp_path / "usage.sqlite3").write_bytes(b"this is not a database, " * 100)
+    proxy = start_proxy(write_config(tmp_path / "c.json", usage_config(upstream, upstream2)))
+    try:
+        for _ in range(5):
+            assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200
+            time.sleep(0.05)                                  # separate batches
+        assert wait_for(lambda: len(proxy.api("GET", "/api/requests?limit=5")[1]["requests"]) == 5)
+        errors = [r.getMessage() for r in caplog.records if "cannot add to the usage store" in r.getMessage()]
+        assert len(errors) == 1 and "tried again" in errors[0]
+        status, body = proxy.api("GET", "/api/usage")
+        assert status == 500 and body["type"] == "error" and "usage store cannot be read" in body["error"]["message"]
+    finally:
+        proxy.stop()
