@@ -5323,7 +5323,9 @@ def relay_request(handler, params):
         raise ClientError("the path has a . or .. segment (perhaps percent-encoded): not relayed")
     server = handler.server
     view = server.store.view
-    if handler.user is not None and handler.user.limited:
+    # A key's limits count what is billed: not count_tokens, which is free, and which Claude
+    # Code's /context sends about 17 at once.
+    if handler.user is not None and handler.user.limited and not handler.path.startswith("/v1/messages/count_tokens"):
         if server.limits is None:
             raise ProxyError("key %s has limits, and this ccproxy keeps no usage store to count them in "
                              "(USAGE_DB, or a Python without sqlite3)" % handler.user.name, 503, "api_error")
