@@ -4195,7 +4195,8 @@ class UserKey:
 
 
 def key_sha256(secret):
-    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+    """The SHA-256 of a key as Keys stores it: key_digest's, in hex."""
+    return key_digest(secret).hex()
 
 
 def new_user_secret():
