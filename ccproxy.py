@@ -22,7 +22,7 @@ slow stream holds nothing but its thread. Sockets keep their timeouts in the ker
 or guarded by its owner's lock; the pool needs no lock.
 
 Sections, in file order (grep -n '^# ===' ccproxy.py):
-  constants, errors, config, state, config editing, HTTP messages, Anthropic requests and replies,
+  constants, errors, config, files, state, config editing, HTTP messages, Anthropic requests and replies,
   relay compatibility, upstream client, providers: discovery and tests, relay, observability,
   usage and cost, balance, team keys, health and failover, web UI API, request handler,
   server factory and CLI.
@@ -45,6 +45,7 @@ import contextlib
 import csv
 import datetime
 import email.utils
+import errno
 import fnmatch
 import functools
 import hashlib
@@ -93,6 +94,7 @@ WEBUI_FILE = os.path.join(HERE, "webui.html")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3456
 PLACEHOLDER_APIKEY = "sk-ccproxy-CHANGE-ME"
+APIKEY_MIN_CHARS = 16               # a shorter APIKEY is warned about
 DEFAULT_API_TIMEOUT_MS = 600000     # must exceed Claude Code's own 300 s stream watchdog
 DEFAULT_MAX_BODY_MB = 64            # Claude Code sends 100 KB to 20 MB (images)
 CONNECT_TIMEOUT_S = 10.0
@@ -118,7 +120,7 @@ LINGER_MAX_BYTES = 1 << 20
 CHUNK_SIZE_LINE = 1024              # longest chunk-size line (with extensions) read from a client
 API_BODY_MAX = 1 << 20              # a web UI API call's JSON body
 ERROR_EXCERPT = 160                 # characters of a provider's answer quoted in a message
-SNIFF_BYTES = 4096                  # of an error answer that did not end, searched for a fix
+TAUGHT_EXCERPT = 300                # characters of the error that taught a learned fix, kept with it
 ERROR_HOLD_BYTES = 65536            # of an error answer, read before deciding on failover
 MAX_FIXES_PER_REQUEST = 5           # learned fixes tried on one request, one retry each
 THINKING_BUDGET = 16000             # budget_tokens when adaptive thinking must become budgeted
@@ -152,6 +154,8 @@ AUTH_TRACKED_MAX = 10000            # addresses (and trusted keys) kept before p
 DEBUG_BODY_CHARS = 2000
 STATE_SUFFIX = ".state.json"
 STALE_TEMP_S = 60.0                 # a temp file of write_atomic this old was left by a crash
+PRIVATE_MODE = 0o600                # every file ccproxy writes beside the config: its owner's alone
+CONFIG_BACKUPS = 5                  # config.json.bak-<time> files kept beside config.json
 ANTHROPIC_VERSION = "2023-06-01"
 USAGE_DB_NAME = "usage.sqlite3"     # hourly roll-ups, beside the config unless USAGE_DB says otherwise
 SQLITE_BUSY_MS = 5000               # another process holding the usage file's write lock
@@ -186,7 +190,7 @@ TOP_KEYS = ("HOST", "PORT", "APIKEY", "LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_M
             "TRUSTED_PROXIES")
 ALIAS_PREFIX = "claude-via-"        # every provider's models, as ids Claude Code's /model lists
 # Failures that move a request to the next provider, if no byte has reached the client yet.
-FAILOVER_STATUSES = frozenset([401, 403, 408, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524, 529])
+FAILOVER_STATUSES = frozenset([401, 403, 408, 429] + list(range(500, 600)))    # every 5xx: 529, Cloudflare's 52x
 COUNT_TOKENS_MISSING = frozenset([404, 405, 501])
 PROVIDER_KEYS = ("name", "api_base_url", "api_key", "models", "comment", "env-models", "auth", "proxy",
                  "price_multiplier", "balance", "console_url")
@@ -251,6 +255,11 @@ class HeaderSectionError(ProxyError):
 
     status = 431
     kind = "invalid_request_error"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    kind = "permission_error"
 
 
 class NotFound(ProxyError):
@@ -507,8 +516,8 @@ def _check_provider(index, entry, names, problems):
         _check_name(comment.replace("\n", " ").replace("\t", " "), where + ".comment", problems,
                     "comments (which may have line breaks and tabs)")
     api_key = entry.get("api_key", "")
-    if isinstance(api_key, str) and not header_safe(api_key.strip()):
-        problems.append("%s.api_key contains a line break, a control character or a character "
+    if isinstance(api_key, str) and (not header_safe(api_key.strip()) or re.search(r"\s", api_key.strip())):
+        problems.append("%s.api_key contains a space, a tab, a line break, a control character or a character "
                         "outside Latin-1 — paste the key alone" % where)
     models = entry.get("models", [])
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
@@ -562,6 +571,23 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _check_apikey(value, problems):
+    """The APIKEY guards the relays' money and the web page. Empty or the template's, any
+    program on the machine and any web page its user opens could use them."""
+    fix = "set it to a long random secret, or start ccproxy.py, which puts a random one in"
+    if not isinstance(value, str):
+        problems.append("APIKEY must be a string — " + fix)
+    elif value in ("", PLACEHOLDER_APIKEY):
+        problems.append("APIKEY is %s, which would let any program here and any web page you open use your "
+                        "relays — %s" % ("empty" if not value else "still the template's placeholder", fix))
+    elif not header_safe(value) or re.search(r"\s", value):
+        problems.append("APIKEY contains a space, a line break, a control character or a character outside "
+                        "Latin-1, which a client cannot send in a header — use letters, digits, - and _")
+    elif len(value) < APIKEY_MIN_CHARS:
+        log.warning("APIKEY is only %d characters: a short key is quick to guess — make it %d or more "
+                    "(python3 -c 'import secrets;print(secrets.token_urlsafe(24))')", len(value), APIKEY_MIN_CHARS)
+
+
 def _check_fallback(value, providers, problems):
     usable = {p.name for p in providers if p.usable}
     if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
@@ -596,8 +622,7 @@ def validate_config(raw, path="config.json"):
     port = raw.get("PORT", DEFAULT_PORT)
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         problems.append("PORT must be a whole number from 0 to 65535")
-    if not isinstance(raw.get("APIKEY", ""), str):
-        problems.append("APIKEY must be a string")
+    _check_apikey(raw.get("APIKEY", ""), problems)
     if raw.get("LOG_LEVEL", "INFO") not in LOG_LEVELS:
         problems.append("LOG_LEVEL must be one of %s" % ", ".join(LOG_LEVELS))
     for key, default in (("API_TIMEOUT_MS", DEFAULT_API_TIMEOUT_MS), ("MAX_BODY_MB", DEFAULT_MAX_BODY_MB),
@@ -675,19 +700,24 @@ def load_config(path):
     return config
 
 
-def write_atomic(path, text, mode=None):
-    """Write text to path so that a crash leaves either the old or the new file, never half."""
+# ============================================================================ files
+#
+# What ccproxy keeps beside config.json: the state file, backups, the request log, the usage
+# store and their locks. Every one is its owner's alone (mode 0600): they hold keys, usage and
+# who asked what. Writes are atomic; several processes on one host share them under flock().
+
+
+def write_atomic(path, text):
+    """Write text to path so that a crash leaves either the old or the new file, never half.
+    The file is its owner's alone (mode 0600, as mkstemp makes it): what ccproxy and its tools
+    write beside the config holds keys."""
     directory = os.path.dirname(os.path.abspath(path))
-    if mode is None and os.path.exists(path):
-        mode = os.stat(path).st_mode & 0o7777    # a rewrite keeps the file's permissions
     fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -705,6 +735,37 @@ def write_atomic(path, text, mode=None):
         pass  # some filesystems refuse fsync on a directory; the rename is done
     finally:
         os.close(dir_fd)
+
+
+def open_private(path, flags):
+    """os.open() of a file ccproxy keeps beside the config (request log, lock, usage store),
+    created with mode 0600; one found readable by others (an older ccproxy made it, or a
+    loose umask) is narrowed to its owner."""
+    fd = os.open(path, flags | os.O_CREAT, PRIVATE_MODE)
+    narrow(path)
+    return fd
+
+
+def narrow(path):
+    """Take group and other permissions off a file, if it exists and has any."""
+    try:
+        mode = os.stat(path).st_mode
+        if mode & 0o077:
+            os.chmod(path, mode & 0o700)
+    except OSError:
+        pass            # gone, or not ours: the write that follows says what is wrong
+
+
+def backup_config(path, data):
+    """Keep a config file about to be replaced as <name>.bak-<time>, the newest CONFIG_BACKUPS
+    (the web page's edits, a first start that gives it an APIKEY, tools/ccp_update_model.py)."""
+    directory, base = os.path.split(os.path.abspath(path))
+    now = time.time()
+    stamp = "%s-%06d" % (time.strftime("%Y%m%d-%H%M%S", time.localtime(now)), int(now % 1 * 1e6))
+    write_atomic(os.path.join(directory, "%s.bak-%s" % (base, stamp)), data.decode("utf-8"))   # sorts by time
+    older = sorted(n for n in os.listdir(directory) if n.startswith(base + ".bak-"))
+    for name in older[:-CONFIG_BACKUPS]:
+        os.unlink(os.path.join(directory, name))
 
 
 def remove_stale_temp_files(path):
@@ -729,6 +790,57 @@ def remove_stale_temp_files(path):
 def state_path_for(config_path):
     root, ext = os.path.splitext(os.path.abspath(config_path))
     return root + STATE_SUFFIX
+
+
+def file_signature(path):
+    """What changes whenever a file is replaced or written: (inode, mtime, size); None if absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+@contextlib.contextmanager
+def flocked(f):
+    """An exclusive flock() on an open file, between the ccproxy processes of one host; none
+    where there is no flock (Windows: run one process there)."""
+    if fcntl is None:
+        yield
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+class FileLock:
+    """An exclusive lock between the ccproxy processes of one host: flock() on a file beside
+    the config. Taken under Store.lock, so the thread that holds it may take it again. Where
+    there is no flock (Windows), nothing: run one process there."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None
+        self.depth = 0
+
+    def __enter__(self):
+        if self.depth == 0 and fcntl is not None:
+            if self.fd is None:
+                try:
+                    self.fd = open_private(self.path, os.O_WRONLY)
+                except OSError as exc:      # the write that follows will say what is wrong
+                    log.warning("%s: cannot lock (%s)", self.path, exc.strerror or exc)
+            if self.fd is not None:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc_info):
+        self.depth -= 1
+        if self.depth == 0 and self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 # ============================================================================ state
@@ -793,6 +905,19 @@ class View:
         return self.targets.get(self.selected)
 
 
+def first_real(targets, chosen):
+    """The provider to relay to: the one chosen, unless it is gone or still has an example
+    key (it would only ever be answered locally), in which case the first with a real key.
+    The first run's config.in.json selects its example; the relay a user then adds is the one
+    meant."""
+    if chosen in targets and not targets[chosen].provider.placeholder_key:
+        return chosen
+    real = [name for name, target in targets.items() if not target.provider.placeholder_key]
+    if real:
+        return real[0]
+    return chosen if chosen in targets else next(iter(targets), None)
+
+
 def provider_tokens(names):
     """A short ASCII token per provider name for its model aliases: a readable slug and a hash
     of the exact name, so that 中转站A, a.b and a_b all get one of their own."""
@@ -819,57 +944,6 @@ def alias_catalog(targets):
             for name, target in targets.items() for model in target.models}
 
 
-def file_signature(path):
-    """What changes whenever a file is replaced or written: (inode, mtime, size); None if absent."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-@contextlib.contextmanager
-def flocked(f):
-    """An exclusive flock() on an open file, between the ccproxy processes of one host; none
-    where there is no flock (Windows: run one process there)."""
-    if fcntl is None:
-        yield
-        return
-    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-class FileLock:
-    """An exclusive lock between the ccproxy processes of one host: flock() on a file beside
-    the config. Taken under Store.lock, so the thread that holds it may take it again. Where
-    there is no flock (Windows), nothing: run one process there."""
-
-    def __init__(self, path):
-        self.path = path
-        self.file = None
-        self.depth = 0
-
-    def __enter__(self):
-        if self.depth == 0 and fcntl is not None:
-            if self.file is None:
-                try:
-                    self.file = open(self.path, "a")
-                except OSError as exc:      # the write that follows will say what is wrong
-                    log.warning("%s: cannot lock (%s)", self.path, exc.strerror or exc)
-            if self.file is not None:
-                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)
-        self.depth += 1
-        return self
-
-    def __exit__(self, *exc_info):
-        self.depth -= 1
-        if self.depth == 0 and self.file is not None:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
-
-
 class Store:
     """The proxy's shared mutable state, guarding itself with one lock.
 
@@ -891,6 +965,7 @@ class Store:
         for path in (self.config_path, self.state_path):
             remove_stale_temp_files(path)
         self.seen = None                # file_signature of the state file as last read or written
+        self.on_config = None           # called with each config that a reload or an edit puts in force
         self.state = self._read_state()
         self.view = None
         self._install(config)
@@ -921,14 +996,20 @@ class Store:
                 targets[provider.name] = Target(config, provider, choices, state["discovered"],
                                                 state["fixes"].get(provider.name) or (),
                                                 state["checks"].get(provider.name))
-        selected = state.get("selected")
-        if selected not in targets:
-            selected = next(iter(targets), None)
+        selected = first_real(targets, state.get("selected"))
+        if self.view is not None and selected != self.view.selected and selected != state.get("selected"):
+            log.info("selected provider %s: the first with a real api_key", selected)
         # The web UI's edited fallback list, if any, else config.json's Fallback.
         edited = state.get("fallback") or {}
         names = edited.get("providers")
         names = config.fallback if names is None else [n for n in names if n in targets]
         self.view = View(config, targets, selected, tuple(names), edited.get("enabled", True))
+
+    def use(self, config):
+        """Put a new config in force (under self.lock), and tell on_config."""
+        self._install(config)
+        if self.on_config is not None:
+            self.on_config(config)
 
     def _change(self, apply):
         """Apply a change to a copy of the state, write that to the state file, and only then
@@ -990,7 +1071,7 @@ class Store:
             return exc.problems
         with self.lock:
             self.reload_error = None
-            self._install(config)
+            self.use(config)
         log.info("config reloaded: %d providers", len(config.providers))
         if tell:
             self.tell(config)
@@ -1010,7 +1091,7 @@ class Store:
     def edit(self, if_match, change):
         """Change config.json: change(raw) edits the parsed file in place and may return
         {old name: new name} for renamed providers. Made only on the version the editor saw
-        (If-Match), validated as --check validates, written atomically with mode 0600 after the
+        (If-Match), validated as --check validates, written atomically (mode 0600) after the
         previous file is kept as a backup, then swapped in as Reload does. The new version."""
         with self.lock, self.state_lock:
             data, raw = self.config_file()
@@ -1030,28 +1111,17 @@ class Store:
                                  code="config_invalid", problems=exc.problems)
             text = json.dumps(raw, ensure_ascii=False, indent=file_indent(data.decode("utf-8"))) + "\n"
             try:
-                self.backup(data)
-                write_atomic(self.config_path, text, mode=0o600)
+                backup_config(self.config_path, data)
+                write_atomic(self.config_path, text)
             except OSError as exc:
                 raise StateError("ccproxy could not write %s (%s), so nothing was changed"
                                  % (self.config_path, exc.strerror or exc), code="config_not_saved")
             self.reload_error = None
             config.version = config_version(text.encode("utf-8"))
-            self._install(config)
+            self.use(config)
         self.follow(renames, config.version)
         log.info("config.json changed from the web page: %d providers", len(config.providers))
         return config.version
-
-    def backup(self, data):
-        """Keep the file about to be replaced as config.json.bak-<time>, the newest CONFIG_BACKUPS."""
-        directory, base = os.path.split(os.path.abspath(self.config_path))
-        now = time.time()
-        stamp = "%s-%06d" % (time.strftime("%Y%m%d-%H%M%S", time.localtime(now)), int(now % 1 * 1e6))
-        path = os.path.join(directory, "%s.bak-%s" % (base, stamp))     # names sort by time
-        write_atomic(path, data.decode("utf-8"), mode=0o600)
-        older = sorted(n for n in os.listdir(directory) if n.startswith(base + ".bak-"))
-        for name in older[:-CONFIG_BACKUPS]:
-            os.unlink(os.path.join(directory, name))
 
     def follow(self, renames, version):
         """After an edit of config.json: carry the state of renamed providers over (selection,
@@ -1109,6 +1179,9 @@ class Store:
 
     def select(self, name):
         self.require(name)
+        if self.view.targets[name].provider.placeholder_key:
+            raise ClientError("provider %s still has the example api_key of config.in.json — put its real key "
+                              "in first (Edit in the web page, or config.json)" % name, code="example_key", name=name)
         self._change(lambda state: state.update(selected=name))
         log.info("selected provider %s", name)
 
@@ -1157,7 +1230,6 @@ EDITABLE_SETTINGS = ("LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_MB", "MODEL_MAPPIN
                      "HeaderOverrides", "RequestOverrides", "Fallback", "FIRST_BYTE_TIMEOUT_MS",
                      "COOLDOWN_MS", "REQUEST_LOG_MAX_MB", "Routes", "Pricing", "CACHE_WARN_PCT",
                      "LOW_BALANCE", "LOW_BALANCE_LAST")
-CONFIG_BACKUPS = 5                  # config.json.bak-<time> files kept beside config.json
 CODE_STALE = "stale_version"
 
 
@@ -1529,7 +1601,7 @@ def body_framing(headers):
 
     What a server and the next hop could read differently is refused: a transfer coding other
     than chunked (501), Transfer-Encoding beside Content-Length, and a Content-Length that is
-    not one run of digits, or given twice with different values (ValueError, answered 400).
+    not one run of digits in one field (ValueError, answered 400).
     """
     codings = headers.get_all("Transfer-Encoding")
     lengths = headers.get_all("Content-Length")
@@ -1546,13 +1618,13 @@ def body_framing(headers):
 
 
 def content_length(values):
-    """The one length that Content-Length field values state (RFC 9110 §8.6: digits only; a
-    list of equal values is one value); ValueError for anything else: +98, 0x62, -1, 9_8 and
-    differing values are what int() would take and another parser would not."""
-    found = {v.strip(" \t") for value in values for v in value.split(",")}
-    if len(found) != 1:
-        raise ValueError("Content-Length is given with different values")
-    value = found.pop()
+    """The length one Content-Length field states: one run of digits (RFC 9110 §8.6);
+    ValueError for anything else. +98, 0x62, -1 and 9_8 are what int() would take and another
+    parser would not; a second field or a list ("98, 98"), which RFC 9110 lets a recipient
+    either refuse or fold, is refused too: never guess what a message's framing is."""
+    if len(values) != 1 or "," in values[0]:
+        raise ValueError("Content-Length is given more than once")
+    value = values[0].strip(" \t")
     if not _DIGITS.fullmatch(value):
         raise ValueError("Content-Length %r is not a number" % value[:ERROR_EXCERPT])
     return int(value)
@@ -1583,6 +1655,31 @@ def end_to_end(headers, own):
     """Drop hop-by-hop headers (and those named in Connection) and the ones we set ourselves."""
     drop = HOP_BY_HOP | own | connection_tokens(headers)
     return [(k, v) for k, v in headers if k.lower() not in drop]
+
+
+def cross_site(headers):
+    """Why a request comes from a web page of another origin, or None. Browsers say where a
+    request comes from on every fetch (Sec-Fetch-Site, Fetch Metadata) and on every request
+    but a plain GET (Origin, RFC 6454 section 7); a page on any site the user opens can send
+    requests to 127.0.0.1, so neither may name anything but ccproxy's own page. Claude Code,
+    the SDKs and curl send neither. A port is part of an origin: another program's page on
+    localhost is "same-site", and refused too."""
+    site = (headers.get("Sec-Fetch-Site") or "").strip().lower()
+    if site in ("cross-site", "same-site"):
+        return "Sec-Fetch-Site: " + site
+    origin = headers.get("Origin")
+    if origin is None:
+        return None
+    parts = urllib.parse.urlsplit(origin.strip().lower())
+    default = {"http": ":80", "https": ":443"}.get(parts.scheme)
+    host = (headers.get("Host") or "").strip().lower()
+    if default is None or _strip_suffix(parts.netloc, default) != _strip_suffix(host, default):
+        return "Origin: " + origin[:ERROR_EXCERPT]
+    return None
+
+
+def _strip_suffix(text, suffix):
+    return text[:-len(suffix)] if text.endswith(suffix) else text
 
 
 def client_key(headers):
@@ -2365,10 +2462,12 @@ class SocketStream(io.RawIOBase):
     """
 
     deadline = None         # a monotonic time after which no more is read (Handler: a request's head)
+    retimed = False         # the socket's timeout was cut to meet the deadline
 
-    def __init__(self, sock):
+    def __init__(self, sock, timeout=None):
         super().__init__()
         self.sock = sock
+        self.timeout = timeout  # the socket's own (set_timeout), given back after a deadline
 
     def readable(self):
         return True
@@ -2377,12 +2476,26 @@ class SocketStream(io.RawIOBase):
         return True
 
     def readinto(self, buf):
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise socket.timeout("the request head took longer than HEADER_DEADLINE_S")
+        if self.deadline is not None:
+            # A wait is cut to what is left: a head that trickles in, or stops halfway, is given
+            # up at the deadline, not after the socket's idle timeout.
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the request head took longer than HEADER_DEADLINE_S")
+            if self.timeout is None or left < self.timeout:
+                set_timeout(self.sock, left)
+                self.retimed = True
         try:
             return self.sock.recv_into(buf)
         except BlockingIOError:
             raise socket.timeout("timed out")
+
+    def end_deadline(self):
+        """No more deadline; the socket's own timeout back, if it was cut."""
+        self.deadline = None
+        if self.retimed:
+            self.retimed = False
+            set_timeout(self.sock, self.timeout)
 
     def write(self, data):
         try:
@@ -2774,7 +2887,7 @@ def probe(target, path, body, timeout=TEST_TIMEOUT_S, extra_headers=()):
         pieces = resp.pieces()
         first = next(pieces)[0]
         ttfb = int((time.monotonic() - started) * 1000)
-        return resp.status, first + collect(pieces)[0], ttfb
+        return resp.status, first + collect(pieces, ERROR_HOLD_BYTES)[0], ttfb
     finally:
         conn.close()
 
@@ -2803,7 +2916,7 @@ def test_provider(target, timeout=TEST_TIMEOUT_S):
     if status != 200:
         looks_html = data.lstrip()[:1] == b"<"
         return dict(result, status="failing", reason="HTTP %d%s" % (status, " (HTML page)" if looks_html else
-                                                                    ": " + error_message(data)))
+                                                                    ": " + excerpt(error_message(data))))
     usage.feed(data + b"\n\n")
     if b"event:" not in data and b"data:" not in data:
         return dict(result, status="failing", reason="HTTP 200 but no SSE events")
@@ -2856,7 +2969,7 @@ def check_provider(target, agent=None, timeout=TEST_TIMEOUT_S):
             return name, {"result": "ok"}
         message = error_message(data)
         fix = match_fix(message, raw.decode("utf-8"), Headers(extra))
-        reason = "HTTP %d: %s" % (status, redact(message, (target.provider.api_key,)))
+        reason = "HTTP %d: %s" % (status, redact(excerpt(message), (target.provider.api_key,)))
         return name, {"result": "rejected", "reason": reason,
                       "fix": fix.describe() if fix else None, "fix_id": fix.id if fix else None}
     cases = check_cases(model)
@@ -2866,13 +2979,36 @@ def check_provider(target, agent=None, timeout=TEST_TIMEOUT_S):
 
 
 def error_message(data):
-    """The message of an Anthropic-shaped error body, else the body's first characters."""
+    """The message of an Anthropic-shaped error body, else the body, whole: what a relay says
+    is matched against LEARNED_FIXES as it came (a relay in front of a relay puts its own words
+    first: claude-code-router 127 characters, LiteLLM 119), and cut only to be shown (excerpt)."""
     try:
         message = json.loads(data)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         message = None
     text = message if isinstance(message, str) else data.decode("utf-8", "replace")
-    return escape_unprintable(text.strip())[:ERROR_EXCERPT]
+    return escape_unprintable(text.strip())
+
+
+_INNER_MESSAGE = re.compile(r'"message"\s*:\s*"')
+
+
+def excerpt(message, limit=ERROR_EXCERPT):
+    """A relay's error message as it is shown: the innermost message of an error that another
+    relay wrapped in its own ('Error from provider(…): {"type":"error","error":{…"message":…}}'
+    from claude-code-router, 'litellm.BadRequestError: AnthropicException - {…}' from LiteLLM),
+    at most limit characters."""
+    found = None
+    for found in _INNER_MESSAGE.finditer(message):
+        pass
+    if found is not None:
+        try:
+            inner = _DECODER.raw_decode(message, found.end() - 1)[0]
+        except ValueError:
+            inner = None
+        if isinstance(inner, str) and inner.strip():
+            message = escape_unprintable(inner.strip())
+    return message if len(message) <= limit else message[:limit - 1] + "…"
 
 
 def discover_all(providers, timeout=REFRESH_TIMEOUT_S):
@@ -3136,7 +3272,7 @@ class Relay:
     def fix_for(self, target, answer, body, applied):
         """(the LEARNED_FIXES entry a 400 calls for that was not tried yet, or None; its error
         message); a client-version gate is noted on the way (Health.gates)."""
-        message = error_message(answer.held) if answer.ended else answer.held[:SNIFF_BYTES].decode("utf-8", "replace")
+        message = error_message(answer.held) if answer.ended else answer.held.decode("utf-8", "replace")
         gate = version_gate(message)
         if gate:
             self.health.note_gate(target.name, self.exchange.model_out, gate, self.request.headers.get("User-Agent"))
@@ -3152,7 +3288,8 @@ class Relay:
         if lasting and self.store is not None:
             try:
                 self.store.learn_fixes(target.name, [(f, "model %s: %s" % (
-                    self.exchange.model_out, redact(taught[f.id][:300], self.config.secrets()))) for f in lasting])
+                    self.exchange.model_out, redact(excerpt(taught[f.id], TAUGHT_EXCERPT), self.config.secrets())))
+                    for f in lasting])
             except StateError as exc:
                 log.error("%s", exc)
 
@@ -3450,7 +3587,7 @@ class Recorder:
         try:
             for _ in range(len(pending) + 3):
                 if self.file is None:
-                    self.file = open(self.path, "ab", buffering=0)
+                    self.file = os.fdopen(open_private(self.path, os.O_WRONLY | os.O_APPEND), "ab", buffering=0)
                 with self.write_lock, flocked(self.file):
                     current = os.path.exists(self.path) and os.path.samestat(os.stat(self.path),
                                                                              os.fstat(self.file.fileno()))
@@ -3924,6 +4061,11 @@ class UsageStore:
 def open_store(path, check_same_thread=True):
     """A connection to the usage store (WAL mode: readers never wait for the writer, and
     several processes share it), its table of hourly roll-ups made if new."""
+    # Made here, at mode 0600, rather than by sqlite at the umask's: sqlite gives the -wal and
+    # -shm files it makes beside it the database file's permissions.
+    os.close(open_private(path, os.O_RDWR))
+    for companion in ("-wal", "-shm"):
+        narrow(path + companion)
     conn = sqlite3.connect(path, timeout=SQLITE_BUSY_MS / 1000.0, isolation_level=None,
                            check_same_thread=check_same_thread)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -4282,14 +4424,14 @@ def permitted(user, view, chain, body):
     if model is not None:
         model = view.aliases.get(model, (None, model))[1]
         if not any(fnmatch.fnmatchcase(model.lower(), glob.lower()) for glob in user.models):
-            raise ProxyError("key %s may use the models %s, not %s" % (user.name, ", ".join(user.models) or "(none)",
-                                                                       model), 403, "permission_error")
+            raise Forbidden("key %s may use the models %s, not %s" % (user.name, ", ".join(user.models) or "(none)",
+                                                                      model))
     if user.providers is None:
         return chain
     allowed = [t for t in chain if t.name in user.providers]
     if not allowed:
-        raise ProxyError("key %s may use the providers %s; none of them is selected or in the failover list"
-                         % (user.name, ", ".join(user.providers) or "(none)"), 403, "permission_error")
+        raise Forbidden("key %s may use the providers %s; none of them is selected or in the failover list"
+                        % (user.name, ", ".join(user.providers) or "(none)"))
     return allowed
 
 
@@ -4378,7 +4520,7 @@ class Limits:
     def minutes(self, write=False):
         """The per-key counts of the current minute, locked (flock) until unlock_minutes()."""
         if self.fd is None:
-            self.fd = os.open(self.path + ".minutes", os.O_RDWR | os.O_CREAT, 0o600)
+            self.fd = open_private(self.path + ".minutes", os.O_RDWR)
         if fcntl is not None:
             fcntl.flock(self.fd, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
         try:
@@ -4645,11 +4787,12 @@ def no_candidate(view):
     """The NoProvider error that says what to edit when candidates() found nothing."""
     target = view.target
     if target is not None and target.provider.placeholder_key:
-        return NoProvider("provider %s still has the example key of config.in.json, so ccproxy did "
-                          "not contact it — put your real key in its api_key in %s, then press "
-                          "Reload in the web UI" % (target.name, view.config.path))
-    return NoProvider("ccproxy has no provider to relay to — add one with an api_base_url to "
-                      "Providers in %s, then press Reload in the web UI" % view.config.path)
+        return NoProvider("provider %s still has the example key of config.in.json, and no provider has a "
+                          "real one, so ccproxy contacted none — add your relay (Add provider in the web UI, or "
+                          "Providers in config.json, then Reload config) with its real api_key; it is used at "
+                          "once" % target.name)
+    return NoProvider("ccproxy has no provider to relay to — add your relay (Add provider in the web UI, or "
+                      "Providers in config.json, then Reload config) with its api_base_url and api_key")
 
 
 # ============================================================================ web UI API
@@ -5017,9 +5160,19 @@ def metrics(handler, params):
     return None
 
 
+class CrossOrigin(Forbidden):
+    """A request from another site's web page (cross_site): it spends the user's relays."""
+
+    retry = False
+
+    def __init__(self, reason):
+        super().__init__("cross-origin request refused (%s): ccproxy answers Claude Code, SDKs, curl and its "
+                         "own page, never another site's page" % reason)
+
+
 def refuse_cross_origin(handler, params):
     # No CORS: a page on another origin must not drive this API (its preflight fails).
-    raise ProxyError("cross-origin requests are not allowed", 403, "permission_error")
+    raise CrossOrigin("a CORS preflight, %s" % (cross_site(handler.headers) or "OPTIONS"))
 
 
 # ============================================================================ request handler
@@ -5054,7 +5207,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # delayed ACK (40 ms on Linux) arrives.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         set_timeout(self.connection, self.timeout)
-        self.wfile = SocketStream(self.connection)
+        self.wfile = SocketStream(self.connection, self.timeout)
         self.rfile = io.BufferedReader(self.wfile)
         self.server.track(self.connection)
 
@@ -5076,7 +5229,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if len(self.raw_requestline) > MAX_LINE:
                 self.send_error(414, "the request line is longer than %d bytes" % MAX_LINE)
             elif self.parse_request():
-                self.wfile.deadline = None
+                self.wfile.end_deadline()
                 self.dispatch()
             self.out.flush()
             if self.body_pending:
@@ -5152,6 +5305,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if route.recorded:
                 exchange = params["exchange"] = Exchange()
             self.user = None
+            foreign = cross_site(self.headers)
+            # Following a link from another site to the page is fine; nothing else from there is.
+            if foreign and not (route.access == "public" and self.command in ("GET", "HEAD") and
+                                (self.headers.get("Sec-Fetch-Mode") or "").lower() == "navigate"):
+                raise CrossOrigin(foreign)
             if route.access != "public":
                 self.user = self.authenticate(route.access)
                 if exchange is not None and self.user is not None:
@@ -5163,7 +5321,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if exchange is not None:
                 exchange.status = exc.status
                 exchange.note = str(exc)
-            self.send_error_json(exc)
+            self.send_error_json(exc, exchange)
         except CLIENT_GONE:
             self.close_connection = True
         except Exception:
@@ -5171,7 +5329,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log.exception("internal error on %s %s", self.command, path)
             if exchange is not None:
                 exchange.status = 500
-            self.send_error_json(ProxyError("ccproxy internal error — see its log"))
+            self.send_error_json(ProxyError("ccproxy internal error — see its log"), exchange)
         finally:
             busy.discard(self.connection)
             if exchange is not None:
@@ -5195,8 +5353,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         (Keys) whose secret it is. A wrong key meets the throttle; a user key on an "admin"
         route gets 403, a disabled or expired one 401 saying so."""
         config = self.server.store.view.config
-        if not config.apikey:
-            return None  # no key set: allowed on loopback only, make_server refuses anything else
         key, _ = client_key(self.headers.items())
         admin = bool(key) and hmac.compare_digest(key.encode("utf-8", "surrogateescape"),
                                                   config.apikey.encode("utf-8"))
@@ -5205,8 +5361,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if user is None:
             return None
         if access == "admin":
-            raise ProxyError("this is the user key %s: it relays (/v1/...) and reads its own usage (/api/me); "
-                             "ccproxy's APIKEY manages ccproxy" % user.name, 403, "permission_error")
+            raise Forbidden("this is the user key %s: it relays (/v1/...) and reads its own usage (/api/me); "
+                            "ccproxy's APIKEY manages ccproxy" % user.name)
         if not user.enabled:
             raise KeyRefused("key %s is disabled — ask whoever runs this ccproxy" % user.name)
         if user.expires_at is not None and time.time() >= user.expires_at:
@@ -5279,12 +5435,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
         self.send_bytes(status, data, "application/json", extra)
 
-    def send_error_json(self, exc):
+    def send_error_json(self, exc, exchange=None):
+        """ccproxy's own error answer; it names the provider the request was on, if any (a
+        502 for one that could not be reached, say), as a provider's answer does."""
         if self.out.started:
             # Part of the answer is out: a second status line would be read as body bytes.
             self.close_connection = True
             return
         extra = list(exc.headers) + ([] if exc.retry else [("x-should-retry", "false")])
+        if exchange is not None and exchange.provider is not None:
+            extra.append(("x-ccproxy-provider", header_text(exchange.provider)))
         try:
             self.send_bytes(exc.status, error_body(exc.kind, str(exc), getattr(exc, "extra", None)),
                             "application/json", extra)
@@ -5435,10 +5595,18 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     request_queue_size = LISTEN_BACKLOG
     allow_reuse_address = True
 
+    recorder = None
+
     def __init__(self, address, store, debug=False):
+        self.stopping = threading.Event()
+        self.conn_lock = threading.Lock()
+        self.connections = set()  # every open client socket
+        self.busy = set()         # the sockets in the middle of a request
+        self.pool = Pool()
+        # Bound before any thread starts: a port that cannot be had leaves none behind.
+        super().__init__(address, Handler)
         self.store = store
         self.debug = debug
-        self.pool = Pool()
         self.throttle = Throttle()
         self.health = Health()
         config = store.view.config
@@ -5450,13 +5618,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.recorder = Recorder(config.request_log, config.request_log_max, lambda: self.store.view.config, usage)
         self.balances = Balances()
         self.limits = Limits(config.usage_db) if usage is not None else None
-        self.stopping = threading.Event()
-        threading.Thread(target=self.housekeeping, name="ccproxy-housekeeping", daemon=True).start()
         self.tests = {}               # provider -> last test result
-        self.conn_lock = threading.Lock()
-        self.connections = set()  # every open client socket
-        self.busy = set()         # the sockets in the middle of a request
-        super().__init__(address, Handler)
+        threading.Thread(target=self.housekeeping, name="ccproxy-housekeeping", daemon=True).start()
 
     def housekeeping(self):
         """Every STATE_POLL_S: take what other ccproxy processes changed (Store.sync). Every
@@ -5527,42 +5690,66 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         super().server_close()
         self.close_connections()
         self.pool.close()
-        self.recorder.close()
+        if self.recorder is not None:       # None: the address could not be had
+            self.recorder.close()
 
 
-def is_loopback(host):
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
-        return False
-    return all(info[4][0].startswith("127.") or info[4][0] == "::1" for info in infos)
-
-
-def make_server(config_path, host=None, port=None, debug=False):
-    """Build (not start) the proxy server. Raises ConfigError for an unusable config."""
+def make_server(config_path, host=None, port=None, debug=False, log_level=None):
+    """Build (not start) the proxy server. ConfigError for an unusable config, or an address
+    it cannot listen on. The root logger follows LOG_LEVEL, now and at every reload, unless
+    log_level (--log-level; DEBUG with --debug) fixes it."""
     config = load_config(config_path)
     host = config.host if host is None else host
     port = config.port if port is None else port
-    if not is_loopback(host) and config.apikey in ("", PLACEHOLDER_APIKEY):
-        raise ConfigError(["%s: refusing to listen on %s while APIKEY is %s — set APIKEY to a long "
-                           "random secret (e.g. python3 -c 'import secrets;print(secrets."
-                           "token_urlsafe(24))') or bind 127.0.0.1"
-                           % (config.path, host, "empty" if not config.apikey else "the placeholder")])
     store = Store(config)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    ProxyServer.address_family = family
-    return ProxyServer((host, port), store, debug)
+    fixed = "DEBUG" if debug else log_level
+    store.on_config = lambda config: logging.getLogger().setLevel(fixed or config.log_level)
+    store.on_config(config)
+    ProxyServer.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return ProxyServer((host, port), store, debug)
+    except OSError as exc:
+        raise ConfigError([listen_problem(host, port, exc)])
 
 
-def create_config(path):
-    """First run: config.json from config.in.json with a fresh random APIKEY."""
-    with open(TEMPLATE_CONFIG, "r", encoding="utf-8") as f:
-        raw = json.load(f)
-    raw["APIKEY"] = "sk-ccproxy-" + secrets.token_urlsafe(24)
-    write_atomic(path, json.dumps(raw, ensure_ascii=False, indent=2) + "\n", mode=0o600)
-    return raw["APIKEY"]
+def listen_problem(host, port, exc):
+    """What to do when host:port cannot be listened on, in one line."""
+    where = "%s:%s" % ("[%s]" % host if ":" in host else host, port)
+    if exc.errno == errno.EADDRINUSE:
+        return ("cannot listen on %s: another program has this port (claude-code-router uses 3456 too; "
+                "./run.sh status, or ss -ltnp, shows which) — stop it, or start with --port %d (or set PORT "
+                "in config.json) and put that port in ANTHROPIC_BASE_URL" % (where, port + 1 if port else DEFAULT_PORT))
+    if exc.errno == errno.EACCES:
+        return "cannot listen on %s: permission denied — use a port above 1023" % where
+    if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        return ("cannot listen on %s: this machine has no such address — use 127.0.0.1 (this machine "
+                "only) or 0.0.0.0 (every interface)" % where)
+    return "cannot listen on %s: %s" % (where, exc.strerror or exc)
+
+
+def new_apikey():
+    return "sk-ccproxy-" + secrets.token_urlsafe(24)
+
+
+def ensure_apikey(path):
+    """Give the config at path a random APIKEY if it has none (missing, empty or the template's
+    placeholder), and on the first run create it from config.in.json. Only that member
+    changes (patch_json); a file that had a key is kept as a backup first. The new key, or
+    None: the file has a key, or cannot be read (loading it next says why)."""
+    created = not os.path.exists(path)
+    try:
+        text, raw = read_config(TEMPLATE_CONFIG if created else path)
+    except ConfigError:
+        if created:
+            raise
+        return None
+    if not isinstance(raw, dict) or raw.get("APIKEY", "") not in ("", PLACEHOLDER_APIKEY):
+        return None
+    key = new_apikey()
+    if not created:
+        backup_config(path, text.encode("utf-8"))
+    write_atomic(path, patch_json(text, {"APIKEY": key}))
+    return key
 
 
 def parse_args(argv):
@@ -5583,35 +5770,66 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def key_notice(path, key, created):
+    """What the first run (or a start that gave the config an APIKEY) says about the new key.
+    The key itself only to a terminal: under run.sh or systemd this is a log file."""
+    what = ("created %s from config.in.json with a new random APIKEY" % path if created else
+            "%s had no APIKEY (empty, or the template's): it now has a random one, and the previous "
+            "file is kept as %s.bak-<time>" % (path, os.path.basename(path)))
+    shown = key if sys.stdout.isatty() else "see the APIKEY line of %s (not printed here: this may be a log)" % path
+    return "ccproxy: %s.\n  APIKEY (the web UI password, and Claude Code's key): %s" % (what, shown)
+
+
+def banner(server, path, new_key):
+    """The start-up lines: where ccproxy listens and, until a relay with a real key is in the
+    config, Claude Code's settings and what to do next, in English and Chinese."""
+    host, port = server.server_address[:2]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = "http://%s:%d" % ("[%s]" % shown if ":" in shown else shown, port)
+    view, path = server.store.view, os.path.abspath(path)
+    lines = ["ccproxy %s listening on %s (config %s)" % (VERSION, url, path),
+             "  web UI: %s/   provider: %s" % (url, view.selected or "(none configured)")]
+    if new_key or view.target is None or view.target.provider.placeholder_key:
+        key = view.config.apikey if sys.stdout.isatty() else "<APIKEY from %s>" % os.path.basename(path)
+        settings = json.dumps(claude_settings(url, key, {}, gateway=True), indent=2)
+        lines += ["  Claude Code ~/.claude/settings.json:", settings,
+                  "  next: add your relay in the web UI (log in with the APIKEY, Add provider), or in Providers of",
+                  "        %s (name, api_base_url, api_key) and press Reload config. The first relay" % path,
+                  "        with a real key is used at once; example keys are never sent anywhere.",
+                  "  下一步：在网页上添加你的中转站（用 APIKEY 登录，点“添加供应商”），或写进",
+                  "        %s 的 Providers（name、api_base_url、api_key）再点“重载配置”。" % path,
+                  "        第一个有真实密钥的中转站立即启用；示例密钥不会发往任何地方。"]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
                         level=logging.INFO)
     # What the format does not show is not collected (the logging HOWTO's "Optimization").
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    created_key = None
-    if not os.path.exists(args.config) and not args.check:
+    if args.check:
         try:
-            created_key = create_config(args.config)
-        except (OSError, ValueError) as exc:
-            print("ccproxy: cannot create %s from config.in.json: %s" % (args.config, exc), file=sys.stderr)
-            return 2
-    try:
-        if args.check:
             load_config(args.config)
-            print("%s: OK" % args.config)
-            return 0
-        server = make_server(args.config, args.host, args.port, args.debug)
+        except ConfigError as exc:
+            print("\n".join(exc.problems), file=sys.stderr)
+            return 2
+        print("%s: OK" % args.config)
+        return 0
+    created = not os.path.exists(args.config)
+    try:
+        new_key = ensure_apikey(args.config)
+    except (ConfigError, OSError) as exc:
+        print("ccproxy: cannot give %s an APIKEY: %s" % (args.config, getattr(exc, "strerror", None) or exc),
+              file=sys.stderr)
+        return 2
+    if new_key:
+        print(key_notice(args.config, new_key, created), flush=True)    # said even if the port is taken
+    try:
+        server = make_server(args.config, args.host, args.port, args.debug, args.log_level)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 2
-    except OSError as exc:
-        print("ccproxy: cannot listen on %s:%s: %s" % (args.host, args.port, exc.strerror or exc),
-              file=sys.stderr)
-        return 2
-    config = server.store.view.config
-    level = "DEBUG" if args.debug else (args.log_level or config.log_level)
-    logging.getLogger().setLevel(level)
     # Signals first: once the banner is out, a supervisor may send SIGHUP or SIGTERM at once,
     # and their default actions would kill the process.
     def stop(signum, frame):
@@ -5621,26 +5839,7 @@ def main(argv=None):
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
             target=server.store.reload, daemon=True).start())
-    host, port = server.server_address[:2]
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    url = "http://%s:%d" % ("[%s]" % shown if ":" in shown else shown, port)
-    print("ccproxy %s listening on %s (config %s)" % (VERSION, url, os.path.abspath(args.config)),
-          flush=True)
-    print("  web UI: %s/   provider: %s" % (url, server.store.view.selected or "(none configured)"),
-          flush=True)
-    if created_key:
-        print("  created %s with a new APIKEY (the web UI password): %s" % (args.config, created_key))
-        print("  Claude Code ~/.claude/settings.json:")
-        print(json.dumps(claude_settings(url, created_key, {}, gateway=True), indent=2))
-    target = server.store.view.target
-    if created_key or (target is not None and target.provider.placeholder_key):
-        print("  next: put your relays in Providers of %s (name, api_base_url, api_key), then press\n"
-              "        Reload config in the web UI. Example keys are never sent anywhere.\n"
-              "  下一步：在 %s 的 Providers 中填入你的中转站（name、api_base_url、api_key），\n"
-              "        然后在网页上点“重载配置”。示例密钥不会被发往任何地方。"
-              % (os.path.abspath(args.config), os.path.abspath(args.config)))
-    sys.stdout.flush()
-
+    print(banner(server, args.config, new_key), flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # run.sh start|stop|restart|status|logs — keep ccproxy running in the background.
-# Works from any directory. CONFIG=/path/config.json and PYTHON=python3.x override the defaults.
+# Works from any directory. CONFIG=/path/config.json, PYTHON=python3.x, PIDFILE, LOGFILE and
+# CCPROXY_ARGS="--port 3461" (any ccproxy.py flags) override the defaults.
 # The log (ccproxy.log) is opened in append mode, so `truncate -s 0 ccproxy.log` rotates it cleanly.
 set -u
+umask 077       # the log and the PID file, like every file ccproxy writes: the owner's alone
 DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PYTHON=${PYTHON:-python3}
 CONFIG=${CONFIG:-$DIR/config.json}
@@ -11,12 +13,21 @@ LOGFILE=${LOGFILE:-$DIR/ccproxy.log}
 START_WAIT_S=${START_WAIT_S:-15}
 STOP_WAIT_S=${STOP_WAIT_S:-10}
 
+alive() {
+  # Whether process $1 runs. A process that has ended but is not yet reaped (a zombie, whose
+  # parent is init since start's shell exited) still answers kill -0: /proc tells them apart.
+  kill -0 "$1" 2>/dev/null || return 1
+  local state
+  state=$(sed -n 's/^[0-9]* (.*) \([A-Z]\) .*/\1/p' "/proc/$1/stat" 2>/dev/null)
+  [ "$state" != "Z" ]
+}
+
 running_pid() {
   # The PID from the PID file if that process is alive and is ccproxy; a stale file is removed.
   [ -f "$PIDFILE" ] || return 1
   local pid cmd=""
-  pid=$(cat "$PIDFILE" 2>/dev/null)
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+  pid=$(head -n 1 "$PIDFILE" 2>/dev/null)
+  if [ -n "$pid" ] && alive "$pid"; then
     if [ -r "/proc/$pid/cmdline" ]; then
       cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline")
     else
@@ -28,24 +39,17 @@ running_pid() {
   return 1
 }
 
-# host and port as the running config says (flags in CCPROXY_ARGS are not parsed here)
-address() {
-  "$PYTHON" - "$CONFIG" <<'PY' 2>/dev/null
-import json, sys
-try:
-    c = json.load(open(sys.argv[1], encoding="utf-8"))
-except (OSError, ValueError):
-    c = {}
-host = c.get("HOST", "127.0.0.1")
-print("127.0.0.1" if host in ("0.0.0.0", "", "::") else host, c.get("PORT", 3456))
-PY
+# The address ccproxy said it listens on (the PID file's second line): flags in CCPROXY_ARGS,
+# HOST and PORT are all ccproxy's to resolve, not this script's.
+running_url() {
+  sed -n 2p "$PIDFILE" 2>/dev/null
 }
 
 answers() {
-  "$PYTHON" - "$1" "$2" <<'PY' 2>/dev/null
+  "$PYTHON" - "$1" <<'PY' 2>/dev/null
 import sys, urllib.request
 try:
-    urllib.request.urlopen("http://%s:%s/healthz" % (sys.argv[1], sys.argv[2]), timeout=1).read()
+    urllib.request.urlopen(sys.argv[1] + "/healthz", timeout=2).read()
 except Exception:
     sys.exit(1)
 PY
@@ -54,41 +58,52 @@ PY
 start() {
   local pid
   if pid=$(running_pid); then
-    echo "ccproxy is already running (pid $pid)"; return 0
+    echo "ccproxy is already running (pid $pid): $(running_url)/"; return 0
   fi
+  local from=0 url=""
+  [ -f "$LOGFILE" ] && from=$(wc -c <"$LOGFILE")
   # shellcheck disable=SC2086
   nohup "$PYTHON" "$DIR/ccproxy.py" --config "$CONFIG" ${CCPROXY_ARGS:-} >>"$LOGFILE" 2>&1 </dev/null &
   pid=$!
   echo "$pid" >"$PIDFILE"
-  local host port i
-  read -r host port <<<"$(address)"
-  for ((i = 0; i < START_WAIT_S * 10; i++)); do
-    if ! kill -0 "$pid" 2>/dev/null; then
+  local deadline=$((SECONDS + START_WAIT_S))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    url=$(tail -c +$((from + 1)) "$LOGFILE" 2>/dev/null | sed -n 's/^ccproxy .* listening on \(http:[^ ]*\) .*/\1/p' | head -n 1)
+    [ -n "$url" ] && break
+    if ! alive "$pid"; then
       rm -f "$PIDFILE"
-      echo "ccproxy failed to start; the end of $LOGFILE:" >&2
-      tail -n 20 "$LOGFILE" >&2
+      echo "ccproxy failed to start; what it said in $LOGFILE:" >&2
+      tail -c +$((from + 1)) "$LOGFILE" | tail -n 20 >&2
       return 1
-    fi
-    if answers "$host" "$port"; then
-      echo "ccproxy started (pid $pid): http://$host:$port/  log: $LOGFILE"
-      return 0
     fi
     sleep 0.1
   done
-  echo "ccproxy (pid $pid) does not answer on $host:$port after ${START_WAIT_S}s; the end of $LOGFILE:" >&2
-  tail -n 20 "$LOGFILE" >&2
-  return 1
+  if [ -z "$url" ] || ! answers "$url"; then
+    echo "ccproxy (pid $pid) did not answer ${url:-on its port} within ${START_WAIT_S}s, so it was stopped;" \
+      "what it said in $LOGFILE:" >&2
+    tail -c +$((from + 1)) "$LOGFILE" | tail -n 20 >&2
+    kill -TERM "$pid" 2>/dev/null
+    rm -f "$PIDFILE"
+    return 1
+  fi
+  printf '%s\n%s\n' "$pid" "$url" >"$PIDFILE"
+  echo "ccproxy started (pid $pid): $url/  log: $LOGFILE"
+  # What ccproxy printed at start (its banner; on a first run, Claude Code's settings and the
+  # next step). Log lines (they start with the date) are left in the log.
+  tail -c +$((from + 1)) "$LOGFILE" | grep -v '^[0-9]\{4\}-[0-9][0-9]-[0-9][0-9] ' | grep -v '^ccproxy .* listening on '
+  return 0
 }
 
 stop() {
-  local pid i
+  local pid
   if ! pid=$(running_pid); then
     echo "ccproxy is not running"; return 0
   fi
   kill -TERM "$pid" 2>/dev/null
-  for ((i = 0; i < STOP_WAIT_S * 10; i++)); do
-    kill -0 "$pid" 2>/dev/null || { rm -f "$PIDFILE"; echo "ccproxy stopped"; return 0; }
-    sleep 0.1
+  local deadline=$((SECONDS + STOP_WAIT_S))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    alive "$pid" || { rm -f "$PIDFILE"; echo "ccproxy stopped"; return 0; }
+    sleep 0.05
   done
   echo "ccproxy did not stop within ${STOP_WAIT_S}s; killing it" >&2
   kill -KILL "$pid" 2>/dev/null
@@ -97,10 +112,9 @@ stop() {
 }
 
 status() {
-  local pid host port
+  local pid
   if pid=$(running_pid); then
-    read -r host port <<<"$(address)"
-    echo "ccproxy is running (pid $pid): http://$host:$port/"
+    echo "ccproxy is running (pid $pid): $(running_url)/"
     return 0
   fi
   echo "ccproxy is not running"
@@ -113,5 +127,5 @@ case "${1:-}" in
   restart) stop && start ;;
   status) status ;;
   logs) tail -n "${LINES:-50}" -f "$LOGFILE" ;;
-  *) echo "usage: $0 start|stop|restart|status|logs   (env: CONFIG, PYTHON, CCPROXY_ARGS)" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|restart|status|logs   (env: CONFIG, PYTHON, PIDFILE, LOGFILE, CCPROXY_ARGS)" >&2; exit 2 ;;
 esac

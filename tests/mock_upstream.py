@@ -88,8 +88,8 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
         elif path.endswith("/v1/messages"):
             refusal = mock.refusal(body, self.headers)
             if refusal:
-                self.send_json(400, {"type": "error", "error": {"type": "invalid_request_error",
-                                                                "message": refusal}})
+                self.send_json(400, mock.wrapped({"type": "error", "error": {"type": "invalid_request_error",
+                                                                             "message": refusal}}, body))
             else:
                 self.messages(body)
         else:
@@ -118,7 +118,7 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
         if kind == "status":
             data = action.get("body", b"")
             if isinstance(data, dict):
-                data = json.dumps(data).encode()
+                data = json.dumps(mock.wrapped(data, body) if action["status"] >= 400 else data).encode()
             self.send_response(action["status"])
             self.send_header("Content-Type", action.get("content_type", "application/json"))
             for name, value in action.get("headers", {}).items():
@@ -289,6 +289,9 @@ class MockUpstream:
         self.refuse_tool_fields = set()  # keys of a tool ("defer_loading")
         self.refuse_adaptive = False    # "thinking": {"type": "adaptive"}
         self.gate = None                # (required version, model): a client-version gate
+        # A relay in front of the origin that wraps the origin's error in its own (wrapped()):
+        # None, "ccr" (claude-code-router) or "litellm" (LiteLLM's proxy).
+        self.wrap = None
         self.usage = dict(USAGE_IN)     # what each reply reports (output_tokens aside)
         # A NewAPI/OneAPI-style relay: {"hard_limit_usd": 100, "total_usage": cents} answers
         # the billing routes; None leaves them 404, as a relay without them.
@@ -339,6 +342,27 @@ class MockUpstream:
                 return "Claude Code %s does not support this model; version %s or newer is required" % (
                     sent, self.gate[0])
         return None
+
+    def wrapped(self, error, body):
+        """An origin's error body as the relay in front of it (self.wrap) answers it. Its own
+        words come first, the origin's JSON after them inside a string:
+        claude-code-router: {"error": {"message": "Error from provider(NAME,MODEL: 400): {…}",
+        "type": "api_error", "code": "provider_response_error"}}; LiteLLM: {"error": {"message":
+        "litellm.BadRequestError: AnthropicException - {…}. Received Model Group=…", "type": null,
+        "param": null, "code": "400"}}."""
+        try:
+            model = json.loads(body or b"{}").get("model", "")
+        except (ValueError, AttributeError):
+            model = ""
+        origin = json.dumps(dict(error, request_id="req_011CVorigin7Hq2xNbW"), separators=(",", ":"))
+        if self.wrap == "ccr":
+            return {"error": {"message": "Error from provider(anthropic-origin-relay,%s: 400): %s" % (model, origin),
+                              "type": "api_error", "code": "provider_response_error"}}
+        if self.wrap == "litellm":
+            return {"error": {"message": "litellm.BadRequestError: AnthropicException - %s. Received Model Group=%s\n"
+                                         "Available Model Group Fallbacks=None" % (origin, model),
+                              "type": None, "param": None, "code": "400"}}
+        return error
 
     def take_action(self):
         with self.lock:

@@ -7,7 +7,7 @@ import time
 import pytest
 
 import ccproxy
-from conftest import make_config, start_proxy, wait_for, write_config
+from conftest import APIKEY, make_config, start_proxy, wait_for, write_config
 from mock_upstream import MockUpstream
 from test_relay import MESSAGE
 
@@ -145,7 +145,7 @@ def test_routes_send_a_family_to_a_provider(tmp_path, upstream, upstream2):
 @pytest.mark.parametrize("routes, problem", [({"*haiku*": "nope"}, "Routes.*haiku*: 'nope' is not a provider"),
                                              (["*haiku*"], "Routes must be an object")])
 def test_routes_are_validated(routes, problem):
-    raw = {"Providers": [{"name": "a", "api_base_url": "https://a.example"}], "Routes": routes}
+    raw = {"APIKEY": APIKEY, "Providers": [{"name": "a", "api_base_url": "https://a.example"}], "Routes": routes}
     with pytest.raises(ccproxy.ConfigError) as info:
         ccproxy.validate_config(raw)
     assert any(problem in p for p in info.value.problems)
@@ -162,7 +162,7 @@ def test_the_copied_settings_turn_gateway_discovery_on(picker):
 
 def test_fifty_relays_of_two_hundred_models_list_quickly_enough_to_build(tmp_path):
     """Not a timing goal (that is tests/bench.py's): the catalog is built once per change."""
-    config = {"Providers": [{"name": "中转站%02d" % i, "api_base_url": "https://r%d.example" % i,
+    config = {"APIKEY": APIKEY, "Providers": [{"name": "中转站%02d" % i, "api_base_url": "https://r%d.example" % i,
                              "models": ["model-%03d" % m for m in range(200)]} for i in range(50)]}
     started = time.monotonic()
     parsed = ccproxy.validate_config(config)

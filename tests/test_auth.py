@@ -149,3 +149,46 @@ def test_the_throttle_forgets_addresses_whose_failures_expired(monkeypatch):
     with pytest.raises(ccproxy.AuthError):
         throttle.admit("203.0.113.9", "guess", False)
     assert list(throttle.failures) == ["203.0.113.9"]
+
+
+# -- another site's page: refused whatever the key, also an empty one (which is no longer a config)
+
+CROSS = [{"Origin": "https://evil.example"}, {"Origin": "null"},
+         {"Origin": "http://127.0.0.1:1"},                  # another port of this host: another origin
+         {"Origin": "http://127.0.0.1.evil.example"},
+         {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"},
+         {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "cors"}]
+
+
+@pytest.mark.parametrize("headers", CROSS, ids=lambda h: ",".join("%s=%s" % kv for kv in h.items()))
+@pytest.mark.parametrize("method, path, body", [("POST", "/api/select", {"provider": "beta"}),
+                                                ("POST", "/v1/messages", MESSAGE_BODY),
+                                                ("GET", "/api/state", None), ("GET", "/healthz", None)])
+def test_another_sites_page_is_refused_even_with_the_key(proxy, upstream, upstream2, headers, method, path, body):
+    status, _, data = proxy.call(method, path, body, headers=headers)
+    error = json.loads(data)["error"]
+    assert status == 403 and error["type"] == "permission_error" and "cross-origin" in error["message"]
+    assert upstream.requests == upstream2.requests == []
+    assert proxy.store.view.selected == "alpha"
+
+
+@pytest.mark.parametrize("headers", [
+    {},                                                         # Claude Code, the SDKs, curl
+    {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"},
+    {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate"},   # typed in the address bar
+    {"Origin": "ORIGIN", "Sec-Fetch-Site": "same-origin"},      # the page's own POST
+    {"Origin": "HTTP://LOCALHOST:PORT"}, ])
+def test_the_pages_own_requests_and_clients_pass(proxy, headers):
+    headers = {k: v.replace("ORIGIN", proxy.url).replace("PORT", str(proxy.port)) for k, v in headers.items()}
+    if "LOCALHOST" in headers.get("Origin", ""):
+        headers["Host"] = "localhost:%d" % proxy.port
+    assert proxy.call("POST", "/api/select", {"provider": "beta"}, headers=headers)[0] == 200
+
+
+def test_a_link_from_another_site_opens_the_page_and_nothing_else(proxy):
+    link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+    status, headers, _ = proxy.call("GET", "/", headers=link, key=None)
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert proxy.call("GET", "/api/state", headers=link)[0] == 403
+    assert proxy.call("POST", "/api/select", {"provider": "beta"}, headers=link)[0] == 403   # a form from there
+    assert proxy.store.view.selected == "alpha"

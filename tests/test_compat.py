@@ -323,3 +323,58 @@ def test_check_a_relay_errors(relay, upstream):
     status, check = proxy.api("POST", "/api/check", {"provider": "中转站A"})
     assert status == 200
     assert {r["result"] for r in check["results"].values()} == {"not tested"}
+
+
+# -- relays behind relays: claude-code-router and LiteLLM put their own words first
+
+
+@pytest.mark.parametrize("wrap", ["ccr", "litellm"])
+def test_a_refusal_another_relay_wrapped_still_teaches_its_fix(relay, upstream, wrap):
+    upstream.refuse_fields = {"context_management"}
+    upstream.wrap = wrap
+    proxy = relay()
+    body = dict(MESSAGE, context_management={"edits": [{"type": "clear_tool_uses_20250919"}]})
+    status, _, data = proxy.call("POST", "/v1/messages", body)
+    assert status == 200 and json.loads(data)["type"] == "message"
+    first, retry = upstream.requests
+    assert "context_management" in first.json and "context_management" not in retry.json
+    fix = provider_state(proxy)[0]["fixes"][0]
+    # kept with the origin's own words, not the wrapper's
+    assert fix["id"] == FIELD_ID and fix["error"] == "model claude-sonnet-4-5: " \
+        "context_management: Extra inputs are not permitted"
+
+
+@pytest.mark.parametrize("wrap", ["ccr", "litellm"])
+def test_the_words_that_matter_are_past_what_is_shown(upstream, wrap):
+    """What the two wrappers put in front pushes the origin's refusal past ERROR_EXCERPT: a
+    match on the shown excerpt would find nothing (as ccproxy did before)."""
+    upstream.wrap = wrap
+    refusal = {"type": "error", "error": {"type": "invalid_request_error",
+                                          "message": "context_management: Extra inputs are not permitted"}}
+    message = ccproxy.error_message(json.dumps(upstream.wrapped(refusal, json.dumps(MESSAGE))).encode())
+    assert "Extra inputs are not permitted" not in message[:ccproxy.ERROR_EXCERPT]
+    body = json.dumps(dict(MESSAGE, context_management={}))
+    assert ccproxy.match_fix(message, body, ccproxy.Headers()).id == FIELD_ID
+    assert ccproxy.excerpt(message) == "context_management: Extra inputs are not permitted"
+
+
+@pytest.mark.parametrize("wrap", ["ccr", "litellm"])
+def test_a_wrapped_signature_error_is_stripped_and_retried(relay, upstream, wrap):
+    """Behind claude-code-router, Claude Code exited after six 400s: the strip never fired."""
+    from test_failover import SIGNATURE_ERROR, THINKING_TURNS
+    upstream.wrap = wrap
+    proxy = relay()
+    upstream.fail_next(status=400, body=SIGNATURE_ERROR)
+    status, _, _ = proxy.call("POST", "/v1/messages", THINKING_TURNS, {"X-Claude-Code-Session-Id": "9b1d-wrapped"})
+    assert status == 200 and len(upstream.requests) == 2
+    assert "signature" not in upstream.last.body.decode() and "thinking" not in upstream.last.json["messages"][1]
+
+
+@pytest.mark.parametrize("wrap", ["ccr", "litellm"])
+def test_check_a_relay_behind_another_relay(relay, upstream, wrap):
+    upstream.refuse_fields = {"safeguards"}
+    upstream.wrap = wrap
+    proxy = relay()
+    result = proxy.api("POST", "/api/check", {"provider": "中转站A"})[1]["results"]["safeguards"]
+    assert result["fix_id"] == "field:safeguards"
+    assert result["reason"] == "HTTP 400: safeguards: Extra inputs are not permitted"

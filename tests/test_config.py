@@ -3,16 +3,19 @@
 import http.client
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 import ccproxy
 from conftest import APIKEY, ROOT, make_config, start_proxy, wait_for, write_config
 
-GOOD = {"APIKEY": "k", "Providers": [{"name": "a", "api_base_url": "https://a.example/v1/messages"}]}
+GOOD = {"APIKEY": "sk-ccproxy-good-0123456789", "Providers": [{"name": "a", "api_base_url": "https://a.example/v1/messages"}]}
 
 
 def bad(**changes):
@@ -43,8 +46,16 @@ def bad(**changes):
     (bad(HeaderOverrides={"p": {"X-A": "a\r\nX-Evil: 1"}}), "HeaderOverrides.p.X-A contains a line break"),
     (bad(HeaderOverrides={"p": {"Bad Name": "v"}}), "is not a valid HTTP header name"),
     (bad(HeaderOverrides={"p": {"X-A": "密钥"}}), "HeaderOverrides.p.X-A contains a line break, a control character"),
-    (bad(Providers=[{"name": "a", "api_key": "sk-a\nsk-b"}]), "Providers[0] (a).api_key contains a line break"),
-    (bad(Providers=[{"name": "a", "api_key": "sk-a\x00"}]), "Providers[0] (a).api_key contains a line break"),
+    (bad(Providers=[{"name": "a", "api_key": "sk-a\nsk-b"}]), "Providers[0] (a).api_key contains a space, a tab, a line"),
+    (bad(Providers=[{"name": "a", "api_key": "sk-a\x00"}]), "Providers[0] (a).api_key contains a space, a tab, a line"),
+    (bad(Providers=[{"name": "a", "api_key": "sk-a sk-b"}]), "Providers[0] (a).api_key contains a space, a tab, a line"),
+    (bad(Providers=[{"name": "a", "api_key": "sk-a\tb"}]), "Providers[0] (a).api_key contains a space, a tab, a line"),
+    (bad(APIKEY=""), "APIKEY is empty, which would let any program here and any web page you open use your relays"),
+    (bad(APIKEY=ccproxy.PLACEHOLDER_APIKEY), "APIKEY is still the template's placeholder"),
+    ({"Providers": []}, "APIKEY is empty"),
+    (bad(APIKEY="sk ccproxy"), "APIKEY contains a space"),
+    (bad(APIKEY="sk-中文-0123456789"), "APIKEY contains a space, a line break, a control character or a character outside Latin-1"),
+    (bad(APIKEY=5), "APIKEY must be a string"),
     (bad(RequestOverrides={"p": ["thinking"]}), "RequestOverrides.p must be an object"),
     (bad(**{"env-models": {"ANTHROPIC_SONET_MODEL": "x"}}), "env-models.ANTHROPIC_SONET_MODEL is not a model variable"),
     ([1, 2], "the top level must be a JSON object"),
@@ -91,8 +102,15 @@ def test_all_problems_are_reported_together():
 
 
 def test_comments_separators_and_template_are_valid():
+    """The template is valid once it has an APIKEY (the first run gives it one), not before."""
     with open(os.path.join(ROOT, "config.in.json"), encoding="utf-8") as f:
-        config = ccproxy.validate_config(json.load(f))
+        template = json.load(f)
+    with pytest.raises(ccproxy.ConfigError) as info:
+        ccproxy.validate_config(template)
+    assert info.value.problems == ["config.json: APIKEY is still the template's placeholder, which would let any "
+                                   "program here and any web page you open use your relays — set it to a long "
+                                   "random secret, or start ccproxy.py, which puts a random one in"]
+    config = ccproxy.validate_config(dict(template, APIKEY=ccproxy.new_apikey()))
     assert [p.name for p in config.providers if not p.usable] == ["----- relays -----"]
     deepseek = config.by_name["deepseek"]
     assert deepseek.base_url == "https://api.deepseek.com/anthropic"
@@ -203,13 +221,48 @@ def test_bad_config_exits_2_with_one_line_per_problem(tmp_path):
 
 
 @pytest.mark.parametrize("apikey", ["", ccproxy.PLACEHOLDER_APIKEY])
-def test_refuses_to_listen_beyond_loopback_without_a_real_key(tmp_path, apikey):
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_no_server_without_a_real_key_on_any_address(tmp_path, apikey, host):
+    """An empty key on 127.0.0.1 let any web page the user opened spend the relays."""
     path = write_config(tmp_path / "config.json", dict(GOOD, APIKEY=apikey))
     with pytest.raises(ccproxy.ConfigError) as info:
-        ccproxy.make_server(path, "0.0.0.0", 0)
-    assert "refusing to listen on 0.0.0.0" in info.value.problems[0]
-    server = ccproxy.make_server(path, "127.0.0.1", 0)   # loopback is fine
-    server.server_close()
+        ccproxy.make_server(path, host, 0)
+    assert "APIKEY is" in info.value.problems[0]
+    assert run_cli("--check", "--config", path).returncode == 2
+
+
+@pytest.mark.parametrize("apikey", ["", ccproxy.PLACEHOLDER_APIKEY, None])
+def test_a_start_gives_a_keyless_config_a_random_key(tmp_path, apikey):
+    raw = dict(GOOD, _comment="中文 comment", Providers=[{"name": "中转站A", "api_base_url": "https://a.example"}])
+    if apikey is None:
+        del raw["APIKEY"]
+    else:
+        raw["APIKEY"] = apikey
+    path = tmp_path / "config.json"
+    before = json.dumps(raw, ensure_ascii=False, indent=4)          # a layout of the user's own
+    path.write_text(before, encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"), "--config", str(path), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        said = proc.stdout.readline() + proc.stdout.readline()
+        after = path.read_text(encoding="utf-8")
+        key = json.loads(after)["APIKEY"]
+        assert key.startswith("sk-ccproxy-") and len(key) > 30 and key not in said
+        assert "had no APIKEY" in said and "see the APIKEY line of" in said
+        # only the key changed, and the file before it is kept
+        if apikey is not None:
+            assert after == before.replace(json.dumps(apikey), json.dumps(key))
+        backups = list(tmp_path.glob("config.json.bak-*"))
+        assert [b.read_text(encoding="utf-8") for b in backups] == [before]
+        assert {oct(p.stat().st_mode & 0o777) for p in backups + [path]} == {"0o600"}
+        port = int(proc.stdout.readline().split("http://127.0.0.1:")[1].split()[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/api/state", headers={"x-api-key": key})
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)
 
 
 def test_sighup_reloads_and_sigterm_stops_cleanly(tmp_path, upstream, upstream2):
@@ -238,15 +291,29 @@ def test_sighup_reloads_and_sigterm_stops_cleanly(tmp_path, upstream, upstream2)
         proc.wait()
 
 
-def test_first_run_creates_config_with_a_random_key(tmp_path):
+def read_until(fd, marker, timeout=15):
+    """What a process wrote to the terminal fd until marker appeared."""
+    text, deadline = "", time.monotonic() + timeout
+    while marker not in text and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.5)[0]:
+            try:
+                text += os.read(fd, 65536).decode("utf-8", "replace")
+            except OSError:
+                break
+    return text
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_first_run_creates_config_with_a_random_key(tmp_path, terminal):
+    """The key is shown on a terminal, and never where the output may be a log file."""
     path = tmp_path / "config.json"
+    master, out = pty.openpty() if terminal else os.pipe()
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"), "--config", str(path),
-                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--port", "0"], stdout=out, stderr=subprocess.PIPE)
+    os.close(out)
     try:
-        banner = [proc.stdout.readline()]
-        while "示例密钥" not in banner[-1] and banner[-1]:
-            banner.append(proc.stdout.readline())
-        port = int(banner[0].split("http://127.0.0.1:")[1].split()[0])
+        text = read_until(master, "示例密钥")
+        port = int(text.split("listening on http://127.0.0.1:")[1].split()[0])
         # Claude Code run at once: the template's example key is not sent to the real host
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("POST", "/v1/messages", json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 1,
@@ -255,24 +322,55 @@ def test_first_run_creates_config_with_a_random_key(tmp_path):
         resp = conn.getresponse()
         error = json.loads(resp.read())["error"]
         assert resp.status == 500 and resp.getheader("x-should-retry") == "false"
-        assert "example key" in error["message"] and "api_key" in error["message"]
+        assert "example key" in error["message"] and "Add provider" in error["message"]
         conn.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=15)
+        os.close(master)
     with open(path, encoding="utf-8") as f:
         created = json.load(f)
     key = created["APIKEY"]
     assert key.startswith("sk-ccproxy-") and key != ccproxy.PLACEHOLDER_APIKEY and len(key) > 30
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
-    text = "".join(banner)
-    assert "http://127.0.0.1:" in text and key in text and '"ANTHROPIC_BASE_URL"' in text
+    assert "http://127.0.0.1:" in text and '"ANTHROPIC_BASE_URL"' in text
     assert '"ANTHROPIC_AUTH_TOKEN"' in text                     # interactive Claude Code asks about API_KEY
-    assert "next: put your relays in Providers" in text and "下一步" in text
+    assert "next: add your relay in the web UI" in text and "下一步" in text
+    assert (key in text) is terminal
+    if not terminal:
+        assert "see the APIKEY line of" in text and "<APIKEY from config.json>" in text
     with open(os.path.join(ROOT, "config.in.json"), encoding="utf-8") as f:
-        template = json.load(f)
-    assert list(created) == list(template)           # every key and comment, in order
+        template_text = f.read()
+    # the template as it is, but for its key
+    assert path.read_text(encoding="utf-8") == template_text.replace(ccproxy.PLACEHOLDER_APIKEY, key)
     assert proc.returncode == 0
+
+
+def test_first_run_then_the_relay_added_is_used_at_once(tmp_path, upstream):
+    """The README's first steps: the template selects its example (anthropic, with an example
+    key); the relay the user then adds is the one meant, with no selection to make."""
+    path = str(tmp_path / "config.json")
+    key = ccproxy.ensure_apikey(path)
+    proxy = start_proxy(path)
+    try:
+        assert proxy.api("GET", "/api/state", key=key)[1]["selected"] == "anthropic"
+        raw = json.load(open(path, encoding="utf-8"))
+        raw["Providers"].append({"name": "中转站A", "api_base_url": upstream.url + "/v1/messages",
+                                 "api_key": "sk-relay-0123456789"})
+        write_config(path, raw)
+        status, state = proxy.api("POST", "/api/reload", key=key)
+        assert status == 200 and state["selected"] == "中转站A"
+        status, headers, _ = proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 8,
+                                                                 "messages": [{"role": "user", "content": "hi"}]},
+                                        key=key)
+        assert status == 200 and headers["x-ccproxy-provider"] == "%E4%B8%AD%E8%BD%AC%E7%AB%99A"
+        assert upstream.last.headers["x-api-key"] == "sk-relay-0123456789"
+        # the example cannot be chosen while its key is an example
+        status, body = proxy.api("POST", "/api/select", {"provider": "anthropic"}, key=key)
+        assert status == 400 and body["code"] == "example_key" and "example api_key" in body["error"]["message"]
+        assert proxy.api("GET", "/api/state", key=key)[1]["selected"] == "中转站A"
+    finally:
+        proxy.stop()
 
 
 def test_sigterm_lets_a_stream_in_flight_finish(tmp_path, upstream):

@@ -225,3 +225,30 @@ def test_an_unknown_import_is_refused_in_words(edit_proxy, text):
 def test_every_editing_route_needs_the_key(edit_proxy, method, path):
     status, _, _ = edit_proxy.call(method, path, {}, key=None)
     assert status == 401
+
+
+def test_log_level_is_applied_by_every_reload_unless_a_flag_fixed_it(edit_proxy):
+    """LOG_LEVEL is offered in the page's Settings: a change there (or Reload, or SIGHUP, which
+    reloads) takes effect at once."""
+    import logging
+    root = logging.getLogger()
+    before = root.level
+    try:
+        assert root.level == logging.INFO                           # make_config's LOG_LEVEL
+        assert write(edit_proxy, "PUT", "/api/settings", {"LOG_LEVEL": "WARNING"})[0] == 200
+        assert root.level == logging.WARNING
+        raw = json.loads(on_disk(edit_proxy))
+        raw["LOG_LEVEL"] = "DEBUG"
+        with open(edit_proxy.path, "w", encoding="utf-8") as f:
+            json.dump(raw, f)
+        assert edit_proxy.api("POST", "/api/reload")[0] == 200
+        assert root.level == logging.DEBUG
+        fixed = ccproxy.make_server(edit_proxy.path, "127.0.0.1", 0, log_level="ERROR")   # --log-level ERROR
+        try:
+            assert root.level == logging.ERROR
+            fixed.store.reload()
+            assert root.level == logging.ERROR
+        finally:
+            fixed.server_close()
+    finally:
+        root.setLevel(before)

@@ -41,6 +41,27 @@ def test_529_moves_to_the_fallback_with_its_own_settings(failover, upstream, ups
     assert wait_for(lambda: "alpha 529 → beta 200" in log_lines.text)
 
 
+@pytest.mark.parametrize("status", [408, 500, 501, 505, 520, 599])
+def test_every_5xx_moves_on(failover, upstream, upstream2, status):
+    """README and config.in.json say 5xx: a relay's 501 or 505 is no answer from another relay."""
+    proxy = failover()
+    upstream.fail_next(status=status, body={"type": "error", "error": {"type": "api_error", "message": "x"}})
+    got, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE)
+    assert got == 200 and headers["x-ccproxy-attempts"] == "alpha %d, beta 200" % status
+
+
+def test_a_provider_that_cannot_be_reached_is_named_in_ccproxys_own_error(failover, upstream, upstream2):
+    proxy = failover()
+    assert proxy.api("POST", "/api/fallback", {"enabled": False})[0] == 200
+    upstream.close()
+    status, headers, data = proxy.call("POST", "/v1/messages", MESSAGE)
+    assert status == 502 and headers["x-ccproxy-provider"] == "alpha"
+    assert "could not be reached" in json.loads(data)["error"]["message"]
+    # ccproxy's own refusals name none
+    status, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE, key="sk-wrong-key-123")
+    assert status == 401 and "x-ccproxy-provider" not in headers
+
+
 def test_connection_refused_moves_on(failover, upstream, upstream2, tmp_path):
     import socket
     with socket.socket() as s:
@@ -319,19 +340,29 @@ def test_a_provider_with_the_example_key_is_never_contacted(tmp_path, upstream, 
     config["Providers"][0]["api_key"] = "sk-ant-your-key-here"
     proxy = start_proxy(write_config(tmp_path / "c.json", config))
     try:
+        # the first provider with a real key is the one in use, not the example
+        assert proxy.api("GET", "/api/state")[1]["selected"] == "beta"
         status, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE)
-        assert status == 200 and headers["x-ccproxy-provider"] == "beta"     # skipped, not failed
-        assert proxy.api("POST", "/api/fallback", {"enabled": False})[0] == 200
-        status, headers, data = proxy.call("POST", "/v1/messages", MESSAGE)
-        error = json.loads(data)["error"]
-        assert status == 500 and headers["x-should-retry"] == "false"
-        assert "alpha still has the example key" in error["message"] and "c.json" in error["message"]
+        assert status == 200 and headers["x-ccproxy-provider"] == "beta"
+        assert proxy.api("POST", "/api/select", {"provider": "alpha"})[0] == 400
         result = proxy.api("POST", "/api/test", {"provider": "alpha"})[1]["results"]["alpha"]
         assert result["status"] == "failing" and "not contacted" in result["reason"]
         result = proxy.api("POST", "/api/refresh-models", {"provider": "alpha"})[1]["results"]["alpha"]
         assert not result["ok"] and "not contacted" in result["message"]
         assert proxy.api("GET", "/api/state")[1]["providers"][0]["placeholder_key"] is True
         assert upstream.requests == []
+    finally:
+        proxy.stop()
+    # every provider with an example key: Claude Code is told what to do, and not to retry
+    config["Providers"][2]["api_key"] = "sk-your-relay-key"
+    del upstream2.requests[:]
+    proxy = start_proxy(write_config(tmp_path / "c.json", config))
+    try:
+        status, headers, data = proxy.call("POST", "/v1/messages", MESSAGE)
+        error = json.loads(data)["error"]
+        assert status == 500 and headers["x-should-retry"] == "false"
+        assert "beta still has the example key" in error["message"] and "Add provider" in error["message"]
+        assert upstream.requests == upstream2.requests == []
     finally:
         proxy.stop()
 
@@ -341,7 +372,8 @@ def test_a_provider_with_the_example_key_is_never_contacted(tmp_path, upstream, 
     ("sk-CHANGE-ME", True), ("sk-ant-api03-Yx7your0key", False), ("sk-1234567890abcdef", False), ("", False),
 ])
 def test_placeholder_keys(key, placeholder):
-    provider = ccproxy.validate_config({"Providers": [{"name": "p", "api_base_url": "https://x", "api_key": key}]})
+    provider = ccproxy.validate_config({"APIKEY": APIKEY, "Providers": [{"name": "p", "api_base_url": "https://x",
+                                                                         "api_key": key}]})
     assert provider.providers[0].placeholder_key is placeholder
 
 

@@ -52,6 +52,8 @@ CASES = [
     ("Content-Length with NBSP", post(b"Content-Length: \xa098\r\n", length=False), 400),
     ("two different Content-Lengths", post(b"Content-Length: 5\r\n"), 400),
     ("a Content-Length list that disagrees", post(b"Content-Length: 98, 99\r\n", length=False), 400),
+    ("a Content-Length list that agrees", post(b"Content-Length: 98, 98\r\n", length=False), 400),
+    ("the same Content-Length twice", post(b"Content-Length: 98\r\nContent-Length: 98\r\n", length=False), 400),
     ("a chunk size 0x10", post(b"Transfer-Encoding: chunked\r\n", chunked(b"0x10\r\n" + b"a" * 16 + b"\r\n"),
                                length=False), 400),
     ("a negative chunk size", post(b"Transfer-Encoding: chunked\r\n", chunked(b"-5\r\nhello\r\n"), length=False), 400),
@@ -86,8 +88,7 @@ def test_ambiguous_requests_are_refused_and_reach_no_provider(proxy, upstream, w
     assert upstream.requests == []
 
 
-@pytest.mark.parametrize("framing", [b"Content-Length: 98, 98\r\n", b"Content-Length: 98\r\nContent-Length: 98\r\n",
-                                     b"Transfer-Encoding: Chunked\r\n", b"Content-Length:  98 \r\n"])
+@pytest.mark.parametrize("framing", [b"Transfer-Encoding: Chunked\r\n", b"Content-Length:  98 \r\n"])
 def test_unambiguous_variants_are_accepted(proxy, upstream, framing):
     body = b'{"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "xyzw"}]}'
     assert len(body) == 98
@@ -150,6 +151,27 @@ def test_a_trickled_head_is_cut_at_its_deadline(proxy, upstream, monkeypatch):
         sock.close()
     assert upstream.requests == []
     assert proxy.call("GET", "/healthz")[0] == 200
+
+
+def test_a_head_that_stops_halfway_is_cut_at_its_deadline(proxy, upstream, monkeypatch):
+    """Part of a head, then silence: given up at HEADER_DEADLINE_S, not after the idle timeout
+    (CLIENT_TIMEOUT_S, 120 s); and the connection before it keeps its idle timeout."""
+    monkeypatch.setattr(ccproxy, "HEADER_DEADLINE_S", 0.5)
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.settimeout(20)
+    try:
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        time.sleep(1.0)                     # idle between requests: longer than the head's deadline
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n")     # and then nothing more
+        assert sock.recv(100) == b"" and time.monotonic() - started < 10
+    finally:
+        sock.close()
+    assert upstream.requests == []
 
 
 # -- answers that must never reach the wrong client

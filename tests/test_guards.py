@@ -62,7 +62,7 @@ def test_the_web_ui_loads_nothing_from_elsewhere():
 def test_the_docstring_lists_the_sections_in_file_order():
     source = read("ccproxy.py")
     banners = re.findall(r"^# =+ (.+)$", source, re.M)
-    assert banners == ["constants", "errors", "config", "state", "config editing", "HTTP messages",
+    assert banners == ["constants", "errors", "config", "files", "state", "config editing", "HTTP messages",
                        "Anthropic requests and replies", "relay compatibility",
                        "upstream client", "providers: discovery and tests", "relay", "observability",
                        "usage and cost", "balance", "team keys", "health and failover", "web UI API",

@@ -103,7 +103,7 @@ class Streams:
 
 
 def view(fallback=("beta",), **top):
-    raw = {"Providers": [
+    raw = {"APIKEY": "sk-ccproxy-core-0123456789", "Providers": [
         {"name": "alpha", "api_base_url": "https://a.example/v1/messages", "api_key": "sk-a-1234567890",
          "models": ["claude-sonnet-4-5"]},
         {"name": "beta", "api_base_url": "https://b.example/anthropic", "api_key": "sk-b-1234567890",

@@ -1,6 +1,7 @@
 """run.sh start|stop|restart|status|logs, driven as a user would, from another directory."""
 
 import http.client
+import json
 import os
 import shutil
 import socket
@@ -88,3 +89,33 @@ def test_truncated_log_stays_clean(env):
     with open(env["LOGFILE"], "rb") as f:
         data = f.read()
     assert data and not data.startswith(b"\0")          # appended, not written at the old offset
+
+
+def test_flags_in_ccproxy_args_are_followed(env):
+    """CCPROXY_ARGS="--port N": start waits for that port (ccproxy says where it listens), and
+    status shows it."""
+    port = free_port()
+    env = dict(env, CCPROXY_ARGS="--port %d --log-level WARNING" % port)
+    result = run(env, "start")
+    assert result.returncode == 0, result.stderr
+    assert "http://127.0.0.1:%d/" % port in result.stdout and env["port"] not in result.stdout
+    assert request(port) == 200
+    assert "http://127.0.0.1:%d/" % port in run(env, "status").stdout
+    assert run(env, "stop").returncode == 0
+    assert "not running" in run(env, "status").stdout
+
+
+def test_first_start_shows_the_next_step_and_keeps_its_files_private(env, tmp_path):
+    os.unlink(env["CONFIG"])
+    env = dict(env, CCPROXY_ARGS="--port %d" % free_port())
+    result = run(env, "start")
+    assert result.returncode == 0, result.stderr
+    with open(env["CONFIG"], encoding="utf-8") as f:
+        key = json.load(f)["APIKEY"]
+    out = result.stdout
+    assert "next: add your relay" in out and "下一步" in out and '"ANTHROPIC_BASE_URL"' in out
+    assert "see the APIKEY line of" in out
+    with open(env["LOGFILE"], encoding="utf-8") as f:
+        assert key not in out + f.read()                 # never in a log
+    for path in (env["CONFIG"], env["LOGFILE"], env["PIDFILE"]):
+        assert os.stat(path).st_mode & 0o777 == 0o600, path

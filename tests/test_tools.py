@@ -1,5 +1,6 @@
 """tools/: each output checked the way its target program reads it."""
 
+import glob
 import json
 import os
 import sqlite3
@@ -25,7 +26,7 @@ def yaml():
 
 
 NASTY_NAME = '中转 "x" v1.2'
-NASTY_KEY = "sk: #x \"q\" \\ 'y'"
+NASTY_KEY = "sk:#x\"q\"\\'y'&*%{}"      # what YAML, SQL and JSON quote (a key has no spaces)
 
 # A hand-formatted config: 4-space indent, comments, unknown keys, UTF-8, inline lists.
 TEMPLATE = """{
@@ -101,7 +102,9 @@ def test_updater_rewrites_only_models(config_path, fields, upstream):
     assert "fastest:" in out and "updated 3 of 4 providers" in out
     assert "skipped nokey: it has no api_key" in result.stderr
     new = open(config_path, encoding="utf-8").read()
-    assert open(config_path + ".bak", encoding="utf-8").read() == original
+    backups = glob.glob(config_path + ".bak-*")
+    assert len(backups) == 1 and open(backups[0], encoding="utf-8").read() == original
+    assert os.stat(backups[0]).st_mode & 0o777 == os.stat(config_path).st_mode & 0o777 == 0o600
     inline = "[%s]" % ", ".join(json.dumps(m) for m in upstream.models)
     expected = original.replace('"models": ["claude-old"]', '"models": ' + inline)   # inline stays inline
     # the nasty provider had no models key: it is added after its last member
@@ -118,7 +121,7 @@ def test_updater_filter_dry_run_and_exit_codes(config_path, tmp_path, upstream):
     result = run_tool("ccp_update_model.py", "--input", config_path, "--filter", "haiku,kimi", "--dry-run")
     assert result.returncode == 0 and "dry run" in result.stdout
     assert "OK alpha: 1 models" in result.stdout and open(config_path, encoding="utf-8").read() == before
-    assert not os.path.exists(config_path + ".bak")
+    assert not glob.glob(config_path + ".bak*")
     out = tmp_path / "other.json"
     assert run_tool("ccp_update_model.py", "--input", config_path, "--output", str(out), "--filter", "haiku").returncode == 0
     data = json.loads(out.read_text(encoding="utf-8"))
@@ -129,7 +132,7 @@ def test_updater_filter_dry_run_and_exit_codes(config_path, tmp_path, upstream):
 
 def test_updater_exits_1_when_every_provider_fails(tmp_path, dead_url):
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"Providers": [{"name": "x", "api_base_url": dead_url, "api_key": "k",
+    path.write_text(json.dumps({"APIKEY": X_API_KEY_CONFIG["APIKEY"], "Providers": [{"name": "x", "api_base_url": dead_url, "api_key": "k",
                                                "models": ["keep"]}]}))
     before = path.read_text()
     result = run_tool("ccp_update_model.py", "--input", str(path))
@@ -145,7 +148,8 @@ def test_updater_reports_html_pages_in_words(config_path, upstream):
 
 @pytest.mark.parametrize("tool", ["ccp_update_model.py", "ccp2ccr.py", "ccp2ccswitch.py", "ccp2cliproxy.py"])
 @pytest.mark.parametrize("content, message", [
-    (None, "no such file"), ("{nope", "invalid JSON"), ('{"PORT": "x"}', "PORT must be a whole number")])
+    (None, "no such file"), ("{nope", "invalid JSON"),
+    ('{"PORT": "x", "APIKEY": "sk-ccproxy-tools-0123456789"}', "PORT must be a whole number")])
 def test_bad_input_one_line_exit_2_no_output(tool, content, message, tmp_path):
     path = tmp_path / "config.json"
     if content is not None:

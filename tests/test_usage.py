@@ -330,7 +330,8 @@ def test_a_low_balance_relay_is_tried_last(tmp_path, upstream, upstream2):
     ("claude-haiku-4-5-20251001", (1, 5, 0.1, 1.25)), ("claude-fable-5-1", (10, 50, 0.25, 12.5)),
     ("claude-fable-5", (10, 50, 1, 12.5)), ("glm-4.6", None)])
 def test_the_template_ships_anthropic_list_prices(model, rates):
-    config = ccproxy.load_config(ccproxy.TEMPLATE_CONFIG)
+    with open(ccproxy.TEMPLATE_CONFIG, encoding="utf-8") as f:
+        config = ccproxy.validate_config(dict(json.load(f), APIKEY=ccproxy.new_apikey()))
     assert config.pricing.currency == "USD" and config.pricing.rates(model) == rates
 
 

@@ -80,7 +80,7 @@ def main(argv=None):
             return fail("no provider with a key and models to export — run with --update-models")
         current = current_name(store, with_models, args.current)
         data = ccr_config(config, with_models, models, current)
-        ccproxy.write_atomic(args.output, json.dumps(data, ensure_ascii=False, indent=2) + "\n", mode=0o600)
+        ccproxy.write_atomic(args.output, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
     except ccproxy.ConfigError as exc:
         return fail("\n".join(exc.problems))
     except OSError as exc:

@@ -148,8 +148,7 @@ def export_cc(args, store, targets):
     name = current_name(store, targets, args.provider or args.current)
     target = next(t for t in targets if t.name == name)
     output = args.output or "claude-settings-%s.json" % provider_id("", name)
-    ccproxy.write_atomic(output, json.dumps(settings_for(target), ensure_ascii=False, indent=2) + "\n",
-                         mode=0o600)
+    ccproxy.write_atomic(output, json.dumps(settings_for(target), ensure_ascii=False, indent=2) + "\n")
     print("wrote %s for %s" % (output, name))
     print("use: claude --settings %s   (or merge its env block into ~/.claude/settings.json)" % output)
     return 0
@@ -166,11 +165,10 @@ def main(argv=None):
             return export_cc(args, store, targets)
         current = current_name(store, targets, args.current)
         output = args.output or "cc-switch.sql"
-        ccproxy.write_atomic(output, ccswitch_sql(targets, current, args.prefix, int(time.time() * 1000)),
-                             mode=0o600)
+        ccproxy.write_atomic(output, ccswitch_sql(targets, current, args.prefix, int(time.time() * 1000)))
         links = [import_link(t) for t in targets]
         if args.links:
-            ccproxy.write_atomic(args.links, "\n".join(links) + "\n", mode=0o600)
+            ccproxy.write_atomic(args.links, "\n".join(links) + "\n")
     except ccproxy.ConfigError as exc:
         return fail("\n".join(exc.problems))
     except OSError as exc:

@@ -68,7 +68,7 @@ def main(argv=None):
             print("warning: APIKEY is empty: the file's api-keys list is empty too, so CLIProxyAPI "
                   "would accept any client", file=sys.stderr)
         targets = exportable(store)
-        ccproxy.write_atomic(args.output, cliproxy_yaml(config, targets), mode=0o600)
+        ccproxy.write_atomic(args.output, cliproxy_yaml(config, targets))
     except ccproxy.ConfigError as exc:
         return fail("\n".join(exc.problems))
     except OSError as exc:

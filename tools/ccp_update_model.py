@@ -4,14 +4,13 @@
 Fetches all providers concurrently (pagination, both list shapes, both auth headers, via
 ccproxy.py's own discovery), keeps ids matching --filter, and rewrites only the `models`
 values: key order, comments, unknown keys, UTF-8 and indentation stay byte for byte. The
-write is atomic and the previous file is kept as FILE.bak. A provider that fails keeps its
-list. Exit 0 when at least one provider was updated, 1 when none was, 2 for a bad config.
+write is atomic (mode 0600) and the previous file is kept as FILE.bak-<time>, as the web
+page keeps it. A provider that fails keeps its list. Exit 0 when at least one provider was updated, 1 when none was, 2 for a bad config.
 """
 
 import argparse
 import json
 import re
-import shutil
 import sys
 
 from ccp_common import add_discovery, add_input, ccproxy, fail, with_key
@@ -126,7 +125,7 @@ def replace_models(text, updates):
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="ccp_update_model.py", description=__doc__.split("\n\n")[0])
     add_input(parser)
-    parser.add_argument("--output", help="where to write (default: the input file, with a .bak kept)")
+    parser.add_argument("--output", help="where to write (default: the input file, the previous one kept as FILE.bak-<time>)")
     add_discovery(parser)
     parser.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
     return parser.parse_args(argv)
@@ -178,11 +177,11 @@ def main(argv=None):
         return 0
     try:
         if output == args.input:
-            shutil.copyfile(args.input, args.input + ".bak")
+            ccproxy.backup_config(args.input, text.encode("utf-8"))
         ccproxy.write_atomic(output, new_text)
     except OSError as exc:
         return fail("%s: cannot be written (%s)" % (output, exc.strerror or exc))
-    print("wrote %s%s" % (output, " (previous version: %s.bak)" % args.input if output == args.input else ""))
+    print("wrote %s%s" % (output, " (previous version: %s.bak-<time>)" % args.input if output == args.input else ""))
     return 0
 
 
