@@ -28,25 +28,29 @@ ROOT = os.path.dirname(HERE)
 APIKEY = "sk-bench-0123456789abcdef"
 USER_KEY = "sk-ccp-bench-user-0123456789abcdefghijklmnop"     # a user key (Keys) with every limit
 PHASE_TIMEOUT_S = 180
+RELATIVE, REPORTED = "relative", "reported"
 TARGETS = [
-    # key, label, target, pass(value)
-    ("latency_added_ms", "non-streaming, 1 client: added p50 latency", "<= 0.8 ms", lambda v: v <= 0.8),
-    ("cpu_ms_per_request", "proxy CPU time per request (16 clients)", "<= 0.8 ms", lambda v: v <= 0.8),
-    ("new_conns_per_request", "new upstream connections per request (16 clients)", "<= 0.05", lambda v: v <= 0.05),
-    ("first_event_added_ms", "streaming, 1 client: added first-event delay p50", "<= 1 ms", lambda v: v <= 1.0),
-    ("event_lag_added_p99_ms", "streaming, 64 clients: added per-event lag p99", "<= 5 ms", lambda v: v <= 5.0),
-    ("streams_completed", "256 concurrent streams: completed", "256 / 256", lambda v: v == 256),
+    # key, label, goal (word for word the target column of README's Performance table), check
+    ("latency_added_ms", "non-streaming, 1 client: added p50 latency", "≤ +0.5 ms", lambda v: v <= 0.5),
+    ("cpu_ms_per_request", "proxy CPU time per request (16 clients)", "≤ 0.6 ms", lambda v: v <= 0.6),
+    ("new_conns_per_request", "new upstream connections per request (16 clients)", "≤ 0.05", lambda v: v <= 0.05),
+    ("first_event_added_ms", "streaming, 1 client: added first-event delay p50", "≤ +1 ms", lambda v: v <= 1.0),
+    # On a shared VM this one varies 4-fold between runs of the same code: shown beside the
+    # figure of the commit before (--baseline), judged by the reader, not passed or missed.
+    ("event_lag_added_p99_ms", "streaming, 64 clients: added per-event lag p99", "beside the commit before",
+     REPORTED),
+    ("streams_completed", "256 concurrent streams: completed", "256", lambda v: v == 256),
     # The burst is judged relatively since the thread-per-connection design stays: against the
     # figure of an earlier run of the commit before a change (--baseline), at most 1.3 x; against
     # the fastest peer (claude-code-router), less than half of what it adds (measured apart).
-    ("ttfb_added_p99_ms", "256 concurrent streams: added TTFB p99", "<= 1.3 x base", None),
-    ("big_body_ratio", "2 MB request body: latency vs direct", "<= 2 x", lambda v: v <= 2.0),
+    ("ttfb_added_p99_ms", "256 concurrent streams: added TTFB p99", "≤ 1.3 × the commit before", RELATIVE),
+    ("big_body_ratio", "2 MB request body: latency vs direct", "≤ 2 ×", lambda v: v <= 2.0),
     # 56 MB since the usage store and team keys: the script itself (compiled at every start)
     # and sqlite3 hold ~6 MB more; what the 256 streams add is unchanged (docs/performance.md).
-    ("rss_peak_mb", "proxy RSS peak during the 256 streams", "<= 56 MB", lambda v: v <= 56.0),
-    ("rss_growth_mb", "RSS growth over the soak after warm-up", "<= 5 MB", lambda v: v <= 5.0),
-    ("models_list_ms", "/v1/models?limit=1000, 50 relays x 200 models: p50", "<= 100 ms", lambda v: v <= 100.0),
-    ("key_limits_added_ms", "a user key with limits vs the APIKEY: added p50", "<= 0.1 ms", lambda v: v <= 0.1),
+    ("rss_peak_mb", "proxy RSS peak during the 256 streams", "≤ 56 MB", lambda v: v <= 56.0),
+    ("rss_growth_mb", "RSS growth over the soak after warm-up", "≤ 5 MB", lambda v: v <= 5.0),
+    ("models_list_ms", "/v1/models?limit=1000, 50 relays x 200 models: p50", "≤ 100 ms", lambda v: v <= 100.0),
+    ("key_limits_added_ms", "a user key with limits vs the APIKEY: added p50", "≤ +0.1 ms", lambda v: v <= 0.1),
 ]
 
 # ---------------------------------------------------------------- mock upstream (own process)
@@ -528,12 +532,14 @@ def report(r, raw, baseline=None):
     print("%-52s %10s %12s  %s" % ("target", "value", "goal", ""))
     ok = True
     for key, label, goal, check in TARGETS:
-        if check is None:
-            if baseline is None:
-                print("%-52s %10.3f %12s  %s" % (label, r[key], goal, "(no --baseline)"))
+        base = baseline["targets"][key] if baseline is not None else None
+        if check in (RELATIVE, REPORTED):
+            if base is None or check == REPORTED:
+                print("%-52s %10.3f %12s  %s" % (label, r[key], "" if base is None else "was %.3f" % base,
+                                                 "(no --baseline)" if base is None else ""))
                 continue
-            check = lambda v, base=baseline["targets"][key]: v <= 1.3 * base    # noqa: E731
-            goal = "<= %.0f" % (1.3 * baseline["targets"][key])
+            check = lambda v, base=base: v <= 1.3 * base    # noqa: E731
+            goal = "<= %.0f" % (1.3 * base)
         passed = check(r[key])
         ok &= passed
         print("%-52s %10.3f %12s  %s" % (label, r[key], goal, "ok" if passed else "MISSED"))
@@ -542,7 +548,7 @@ def report(r, raw, baseline=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller counts (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="smaller counts (about ten seconds; the full run takes about a minute)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     parser.add_argument("--baseline", metavar="FILE", help="a --json FILE of the commit before a change, run on "
                         "the same machine in the same hour: the 256-stream burst may be 1.3 x its figure")
