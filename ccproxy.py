@@ -5509,10 +5509,11 @@ class Route:
     rest), who may call it ("public"; "user": the APIKEY or a user key; "admin": the APIKEY)
     and whether the request log records it."""
 
-    __slots__ = ("methods", "regex", "access", "func", "recorded")
+    __slots__ = ("methods", "pattern", "regex", "access", "func", "recorded")
 
     def __init__(self, methods, pattern, access, func, recorded=False):
         self.methods = frozenset(methods.split())
+        self.pattern = pattern
         regex = re.sub(r"\{(\w+)\*\}", r"(?P<\1>.*)", pattern)
         self.regex = re.compile(re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", regex) + r"\Z")
         self.access = access

@@ -264,8 +264,9 @@ def test_count_tokens_missing_is_remembered(failover, upstream):
     upstream.fail_next(status=404, body={"type": "error", "error": {"type": "not_found_error", "message": "no"}})
     assert proxy.call("POST", "/v1/messages/count_tokens?beta=true", MESSAGE)[0] == 404
     for _ in range(5):
-        status, _, data = proxy.call("POST", "/v1/messages/count_tokens?beta=true", MESSAGE)
+        status, headers, data = proxy.call("POST", "/v1/messages/count_tokens?beta=true", MESSAGE)
         assert status == 404 and json.loads(data)["error"]["type"] == "not_found_error"
+        assert headers["x-ccproxy-provider"] == "alpha"             # answered locally, for alpha
     assert len(upstream.requests) == 1
     assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200   # messages still go there
 

@@ -2,6 +2,7 @@
 
 import ast
 import glob
+import json
 import os
 import re
 import sys
@@ -81,9 +82,15 @@ def test_sections_stay_readable():
 
 
 def test_readme_test_command_is_what_ci_runs():
+    """The README's two lines (a virtual environment first: a PEP 668 system Python refuses a
+    plain pip install), which .ci/run runs as they are, in a venv of the system Python."""
     command = "python3 -m pip install -r requirements-dev.txt && python3 -m pytest"
-    assert command in read("README.md")
-    assert command in read(".ci/run")
+    venv = "python3 -m venv .venv && . .venv/bin/activate"
+    for name in ("README.md", "README_zh.md"):
+        text = read(name)
+        assert venv in text and command in text and text.index(venv) < text.index(command), name
+    ci = read(".ci/run")
+    assert command in ci and "-m venv .venv && . .venv/bin/activate" in ci and "/usr/bin/python3" in ci
 
 
 def test_the_chinese_readme_has_every_section_flag_and_key():
@@ -95,3 +102,119 @@ def test_the_chinese_readme_has_every_section_flag_and_key():
         assert name in chinese, "README_zh.md does not mention " + name
     for route in re.findall(r"^\| `((?:GET|POST|HEAD) [^ `]+)", english, re.M):
         assert route in chinese, "README_zh.md does not list the route " + route
+
+
+# -- README and README_zh against the code and each other
+
+READMES = ("README.md", "README_zh.md")
+
+
+def squeezed(text):
+    """Text without whitespace: a phrase is found whatever the line breaks in between."""
+    return re.sub(r"\s+", "", text)
+
+
+@pytest.mark.parametrize("name", READMES)
+def test_every_route_is_in_both_readmes(name):
+    text = read(name)
+    for route in ccproxy.ROUTES:
+        if not route.pattern.startswith(("/api/", "/metrics")):
+            continue
+        for method in route.methods - {"HEAD"}:
+            doc = "%s %s" % (method, re.sub(r"\{(\w+)\}", lambda m: m.group(1).upper(), route.pattern))
+            head, _, last = doc.rpartition("/")
+            # a trailing parameter may be given in parentheses after its route: `/api/x/NAME` (`/ID`)
+            assert doc in text or (last.isupper() and head in text and "`/%s`" % last in text), \
+                "%s does not document %s" % (name, doc)
+    for path in ("/healthz", "/api/hello", "/v1/models", "/v1/messages/count_tokens"):
+        assert path in text, "%s does not mention %s" % (name, path)
+
+
+@pytest.mark.parametrize("name", READMES)
+def test_every_config_key_is_in_both_readmes(name):
+    text = read(name)
+    for key in ccproxy.TOP_KEYS + ccproxy.PROVIDER_KEYS + ccproxy.KEY_FIELDS:
+        assert "`%s`" % key in text, "%s does not document the config key %s" % (name, key)
+
+
+def test_every_number_of_one_readme_is_in_the_other():
+    number = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*(?![\w.])")
+    english, chinese = (set(number.findall(read(name))) for name in READMES)
+    assert english - chinese == set(), "only in README.md"
+    assert chinese - english == set(), "only in README_zh.md"
+
+
+def readme_defaults(name):
+    """{top-level key: its default} from the README's table of settings."""
+    found = {}
+    for key, cell in re.findall(r"^\| `([A-Za-z_-]+)` \| `([^`]*)`", read(name), re.M):
+        if key in ccproxy.TOP_KEYS:
+            try:
+                found[key] = json.loads(cell)
+            except ValueError:
+                found[key] = cell               # 127.0.0.1, requests.jsonl: unquoted strings
+    return found
+
+
+def settings(config):
+    """What a Config holds, comparable: its fields, and its pricing's."""
+    fields = {k: v for k, v in vars(config).items() if k not in ("raw", "loaded_at", "pricing")}
+    return fields, vars(config.pricing)
+
+
+@pytest.mark.parametrize("name", READMES)
+def test_the_readmes_defaults_are_the_codes(name, tmp_path):
+    """A config that spells out the README's default of a key means what leaving it out means."""
+    defaults = readme_defaults(name)
+    assert len(defaults) >= 15 and defaults == readme_defaults("README.md")
+    path = str(tmp_path / "config.json")
+    base = {"APIKEY": "sk-guard-0123456789abcdef", "Providers": []}
+    left_out = settings(ccproxy.validate_config(base, path))
+    for key, value in defaults.items():
+        spelled_out = settings(ccproxy.validate_config(dict(base, **{key: value}), path))
+        assert spelled_out == left_out, "%s says %s defaults to %r; the code does not" % (name, key, value)
+
+
+# (constant, its value as the README writes it, the English phrase, the Chinese one)
+QUOTED = [
+    ("DEFAULT_PORT", "{:d}", "http://127.0.0.1:{}/", "http://127.0.0.1:{}/"),
+    ("HEADER_DEADLINE_S", "{:g}", "within {} s of its first byte", "第一个字节之后 {} 秒内收齐"),
+    ("CLIENT_TIMEOUT_S", "{:g}", "may wait {} s for its next request", "可以等 {} 秒"),
+    ("LINGER_S", "{:g}", "for up to {} s first", "最多花 {} 秒读取并丢弃"),
+    ("ERROR_HOLD_BYTES", "{:d}", "read only {} KB ahead", "只预读 {} KB"),
+    ("AUTH_FAIL_LIMIT", "{:d}", "{} different wrong keys from one address", "的 {} 个不同错误密钥"),
+    ("AUTH_GLOBAL_FAIL_LIMIT", "{:d}", "{} different wrong keys from all addresses", "合计 {} 个不同错误密钥"),
+    ("APIKEY_MIN_CHARS", "{:d}", "shorter than {} characters", "短于 {} 个字符"),
+    ("DEBUG_BODY_CHARS", "{:d}", "truncated to {} characters", "截断到 {} 个字符"),
+    ("SHUTDOWN_GRACE_S", "{:g}", "requests in flight get {} seconds", "进行中的请求有 {} 秒"),
+    ("TEST_SLOW_S", "{:g}", "first event after {} s", "首个事件超过 {} 秒"),
+    ("MODELS_MAX_BYTES", "{:d}", "at most {} MB a page", "每页最多读 {} MB"),
+    ("MAX_MODELS", "{:d}", "keeps at most {} ids", "最多保留 {} 个 id"),
+    ("CONFIG_BACKUPS", "{}", "(the newest {})", "（保留最新的{}个）"),
+]
+UNITS = {"ERROR_HOLD_BYTES": 1 << 10, "MODELS_MAX_BYTES": 1 << 20}
+WORDS = {5: ("five", "五")}
+
+
+@pytest.mark.parametrize("constant, form, english, chinese", QUOTED, ids=[q[0] for q in QUOTED])
+def test_numbers_the_readmes_quote_are_the_codes(constant, form, english, chinese):
+    value = getattr(ccproxy, constant) // UNITS.get(constant, 1)
+    if form == "{}":
+        en_value, zh_value = WORDS[value]
+    else:
+        en_value = zh_value = form.format(value)
+    assert squeezed(english.format(en_value)) in squeezed(read("README.md")), constant
+    assert squeezed(chinese.format(zh_value)) in squeezed(read("README_zh.md")), constant
+
+
+def test_the_performance_targets_are_the_benchmarks():
+    """README's Performance table states, row by row, the targets tests/bench.py checks."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import bench
+    section = read("README.md").split("## Performance", 1)[1].split("\n## ", 1)[0]
+    targets = []
+    for row in re.findall(r"^\| (.+) \|$", section, re.M)[1:]:     # after the heading row
+        target = row.split(" | ")[-1]
+        if not target.startswith("("):                  # "(the design's floor)": shown, not a target
+            targets.append(target.replace(" ✓", "").strip())
+    assert targets == [goal for _key, _label, goal, _check in bench.TARGETS]
