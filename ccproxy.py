@@ -1088,9 +1088,9 @@ class Store:
                 raise ProxyError("%s cannot be read as JSON (%s) — fix it by hand, then Reload"
                                  % (self.config_path, exc), code="config_unreadable")
 
-    def edit(self, if_match, change):
+    def edit(self, if_match, change, copies=False):
         """Change config.json: change(raw) edits the parsed file in place and may return
-        {old name: new name} for renamed providers. Made only on the version the editor saw
+        {old name: new name} for renamed providers (with copies, for copied ones). Made only on the version the editor saw
         (If-Match), validated as --check validates, written atomically (mode 0600) after the
         previous file is kept as a backup, then swapped in as Reload does. The new version."""
         with self.lock, self.state_lock:
@@ -1119,25 +1119,27 @@ class Store:
             self.reload_error = None
             config.version = config_version(text.encode("utf-8"))
             self.use(config)
-        self.follow(renames, config.version)
+        self.follow(renames, config.version, copies)
         log.info("config.json changed from the web page: %d providers", len(config.providers))
         return config.version
 
-    def follow(self, renames, version):
+    def follow(self, renames, version, copies=False):
         """After an edit of config.json: carry the state of renamed providers over (selection,
-        presets, models, fallback edit), and say which config.json runs now (tell)."""
+        presets, models, fallback edit), or give copies the presets, models, learned fixes and
+        checks of their original (a copy is the same relay); and say which config.json runs
+        now (tell)."""
         selected = self.state.get("selected")      # as saved: the view fell back meanwhile
 
         def apply(state):
             state["config"] = version
-            if selected in renames:
+            if selected in renames and not copies:
                 state["selected"] = renames[selected]
             for old, new in renames.items():
                 for key in ("choices", "discovered", "fixes", "checks"):
                     if old in state[key]:
-                        state[key][new] = state[key].pop(old)
+                        state[key][new] = json.loads(json.dumps(state[key][old])) if copies else state[key].pop(old)
                 edited = (state.get("fallback") or {}).get("providers")
-                if edited:
+                if edited and not copies:
                     state["fallback"]["providers"] = [new if n == old else n for n in edited]
         try:
             self._change(apply)
@@ -1294,6 +1296,28 @@ def put_provider(raw, name, fields):
     return new_name
 
 
+def duplicate_provider(raw, name, new_name=None):
+    """Copy provider `name`, its key included, to just below it, as new_name or else the
+    first free "NAME (copy)", "NAME (copy 2)"…; the copy's name."""
+    index = provider_index(raw, name)
+    if index is None:
+        raise NotFound("no provider named %r in config.json" % name)
+    if new_name is None:
+        new_name, n = name + " (copy)", 1
+        while provider_index(raw, new_name) is not None:
+            n += 1
+            new_name = "%s (copy %d)" % (name, n)
+    elif not isinstance(new_name, str) or not new_name.strip():
+        raise ClientError("name must be the copy's name, a non-empty string", code="name_missing")
+    elif provider_index(raw, new_name) is not None:
+        raise ProxyError("there is already a provider named %r" % new_name, 409, "invalid_request_error",
+                         code="name_taken", name=new_name)
+    copy = json.loads(json.dumps(raw["Providers"][index]))
+    copy["name"] = new_name
+    raw["Providers"].insert(index + 1, copy)
+    return new_name
+
+
 def rename_in_lists(raw, rename):
     """Rename (or with None, remove) providers in Fallback and in each key's providers."""
     lists = [(raw, "Fallback")] + [(k, "providers") for k in raw.get("Keys") or [] if isinstance(k, dict)]
@@ -1348,16 +1372,50 @@ def exported_config(raw, with_keys):
     return out
 
 
+# claude-code-router's Router: which request kinds go where ("provider,model"). background
+# takes the haiku family (Claude Code's small, fast requests), which Routes can say; the
+# others route on what a request holds (thinking, its length, a tool), which Routes cannot.
+CCR_ROUTER_UNSUPPORTED = ("think", "longContext", "longContextThreshold", "webSearch", "image")
+# A URL path that is not the Anthropic Messages API: OpenAI's chat and responses, Gemini's.
+_OTHER_API_PATH = re.compile(r"/(chat/completions|completions|responses|v1beta/models)(/|:|$)", re.I)
+
+
+OTHER_API_WORDS = {"url": "its URL is an OpenAI- or Gemini-format endpoint (%s)",
+                   "protocol": "its protocol is %s",
+                   "transformer": "claude-code-router translates it with the %s transformer"}
+
+
+def other_api(entry):
+    """Why an imported provider speaks another API than Anthropic's Messages (claude-code-router
+    translates for such providers, ccproxy does not): (what shows it, its value), or None."""
+    path = urllib.parse.urlsplit(str(entry.get("api_base_url") or "")).path
+    if _OTHER_API_PATH.search(path):
+        return "url", path
+    protocol = entry.get("protocol")
+    if isinstance(protocol, str) and not protocol.lower().startswith("anthropic"):
+        return "protocol", protocol
+    use = (entry.get("transformer") or {}).get("use") if isinstance(entry.get("transformer"), dict) else None
+    if isinstance(use, list) and use:
+        names = [u[0] if isinstance(u, list) and u else u for u in use]
+        if not any(isinstance(n, str) and n.lower() == "anthropic" for n in names):
+            return "transformer", ", ".join(map(str, names))
+    return None
+
+
 def imported_providers(text):
-    """(format, [provider entries]) from what a user pastes or uploads: a ccproxy config or
-    export, a claude-code-router config.json (its Providers), or a Claude Code settings.json
-    (its env block). ClientError if it is none of these."""
+    """What a user pastes or uploads, as an import: a ccproxy config or export, a
+    claude-code-router config.json (its Providers, and its Router where Routes and env-models
+    can say the same), or a Claude Code settings.json (its env block). A dict: format,
+    providers (entries), refused ({name: (what shows it, value)}: another API), routes
+    ({glob: name}) and notes (what was not carried over, each with a code for the page).
+    ClientError if it is none of these."""
     try:
         obj = json.loads(text)
     except ValueError as exc:
-        raise ClientError("not JSON: %s" % exc)
+        raise ClientError("not JSON: %s" % exc, code="import_not_json")
     if not isinstance(obj, dict):
-        raise ClientError("not a config: the top level is not a JSON object")
+        raise ClientError("not a config: the top level is not a JSON object", code="import_not_config")
+    found = {"providers": [], "refused": {}, "routes": {}, "notes": []}
     env = obj.get("env")
     if isinstance(env, dict) and env.get("ANTHROPIC_BASE_URL"):
         base = str(env["ANTHROPIC_BASE_URL"])
@@ -1369,28 +1427,71 @@ def imported_providers(text):
         models = {var: str(env[var]) for var in MODEL_VARS if env.get(var)}
         if models:
             entry["env-models"] = models
-        return "Claude Code settings.json", [entry]
+        return dict(found, format="Claude Code settings.json", providers=[entry])
     providers = obj.get("Providers")
     if not isinstance(providers, list):
         raise ClientError("no Providers list and no env block: not a ccproxy, claude-code-router "
-                          "or Claude Code settings file")
+                          "or Claude Code settings file", code="import_not_config")
     ccr = "Router" in obj or any(isinstance(p, dict) and ("transformer" in p or "protocol" in p) for p in providers)
-    entries = []
     for item in providers:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             continue
         if ccr:
+            reason = other_api(item)
+            if reason:
+                found["refused"][item["name"]] = reason
             item = {k: item[k] for k in ("name", "api_base_url", "api_key", "models") if k in item}
-        entries.append({k: v for k, v in item.items() if k != "has_key"})
-    return ("claude-code-router config" if ccr else "ccproxy config"), entries
+        found["providers"].append({k: v for k, v in item.items() if k != "has_key"})
+    if ccr and isinstance(obj.get("Router"), dict):
+        ccr_router(obj["Router"], found)
+    return dict(found, format="claude-code-router config" if ccr else "ccproxy config")
 
 
-def import_plan(raw, entries):
-    """For each imported provider: add, change (which fields) or same, with keys hidden."""
+def ccr_router(router, found):
+    """claude-code-router's Router, in ccproxy's words where it has them: default's model for
+    the sonnet and opus families of that provider, background's for its haiku family (and
+    a Routes entry "*haiku*" when background is another provider). The rest becomes notes."""
+    entries = {e["name"]: e for e in found["providers"] if e["name"] not in found["refused"]}
+    families = (("default", ("ANTHROPIC_DEFAULT_SONNET_MODEL", "ANTHROPIC_DEFAULT_OPUS_MODEL")),
+                ("background", ("ANTHROPIC_DEFAULT_HAIKU_MODEL",)))
+    default = None
+    for field, variables in families:
+        value = router.get(field)
+        if not value:
+            continue
+        name, _, model = str(value).partition(",")
+        if name not in entries or not model:
+            found["notes"].append({"code": "router_unknown", "field": field, "value": str(value),
+                                   "message": "Router.%s (%s) names no provider imported here" % (field, value)})
+            continue
+        mapping = entries[name].setdefault("env-models", {})
+        for variable in variables:
+            mapping.setdefault(variable, model)
+        if field == "default":
+            default = name
+            found["notes"].append({"code": "router_default", "field": field, "value": str(value),
+                                   "message": "Router.default: select %s in the page to use it (an import does "
+                                              "not change the selection); its sonnet and opus requests go out as %s"
+                                              % (name, model)})
+        elif name != default:
+            found["routes"]["*haiku*"] = name
+    for field in CCR_ROUTER_UNSUPPORTED:
+        if router.get(field) not in (None, ""):
+            found["notes"].append({"code": "router_unsupported", "field": field, "value": str(router[field]),
+                                   "message": "Router.%s is not carried over: ccproxy routes by model name "
+                                              "(Routes), not by %s" % (field, field)})
+
+
+def import_plan(raw, imported):
+    """For each imported provider: add, change (which fields), same, or refused (why), with
+    keys hidden; and the Routes entries it would add."""
     plan = []
-    for entry in entries:
+    for entry in imported["providers"]:
         index = provider_index(raw, entry["name"])
-        if index is None:
+        refused = imported["refused"].get(entry["name"])
+        if refused:
+            action, changed = "refused", []
+        elif index is None:
             action, changed = "add", sorted(k for k in entry if k != "name")
         else:
             old = raw["Providers"][index]
@@ -1399,8 +1500,31 @@ def import_plan(raw, entries):
         shown = dict(entry)
         if shown.get("api_key"):
             shown["api_key"] = key_hint(str(shown["api_key"]))
-        plan.append({"name": entry["name"], "action": action, "fields": changed, "provider": shown})
+        item = {"name": entry["name"], "action": action, "fields": changed, "provider": shown}
+        if refused:
+            via, value = refused
+            item.update(code="import_other_api", via=via, value=value,
+                        reason="not imported: ccproxy relays the Anthropic Messages API only, and "
+                               + OTHER_API_WORDS[via] % value)
+        plan.append(item)
     return plan
+
+
+def import_routes(raw, routes, names, notes):
+    """Add the imported Routes entries whose provider exists after the import; an entry that
+    Routes already has with another provider stays as it is, and a note says so."""
+    current = raw.get("Routes")
+    if not isinstance(current, dict):
+        current = {}
+    for glob, name in routes.items():
+        if name not in names:
+            continue
+        if current.get(glob, name) != name:
+            notes.append({"code": "route_kept", "field": glob, "value": current[glob],
+                          "message": "Routes already sends %s to %s; kept" % (glob, current[glob])})
+            continue
+        current[glob] = name
+        raw["Routes"] = current
 
 
 def api_config(handler, params):
@@ -1430,6 +1554,22 @@ def api_put_provider(handler, params):
     if new_name != name and name in handler.server.tests:
         handler.server.tests[new_name] = handler.server.tests.pop(name)
     return result
+
+
+def api_duplicate_provider(handler, params):
+    """A copy of the provider with its key, just below it; {"name": …} names it (the page sends
+    the name in its language), else "NAME (copy)". The answer says the copy's name."""
+    name = urllib.parse.unquote(params["name"])
+    body = handler.json_body()
+    if not isinstance(body, dict):
+        raise ClientError("send {} or {\"name\": <the copy's name>}")
+    made = []
+
+    def change(raw):
+        made.append(duplicate_provider(raw, name, body.get("name")))
+        return {name: made[0]}
+    version = handler.server.store.edit(handler.headers.get("If-Match"), change, copies=True)
+    return 200, {"version": version, "name": made[0], "state": api_state(handler)[1]}
 
 
 def api_delete_provider(handler, params):
@@ -1470,16 +1610,21 @@ def import_request(handler):
 
 
 def api_import_preview(handler, params):
-    _, (kind, entries) = import_request(handler)
+    _, imported = import_request(handler)
     raw = read_config(handler.server.store.config_path)[1]
-    return 200, {"format": kind, "providers": import_plan(raw, entries)}
+    return 200, {"format": imported["format"], "providers": import_plan(raw, imported),
+                 "routes": imported["routes"], "notes": imported["notes"]}
 
 
 def api_import(handler, params):
-    """Add or change the imported providers (all, or those in "names"), by the same write path."""
-    body, (kind, entries) = import_request(handler)
+    """Add or change the imported providers (all, or those in "names"), by the same write
+    path; one that speaks another API is never imported. Routes entries of the import follow
+    their provider."""
+    body, imported = import_request(handler)
     names = body.get("names")
-    chosen = [e for e in entries if names is None or e["name"] in names]
+    chosen = [e for e in imported["providers"]
+              if (names is None or e["name"] in names) and e["name"] not in imported["refused"]]
+    notes = list(imported["notes"])
 
     def change(raw):
         for entry in chosen:
@@ -1487,8 +1632,11 @@ def api_import(handler, params):
             if not fields.get("api_key"):
                 fields.pop("api_key", None)     # an export without keys keeps the stored ones
             put_provider(raw, entry["name"], fields)
+        present = {e.get("name") for e in raw.get("Providers") or [] if isinstance(e, dict)}
+        import_routes(raw, imported["routes"], present, notes)
     status, result = edited(handler, change)
-    result["imported"] = [e["name"] for e in chosen]
+    result.update(imported=[e["name"] for e in chosen], notes=notes,
+                  refused=sorted(set(imported["refused"]) & set(names if names is not None else imported["refused"])))
     return status, result
 
 
@@ -5555,6 +5703,7 @@ ROUTES = (
     Route("GET", "/api/config", "admin", api_config),
     Route("PUT", "/api/providers/{name}", "admin", api_put_provider),
     Route("DELETE", "/api/providers/{name}", "admin", api_delete_provider),
+    Route("POST", "/api/providers/{name}/duplicate", "admin", api_duplicate_provider),
     Route("POST", "/api/providers-order", "admin", api_order),
     Route("PUT", "/api/settings", "admin", api_settings),
     Route("GET", "/api/export", "admin", api_export),

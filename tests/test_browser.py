@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import APIKEY, ROOT, make_config, start_proxy, write_config
+from conftest import APIKEY, KEY_A, ROOT, make_config, start_proxy, write_config
 
 # .ci/run sets CCPROXY_REQUIRE_BROWSER=1: there a missing browser fails instead of skipping.
 REQUIRED = bool(os.environ.get("CCPROXY_REQUIRE_BROWSER"))
@@ -254,15 +254,22 @@ def test_manage_relays_through_the_page(browser, ui_proxy, upstream, lang, width
         from.dispatchEvent(new DragEvent('dragend', {dataTransfer: data, bubbles: true}));""",
                            provider_card(browser, "beta"), provider_card(browser, "alpha"))
     wait(browser, lambda d: [p["name"] for p in config_on_disk(ui_proxy)["Providers"]][0] == "beta")
-    # duplicate, then delete the copy
+    # duplicate: made by the server with the key, under the original, named in the page's
+    # language; the editor opens on the copy, its key kept; then delete the copy
     click(browser, lambda d: provider_card(d, "alpha").find_element(By.CSS_SELECTOR, "button.name"))
     click(browser, lambda d: d.find_element(By.ID, "detail-duplicate"))
     wait(browser, lambda d: d.find_element(By.ID, "editor").is_displayed())
     copy_name = browser.find_element(By.ID, "ed-name").get_attribute("value")
-    assert copy_name.startswith("alpha")
-    fill(browser, "ed-key", "sk-copy-key-0987654321")
+    assert copy_name == ("alpha（副本）" if lang == "zh" else "alpha (copy)")
+    names = [p["name"] for p in config_on_disk(ui_proxy)["Providers"]]
+    assert names[names.index("alpha") + 1] == copy_name
+    assert config_on_disk(ui_proxy)["Providers"][names.index(copy_name)]["api_key"] == KEY_A
+    assert browser.find_element(By.ID, "ed-key").get_attribute("value") == ""     # empty keeps the key
+    fill(browser, "ed-comment", "复制的")
     save_editor(browser)
     wait(browser, lambda d: copy_name in card_names(d))
+    copied = [p for p in config_on_disk(ui_proxy)["Providers"] if p["name"] == copy_name][0]
+    assert copied["api_key"] == KEY_A and copied["comment"] == "复制的"
     click(browser, lambda d: provider_card(d, copy_name).find_element(By.CSS_SELECTOR, "button.name"))
     click(browser, lambda d: d.find_element(By.ID, "detail-edit"))
     wait(browser, lambda d: d.find_element(By.ID, "editor").is_displayed())
@@ -272,15 +279,27 @@ def test_manage_relays_through_the_page(browser, ui_proxy, upstream, lang, width
     assert copy_name not in [p["name"] for p in config_on_disk(ui_proxy)["Providers"]]
     # import a claude-code-router config: preview, then apply
     browser.execute_script("document.querySelector('#transfer details').open = true")
+    # (an OpenAI-format relay beside it is shown, with why, and cannot be ticked; the Router's
+    # default is carried as model names, its think rule is said not to be)
     ccr = {"Providers": [{"name": "ccr-导入", "api_base_url": upstream.url + "/v1/messages", "api_key": "sk-ccr-1",
-                          "models": ["glm-4.6"], "transformer": {"use": ["Anthropic"]}}], "Router": {}}
+                          "models": ["glm-4.6"], "transformer": {"use": ["Anthropic"]}},
+                         {"name": "深度求索", "api_base_url": "https://api.deepseek.com/chat/completions",
+                          "api_key": "sk-ds-1", "models": ["deepseek-chat"], "transformer": {"use": ["deepseek"]}}],
+           "Router": {"default": "ccr-导入,glm-4.6", "think": "深度求索,deepseek-reasoner"}}
     browser.execute_script("document.getElementById('import-text').value = arguments[0]", json.dumps(ccr))
     browser.find_element(By.ID, "import-preview").click()
     wait(browser, lambda d: d.find_elements(By.ID, "import-apply"))
-    assert "claude-code-router" in browser.find_element(By.ID, "import-plan").text
+    plan = browser.find_element(By.ID, "import-plan").text
+    assert "claude-code-router" in plan and upstream.url + "/v1/messages" in plan
+    assert ("只转发 Anthropic Messages API" if lang == "zh" else "Anthropic Messages API only") in plan
+    assert ("未带过来" if lang == "zh" else "Not carried over") in plan and "Router.think" in plan
+    refused = browser.find_element(By.CSS_SELECTOR, "#import-plan input[value='深度求索']")
+    assert refused.get_attribute("disabled") is not None and not refused.is_selected()
     browser.find_element(By.ID, "import-apply").click()
     wait(browser, lambda d: "ccr-导入" in card_names(d))
-    assert config_on_disk(ui_proxy)["Providers"][-1]["api_key"] == "sk-ccr-1"
+    imported = config_on_disk(ui_proxy)["Providers"]
+    assert imported[-1]["api_key"] == "sk-ccr-1" and "深度求索" not in [p["name"] for p in imported]
+    assert imported[-1]["env-models"]["ANTHROPIC_DEFAULT_SONNET_MODEL"] == "glm-4.6"
     # search across providers; the page never scrolls sideways
     fill(browser, "search", "glm-4.6")
     wait(browser, lambda d: set(card_names(d)) == {"beta", "中转站B", "ccr-导入"})

@@ -142,6 +142,44 @@ def test_a_rename_carries_the_providers_state(edit_proxy, upstream2):
     assert write(edit_proxy, "PUT", "/api/providers/alpha", {"name": "贝塔"})[0] == 409     # taken
 
 
+def test_duplicate_keeps_the_key_and_lands_under_the_original(edit_proxy, upstream2):
+    """The copy is made on the server: the key comes along (the page never has it), the copy
+    goes right below its original, and it has the original's presets, models and learned fixes
+    (the same relay) but neither the selection nor a place in the failover list."""
+    store = edit_proxy.store
+    store.select("beta")
+    store.set_overrides("beta", "ua", None)
+    upstream2.models = ["glm-4.6", "glm-5"]
+    edit_proxy.api("POST", "/api/refresh-models", {"provider": "beta"})
+    status, body = write(edit_proxy, "POST", "/api/providers/beta/duplicate", {"name": "贝塔（副本）"})
+    assert status == 200 and body["name"] == "贝塔（副本）"
+    providers = json.loads(on_disk(edit_proxy))["Providers"]
+    assert [p["name"] for p in providers] == ["alpha", "----", "beta", "贝塔（副本）"]
+    original, copy = providers[2], providers[3]
+    assert copy == dict(original, name="贝塔（副本）") and copy["api_key"] == KEY_B
+    view = store.view
+    assert view.selected == "beta" and view.fallback == ("beta",)
+    copied = view.targets["贝塔（副本）"]
+    assert copied.header_preset_name == "ua" and copied.models == ("glm-4.6", "glm-5")
+
+    # Without a name: "NAME (copy)", then "NAME (copy 2)"; a taken name is refused.
+    assert write(edit_proxy, "POST", "/api/providers/alpha/duplicate", {})[1]["name"] == "alpha (copy)"
+    assert write(edit_proxy, "POST", "/api/providers/alpha/duplicate", None)[1]["name"] == "alpha (copy 2)"
+    names = [p["name"] for p in json.loads(on_disk(edit_proxy))["Providers"]]
+    assert names[:3] == ["alpha", "alpha (copy 2)", "alpha (copy)"]
+    status, body = write(edit_proxy, "POST", "/api/providers/alpha/duplicate", {"name": "beta"})
+    assert status == 409 and body["code"] == "name_taken"
+    assert write(edit_proxy, "POST", "/api/providers/nope/duplicate", {})[0] == 404
+    assert write(edit_proxy, "POST", "/api/providers/alpha/duplicate", {}, if_match=None)[0] == 428
+
+    # The copy relays with the original's key.
+    status, _ = edit_proxy.api("POST", "/api/select", {"provider": "贝塔（副本）"})
+    assert status == 200
+    assert edit_proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 8,
+                                                    "messages": [{"role": "user", "content": "hi"}]})[0] == 200
+    assert upstream2.last.headers["authorization"] == "Bearer " + KEY_B
+
+
 def test_delete_and_order(edit_proxy):
     names = [p["name"] for p in json.loads(on_disk(edit_proxy))["Providers"]]
     status, _ = write(edit_proxy, "POST", "/api/providers-order", {"names": names[::-1]})
@@ -198,6 +236,59 @@ def test_import_previews_then_applies(edit_proxy, source, kind, name):
     if source is SETTINGS:
         assert provider.auth == "x-api-key" and provider.env_models == {"ANTHROPIC_DEFAULT_HAIKU_MODEL": "glm-4.5-air"}
     assert "transformer" not in json.loads(on_disk(edit_proxy))["Providers"][-1]
+
+
+# A claude-code-router config as users have them: Anthropic-format relays beside OpenAI-format
+# ones ccr translates for, and a Router for each kind of request.
+CCR_MIXED = {"Providers": [
+    {"name": "中转站A", "api_base_url": "https://a.example/v1/messages", "api_key": "sk-a-1",
+     "models": ["glm-4.6"], "transformer": {"use": ["Anthropic"]}},
+    {"name": "便宜站", "api_base_url": "https://cheap.example/v1/messages", "api_key": "sk-cheap-1",
+     "models": ["glm-4.5-air"], "protocol": "anthropic_messages"},
+    {"name": "deepseek", "api_base_url": "https://api.deepseek.com/chat/completions", "api_key": "sk-ds-1",
+     "models": ["deepseek-chat"], "transformer": {"use": ["deepseek"]}},
+    {"name": "openrouter", "api_base_url": "https://openrouter.ai/api/v1/x", "api_key": "sk-or-1",
+     "models": ["m"], "transformer": {"use": [["openrouter", {"provider": {"only": ["x"]}}]]}},
+    {"name": "gemini", "api_base_url": "https://generativelanguage.googleapis.com/v1beta/models/",
+     "api_key": "g", "models": ["gemini-2.5-pro"], "transformer": {"use": ["gemini"]}}],
+    "Router": {"default": "中转站A,glm-4.6", "background": "便宜站,glm-4.5-air", "think": "deepseek,deepseek-reasoner",
+               "longContext": "gemini,gemini-2.5-pro", "longContextThreshold": 60000}}
+
+
+def test_a_ccr_import_refuses_other_apis_and_carries_its_router(edit_proxy):
+    text = json.dumps(CCR_MIXED, ensure_ascii=False)
+    status, preview = edit_proxy.api("POST", "/api/import/preview", {"text": text})
+    assert status == 200
+    plan = {p["name"]: p for p in preview["providers"]}
+    assert {n: p["action"] for n, p in plan.items()} == {"中转站A": "add", "便宜站": "add", "deepseek": "refused",
+                                                        "openrouter": "refused", "gemini": "refused"}
+    assert plan["deepseek"]["code"] == "import_other_api" and "/chat/completions" in plan["deepseek"]["reason"]
+    assert "openrouter transformer" in plan["openrouter"]["reason"] and "v1beta" in plan["gemini"]["reason"]
+    assert plan["中转站A"]["provider"]["api_base_url"] == "https://a.example/v1/messages"     # the URL, shown
+    assert preview["routes"] == {"*haiku*": "便宜站"}
+    notes = {n["field"]: n["code"] for n in preview["notes"]}
+    assert notes == {"default": "router_default", "think": "router_unsupported",
+                     "longContext": "router_unsupported", "longContextThreshold": "router_unsupported"}
+
+    # Ticking a refused one does not import it.
+    status, body = write(edit_proxy, "POST", "/api/import", {"text": text, "names": ["中转站A", "便宜站", "deepseek"]})
+    assert status == 200 and body["imported"] == ["中转站A", "便宜站"] and body["refused"] == ["deepseek"]
+    config = json.loads(on_disk(edit_proxy))
+    names = [p["name"] for p in config["Providers"]]
+    assert "deepseek" not in names and "gemini" not in names
+    assert config["Routes"] == {"*haiku*": "便宜站"}
+    view = edit_proxy.store.view.config
+    assert view.by_name["中转站A"].env_models == {"ANTHROPIC_DEFAULT_SONNET_MODEL": "glm-4.6",
+                                                  "ANTHROPIC_DEFAULT_OPUS_MODEL": "glm-4.6"}
+    assert view.by_name["便宜站"].env_models == {"ANTHROPIC_DEFAULT_HAIKU_MODEL": "glm-4.5-air"}
+    assert view.route_for("claude-haiku-4-5") == "便宜站"
+
+    # Imported again with Routes sending haiku elsewhere: that entry is kept, and said.
+    assert write(edit_proxy, "PUT", "/api/settings", {"Routes": {"*haiku*": "beta"}})[0] == 200
+    status, body = write(edit_proxy, "POST", "/api/import", {"text": text})
+    assert status == 200 and json.loads(on_disk(edit_proxy))["Routes"] == {"*haiku*": "beta"}
+    assert {"code": "route_kept", "field": "*haiku*", "value": "beta"}.items() <= \
+        [n for n in body["notes"] if n["code"] == "route_kept"][0].items()
 
 
 def test_an_export_without_keys_imports_back_keeping_the_stored_keys(edit_proxy):
