@@ -5508,13 +5508,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.server.throttle.admit(self.client_ip(), key, admin or user is not None)
         if user is None:
             return None
+        # Refused keys first: their holder learns why on any route, the page's login included.
+        if not user.enabled:
+            raise KeyRefused("key %s is disabled — ask whoever runs this ccproxy" % user.name,
+                             code="key_disabled", name=user.name)
+        if user.expires_at is not None and time.time() >= user.expires_at:
+            raise KeyRefused("key %s expired on %s — ask whoever runs this ccproxy for a new date"
+                             % (user.name, user.expires), code="key_expired", name=user.name, expires=user.expires)
         if access == "admin":
             raise Forbidden("this is the user key %s: it relays (/v1/...) and reads its own usage (/api/me); "
-                            "ccproxy's APIKEY manages ccproxy" % user.name)
-        if not user.enabled:
-            raise KeyRefused("key %s is disabled — ask whoever runs this ccproxy" % user.name)
-        if user.expires_at is not None and time.time() >= user.expires_at:
-            raise KeyRefused("key %s expired on %s — ask whoever runs this ccproxy for a new date" % (user.name, user.expires))
+                            "ccproxy's APIKEY manages ccproxy" % user.name, code="user_key", name=user.name)
         return user
 
     def client_ip(self):

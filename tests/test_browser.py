@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import time
+from urllib.parse import quote
 
 import pytest
 
@@ -659,7 +660,10 @@ def test_user_keys_in_the_page(browser, tmp_path, upstream, upstream2, lang, wid
         wait(browser, lambda d: d.find_element(By.ID, "key-secret").is_displayed())
         fresh = browser.find_element(By.ID, "key-secret-text").get_attribute("value")
         assert fresh != secret and proxy.call("POST", "/v1/messages", body, key=secret)[0] == 401
-        click(browser, lambda d: d.find_element(By.ID, "key-secret-close"))
+        browser.switch_to.active_element.send_keys(Keys.ESCAPE)              # closed by Escape: the secret goes too
+        wait(browser, lambda d: not d.find_element(By.ID, "key-secret").is_displayed())
+        assert browser.find_element(By.ID, "key-secret-text").get_attribute("value") == ""
+        assert fresh not in browser.page_source
         click(browser, lambda d: row(d).find_element(By.XPATH, ".//button[text()='%s']" % words[4]))
         browser.switch_to.alert.accept()
         wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, '#keys li[data-key="小王"]'))
@@ -699,7 +703,18 @@ def test_a_user_key_sees_its_own_usage_not_the_page(browser, tmp_path, upstream,
         assert words[3] in browser.find_element(By.ID, "me-scope").text
         assert len(browser.find_elements(By.CSS_SELECTOR, "#me-recent tbody tr")) == 2
         assert run_axe(browser) == []
-        browser.find_element(By.ID, "me-logout").click()
+        # Disabled meanwhile: the view, refreshing by itself, goes back to the login with the reason;
+        # logging in again says it too, in the page's language.
+        reason = {"en": "Key 小王 is disabled", "zh": "密钥 小王 已停用"}[lang]
+        version = proxy.api("GET", "/api/config")[1]["version"]
+        assert proxy.call("PUT", "/api/keys/" + quote("小王"), {"enabled": False},
+                          headers={"If-Match": version})[0] == 200
+        browser.execute_script("refreshMe()")
         wait(browser, lambda d: d.find_element(By.ID, "password").is_displayed())
+        assert reason in browser.find_element(By.ID, "login-error").text
+        browser.find_element(By.ID, "password").send_keys(secret)
+        browser.find_element(By.CSS_SELECTOR, "#login-form button[type=submit]").click()
+        wait(browser, lambda d: reason in d.find_element(By.ID, "login-error").text)
+        assert "ccproxy:" not in browser.find_element(By.ID, "login-error").text     # not "cannot reach"
     finally:
         proxy.stop()
