@@ -404,6 +404,26 @@ def test_phone_width_and_keyboard(browser, ui_proxy, upstream):
     browser.execute_script("arguments[0].focus()", select)
     browser.switch_to.active_element.send_keys(Keys.ENTER)
     wait(browser, lambda d: ui_proxy.store.view.selected == "beta")
+    # focus survives the switch: its "use" button is gone (disabled), its card keeps focus
+    focused = lambda: browser.execute_script(
+        "const a = document.activeElement, c = a.closest('[data-name]');"
+        "return [c && c.dataset.name, a.getAttribute('aria-label') || a.textContent, a === document.body]")
+    wait(browser, lambda d: focused()[0] == "beta" and not focused()[2])
+    # ...and every refresh the page makes by itself: a provider's button, a failover-list button
+    alpha_use = provider_card(browser, "alpha").find_element(By.CSS_SELECTOR, "[data-action=select]")
+    browser.execute_script("arguments[0].focus()", alpha_use)
+    before = focused()
+    assert ui_proxy.api("POST", "/api/fallback", {"enabled": True, "providers": ["alpha"]})[0] == 200
+    browser.execute_script("return loadState()")
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#fallback-list button"))
+    assert focused() == before
+    remove = browser.find_elements(By.CSS_SELECTOR, "#fallback-list button")[-1]
+    browser.execute_script("arguments[0].focus()", remove)
+    before = focused()
+    ui_proxy.store.set_overrides("alpha", "ua", None)                  # some other change, made elsewhere
+    browser.execute_script("return loadState()")
+    wait(browser, lambda d: "ua" in d.execute_script("return JSON.stringify(state.providers)"))
+    assert focused() == before and before[1].endswith("alpha")
 
 
 def run_axe(browser):
