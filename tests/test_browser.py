@@ -294,6 +294,7 @@ def test_manage_relays_through_the_page(browser, ui_proxy, upstream, lang, width
     assert "claude-code-router" in plan and upstream.url + "/v1/messages" in plan
     assert ("只转发 Anthropic Messages API" if lang == "zh" else "Anthropic Messages API only") in plan
     assert ("未带过来" if lang == "zh" else "Not carried over") in plan and "Router.think" in plan
+    assert ("按模型名路由" if lang == "zh" else "routes by model name") in plan          # worded from its code
     refused = browser.find_element(By.CSS_SELECTOR, "#import-plan input[value='深度求索']")
     assert refused.get_attribute("disabled") is not None and not refused.is_selected()
     browser.find_element(By.ID, "import-apply").click()
@@ -322,6 +323,22 @@ def test_a_stale_version_is_said_and_nothing_is_lost(browser, ui_proxy):
     browser.find_element(By.CSS_SELECTOR, "#editor-form button[type=submit]").click()   # now on the new version
     wait(browser, lambda d: not d.find_element(By.ID, "editor").is_displayed())
     assert config_on_disk(ui_proxy)["Providers"][0]["comment"] == "from the page"
+
+
+def test_the_english_and_chinese_tables_have_the_same_words(browser, ui_proxy):
+    """Every word of the page exists in both languages, nested tables and server codes too, and
+    each is of the same kind (a text, or a function of the same values)."""
+    browser.get(ui_proxy.url + "/")
+    shape = browser.execute_script("""
+        const shape = o => Object.fromEntries(Object.entries(o).map(([k, v]) =>
+            [k, typeof v === "function" ? "fn" + v.length : v && typeof v === "object" ? shape(v) : typeof v]));
+        return [shape(I18N.en), shape(I18N.zh), shape(CODES.en), shape(CODES.zh)];""")
+    english, chinese, english_codes, chinese_codes = shape
+    assert set(english) == set(chinese), (set(english) ^ set(chinese))
+    # An empty English table means "the server's own (English) words": only Chinese words them.
+    differing = {k for k in english if english[k] != chinese[k] and english[k] != {}}
+    assert not differing, {k: (english[k], chinese[k]) for k in differing}
+    assert english_codes == chinese_codes
 
 
 def test_clipboard_copy_and_chinese(browser, ui_proxy):
