@@ -435,6 +435,11 @@ def header_safe(text):
     return not _CONTROL.search(text.replace("\t", " "))
 
 
+def sendable_secret(text):
+    """Whether a key can go into a header as one token: header_safe, and no space or tab."""
+    return header_safe(text) and not re.search(r"\s", text)
+
+
 def _check_name(value, where, problems, what="names"):
     """A name users give (provider, preset, model id): any Unicode, but nothing unprintable."""
     found = _UNPRINTABLE.search(value)
@@ -516,7 +521,7 @@ def _check_provider(index, entry, names, problems):
         _check_name(comment.replace("\n", " ").replace("\t", " "), where + ".comment", problems,
                     "comments (which may have line breaks and tabs)")
     api_key = entry.get("api_key", "")
-    if isinstance(api_key, str) and (not header_safe(api_key.strip()) or re.search(r"\s", api_key.strip())):
+    if isinstance(api_key, str) and not sendable_secret(api_key.strip()):
         problems.append("%s.api_key contains a space, a tab, a line break, a control character or a character "
                         "outside Latin-1 — paste the key alone" % where)
     models = entry.get("models", [])
@@ -580,7 +585,7 @@ def _check_apikey(value, problems):
     elif value in ("", PLACEHOLDER_APIKEY):
         problems.append("APIKEY is %s, which would let any program here and any web page you open use your "
                         "relays — %s" % ("empty" if not value else "still the template's placeholder", fix))
-    elif not header_safe(value) or re.search(r"\s", value):
+    elif not sendable_secret(value):
         problems.append("APIKEY contains a space, a line break, a control character or a character outside "
                         "Latin-1, which a client cannot send in a header — use letters, digits, - and _")
     elif len(value) < APIKEY_MIN_CHARS:
@@ -1090,9 +1095,10 @@ class Store:
 
     def edit(self, if_match, change, copies=False):
         """Change config.json: change(raw) edits the parsed file in place and may return
-        {old name: new name} for renamed providers (with copies, for copied ones). Made only on the version the editor saw
-        (If-Match), validated as --check validates, written atomically (mode 0600) after the
-        previous file is kept as a backup, then swapped in as Reload does. The new version."""
+        {old name: new name} for renamed providers (with copies, for copied ones). Made only
+        on the version the editor saw (If-Match), validated as --check validates, written
+        atomically (mode 0600) after the previous file is kept as a backup, then swapped in as
+        Reload does. The new version."""
         with self.lock, self.state_lock:
             data, raw = self.config_file()
             version = config_version(data)
@@ -1635,8 +1641,8 @@ def api_import(handler, params):
         present = {e.get("name") for e in raw.get("Providers") or [] if isinstance(e, dict)}
         import_routes(raw, imported["routes"], present, notes)
     status, result = edited(handler, change)
-    result.update(imported=[e["name"] for e in chosen], notes=notes,
-                  refused=sorted(set(imported["refused"]) & set(names if names is not None else imported["refused"])))
+    refused = [name for name in imported["refused"] if names is None or name in names]
+    result.update(imported=[e["name"] for e in chosen], notes=notes, refused=refused)
     return status, result
 
 
@@ -5871,7 +5877,8 @@ def listen_problem(host, port, exc):
     if exc.errno == errno.EADDRINUSE:
         return ("cannot listen on %s: another program has this port (claude-code-router uses 3456 too; "
                 "./run.sh status, or ss -ltnp, shows which) — stop it, or start with --port %d (or set PORT "
-                "in config.json) and put that port in ANTHROPIC_BASE_URL" % (where, port + 1 if port else DEFAULT_PORT))
+                "in config.json) and put that port in ANTHROPIC_BASE_URL"
+                % (where, port + 1 if port else DEFAULT_PORT))
     if exc.errno == errno.EACCES:
         return "cannot listen on %s: permission denied — use a port above 1023" % where
     if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
