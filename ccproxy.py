@@ -24,7 +24,7 @@ or guarded by its owner's lock; the pool needs no lock.
 Sections, in file order (grep -n '^# ===' ccproxy.py):
   constants, errors, config, files, state, config editing, HTTP messages, Anthropic requests and replies,
   relay compatibility, upstream client, providers: discovery and tests, relay, observability,
-  usage and cost, balance, team keys, health and failover, web UI API, request handler,
+  usage and cost, balance, team keys, health and failover, web UI API, web page, request handler,
   server factory and CLI.
 
 Run:   python3 ccproxy.py [--config config.json] [--host H] [--port P] [--debug]
@@ -72,6 +72,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import zlib
 from collections import deque
 
 try:
@@ -5287,22 +5288,6 @@ def get_model(handler, params):
     return 200, model_object(model_id, alias_display(handler.server, view)(model_id))
 
 
-def serve_page(handler, params):
-    if handler.command == "HEAD":
-        handler.send_bytes(200, b"", "text/html; charset=utf-8")
-        return None
-    try:
-        with open(WEBUI_FILE, "rb") as f:
-            page = f.read()
-    except OSError:
-        raise NotFound("webui.html is missing beside ccproxy.py")
-    handler.send_bytes(200, page, "text/html; charset=utf-8",
-                       [("Cache-Control", "no-store"), ("X-Frame-Options", "DENY"),
-                        ("Content-Security-Policy", "default-src 'self'; style-src 'self' "
-                         "'unsafe-inline'; script-src 'self' 'unsafe-inline'; img-src 'self' data:")])
-    return None
-
-
 def hello(handler, params):
     return 200, {"ok": True, "service": "ccproxy", "version": VERSION}
 
@@ -5327,6 +5312,97 @@ class CrossOrigin(Forbidden):
 def refuse_cross_origin(handler, params):
     # No CORS: a page on another origin must not drive this API (its preflight fails).
     raise CrossOrigin("a CORS preflight, %s" % (cross_site(handler.headers) or "OPTIONS"))
+
+
+# ============================================================================ web page
+
+
+def serve_page(handler, params):
+    if handler.command == "HEAD":
+        handler.send_bytes(200, b"", "text/html; charset=utf-8")
+        return None
+    try:
+        with open(WEBUI_FILE, "rb") as f:
+            page = f.read()
+    except OSError:
+        raise NotFound("webui.html is missing beside ccproxy.py")
+    handler.send_bytes(200, page, "text/html; charset=utf-8",
+                       [("Cache-Control", "no-store"), ("X-Frame-Options", "DENY"),
+                        ("Content-Security-Policy", "default-src 'self'; style-src 'self' "
+                         "'unsafe-inline'; script-src 'self' 'unsafe-inline'; img-src 'self' data:")])
+    return None
+
+
+# The page installs on a phone's home screen (a web app manifest and its icons), so the relay
+# switcher opens like an app. All are drawn here: no file beside ccproxy.py to lose.
+ICON_COLOUR = (0xb1, 0x4c, 0x26)         # the page's --accent
+# Two arrows, one each way (a switch), on a rounded square; units of a 64-unit square.
+ICON_STROKES = (((14, 24), (48, 24)), ((48, 24), (38, 14)), ((50, 40), (16, 40)), ((16, 40), (26, 50)))
+ICON_STROKE_HALF = 3.5
+ICON_SIZES = (192, 512)
+ICON_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 64 64">'
+            '<rect width="64" height="64" rx="14" fill="#%02x%02x%02x"/>' % ICON_COLOUR
+            + '<path d="%s" fill="none" stroke="#fff" stroke-width="%g" stroke-linecap="round"/></svg>'
+            % ("".join("M%d %dL%d %d" % (a + b) for a, b in ICON_STROKES), ICON_STROKE_HALF * 2)).encode()
+
+
+def segment_distance(px, py, ax, ay, bx, by):
+    dx, dy = bx - ax, by - ay
+    t = max(0.0, min(1.0, ((px - ax) * dx + (py - ay) * dy) / float(dx * dx + dy * dy)))
+    return math.hypot(px - (ax + t * dx), py - (ay + t * dy))
+
+
+@functools.lru_cache(maxsize=None)
+def icon_png(size):
+    """ICON_SVG as a PNG of size × size (RGBA, edges smoothed by distance), for the browsers and
+    home screens that want pixels."""
+    unit, rows, reach = 64.0 / size, [], ICON_STROKE_HALF + 1
+    for y in range(size):
+        row = bytearray(b"\0")                  # filter type 0 for the row (PNG section 9)
+        py = (y + 0.5) * unit
+        near = [a + b for a, b in ICON_STROKES if min(a[1], b[1]) - reach <= py <= max(a[1], b[1]) + reach]
+        for x in range(size):
+            px = (x + 0.5) * unit
+            # the rounded square (radius 14): outside its corner circles is transparent
+            cx, cy = min(max(px, 14), 50), min(max(py, 14), 50)
+            inside = 1.0 if px == cx or py == cy else \
+                max(0.0, min(1.0, (14 - math.hypot(px - cx, py - cy)) / unit + 0.5))
+            ink = 0.0
+            if near:
+                gap = min(segment_distance(px, py, *line) for line in near)
+                ink = max(0.0, min(1.0, (ICON_STROKE_HALF - gap) / unit + 0.5))
+            row += bytes(round(c + (255 - c) * ink) for c in ICON_COLOUR) + bytes((round(255 * inside),))
+        rows.append(bytes(row))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    head = struct.pack(">IIBBBBB", size, size, 8, 6, 0, 0, 0)       # 8 bits, RGBA
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(b"".join(rows), 9))
+            + chunk(b"IEND", b""))
+
+
+def web_manifest():
+    icons = [{"src": "icon.svg", "sizes": "any", "type": "image/svg+xml"}]
+    icons += [{"src": "icon-%d.png" % n, "sizes": "%dx%d" % (n, n), "type": "image/png"} for n in ICON_SIZES]
+    return {"name": "ccproxy", "short_name": "ccproxy", "start_url": "./#relays", "scope": "./",
+            "display": "standalone", "background_color": "#f6f7f9", "theme_color": "#%02x%02x%02x" % ICON_COLOUR,
+            "icons": icons}
+
+
+APP_FILES = ("manifest.webmanifest", "icon.svg") + tuple("icon-%d.png" % n for n in ICON_SIZES)
+
+
+def serve_app_file(handler, params):
+    """The manifest and the icons (APP_FILES): public, like the page, the same for every ccproxy."""
+    name = handler.path.partition("?")[0].lstrip("/")
+    if name == "manifest.webmanifest":
+        data, kind = json.dumps(web_manifest()).encode(), "application/manifest+json"
+    elif name == "icon.svg":
+        data, kind = ICON_SVG, "image/svg+xml"
+    else:
+        data, kind = icon_png(int(name[5:-4])), "image/png"
+    handler.send_bytes(200, data, kind, [("Cache-Control", "max-age=86400")])
+    return None
 
 
 # ============================================================================ request handler
@@ -5682,6 +5758,7 @@ ROUTES = (
     Route("OPTIONS", "{any*}", "public", refuse_cross_origin),
     Route("GET HEAD", "/", "public", serve_page),
     Route("GET HEAD", "/index.html", "public", serve_page),
+    *[Route("GET HEAD", "/" + name, "public", serve_app_file) for name in APP_FILES],
     Route("GET HEAD", "/api/hello", "public", hello),
     Route("GET HEAD", "/healthz", "public", hello),
     Route("GET HEAD", "/metrics", "admin", metrics),

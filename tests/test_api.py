@@ -158,3 +158,55 @@ def test_a_model_list_past_the_size_cap_is_refused(proxy, upstream, monkeypatch)
     result = body["results"]["alpha"]
     assert status == 200 and not result["ok"] and "larger than" in result["message"]
     assert proxy.store.view.targets["alpha"].models == ("claude-sonnet-4-5", "claude-haiku-4-5")
+
+
+def test_the_page_installs_on_a_home_screen(proxy):
+    """The manifest and its icons: public (a browser fetches them without the key), drawn by
+    ccproxy.py itself, linked from the page."""
+    import struct
+    import xml.etree.ElementTree as ET
+    status, headers, body = proxy.call("GET", "/", key=None)
+    page = body.decode()
+    assert status == 200 and 'rel="manifest" href="manifest.webmanifest"' in page and 'href="icon-192.png"' in page
+    status, headers, body = proxy.call("GET", "/manifest.webmanifest", key=None)
+    assert status == 200 and headers["content-type"] == "application/manifest+json"
+    manifest = json.loads(body)
+    assert manifest["display"] == "standalone" and manifest["start_url"] == "./#relays"
+    sizes = {}
+    for icon in manifest["icons"]:
+        status, headers, data = proxy.call("GET", "/" + icon["src"], key=None)
+        assert status == 200 and headers["content-type"] == icon["type"]
+        if icon["type"] == "image/png":
+            assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+            width, height = struct.unpack(">II", data[16:24])
+            sizes[icon["sizes"]] = (width, height)
+        else:
+            assert ET.fromstring(data).tag.endswith("svg")
+    assert sizes == {"192x192": (192, 192), "512x512": (512, 512)}      # what a home screen asks for
+    # HEAD like GET, without the body; other methods are refused with what is allowed
+    status, headers, body = proxy.call("HEAD", "/icon.svg", key=None)
+    assert status == 200 and body == b"" and headers["content-length"] == str(len(ccproxy.ICON_SVG))
+    status, headers, _ = proxy.call("POST", "/manifest.webmanifest", key=None)
+    assert status == 405 and headers["allow"] == "GET, HEAD"
+    assert proxy.call("GET", "/icon-64.png", key=None)[0] == 404
+
+
+def test_the_icon_png_is_a_valid_image():
+    """Decoded back with zlib: the rows are whole, the corners transparent, the centre the
+    accent colour, the arrows white."""
+    import struct
+    import zlib
+    data = ccproxy.icon_png(192)
+    pos, idat = 8, b""
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        chunk = data[pos + 8:pos + 8 + length]
+        assert struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] == zlib.crc32(kind + chunk)
+        if kind == b"IDAT":
+            idat += chunk
+        pos += 12 + length
+    raw = zlib.decompress(idat)
+    assert len(raw) == 192 * (1 + 192 * 4)
+    pixel = lambda x, y: tuple(raw[y * (1 + 192 * 4) + 1 + x * 4:y * (1 + 192 * 4) + 5 + x * 4])
+    assert pixel(0, 0)[3] == 0 and pixel(96, 96) == ccproxy.ICON_COLOUR + (255,)
+    assert pixel(96, 72) == (255, 255, 255, 255)            # on the upper arrow (y 24 of 64)

@@ -101,6 +101,34 @@ def card_names(driver):
     return [c.get_attribute("data-name") for c in driver.find_elements(By.CSS_SELECTOR, "#providers .prov")]
 
 
+def press(driver, selector, key=Keys.ENTER):
+    """Focus what the selector finds and press a key there, as a keyboard user does (again if a
+    poll rebuilt it in between: the key then never reached it)."""
+    def go(d):
+        d.execute_script("document.querySelector(arguments[0]).focus()", selector)
+        d.switch_to.active_element.send_keys(key)
+        return True
+    wait(driver, go)
+
+
+def go(driver, view):
+    """Open a view as a person does: its link in the navigation (the header, or a phone's tab bar)."""
+    click(driver, lambda d: d.find_element(By.CSS_SELECTOR, "nav.views a[data-view=%s]" % view))
+    wait(driver, lambda d: d.find_element(By.ID, "view-" + view).is_displayed())
+
+
+def menu(driver, item):
+    """Press one of the menu's items (copy, test all, reload, language, log out)."""
+    if not driver.find_element(By.ID, "menu").is_displayed():
+        click(driver, lambda d: d.find_element(By.ID, "menu-btn"))
+    click(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#menu " + item))
+
+
+def text_of(driver, element_id):
+    """What an element says, shown or not (a view not open keeps its words)."""
+    return driver.find_element(By.ID, element_id).get_attribute("textContent")
+
+
 def config_on_disk(proxy):
     with open(proxy.config_path, encoding="utf-8") as f:
         return json.load(f)
@@ -176,21 +204,25 @@ def test_the_page_end_to_end(browser, ui_proxy):
     ui_proxy.server.health.cool_down("beta", 60, "529")
     wait(browser, lambda d: "cooling down (529)" in provider_card(d, "beta").text, timeout=8)
 
-    # requests panel: a relayed request shows up live, with its tokens; stats beside the provider
+    # requests view: a relayed request shows up live, with its tokens; stats on the provider's card
     ui_proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []})
+    go(browser, "requests")
     wait(browser, lambda d: "claude-sonnet-4-5" in d.find_element(By.ID, "requests").text, timeout=8)
     wait(browser, lambda d: "19 / 7" in d.find_element(By.CSS_SELECTOR, "#requests tbody tr").text)
+    go(browser, "relays")
     wait(browser, lambda d: "1 req · 100% ok" in provider_card(d, "beta").text, timeout=8)
-    # test the viewed provider: busy while it runs, then the result in words on its card
+    # test the viewed provider: busy while it runs, then the result: in short on its card, in
+    # words in its details
     click(browser, lambda d: provider_card(d, EVIL).find_element(By.CSS_SELECTOR, "button.name"))
     click(browser, lambda d: d.find_element(By.ID, "detail-test"))
-    wait(browser, lambda d: "ok: first event in" in provider_card(d, EVIL).text, timeout=15)
+    wait(browser, lambda d: "ok: first event in" in d.find_element(By.ID, "detail-health").text, timeout=15)
+    assert " ms" in provider_card(browser, EVIL).find_element(By.CSS_SELECTOR, ".t-ok").text
     assert browser.find_element(By.ID, "detail-test").is_enabled()
 
     # a failed reload shows the problems and the running config stays
     with open(ui_proxy.config_path, "w") as f:
         f.write('{"Providers": [{"name": "x", "api_base_url": "not a url"}]}')
-    browser.find_element(By.ID, "reload").click()
+    menu(browser, "#reload")
     wait(browser, lambda d: d.find_element(By.ID, "reload-error").is_displayed())
     assert "api_base_url must be an http(s) URL" in browser.find_element(By.ID, "reload-error").text
     assert browser.find_element(By.ID, "toast").text == "Reload failed — the running config is kept"
@@ -239,22 +271,44 @@ def test_manage_relays_through_the_page(browser, ui_proxy, upstream, lang, width
     save_editor(browser)
     wait(browser, lambda d: "中转站B" in card_names(d) and "新中转" not in card_names(d))
     assert config_on_disk(ui_proxy)["Providers"][-1]["api_key"] == "sk-new-secret-1234567890"
-    # reorder with the keyboard: its "up" button, twice
-    for _ in range(2):
-        up = provider_card(browser, "中转站B").find_element(By.CSS_SELECTOR, "[data-role=up]")
-        browser.execute_script("arguments[0].focus()", up)
-        browser.switch_to.active_element.send_keys(Keys.ENTER)
-        time.sleep(0.3)
-    wait(browser, lambda d: [p["name"] for p in config_on_disk(ui_proxy)["Providers"]][2] == "中转站B")
-    # and by drag and drop: beta onto alpha
-    browser.execute_script("""
-        const [from, to] = arguments, data = new DataTransfer();
+    # reorder: a mode of its own (no "use" button beside ↑/↓ there); with the keyboard first,
+    # its "up" button twice, the focus staying on it
+    order = lambda: [p["name"] for p in config_on_disk(ui_proxy)["Providers"]]
+    before = order()
+    assert provider_card(browser, "alpha").find_elements(By.CSS_SELECTOR, "[data-action=select]")
+    click(browser, lambda d: d.find_element(By.ID, "reorder"))
+    wait(browser, lambda d: d.find_element(By.ID, "reorder-bar").is_displayed())
+    assert not browser.find_elements(By.CSS_SELECTOR, "#providers [data-action=select]")
+    for n in range(2):
+        press(browser, '[data-name="中转站B"] [data-role=up]')
+        wait(browser, lambda d: order().index("中转站B") == 3 - n)
+    wait(browser, lambda d: d.execute_script("return document.activeElement.closest('[data-name]').dataset.name") == "中转站B")
+    # by drag and drop, a line marking where it lands: beta on alpha's upper half goes before it,
+    # alpha on the lower half of the card below it goes after that one, and one can reach the end
+    drag = """
+        const [from, to, lower] = arguments, data = new DataTransfer(), r = to.getBoundingClientRect();
+        const at = {dataTransfer: data, bubbles: true, cancelable: true, clientX: r.left + 10,
+                    clientY: lower ? r.bottom - 3 : r.top + 3};
         from.dispatchEvent(new DragEvent('dragstart', {dataTransfer: data, bubbles: true}));
-        to.dispatchEvent(new DragEvent('dragover', {dataTransfer: data, bubbles: true, cancelable: true}));
-        to.dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));
-        from.dispatchEvent(new DragEvent('dragend', {dataTransfer: data, bubbles: true}));""",
-                           provider_card(browser, "beta"), provider_card(browser, "alpha"))
-    wait(browser, lambda d: [p["name"] for p in config_on_disk(ui_proxy)["Providers"]][0] == "beta")
+        to.dispatchEvent(new DragEvent('dragover', at));
+        const marked = to.className;
+        to.dispatchEvent(new DragEvent('drop', at));
+        from.dispatchEvent(new DragEvent('dragend', {dataTransfer: data, bubbles: true}));
+        return marked;"""
+    dragged = lambda a, b, lower: wait(browser, lambda d: d.execute_script(drag, provider_card(d, a), provider_card(d, b), lower))
+    assert "drop-before" in dragged("beta", "alpha", False)
+    wait(browser, lambda d: order()[0] == "beta")
+    below = order()[order().index("alpha") + 1]
+    assert "drop-after" in dragged("alpha", below, True)
+    wait(browser, lambda d: order()[order().index(below) + 1] == "alpha")
+    last = order()[-1]
+    dragged("beta", last, True)
+    wait(browser, lambda d: order()[-1] == "beta")
+    # Undo all puts back the order of when Reorder was pressed; Done leaves the mode
+    click(browser, lambda d: d.find_element(By.ID, "reorder-undo"))
+    wait(browser, lambda d: order() == before)
+    click(browser, lambda d: d.find_element(By.ID, "reorder-done"))
+    wait(browser, lambda d: provider_card(d, "alpha").find_elements(By.CSS_SELECTOR, "[data-action=select]"))
     # duplicate: made by the server with the key, under the original, named in the page's
     # language; the editor opens on the copy, its key kept; then delete the copy
     click(browser, lambda d: provider_card(d, "alpha").find_element(By.CSS_SELECTOR, "button.name"))
@@ -265,21 +319,22 @@ def test_manage_relays_through_the_page(browser, ui_proxy, upstream, lang, width
     names = [p["name"] for p in config_on_disk(ui_proxy)["Providers"]]
     assert names[names.index("alpha") + 1] == copy_name
     assert config_on_disk(ui_proxy)["Providers"][names.index(copy_name)]["api_key"] == KEY_A
+    assert ui_proxy.api("GET", "/api/providers/%s/key" % quote(copy_name))[1]["api_key"] == KEY_A
     assert browser.find_element(By.ID, "ed-key").get_attribute("value") == ""     # empty keeps the key
     fill(browser, "ed-comment", "复制的")
     save_editor(browser)
     wait(browser, lambda d: copy_name in card_names(d))
     copied = [p for p in config_on_disk(ui_proxy)["Providers"] if p["name"] == copy_name][0]
     assert copied["api_key"] == KEY_A and copied["comment"] == "复制的"
-    click(browser, lambda d: provider_card(d, copy_name).find_element(By.CSS_SELECTOR, "button.name"))
+    wait(browser, lambda d: text_of(d, "detail-name") == copy_name)        # the copy's details are open
     click(browser, lambda d: d.find_element(By.ID, "detail-edit"))
     wait(browser, lambda d: d.find_element(By.ID, "editor").is_displayed())
     browser.execute_script("window.confirm = () => true")
     browser.find_element(By.ID, "editor-delete").click()
     wait(browser, lambda d: copy_name not in card_names(d))
     assert copy_name not in [p["name"] for p in config_on_disk(ui_proxy)["Providers"]]
-    # import a claude-code-router config: preview, then apply
-    browser.execute_script("document.querySelector('#transfer details').open = true")
+    # import a claude-code-router config, in the settings view: preview, then apply
+    go(browser, "settings")
     # (an OpenAI-format relay beside it is shown, with why, and cannot be ticked; the Router's
     # default is carried as model names, its think rule is said not to be)
     ccr = {"Providers": [{"name": "ccr-导入", "api_base_url": upstream.url + "/v1/messages", "api_key": "sk-ccr-1",
@@ -288,7 +343,7 @@ def test_manage_relays_through_the_page(browser, ui_proxy, upstream, lang, width
                           "api_key": "sk-ds-1", "models": ["deepseek-chat"], "transformer": {"use": ["deepseek"]}}],
            "Router": {"default": "ccr-导入,glm-4.6", "think": "深度求索,deepseek-reasoner"}}
     browser.execute_script("document.getElementById('import-text').value = arguments[0]", json.dumps(ccr))
-    browser.find_element(By.ID, "import-preview").click()
+    click(browser, lambda d: d.find_element(By.ID, "import-preview"))
     wait(browser, lambda d: d.find_elements(By.ID, "import-apply"))
     plan = browser.find_element(By.ID, "import-plan").text
     assert "claude-code-router" in plan and upstream.url + "/v1/messages" in plan
@@ -297,7 +352,8 @@ def test_manage_relays_through_the_page(browser, ui_proxy, upstream, lang, width
     assert ("按模型名路由" if lang == "zh" else "routes by model name") in plan          # worded from its code
     refused = browser.find_element(By.CSS_SELECTOR, "#import-plan input[value='深度求索']")
     assert refused.get_attribute("disabled") is not None and not refused.is_selected()
-    browser.find_element(By.ID, "import-apply").click()
+    click(browser, lambda d: d.find_element(By.ID, "import-apply"))
+    go(browser, "relays")
     wait(browser, lambda d: "ccr-导入" in card_names(d))
     imported = config_on_disk(ui_proxy)["Providers"]
     assert imported[-1]["api_key"] == "sk-ccr-1" and "深度求索" not in [p["name"] for p in imported]
@@ -345,17 +401,20 @@ def test_clipboard_copy_and_chinese(browser, ui_proxy):
     login(browser, ui_proxy)
     browser.execute_cdp_cmd("Browser.grantPermissions", {
         "origin": ui_proxy.url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
-    browser.find_element(By.ID, "copy-url").click()
+    menu(browser, "#copy-url")
     wait(browser, lambda d: "show" in d.find_element(By.ID, "toast").get_attribute("class"))
     copied = browser.execute_async_script("navigator.clipboard.readText().then(arguments[0], e => arguments[0]('ERR ' + e))")
     assert copied == ui_proxy.url
-    browser.find_element(By.CSS_SELECTOR, "header .lang-toggle").click()
-    wait(browser, lambda d: d.find_element(By.ID, "reload").text == "重载配置")
+    assert not browser.find_element(By.ID, "menu").is_displayed()          # a choice closes the menu
+    menu(browser, ".lang-toggle")
+    wait(browser, lambda d: text_of(d, "reload") == "重载配置")
     assert browser.find_element(By.CSS_SELECTOR, "label[for=fallback-add]").text == "要添加的供应商"
+    go(browser, "requests")
     assert browser.find_element(By.CSS_SELECTOR, "#requests th:nth-child(5)").text == "首字节"
-    browser.refresh()                                    # remembered, and still logged in
-    wait(browser, lambda d: d.find_element(By.ID, "reload").text == "重载配置")
-    wait(browser, lambda d: d.find_element(By.ID, "app").is_displayed())
+    assert browser.title == "请求 · ccproxy"
+    browser.refresh()                                    # remembered, still logged in, same view
+    wait(browser, lambda d: text_of(d, "reload") == "重载配置")
+    wait(browser, lambda d: d.find_element(By.ID, "view-requests").is_displayed())
 
 
 def test_screenshots_light_and_dark(browser, tmp_path, upstream, upstream2):
@@ -377,9 +436,18 @@ def test_screenshots_light_and_dark(browser, tmp_path, upstream, upstream2):
         for model, stream in (("claude-sonnet-4-5", True), ("claude-haiku-4-5", False), ("claude-opus-4-1[1m]", True)):
             proxy.call("POST", "/v1/messages", {"model": model, "max_tokens": 64, "stream": stream, "messages": []})
         proxy.api("POST", "/api/test", {})
-        wait(browser, lambda d: "first event in" in d.find_element(By.ID, "providers").text)
+        wait(browser, lambda d: "first event in" in d.find_element(By.ID, "detail").text)
         wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#requests tbody tr")) == 3)
         shoot(browser, out)
+        # a phone, in Chinese: the switcher first
+        set_scheme(browser, "light")
+        browser.set_window_size(390, 844)
+        menu(browser, ".lang-toggle")
+        wait(browser, lambda d: text_of(d, "reload") == "重载配置")
+        browser.execute_script("window.scrollTo(0, 0); document.activeElement.blur()")
+        path = os.path.join(out, "webui-phone.png")
+        browser.save_screenshot(path)
+        assert os.path.getsize(path) > 10000
     finally:
         proxy.stop()
 
@@ -391,7 +459,7 @@ def set_scheme(browser, scheme):
 
 
 def shoot(browser, out):
-    wait(browser, lambda d: "models in" in d.find_element(By.ID, "providers").text)  # the next poll
+    wait(browser, lambda d: "models in" in d.find_element(By.ID, "detail").text)  # the next poll
     for scheme in ("light", "dark"):
         set_scheme(browser, scheme)
         path = os.path.join(out, "webui-%s.png" % scheme)
@@ -406,30 +474,39 @@ def test_phone_width_and_keyboard(browser, ui_proxy, upstream):
     login(browser, ui_proxy)
     overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, "the page scrolls sideways at phone width by %d px" % overflow
-    # a skip link is the first stop
-    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
-    browser.execute_script("document.activeElement.blur(); document.body.focus()")
-    skip = browser.find_element(By.CSS_SELECTOR, "a.skip")
-    assert skip.get_attribute("href").endswith("#detail")
-    # keyboard only: Enter on beta's name shows its details, with focus there (a phone scrolls to them)
+    # a skip link is the first stop; it leads to the view's heading
+    assert browser.execute_script("return document.querySelector('#app a[href], #app button, #app input').id") == "skip"
+    press(browser, "#skip")
+    assert browser.switch_to.active_element.get_attribute("id") == "h-relays"
+    # keyboard only: Enter on beta's name opens its details in place of the list, focus there
     name = provider_card(browser, "beta").find_element(By.CSS_SELECTOR, "button.name")
     browser.execute_script("arguments[0].focus()", name)
     browser.switch_to.active_element.send_keys(Keys.ENTER)
     wait(browser, lambda d: d.find_element(By.ID, "detail-name").get_attribute("textContent") == "beta")
-    assert browser.switch_to.active_element.get_attribute("id") == "detail"
-    select = provider_card(browser, "beta").find_element(By.CSS_SELECTOR, "[data-action=select]")
-    browser.execute_script("arguments[0].focus()", select)
+    wait(browser, lambda d: d.switch_to.active_element.get_attribute("id") == "detail")
+    assert browser.current_url.endswith("#relays/beta") and not browser.find_element(By.ID, "providers").is_displayed()
+    # use it from there: the focus stays on the button just pressed, which now says it is in use
+    use = browser.find_element(By.ID, "detail-select")
+    browser.execute_script("arguments[0].focus()", use)
     browser.switch_to.active_element.send_keys(Keys.ENTER)
     wait(browser, lambda d: ui_proxy.store.view.selected == "beta")
-    # focus survives the switch: its "use" button is gone (disabled), its card keeps focus
+    wait(browser, lambda d: d.find_element(By.ID, "detail-select").get_attribute("aria-disabled") == "true")
+    assert browser.switch_to.active_element.get_attribute("id") == "detail-select"
+    # Back (the button, or the browser's): the list again, focus on the relay it came from
+    browser.back()
+    wait(browser, lambda d: d.find_element(By.ID, "providers").is_displayed())
+    wait(browser, lambda d: d.switch_to.active_element.text == "beta")
+    # focus survives a switch made from the list, and every refresh the page makes by itself
     focused = lambda: browser.execute_script(
         "const a = document.activeElement, c = a.closest('[data-name]');"
         "return [c && c.dataset.name, a.getAttribute('aria-label') || a.textContent, a === document.body]")
-    wait(browser, lambda d: focused()[0] == "beta" and not focused()[2])
-    # ...and every refresh the page makes by itself: a provider's button, a failover-list button
     alpha_use = provider_card(browser, "alpha").find_element(By.CSS_SELECTOR, "[data-action=select]")
     browser.execute_script("arguments[0].focus()", alpha_use)
     before = focused()
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
+    wait(browser, lambda d: ui_proxy.store.view.selected == "alpha")
+    wait(browser, lambda d: "selected" in provider_card(d, "alpha").get_attribute("class"))
+    assert focused() == before
     assert ui_proxy.api("POST", "/api/fallback", {"enabled": True, "providers": ["alpha"]})[0] == 200
     browser.execute_script("return loadState()")
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#fallback-list button"))
@@ -454,7 +531,7 @@ def run_axe(browser):
         "axe.run(document, {resultTypes: ['violations']}).then(r => arguments[0](r.violations), "
         "e => arguments[0]([{impact: 'critical', id: 'axe failed: ' + e}]))")
     return [(v["id"], v["impact"], [n["target"] for n in v.get("nodes", [])][:3]) for v in result
-            if v["impact"] in ("serious", "critical")]
+            if v["impact"] in ("moderate", "serious", "critical")]
 
 
 @pytest.mark.parametrize("lang, scheme", [("en", "light"), ("zh", "dark")])
@@ -467,9 +544,19 @@ def test_no_serious_accessibility_violations(browser, ui_proxy, lang, scheme):
     assert run_axe(browser) == []                        # the login page
     login(browser, ui_proxy, lang)
     ui_proxy.api("POST", "/api/test", {})
-    wait(browser, lambda d: "first event" in d.find_element(By.ID, "providers").text
-         or "首个事件" in d.find_element(By.ID, "providers").text)
-    assert run_axe(browser) == []                        # the main view
+    ui_proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []})
+    wait(browser, lambda d: "first event" in d.find_element(By.ID, "detail").text
+         or "首个事件" in d.find_element(By.ID, "detail").text)
+    assert run_axe(browser) == []                        # providers, with a relay's details
+    menu(browser, "#copy-url")
+    click(browser, lambda d: d.find_element(By.ID, "menu-btn"))
+    assert run_axe(browser) == [], "the menu, open"
+    browser.find_element(By.ID, "menu-btn").send_keys(Keys.ESCAPE)
+    for view in ("usage", "requests", "keys", "settings"):
+        go(browser, view)
+        assert browser.find_elements(By.CSS_SELECTOR, "#view-%s h1" % view)
+        assert run_axe(browser) == [], view
+    go(browser, "relays")
     browser.find_element(By.ID, "detail-edit").click()
     wait(browser, lambda d: d.find_element(By.ID, "editor").is_displayed())
     assert run_axe(browser) == []                        # the provider editor
@@ -483,7 +570,7 @@ def test_chinese_names_placeholder_keys_and_a_provider_refusing_its_key(browser,
     proxy = start_proxy(write_config(tmp_path / "config.json", config))
     try:
         login(browser, proxy, "zh")
-        wait(browser, lambda d: d.find_element(By.ID, "reload").text == "重载配置")
+        wait(browser, lambda d: text_of(d, "reload") == "重载配置")
         assert card_names(browser) == ["中转站A", "🚀备用", "示例"]
         assert "示例密钥" in provider_card(browser, "示例").text
         assert "示例密钥" not in provider_card(browser, "中转站A").text
@@ -495,7 +582,9 @@ def test_chinese_names_placeholder_keys_and_a_provider_refusing_its_key(browser,
                                                                          "message": "invalid key"}})
         proxy.api("POST", "/api/fallback", {"enabled": False})
         proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []})
+        go(browser, "requests")
         wait(browser, lambda d: "供应商 🚀备用 拒绝了它的密钥" in d.find_element(By.ID, "requests").text, timeout=8)
+        go(browser, "relays")
         # failover: back to config.json's list, then switching it on again keeps it unedited
         click(browser, lambda d: d.find_element(By.ID, "fallback-enabled"))
         wait(browser, lambda d: proxy.store.view.fallback_enabled is True)
@@ -534,7 +623,9 @@ def test_compatibility_panel(browser, tmp_path, upstream, upstream2, lang):
         wait(browser, lambda d: words[0] in d.find_element(By.ID, "fixes").text)
         # the request that taught it, in the Requests panel, in the page's language
         note = {"en": "fix applied, retried: ", "zh": "已修正并重试："}[lang] + words[0]
+        go(browser, "requests")
         wait(browser, lambda d: note in d.find_element(By.ID, "requests").text)
+        go(browser, "relays")
         gate = browser.find_element(By.ID, "gate").text
         assert words[3] in gate and "旧版" in gate
         click(browser, lambda d: d.find_element(By.ID, "detail-check"))
@@ -562,8 +653,8 @@ def test_usage_cost_cache_and_balance_in_the_page(browser, tmp_path, upstream, u
     upstream.billing = {"hard_limit_usd": 100, "total_usage": 2550}
     upstream.usage = {"input_tokens": 100, "cache_read_input_tokens": 1000, "cache_creation_input_tokens": 5000}
     proxy = start_proxy(write_config(tmp_path / "config.json", config))
-    words = {"en": ("74.50 USD left of 100", "requests", "cache hit rate 16.4%", "no price", "context"),
-             "zh": ("剩余 74.50 USD（共 100）", "次请求", "缓存命中率为 16.4%", "无价格", "上下文")}[lang]
+    words = {"en": ("74.50 USD left", "requests", "cache hit rate 16.4%", "no price", "context", "no price in Pricing"),
+             "zh": ("剩余 74.50 USD", "次请求", "缓存命中率为 16.4%", "无价格", "上下文", "没有价格")}[lang]
     try:
         set_scheme(browser, scheme)
         browser.set_window_size(width, 900)
@@ -576,9 +667,9 @@ def test_usage_cost_cache_and_balance_in_the_page(browser, tmp_path, upstream, u
         proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": []})
         login(browser, proxy, lang)
         wait(browser, lambda d: words[0] in provider_card(d, "中转站A").text)
-        assert "中转站A" in browser.find_element(By.ID, "cache-warning").text
-        assert words[2] in browser.find_element(By.ID, "cache-warning").text
-        # Charts: a column per day of the range, a row per provider; the values are the points' names.
+        assert "中转站A" in text_of(browser, "cache-warning") and words[2] in text_of(browser, "cache-warning")
+        # Charts: a column per day of the range; the values are the points' names.
+        go(browser, "usage")
         wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chart-tokens g[data-col]")) == 7)
         today = time.strftime("%Y-%m-%d")
         columns = browser.find_elements(By.CSS_SELECTOR, "#chart-cost g[data-col]")
@@ -588,10 +679,20 @@ def test_usage_cost_cache_and_balance_in_the_page(browser, tmp_path, upstream, u
         hits = browser.find_elements(By.CSS_SELECTOR, "#chart-hit g[data-col]")[-1].get_attribute("aria-label")
         assert "中转站A: 16.4%" in hits and "🚀备用: 26.3%" in hits           # 1000 / 6100; 5 / 19
         assert len(browser.find_elements(By.CSS_SELECTOR, "#chart-hit circle")) == 2
+        # first byte: a line a provider over the days, its median each day
         ttfb = [g.get_attribute("aria-label") for g in browser.find_elements(By.CSS_SELECTOR, "#chart-ttfb g[data-col]")]
-        assert [label.split(" — ")[0] for label in ttfb] == ["中转站A", "🚀备用"] and "p95" in ttfb[0]
+        assert len(ttfb) == 7 and "中转站A: " in ttfb[-1] and " ms" in ttfb[-1]
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#chart-ttfb path")) == 2
+        # 16 relays keep 16 colours; each is named in the legend beside its colour
+        assert len(set(browser.execute_script(
+            "return [...Array(16).keys()].map(i => getComputedStyle(document.documentElement).getPropertyValue('--c' + i).trim())"))) == 16
+        assert [n.text for n in browser.find_elements(By.CSS_SELECTOR, "#usage-legend .legend")] == ["中转站A", "🚀备用"]
         rows = browser.find_elements(By.CSS_SELECTOR, "#usage-table tbody tr")
         assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == ["中转站A", "🚀备用"]
+        # the cost is the second column, on screen at any width
+        cost = rows[0].find_elements(By.TAG_NAME, "td")[1]
+        assert "USD" in cost.text
+        assert browser.execute_script("const r = arguments[0].getBoundingClientRect(); return r.right <= innerWidth", cost)
         assert words[1] in browser.find_element(By.ID, "usage-total").text
         # Keyboard: one tab stop a chart, arrows move, the value shows beside the point.
         first = columns[0]
@@ -610,16 +711,20 @@ def test_usage_cost_cache_and_balance_in_the_page(browser, tmp_path, upstream, u
         wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chart-tokens g[data-col]")) == 7)
         colour = browser.execute_script("return getComputedStyle(document.querySelector('svg.chart text')).fill")
         assert colour == {"light": "rgb(88, 98, 115)", "dark": "rgb(169, 178, 192)"}[scheme]   # --muted
-        # Requests: each with its cache read/write and cost; a model without a price says so.
-        wait(browser, lambda d: words[3] in d.find_element(By.ID, "requests").text)
-        assert "1.0k / 5.0k" in browser.find_element(By.ID, "requests").text
         overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, "the page scrolls sideways by %d px" % overflow
         assert run_axe(browser) == []
-        # Switching mid-conversation: the page says what the new relay's cache write costs first.
+        # Requests: each with its cache read/write and cost; a model without a price says so.
+        go(browser, "requests")
+        wait(browser, lambda d: words[3] in d.find_element(By.ID, "requests").text)
+        assert "1.0k / 5.0k" in browser.find_element(By.ID, "requests").text
+        # Switching mid-conversation: the page says what the new relay's cache write costs first;
+        # toward a relay without a price, that it cannot say (not "about no price").
+        go(browser, "relays")
         click(browser, lambda d: provider_card(d, "🚀备用").find_element(By.CSS_SELECTOR, "[data-action=select]"))
         alert = WebDriverWait(browser, 5).until(lambda d: d.switch_to.alert)
-        assert words[4] in alert.text and "6.1k" in alert.text and words[3] in alert.text   # glm-4.6 has no price
+        assert words[4] in alert.text and "6.1k" in alert.text and words[5] in alert.text   # glm-4.6 has no price
+        assert ("about no price" if lang == "en" else "约 无价格") not in alert.text
         alert.dismiss()
         time.sleep(0.3)
         assert proxy.store.view.selected == "中转站A"
@@ -648,6 +753,7 @@ def test_user_keys_in_the_page(browser, tmp_path, upstream, upstream2, lang, wid
         login(browser, proxy, lang)
         browser.execute_cdp_cmd("Browser.grantPermissions", {
             "origin": proxy.url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+        go(browser, "keys")
         click(browser, lambda d: d.find_element(By.ID, "add-key"))
         wait(browser, lambda d: d.find_element(By.ID, "key-editor").is_displayed())
         assert run_axe(browser) == []
@@ -753,5 +859,86 @@ def test_a_user_key_sees_its_own_usage_not_the_page(browser, tmp_path, upstream,
         browser.find_element(By.CSS_SELECTOR, "#login-form button[type=submit]").click()
         wait(browser, lambda d: reason in d.find_element(By.ID, "login-error").text)
         assert "ccproxy:" not in browser.find_element(By.ID, "login-error").text     # not "cannot reach"
+    finally:
+        proxy.stop()
+
+
+# Of what a person can press or type into in the view shown (a checkbox counts with its
+# label, its target): how many; those covered by something else once scrolled to, at any
+# scroll position it takes; and those under 44 px either way. A chart's day columns are its
+# data points, not controls (one tab stop, arrows move; a month is 30 of them; the table
+# below the charts holds the same figures): they count for cover, not for size.
+CHECK_VIEW = """
+    const seen = n => { const r = n.getBoundingClientRect(), s = getComputedStyle(n);
+                        return r.width > 0 && r.height > 0 && s.visibility !== 'hidden' && r.left > -1000; };
+    const all = [...document.querySelectorAll('button, a[href], input, select, textarea, summary, [tabindex="0"]')]
+        .filter(n => n.closest('#app') && seen(n) && !n.closest('.dialog'))
+        .map(n => n.type === 'checkbox' && n.closest('label') ? n.closest('label') : n);
+    const name = n => n.id || n.textContent.trim().slice(0, 30);
+    const covered = [], small = [];
+    for (const n of all) {
+        n.scrollIntoView({block: 'center', inline: 'nearest'});
+        const r = n.getBoundingClientRect(), hit = document.elementFromPoint(r.left + Math.min(r.width / 2, 20), r.top + r.height / 2);
+        if (!hit || !(n === hit || n.contains(hit))) covered.push([name(n), hit && (hit.id || hit.tagName)]);
+        if (!n.closest('svg') && (r.width < 44 || r.height < 44)) small.push(name(n) + ' ' + Math.round(r.width) + 'x' + Math.round(r.height));
+    }
+    window.scrollTo(0, 0);
+    return [all.length, covered, small];"""
+
+
+@pytest.mark.parametrize("lang, width, scheme", [("en", 1366, "light"), ("zh", 1366, "dark"), ("en", 390, "dark"), ("zh", 390, "light")])
+def test_views_nothing_covered_and_phone_targets(browser, tmp_path, upstream, upstream2, lang, width, scheme):
+    """Every view is one at a time, by URL and by keyboard; at any scroll position nothing
+    covers a control of the view shown (the sticky relay details used to float over the
+    charts); on a phone the switcher is on the first screen and one tap switches, and every
+    control is at least 44 px each way."""
+    config = make_config(upstream, upstream2, Fallback=["中转站丙"])
+    names = ["中转站%s" % c for c in "甲乙丙丁戊己庚辛壬癸子丑"]
+    config["Providers"] = [dict(config["Providers"][0], name=n, comment="线路 " + n) for n in names]
+    proxy = start_proxy(write_config(tmp_path / "config.json", config))
+    try:
+        set_scheme(browser, scheme)
+        browser.set_window_size(width, 844)
+        login(browser, proxy, lang)
+        phone = width < 800
+        if phone:
+            # The switcher first: the first cards, with their "use" button, are on the first
+            # screen, and one tap switches (no conversation under way: nothing to warn of).
+            use = provider_card(browser, "中转站乙").find_element(By.CSS_SELECTOR, "[data-action=select]")
+            bottom = browser.execute_script("return arguments[0].getBoundingClientRect().bottom", use)
+            assert 0 < bottom <= browser.execute_script("return innerHeight") - 60      # above the tab bar
+            use.click()
+            wait(browser, lambda d: proxy.store.view.selected == "中转站乙")
+        proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []})
+        for view in ("relays", "usage", "requests", "keys", "settings"):
+            go(browser, view)
+            assert browser.current_url.endswith("#" + view)
+            assert browser.find_element(By.CSS_SELECTOR, "nav.views a[aria-current=page]").get_attribute("data-view") == view
+            assert [v.get_attribute("id") for v in browser.find_elements(By.CSS_SELECTOR, "section.view")
+                    if v.is_displayed()] == ["view-" + view]
+            assert browser.switch_to.active_element.get_attribute("id") == "h-" + view      # focus follows the link
+            time.sleep(0.3)                                               # charts drawn at their width
+            count, covered, small = browser.execute_script(CHECK_VIEW)
+            assert count > 3 and not covered, (view, covered)
+            if phone:
+                assert not small, (view, small)
+        # the menu, open: its items too
+        click(browser, lambda d: d.find_element(By.ID, "menu-btn"))
+        items = browser.find_elements(By.CSS_SELECTOR, "#menu button")
+        assert items and browser.switch_to.active_element == items[0]
+        if phone:
+            assert all(i.rect["height"] >= 44 and i.rect["width"] >= 44 for i in items)
+        browser.switch_to.active_element.send_keys(Keys.ESCAPE)
+        assert not browser.find_element(By.ID, "menu").is_displayed()
+        assert browser.switch_to.active_element.get_attribute("id") == "menu-btn"
+        # a reload keeps the view; the browser's Back goes to the one before
+        browser.refresh()
+        wait(browser, lambda d: d.find_element(By.ID, "view-settings").is_displayed())
+        browser.back()
+        wait(browser, lambda d: d.find_element(By.ID, "view-keys").is_displayed())
+        # keyboard only: a view's link, Enter
+        press(browser, "nav.views a[data-view=usage]")
+        wait(browser, lambda d: d.find_element(By.ID, "view-usage").is_displayed())
+        assert browser.switch_to.active_element.get_attribute("id") == "h-usage"
     finally:
         proxy.stop()
