@@ -621,7 +621,7 @@ def _check_routes(value, providers, problems):
 def validate_config(raw, path="config.json"):
     """Return a Config for a parsed config object, or raise ConfigError listing every problem."""
     if not isinstance(raw, dict):
-        raise ConfigError(["%s: the top level must be a JSON object" % path])
+        raise ConfigError(["%s: the top level must be a JSON object" % file_name(path)])
     problems = []
     if not isinstance(raw.get("HOST", DEFAULT_HOST), str):
         problems.append("HOST must be a string such as 127.0.0.1")
@@ -672,11 +672,17 @@ def validate_config(raw, path="config.json"):
     _check_routes(raw.get("Routes", {}), providers, problems)
     _check_keys(raw.get("Keys", []), providers, raw.get("USAGE_DB", USAGE_DB_NAME), problems)
     if problems:
-        raise ConfigError(["%s: %s" % (path, p) for p in problems])
+        raise ConfigError(["%s: %s" % (file_name(path), p) for p in problems])
     for key in raw:
         if not key.startswith("_") and key not in TOP_KEYS:
             log.warning("%s: unknown key %s is ignored", path, key)
     return Config(path, raw, providers)
+
+
+def file_name(path):
+    """How ccproxy names one of its files in what it says: by its name, never its full path,
+    since a browser sees these messages (the path is in the start-up log and --check)."""
+    return os.path.basename(path)
 
 
 def read_config(path):
@@ -687,14 +693,14 @@ def read_config(path):
         raw = json.loads(text)
     except FileNotFoundError:
         raise ConfigError(["%s: no such file — copy config.in.json to it, or run ccproxy.py "
-                           "once without --config to create it" % path])
+                           "once without --config to create it" % file_name(path)])
     except OSError as exc:
-        raise ConfigError(["%s: cannot be read (%s)" % (path, exc.strerror or exc)])
+        raise ConfigError(["%s: cannot be read (%s)" % (file_name(path), exc.strerror or exc)])
     except UnicodeDecodeError:
-        raise ConfigError(["%s: is not UTF-8 text" % path])
+        raise ConfigError(["%s: is not UTF-8 text" % file_name(path)])
     except json.JSONDecodeError as exc:
         raise ConfigError(["%s: line %d column %d: invalid JSON (%s)"
-                           % (path, exc.lineno, exc.colno, exc.msg)])
+                           % (file_name(path), exc.lineno, exc.colno, exc.msg)])
     return text, raw
 
 
@@ -1035,7 +1041,7 @@ class Store:
                           self.state_path, exc.strerror or exc)
                 raise StateError("ccproxy could not save this change to %s (%s), so it was not made "
                                  "— free some disk space or fix the file's permissions, then try again"
-                                 % (self.state_path, exc.strerror or exc))
+                                 % (file_name(self.state_path), exc.strerror or exc))
             self.state = state
             self._install(self.view.config)
 
@@ -1092,7 +1098,7 @@ class Store:
                 return data, json.loads(data.decode("utf-8"))
             except (OSError, ValueError) as exc:
                 raise ProxyError("%s cannot be read as JSON (%s) — fix it by hand, then Reload"
-                                 % (self.config_path, exc), code="config_unreadable")
+                                 % (file_name(self.config_path), exc), code="config_unreadable")
 
     def edit(self, if_match, change, copies=False):
         """Change config.json: change(raw) edits the parsed file in place and may return
@@ -1122,7 +1128,7 @@ class Store:
                 write_atomic(self.config_path, text)
             except OSError as exc:
                 raise StateError("ccproxy could not write %s (%s), so nothing was changed"
-                                 % (self.config_path, exc.strerror or exc), code="config_not_saved")
+                                 % (file_name(self.config_path), exc.strerror or exc), code="config_not_saved")
             self.reload_error = None
             config.version = config_version(text.encode("utf-8"))
             self.use(config)
@@ -5244,7 +5250,7 @@ def api_key(handler, params):
 def selected_target(handler):
     view = handler.server.store.view
     if view.target is None:
-        raise NoProvider("ccproxy has no provider selected — add one to %s" % view.config.path)
+        raise NoProvider("ccproxy has no provider selected — add one to %s" % file_name(view.config.path))
     return view.target
 
 
@@ -6049,7 +6055,7 @@ def main(argv=None):
         try:
             load_config(args.config)
         except ConfigError as exc:
-            print("\n".join(exc.problems), file=sys.stderr)
+            print("%s cannot be used:\n%s" % (os.path.abspath(args.config), "\n".join(exc.problems)), file=sys.stderr)
             return 2
         print("%s: OK" % args.config)
         return 0
@@ -6065,7 +6071,7 @@ def main(argv=None):
     try:
         server = make_server(args.config, args.host, args.port, args.debug, args.log_level)
     except ConfigError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
+        print("%s cannot be used:\n%s" % (os.path.abspath(args.config), "\n".join(exc.problems)), file=sys.stderr)
         return 2
     # Signals first: once the banner is out, a supervisor may send SIGHUP or SIGTERM at once,
     # and their default actions would kill the process.

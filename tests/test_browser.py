@@ -225,6 +225,7 @@ def test_the_page_end_to_end(browser, ui_proxy):
     menu(browser, "#reload")
     wait(browser, lambda d: d.find_element(By.ID, "reload-error").is_displayed())
     assert "api_base_url must be an http(s) URL" in browser.find_element(By.ID, "reload-error").text
+    assert os.path.dirname(ui_proxy.config_path) not in browser.page_source     # the file's name, not its path
     assert browser.find_element(By.ID, "toast").text == "Reload failed — the running config is kept"
     assert len(browser.find_elements(By.CSS_SELECTOR, "#providers .prov")) == 3
 

@@ -35,7 +35,8 @@ def test_a_change_that_cannot_be_saved_is_refused_and_not_made(proxy, state_path
     os.mkdir(state_path)                       # a directory where the state file should be
     status, err = proxy.api("POST", path, body)
     assert status == 500 and err["type"] == "error"
-    assert "could not save this change" in err["error"]["message"] and state_path in err["error"]["message"]
+    message = err["error"]["message"]
+    assert "could not save this change to config.state.json" in message and state_path not in message
     after = proxy.api("GET", "/api/state")[1]
     for key in ("selected", "fallback", "providers"):
         assert after[key] == before[key]        # nothing changed that the next restart would lose
