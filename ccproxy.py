@@ -22,7 +22,7 @@ slow stream holds nothing but its thread. Sockets keep their timeouts in the ker
 or guarded by its owner's lock; the pool needs no lock.
 
 Sections, in file order (grep -n '^# ===' ccproxy.py):
-  constants, errors, config, files, state, config editing, HTTP messages, Anthropic requests and replies,
+  constants, errors, messages, config, files, state, config editing, HTTP messages, Anthropic requests and replies,
   relay compatibility, upstream client, providers: discovery and tests, relay, observability,
   usage and cost, balance, team keys, health and failover, web UI API, web page, request handler,
   server factory and CLI.
@@ -215,8 +215,31 @@ log = logging.getLogger("ccproxy")
 # ============================================================================ errors
 
 
+class Said(str):
+    """Words ccproxy says to a person, from MESSAGES: the English (the str itself), and the
+    code and values from which the web page says them in its language (webui.html's
+    I18N.zh.msg holds every code). Values are texts or numbers, never markup."""
+
+    def __new__(cls, code, **values):
+        said = str.__new__(cls, MESSAGES[code].format(**values))
+        # a value that is itself Said (a reason inside a sentence) keeps its code too
+        said.code, said.values = code, {k: v.as_json() if isinstance(v, Said) else
+                                        v if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+                                        for k, v in values.items()}
+        return said
+
+    def as_json(self):
+        return {"code": self.code, "values": self.values, "message": str(self)}
+
+
+def why(reason):
+    """A reason as the page words it: Said's code and values, or (a relay's own words) its text."""
+    return reason.as_json() if isinstance(reason, Said) else {"message": str(reason)}
+
+
 class ProxyError(Exception):
-    """An error answered to the client in Anthropic's shape."""
+    """An error answered to the client in Anthropic's shape; its message is Said, so the
+    body carries its code and values beside the English."""
 
     status = 500
     kind = "api_error"
@@ -229,7 +252,9 @@ class ProxyError(Exception):
             self.status = status
         if kind is not None:
             self.kind = kind
-        self.extra = extra            # more members of the error body: "problems", "version", "code"…
+        self.extra = extra            # more members of the error body: "problems", "version"…
+        if isinstance(message, Said):
+            self.extra.update(code=message.code, values=message.values)
 
 
 class ClientError(ProxyError):
@@ -289,11 +314,17 @@ class StateError(ProxyError):
 
 
 class ConfigError(Exception):
-    """A config file that cannot be used; `problems` holds one line per problem."""
+    """A config file that cannot be used: `said` holds each problem (Said), `problems` the
+    same as English lines, each after the file's name ("config.json: PORT must be …")."""
 
-    def __init__(self, problems):
-        self.problems = list(problems)
+    def __init__(self, said, file=None):
+        self.said, self.file = list(said), file
+        self.problems = [("%s: %s" % (file, p)) if file else str(p) for p in self.said]
         super().__init__("\n".join(self.problems))
+
+    def as_json(self):
+        """Each problem as the page words it: its code, values and English, and the file."""
+        return [dict(p.as_json(), file=self.file) for p in self.said]
 
 
 # Characters that end or disguise a line: C0 and C1 controls, DEL, the Unicode line and
@@ -322,6 +353,244 @@ class EscapeUnprintable(logging.Filter):
 
 
 log.addFilter(EscapeUnprintable())
+
+# ============================================================================ messages
+
+# What ccproxy says to a person (an error's message, a config problem, a test's reason), by
+# code: English here, with {named} values; webui.html words each code in Chinese too, and a
+# test keeps the two tables the same. Said(code, **values) makes one.
+MESSAGES = {
+    # config.json's problems (--check, Reload, a change made in the page)
+    "unprintable_name": "{where} {value} contains an unprintable character ({char}: a line break, tab, NUL or "
+        "the like) — names appear in logs, headers and the web page; remove it",
+    "unprintable_model": "{where} {value} contains an unprintable character ({char}: a line break, tab, NUL or "
+        "the like) — model names appear in logs, headers and the web page; remove it",
+    "unprintable_comment": "{where} {value} contains an unprintable character ({char}) — comments may have line "
+        "breaks and tabs, nothing else of the kind; remove it",
+    "not_str_map": "{where} must be an object of name -> string",
+    "not_model_var": "{where}.{key} is not a model variable — use one of {allowed}",
+    "not_string": "{where}.{key} must be a string",
+    "not_header_value": "{where}.{key} contains a line break, a control character or a character outside "
+        "Latin-1, which cannot go into an HTTP header",
+    "not_header_name": "{where}: '{key}' is not a valid HTTP header name",
+    "not_preset_map": "{where} must be an object of preset name -> preset",
+    "header_preset_type": "{where}.{name} must be an object (the preset's headers)",
+    "request_preset_type": "{where}.{name} must be an object (the preset's body fields)",
+    "preset_forbidden": "{where}.{name}.{field}: a preset cannot set {field} — ccproxy frames each request "
+        "itself (the body's length, the connection, the provider's host)",
+    "not_object": "{where} must be an object",
+    "provider_name_missing": "{where}.name must be a non-empty string",
+    "provider_name_taken": "{where}: duplicate provider name — names must be unique",
+    "provider_url": "{where}.api_base_url must be an http(s) URL such as https://relay.example/v1/messages",
+    "provider_key_chars": "{where}.api_key contains a space, a tab, a line break, a control character or a "
+        "character outside Latin-1 — paste the key alone",
+    "provider_models": "{where}.models must be a list of model id strings",
+    "provider_auth": "{where}.auth must be one of {styles} (any case)",
+    "provider_proxy_type": "{where}.proxy must be a string such as http://127.0.0.1:7890",
+    "provider_proxy": "{where}.proxy must be an http://host:port proxy URL (CONNECT)",
+    "provider_multiplier": "{where}.price_multiplier must be a number of 0 or more: the relay's price as a "
+        "share of Pricing's (0.3 for a relay that sells at 30% of list)",
+    "provider_balance": "{where}.balance must be true (ask the relay for its balance) or false",
+    "provider_console": "{where}.console_url must be an http(s) URL (the relay's console, for top-ups and "
+        "check-in)",
+    "apikey_type": "APIKEY must be a string — set it to a long random secret, or start ccproxy.py, which puts a "
+        "random one in",
+    "apikey_empty": "APIKEY is empty, which would let any program here and any web page you open use your "
+        "relays — set it to a long random secret, or start ccproxy.py, which puts a random one in",
+    "apikey_placeholder": "APIKEY is still the template's placeholder, which would let any program here and any "
+        "web page you open use your relays — set it to a long random secret, or start ccproxy.py, which puts a "
+        "random one in",
+    "apikey_chars": "APIKEY contains a space, a line break, a control character or a character outside Latin-1, "
+        "which a client cannot send in a header — use letters, digits, - and _",
+    "fallback_type": "Fallback must be a list of provider names",
+    "fallback_unknown": "Fallback[{index}]: '{name}' is not a provider with an api_base_url",
+    "fallback_twice": "Fallback names a provider twice",
+    "routes_type": "Routes must be an object of model glob -> provider name, such as {{\"*haiku*\": "
+        "\"cheap-relay\"}}",
+    "routes_unknown": "Routes.{glob}: '{name}' is not a provider with an api_base_url",
+    "top_level": "the top level must be a JSON object",
+    "host_type": "HOST must be a string such as 127.0.0.1",
+    "port_range": "PORT must be a whole number from 0 to 65535",
+    "log_level": "LOG_LEVEL must be one of {levels}",
+    "not_positive": "{key} must be a positive number",
+    "request_log_type": "REQUEST_LOG must be a file name (\"\" turns the request log file off)",
+    "not_bool": "{key} must be true or false",
+    "usage_db_type": "USAGE_DB must be a file name (\"\" turns the usage store off)",
+    "cache_warn_range": "CACHE_WARN_PCT must be a number from 0 to 100 (0 turns the cache warning off)",
+    "low_balance_range": "LOW_BALANCE must be a number of 0 or more, in the relays' balance unit (0 = off)",
+    "trusted_proxies": "TRUSTED_PROXIES must be a list of IP addresses, such as [\"127.0.0.1\"] for nginx on "
+        "this host",
+    "providers_type": "Providers must be a list of provider objects",
+    "config_missing": "no such file — copy config.in.json to it, or run ccproxy.py once without --config to "
+        "create it",
+    "config_unreadable": "cannot be read ({reason})",
+    "config_not_utf8": "is not UTF-8 text",
+    "config_bad_json": "line {line} column {column}: invalid JSON ({reason})",
+    "listen_in_use": "cannot listen on {address}: another program has this port (claude-code-router uses 3456 "
+        "too; ./run.sh status, or ss -ltnp, shows which) — stop it, or start with --port {next} (or set PORT "
+        "in config.json) and put that port in ANTHROPIC_BASE_URL",
+    "listen_denied": "cannot listen on {address}: permission denied — use a port above 1023",
+    "listen_no_address": "cannot listen on {address}: this machine has no such address — use 127.0.0.1 (this "
+        "machine only) or 0.0.0.0 (every interface)",
+    "listen_failed": "cannot listen on {address}: {reason}",
+    "pricing_type": "Pricing must be an object such as {{\"currency\": \"USD\", \"models\": "
+        "{{\"claude-sonnet-*\": {{\"input\": 3, \"output\": 15}}}}}}",
+    "pricing_currency": "Pricing.currency must be a short name such as USD, CNY or 元",
+    "pricing_currency_chars": "Pricing.currency contains an unprintable character",
+    "pricing_models_type": "Pricing.models must be an object of model id or glob -> prices",
+    "price_type": "{where} must be an object of prices per million tokens: input, output, cache_read, "
+        "cache_write",
+    "price_missing": "{where} needs {kind} (the price per million tokens)",
+    "price_unknown": "{where}.{kind} is not a price — use {kinds}",
+    "price_negative": "{where}.{kind} must be a number of 0 or more (per million tokens)",
+    "keys_type": "Keys must be a list of keys such as {{\"name\": \"小王\", \"sha256\": \"<64 hex digits>\"}}",
+    "key_no_name": "{where} must be an object with a non-empty name",
+    "key_name_taken": "{where}: another key has this name — names must be unique",
+    "key_sha256": "{where}.sha256 must be the SHA-256 of the key's secret, 64 lowercase hex digits (the web "
+        "page creates keys and stores only this)",
+    "key_same_secret": "{where}: the same secret as another key",
+    "key_field_unknown": "{where}.{field} is not a key field — use {fields}",
+    "key_expires": "{where}.expires must be a date such as 2026-12-31 (the last day it works), or null",
+    "key_providers_type": "{where}.providers must be a list of provider names, or null for every provider",
+    "key_provider_unknown": "{where}.providers: '{name}' is not a provider with an api_base_url",
+    "key_models_type": "{where}.models must be a list of model ids or globs such as \"claude-sonnet-*\", or "
+        "null for every model",
+    "key_limit": "{where}.{limit} must be a positive number, or null for no limit",
+    "key_limit_whole": "{where}.{limit} must be a positive whole number, or null for no limit",
+    "keys_need_usage_db": "Keys: limits are counted in the usage store, and USAGE_DB is empty — set it "
+        "(usage.sqlite3) or remove the limits",
+    "config_invalid": "config.json would not be valid:\n{problems}",
+    # the API, the relay, keys and limits
+    "state_not_saved": "ccproxy could not save this change to {file} ({reason}), so it was not made — free some "
+        "disk space or fix the file's permissions, then try again",
+    "config_not_json": "{file} cannot be read as JSON ({reason}) — fix it by hand, then Reload",
+    "version_missing": "send If-Match: <version> (from GET /api/config) with every change",
+    "stale_version": "config.json changed since you loaded it (another tab, or a hand edit) — load it again and "
+        "redo the change",
+    "config_not_saved": "ccproxy could not write {file} ({reason}), so nothing was changed",
+    "separator_not_usable": "provider '{name}' has no api_base_url (a separator), so it cannot be used",
+    "no_provider_named": "no provider named '{name}' — names are listed by GET /api/state",
+    "example_key": "provider {name} still has the example api_key of config.in.json — put its real key in first "
+        "(Edit in the web page, or config.json)",
+    "no_preset": "no {kind} preset named '{name}'",
+    "provider_not_object": "the provider must be a JSON object",
+    "providers_not_list": "Providers in config.json is not a list — fix the file by hand first",
+    "name_taken": "there is already a provider named '{name}'",
+    "no_provider_in_config": "no provider named '{name}' in config.json",
+    "name_missing": "name must be the copy's name, a non-empty string",
+    "order_incomplete": "names must list every provider of config.json once, in the new order",
+    "settings_not_object": "the settings must be a JSON object",
+    "setting_not_editable": "{key} cannot be edited here — the page edits {editable}; HOST, PORT, APIKEY and "
+        "REQUEST_LOG are changed in config.json",
+    "import_not_json": "not JSON: {reason}",
+    "import_top_level": "not a config: the top level is not a JSON object",
+    "import_not_config": "no Providers list and no env block: not a ccproxy, claude-code-router or Claude Code "
+        "settings file",
+    "duplicate_body": "send {{}} or {{\"name\": <the copy's name>}}",
+    "import_body": "send {{\"text\": <the file's content>}}",
+    "coding_unsupported": "Transfer-Encoding {coding} is not supported — send the body with Content-Length or "
+        "as chunked",
+    "chunk_line": "malformed chunked request body: a chunk size line is cut off or too long",
+    "chunk_bad": "malformed chunked request body: {reason}",
+    "body_too_large": "request body exceeds MAX_BODY_MB ({limit} MB)",
+    "body_too_large_sized": "request body of {size} MB exceeds MAX_BODY_MB ({limit} MB)",
+    "chunk_short": "malformed chunked request body: a chunk ended early or without CRLF",
+    "chunk_trailer": "malformed chunked request body: its trailer section is cut off or too long",
+    "body_short": "request body ended early",
+    "body_not_json": "the request body is not valid JSON",
+    "body_not_object": "the request body must be a JSON object",
+    "field_missing": "missing field '{name}'",
+    "field_not_string": "field '{name}' must be a string",
+    "field_not_string_or_null": "field '{name}' must be a string or null",
+    "field_enabled": "field 'enabled' must be true or false",
+    "field_fallback": "field 'providers' must be a list of provider names, or null for config.json's",
+    "dot_segment": "the path has a . or .. segment (perhaps percent-encoded): not relayed",
+    "method_not_allowed": "{method} is not allowed on {path} — use {allowed}",
+    "no_route": "no route for {method} {path}",
+    "http_refused": "{reason}",
+    "internal": "ccproxy internal error — see its log",
+    "models_limit": "limit must be a whole number from 1 to 1000",
+    "no_count_tokens": "provider {name} does not offer count_tokens",
+    "model_unknown": "model {model} is not offered by provider {name}, nor an alias of another",
+    "usage_dates": "from and to must be dates such as 2026-01-31",
+    "usage_range": "from must be on or before to, and at most {days} days before it",
+    "usage_by": "by must be one or more of {groups}, separated by commas",
+    "usage_off": "the usage store is off (USAGE_DB is empty in config.json)",
+    "usage_unreadable": "the usage store cannot be read: {reason}",
+    "requests_limit": "limit must be a whole number",
+    "upstream_timeout": "provider {name} did not answer in time ({reason})",
+    "upstream_unreachable": "provider {name} at {address} could not be reached: {reason}",
+    "no_provider_example": "provider {name} still has the example key of config.in.json, and no provider has a "
+        "real one, so ccproxy contacted none — add your relay (Add provider in the web UI, or Providers in "
+        "config.json, then Reload config) with its real api_key; it is used at once",
+    "no_provider": "ccproxy has no provider to relay to — add your relay (Add provider in the web UI, or "
+        "Providers in config.json, then Reload config) with its api_base_url and api_key",
+    "no_provider_selected": "ccproxy has no provider selected — add one to {file}",
+    "key_models_refused": "key {name} may use the models {models}, not {model}",
+    "key_providers_refused": "key {name} may use the providers {providers}; none of them is selected or in the "
+        "failover list",
+    "key_rpm": "key {name} has made its {rpm} requests this minute (rpm) — it frees up in {wait}",
+    "key_tokens_day": "key {name} has used its {limit} tokens today (tokens_per_day) — it frees up in {wait}",
+    "key_cost_day": "key {name} has used its {limit} of cost today (cost_per_day) — it frees up in {wait}",
+    "key_cost_month": "key {name} has used its {limit} of cost this month (cost_per_month) — it frees up in "
+        "{wait}",
+    "key_not_object": "the key must be a JSON object",
+    "key_field_refused": "{field} is not a field a key can be given — use {fields} (a new secret comes from "
+        "POST /api/keys/NAME/rekey)",
+    "keys_not_list": "Keys in config.json is not a list — fix the file by hand first",
+    "key_name_exists": "there is already a key named '{name}'",
+    "no_key_named": "no key named '{name}' in config.json",
+    "key_limits_no_store": "key {name} has limits, and this ccproxy keeps no usage store to count them in "
+        "(USAGE_DB, or a Python without sqlite3)",
+    "wrong_keys": "too many wrong API keys — wait {seconds} s. Clients that used the right key from this "
+        "address before are still let in.",
+    "key_invalid": "invalid API key — send ccproxy's APIKEY as x-api-key or Authorization: Bearer (it is in "
+        "config.json and in the web UI)",
+    "key_missing": "missing API key — send ccproxy's APIKEY as x-api-key or Authorization: Bearer (it is in "
+        "config.json and in the web UI)",
+    "key_disabled": "key {name} is disabled — ask whoever runs this ccproxy",
+    "key_expired": "key {name} expired on {expires} — ask whoever runs this ccproxy for a new date",
+    "user_key": "this is the user key {name}: it relays (/v1/...) and reads its own usage (/api/me); ccproxy's "
+        "APIKEY manages ccproxy",
+    "cross_origin": "cross-origin request refused ({reason}): ccproxy answers Claude Code, SDKs, curl and its "
+        "own page, never another site's page",
+    "preflight": "a CORS preflight, {reason}",
+    "page_missing": "webui.html is missing beside ccproxy.py",
+    # reasons: a provider's test, its models, its balance, a failed connection
+    "net_timeout": "timed out",
+    "net_no_host": "host name not found",
+    "net_tls_untrusted": "TLS certificate not trusted ({reason})",
+    "net_tls": "TLS error ({reason})",
+    "net_refused": "connection refused",
+    "net_closed": "connection closed by the provider",
+    "net_bad_http": "bad HTTP from the provider ({reason})",
+    "net_other": "{reason}",
+    "placeholder_key": "not contacted: its api_key is still the example of config.in.json — put the real key in "
+        "config.json",
+    "test_http_html": "HTTP {status} (HTML page)",
+    "test_http": "HTTP {status}: {detail}",
+    "test_no_sse": "HTTP 200 but no SSE events",
+    "test_slow": "first event after {seconds} s",
+    "test_ok": "first event in {ms} ms",
+    "models_too_large": "the model list is larger than {mb} MB",
+    "models_http_html": "HTTP {status} (HTML page, not JSON)",
+    "models_http": "HTTP {status}",
+    "models_html": "an HTML page instead of JSON",
+    "models_not_list": "not a model list ({reason})",
+    "models_none": "the provider listed no models",
+    "models_none_kept": "the provider listed no models that could be kept: {dropped} left out (ids over "
+        "{max_len} characters, with unprintable characters, or past {max_models})",
+    "models_found": "{count} models in {ms} ms",
+    "models_found_dropped": "{count} models in {ms} ms; {dropped} left out (ids over {max_len} characters, with "
+        "unprintable characters, or past {max_models})",
+    "balance_off": "switched off (balance: false)",
+    "balance_refused": "the relay refused the key on {route} (HTTP {status})",
+    "balance_no_route": "the relay has no {route} (HTTP {status})",
+    "balance_no_route_page": "the relay has no {route} (it answered a web page)",
+    "balance_no_route_json": "the relay has no {route} (it answered no JSON object)",
+    "balance_no_limit": "the relay's subscription answer has no hard_limit_usd",
+    "balance_no_usage": "the usage answer has no total_usage",
+}
 
 # ============================================================================ config
 
@@ -441,122 +710,112 @@ def sendable_secret(text):
     return header_safe(text) and not re.search(r"\s", text)
 
 
-def _check_name(value, where, problems, what="names"):
-    """A name users give (provider, preset, model id): any Unicode, but nothing unprintable."""
+def _check_name(value, where, problems, kind="name"):
+    """A name users give (provider, preset, model id): any Unicode, but nothing unprintable.
+    kind: name, model or comment (MESSAGES' unprintable_<kind>)."""
     found = _UNPRINTABLE.search(value)
     if found:
-        problems.append("%s %s contains an unprintable character (U+%04X: a line break, tab, NUL or "
-                        "the like) — %s appear in logs, headers and the web page; remove it"
-                        % (where, json.dumps(value, ensure_ascii=False), ord(found.group()), what))
+        problems.append(Said("unprintable_" + kind, where=where, value=json.dumps(value, ensure_ascii=False),
+                             char="U+%04X" % ord(found.group())))
 
 
 def _check_str_map(value, where, problems, allowed=None, header=False):
     if not isinstance(value, dict):
-        problems.append("%s must be an object of name -> string" % where)
+        problems.append(Said("not_str_map", where=where))
         return
     for key, val in value.items():
         if key.startswith("_"):
             continue
         if allowed is not None and key not in allowed:
-            problems.append("%s.%s is not a model variable — use one of %s"
-                            % (where, key, ", ".join(allowed)))
+            problems.append(Said("not_model_var", where=where, key=key, allowed=", ".join(allowed)))
         elif not isinstance(val, str):
-            problems.append("%s.%s must be a string" % (where, key))
+            problems.append(Said("not_string", where=where, key=key))
         elif not header:
-            _check_name(val, "%s.%s" % (where, key), problems, "model names")
+            _check_name(val, "%s.%s" % (where, key), problems, "model")
         elif not header_safe(val):
-            problems.append("%s.%s contains a line break, a control character or a character outside "
-                            "Latin-1, which cannot go into an HTTP header" % (where, key))
+            problems.append(Said("not_header_value", where=where, key=key))
         elif header and not _TOKEN.fullmatch(key):
-            problems.append("%s: %r is not a valid HTTP header name" % (where, key))
+            problems.append(Said("not_header_name", where=where, key=key))
 
 
 def _check_presets(value, where, problems, header):
     if not isinstance(value, dict):
-        problems.append("%s must be an object of preset name -> preset" % where)
+        problems.append(Said("not_preset_map", where=where))
         return
     for name, preset in value.items():
         if name.startswith("_"):
             continue
         _check_name(name, "%s: the preset name" % where, problems)
         if not isinstance(preset, dict):
-            problems.append("%s.%s must be an object (the preset's %s)"
-                            % (where, name, "headers" if header else "body fields"))
+            problems.append(Said("header_preset_type" if header else "request_preset_type", where=where, name=name))
         elif header:
             _check_str_map(preset, "%s.%s" % (where, name), problems, header=True)
             for field in preset:
                 if field.lower() in PRESET_FORBIDDEN:
-                    problems.append("%s.%s.%s: a preset cannot set %s — ccproxy frames each request "
-                                    "itself (the body's length, the connection, the provider's host)"
-                                    % (where, name, field, field))
+                    problems.append(Said("preset_forbidden", where=where, name=name, field=field))
 
 
 def _check_provider(index, entry, names, problems):
     where = "Providers[%d]" % index
     if not isinstance(entry, dict):
-        problems.append("%s must be an object" % where)
+        problems.append(Said("not_object", where=where))
         return None
     name = entry.get("name")
     if not isinstance(name, str) or not name.strip():
-        problems.append("%s.name must be a non-empty string" % where)
+        problems.append(Said("provider_name_missing", where=where))
         return None
     _check_name(name, "%s.name" % where, problems)
     where = "Providers[%d] (%s)" % (index, escape_unprintable(name))
     if name in names:
-        problems.append("%s: duplicate provider name — names must be unique" % where)
+        problems.append(Said("provider_name_taken", where=where))
     names.add(name)
     url = entry.get("api_base_url", "")
     if not isinstance(url, str):
-        problems.append("%s.api_base_url must be a string" % where)
+        problems.append(Said("not_string", where=where, key="api_base_url"))
         url = ""
     elif url:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            problems.append("%s.api_base_url must be an http(s) URL such as "
-                            "https://relay.example/v1/messages" % where)
+            problems.append(Said("provider_url", where=where))
     for key in ("api_key", "comment"):
         if not isinstance(entry.get(key, ""), str):
-            problems.append("%s.%s must be a string" % (where, key))
+            problems.append(Said("not_string", where=where, key=key))
     comment = entry.get("comment", "")
     if isinstance(comment, str):
-        _check_name(comment.replace("\n", " ").replace("\t", " "), where + ".comment", problems,
-                    "comments (which may have line breaks and tabs)")
+        _check_name(comment.replace("\n", " ").replace("\t", " "), where + ".comment", problems, "comment")
     api_key = entry.get("api_key", "")
     if isinstance(api_key, str) and not sendable_secret(api_key.strip()):
-        problems.append("%s.api_key contains a space, a tab, a line break, a control character or a character "
-                        "outside Latin-1 — paste the key alone" % where)
+        problems.append(Said("provider_key_chars", where=where))
     models = entry.get("models", [])
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
-        problems.append("%s.models must be a list of model id strings" % where)
+        problems.append(Said("provider_models", where=where))
         models = []
     for model in models:
-        _check_name(model, where + ".models: the model id", problems, "model ids")
+        _check_name(model, where + ".models: the model id", problems, "model")
     _check_str_map(entry.get("env-models", {}), where + ".env-models", problems, MODEL_VARS)
     auth = entry.get("auth")
     if isinstance(auth, str):
         auth = auth.strip().lower()         # "Bearer" as the header itself writes it
     if auth is not None and auth not in AUTH_STYLES:
-        problems.append("%s.auth must be one of %s (any case)" % (where, ", ".join(AUTH_STYLES)))
+        problems.append(Said("provider_auth", where=where, styles=", ".join(AUTH_STYLES)))
         auth = None
     proxy = entry.get("proxy", "")
     if not isinstance(proxy, str):
-        problems.append("%s.proxy must be a string such as http://127.0.0.1:7890" % where)
+        problems.append(Said("provider_proxy_type", where=where))
         proxy = ""
     elif proxy and urllib.parse.urlsplit(proxy).scheme != "http":
-        problems.append("%s.proxy must be an http://host:port proxy URL (CONNECT)" % where)
+        problems.append(Said("provider_proxy", where=where))
     multiplier = entry.get("price_multiplier", 1)
     if not _is_number(multiplier) or multiplier < 0:
-        problems.append("%s.price_multiplier must be a number of 0 or more: the relay's price as a "
-                        "share of Pricing's (0.3 for a relay that sells at 30%% of list)" % where)
+        problems.append(Said("provider_multiplier", where=where))
         multiplier = 1
     balance = entry.get("balance", True)
     if not isinstance(balance, bool):
-        problems.append("%s.balance must be true (ask the relay for its balance) or false" % where)
+        problems.append(Said("provider_balance", where=where))
         balance = True
     console = entry.get("console_url", "")
     if not isinstance(console, str) or (console and urllib.parse.urlsplit(console).scheme not in ("http", "https")):
-        problems.append("%s.console_url must be an http(s) URL (the relay's console, for top-ups "
-                        "and check-in)" % where)
+        problems.append(Said("provider_console", where=where))
         console = ""
     env_models = entry.get("env-models", {})
     return Provider(name, url.strip(), str(api_key).strip(), [m for m in models if m],
@@ -580,15 +839,12 @@ def _is_number(value):
 def _check_apikey(value, problems):
     """The APIKEY guards the relays' money and the web page. Empty or the template's, any
     program on the machine and any web page its user opens could use them."""
-    fix = "set it to a long random secret, or start ccproxy.py, which puts a random one in"
     if not isinstance(value, str):
-        problems.append("APIKEY must be a string — " + fix)
+        problems.append(Said("apikey_type"))
     elif value in ("", PLACEHOLDER_APIKEY):
-        problems.append("APIKEY is %s, which would let any program here and any web page you open use your "
-                        "relays — %s" % ("empty" if not value else "still the template's placeholder", fix))
+        problems.append(Said("apikey_empty" if not value else "apikey_placeholder"))
     elif not sendable_secret(value):
-        problems.append("APIKEY contains a space, a line break, a control character or a character outside "
-                        "Latin-1, which a client cannot send in a header — use letters, digits, - and _")
+        problems.append(Said("apikey_chars"))
     elif len(value) < APIKEY_MIN_CHARS:
         log.warning("APIKEY is only %d characters: a short key is quick to guess — make it %d or more "
                     "(python3 -c 'import secrets;print(secrets.token_urlsafe(24))')", len(value), APIKEY_MIN_CHARS)
@@ -597,71 +853,71 @@ def _check_apikey(value, problems):
 def _check_fallback(value, providers, problems):
     usable = {p.name for p in providers if p.usable}
     if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
-        problems.append("Fallback must be a list of provider names")
+        problems.append(Said("fallback_type"))
         return
     for index, name in enumerate(value):
         if name not in usable:
-            problems.append("Fallback[%d]: %r is not a provider with an api_base_url" % (index, name))
+            problems.append(Said("fallback_unknown", index=index, name=name))
     if len(set(value)) != len(value):
-        problems.append("Fallback names a provider twice")
+        problems.append(Said("fallback_twice"))
 
 
 def _check_routes(value, providers, problems):
     usable = {p.name for p in providers if p.usable}
     if not isinstance(value, dict):
-        problems.append('Routes must be an object of model glob -> provider name, such as {"*haiku*": "cheap-relay"}')
+        problems.append(Said("routes_type"))
         return
     for glob, name in value.items():
         if glob.startswith("_"):
             continue
         if name not in usable:
-            problems.append("Routes.%s: %r is not a provider with an api_base_url" % (glob, name))
+            problems.append(Said("routes_unknown", glob=glob, name=name))
 
 
 def validate_config(raw, path="config.json"):
     """Return a Config for a parsed config object, or raise ConfigError listing every problem."""
     if not isinstance(raw, dict):
-        raise ConfigError(["%s: the top level must be a JSON object" % file_name(path)])
+        raise ConfigError([Said("top_level")], file_name(path))
     problems = []
     if not isinstance(raw.get("HOST", DEFAULT_HOST), str):
-        problems.append("HOST must be a string such as 127.0.0.1")
+        problems.append(Said("host_type"))
     port = raw.get("PORT", DEFAULT_PORT)
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
-        problems.append("PORT must be a whole number from 0 to 65535")
+        problems.append(Said("port_range"))
     _check_apikey(raw.get("APIKEY", ""), problems)
     if raw.get("LOG_LEVEL", "INFO") not in LOG_LEVELS:
-        problems.append("LOG_LEVEL must be one of %s" % ", ".join(LOG_LEVELS))
+        problems.append(Said("log_level", levels=", ".join(LOG_LEVELS)))
     for key, default in (("API_TIMEOUT_MS", DEFAULT_API_TIMEOUT_MS), ("MAX_BODY_MB", DEFAULT_MAX_BODY_MB),
                          ("FIRST_BYTE_TIMEOUT_MS", DEFAULT_FIRST_BYTE_TIMEOUT_MS),
                          ("COOLDOWN_MS", DEFAULT_COOLDOWN_MS),
                          ("REQUEST_LOG_MAX_MB", DEFAULT_REQUEST_LOG_MAX_MB)):
         value = raw.get(key, default)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            problems.append("%s must be a positive number" % key)
+            problems.append(Said("not_positive", key=key))
     if not isinstance(raw.get("REQUEST_LOG", REQUEST_LOG_NAME), str):
-        problems.append('REQUEST_LOG must be a file name ("" turns the request log file off)')
+        problems.append(Said("request_log_type"))
     if not isinstance(raw.get("MODEL_MAPPING", True), bool):
-        problems.append("MODEL_MAPPING must be true or false")
+        problems.append(Said("not_bool", key="MODEL_MAPPING"))
     if not isinstance(raw.get("USAGE_DB", USAGE_DB_NAME), str):
-        problems.append('USAGE_DB must be a file name ("" turns the usage store off)')
+        problems.append(Said("usage_db_type"))
     warn = raw.get("CACHE_WARN_PCT", DEFAULT_CACHE_WARN_PCT)
     if not _is_number(warn) or not 0 <= warn <= 100:
-        problems.append("CACHE_WARN_PCT must be a number from 0 to 100 (0 turns the cache warning off)")
+        problems.append(Said("cache_warn_range"))
     if not _is_number(raw.get("LOW_BALANCE", 0)) or raw.get("LOW_BALANCE", 0) < 0:
-        problems.append("LOW_BALANCE must be a number of 0 or more, in the relays' balance unit (0 = off)")
+        problems.append(Said("low_balance_range"))
     if not isinstance(raw.get("LOW_BALANCE_LAST", False), bool):
-        problems.append("LOW_BALANCE_LAST must be true or false")
+        problems.append(Said("not_bool", key="LOW_BALANCE_LAST"))
     _check_pricing(raw.get("Pricing", {}), problems)
     proxies = raw.get("TRUSTED_PROXIES", [])
     if not isinstance(proxies, list) or not all(isinstance(a, str) and _is_address(a) for a in proxies):
-        problems.append('TRUSTED_PROXIES must be a list of IP addresses, such as ["127.0.0.1"] for nginx on this host')
+        problems.append(Said("trusted_proxies"))
     _check_str_map(raw.get("env-models", {}), "env-models", problems, MODEL_VARS)
     _check_presets(raw.get("HeaderOverrides", {}), "HeaderOverrides", problems, header=True)
     _check_presets(raw.get("RequestOverrides", {}), "RequestOverrides", problems, header=False)
     entries = raw.get("Providers", [])
     providers = []
     if not isinstance(entries, list):
-        problems.append("Providers must be a list of provider objects")
+        problems.append(Said("providers_type"))
         entries = []
     names = set()
     for index, entry in enumerate(entries):
@@ -672,7 +928,7 @@ def validate_config(raw, path="config.json"):
     _check_routes(raw.get("Routes", {}), providers, problems)
     _check_keys(raw.get("Keys", []), providers, raw.get("USAGE_DB", USAGE_DB_NAME), problems)
     if problems:
-        raise ConfigError(["%s: %s" % (file_name(path), p) for p in problems])
+        raise ConfigError(problems, file_name(path))
     for key in raw:
         if not key.startswith("_") and key not in TOP_KEYS:
             log.warning("%s: unknown key %s is ignored", path, key)
@@ -692,15 +948,13 @@ def read_config(path):
             text = f.read().decode("utf-8")     # as bytes: config_version() hashes them as they are
         raw = json.loads(text)
     except FileNotFoundError:
-        raise ConfigError(["%s: no such file — copy config.in.json to it, or run ccproxy.py "
-                           "once without --config to create it" % file_name(path)])
+        raise ConfigError([Said("config_missing")], file_name(path))
     except OSError as exc:
-        raise ConfigError(["%s: cannot be read (%s)" % (file_name(path), exc.strerror or exc)])
+        raise ConfigError([Said("config_unreadable", reason=exc.strerror or exc)], file_name(path))
     except UnicodeDecodeError:
-        raise ConfigError(["%s: is not UTF-8 text" % file_name(path)])
+        raise ConfigError([Said("config_not_utf8")], file_name(path))
     except json.JSONDecodeError as exc:
-        raise ConfigError(["%s: line %d column %d: invalid JSON (%s)"
-                           % (file_name(path), exc.lineno, exc.colno, exc.msg)])
+        raise ConfigError([Said("config_bad_json", line=exc.lineno, column=exc.colno, reason=exc.msg)], file_name(path))
     return text, raw
 
 
@@ -1039,9 +1293,7 @@ class Store:
             except OSError as exc:
                 log.error("%s: cannot save the state (%s); the change was not made",
                           self.state_path, exc.strerror or exc)
-                raise StateError("ccproxy could not save this change to %s (%s), so it was not made "
-                                 "— free some disk space or fix the file's permissions, then try again"
-                                 % (file_name(self.state_path), exc.strerror or exc))
+                raise StateError(Said("state_not_saved", file=file_name(self.state_path), reason=exc.strerror or exc))
             self.state = state
             self._install(self.view.config)
 
@@ -1071,16 +1323,16 @@ class Store:
             log.error("other ccproxy processes will not see this config until their own reload: %s", exc)
 
     def reload(self, tell=True):
-        """Re-read config.json; on error keep the running config and return the problems."""
+        """Re-read config.json; on error keep the running config and return the ConfigError."""
         try:
             config = load_config(self.config_path)
         except ConfigError as exc:
             with self.lock:
-                self.reload_error = exc.problems
+                self.reload_error = exc.as_json()
             log.error("reload failed, running config kept (%d problems):", len(exc.problems))
             for problem in exc.problems:
                 log.error("  %s", problem)
-            return exc.problems
+            return exc
         with self.lock:
             self.reload_error = None
             self.use(config)
@@ -1097,8 +1349,7 @@ class Store:
                     data = f.read()
                 return data, json.loads(data.decode("utf-8"))
             except (OSError, ValueError) as exc:
-                raise ProxyError("%s cannot be read as JSON (%s) — fix it by hand, then Reload"
-                                 % (file_name(self.config_path), exc), code="config_unreadable")
+                raise ProxyError(Said("config_not_json", file=file_name(self.config_path), reason=exc))
 
     def edit(self, if_match, change, copies=False):
         """Change config.json: change(raw) edits the parsed file in place and may return
@@ -1110,25 +1361,21 @@ class Store:
             data, raw = self.config_file()
             version = config_version(data)
             if not if_match:
-                raise ProxyError("send If-Match: <version> (from GET /api/config) with every change",
-                                 428, "invalid_request_error", code="version_missing", version=version)
+                raise ProxyError(Said("version_missing"), 428, "invalid_request_error", version=version)
             if if_match.strip().strip('"') != version:
-                raise ProxyError("config.json changed since you loaded it (another tab, or a hand edit) — "
-                                 "load it again and redo the change", 409, "invalid_request_error",
-                                 code=CODE_STALE, version=version)
+                raise ProxyError(Said(CODE_STALE), 409, "invalid_request_error", version=version)
             renames = change(raw) or {}
             try:
                 config = validate_config(raw, self.config_path)
             except ConfigError as exc:
-                raise ProxyError("\n".join(exc.problems), 400, "invalid_request_error",
-                                 code="config_invalid", problems=exc.problems)
+                raise ProxyError(Said("config_invalid", problems="\n".join(exc.problems)), 400, "invalid_request_error",
+                                 problems=exc.as_json())
             text = json.dumps(raw, ensure_ascii=False, indent=file_indent(data.decode("utf-8"))) + "\n"
             try:
                 backup_config(self.config_path, data)
                 write_atomic(self.config_path, text)
             except OSError as exc:
-                raise StateError("ccproxy could not write %s (%s), so nothing was changed"
-                                 % (file_name(self.config_path), exc.strerror or exc), code="config_not_saved")
+                raise StateError(Said("config_not_saved", file=file_name(self.config_path), reason=exc.strerror or exc))
             self.reload_error = None
             config.version = config_version(text.encode("utf-8"))
             self.use(config)
@@ -1188,15 +1435,13 @@ class Store:
     def require(self, name):
         if name not in self.view.targets:
             if name in self.view.config.by_name:
-                raise ClientError("provider %r has no api_base_url (a separator), so it cannot "
-                                  "be used" % name)
-            raise NotFound("no provider named %r — names are listed by GET /api/state" % name)
+                raise ClientError(Said("separator_not_usable", name=name))
+            raise NotFound(Said("no_provider_named", name=name))
 
     def select(self, name):
         self.require(name)
         if self.view.targets[name].provider.placeholder_key:
-            raise ClientError("provider %s still has the example api_key of config.in.json — put its real key "
-                              "in first (Edit in the web page, or config.json)" % name, code="example_key", name=name)
+            raise ClientError(Said("example_key", name=name))
         self._change(lambda state: state.update(selected=name))
         log.info("selected provider %s", name)
 
@@ -1205,7 +1450,7 @@ class Store:
         for preset, presets, kind in ((header_override, config.header_presets, "HeaderOverrides"),
                                       (request_override, config.request_presets, "RequestOverrides")):
             if preset is not None and preset not in presets:
-                raise NotFound("no %s preset named %r" % (kind, preset))
+                raise NotFound(Said("no_preset", kind=kind, name=preset))
         self.require(name)
         self._change(lambda state: state["choices"].update({name: {"header_override": header_override,
                                                                     "request_override": request_override}}))
@@ -1216,7 +1461,7 @@ class Store:
             for name in names:
                 self.require(name)
             if len(set(names)) != len(names):
-                raise ClientError("the fallback list names a provider twice")
+                raise ClientError(Said("fallback_twice"))
         self._change(lambda state: state.update(fallback={
             "enabled": bool(enabled), "providers": None if names is None else list(names)}))
 
@@ -1286,15 +1531,15 @@ def put_provider(raw, name, fields):
     (null removes one; an absent api_key keeps the stored key), so keys the page does not know
     stay. A "name" different from `name` renames it, in Fallback too. Returns the new name."""
     if not isinstance(fields, dict):
-        raise ClientError("the provider must be a JSON object")
+        raise ClientError(Said("provider_not_object"))
     fields = {k: v for k, v in fields.items() if k not in ("has_key", "key_hint")}
     new_name = fields.get("name", name)
     providers = raw.setdefault("Providers", [])
     if not isinstance(providers, list):
-        raise ClientError("Providers in config.json is not a list — fix the file by hand first")
+        raise ClientError(Said("providers_not_list"))
     index = provider_index(raw, name)
     if new_name != name and provider_index(raw, new_name) is not None:
-        raise ProxyError("there is already a provider named %r" % new_name, 409, "invalid_request_error")
+        raise ProxyError(Said("name_taken", name=new_name), 409, "invalid_request_error")
     entry = providers[index] if index is not None else {}
     if index is None:
         providers.append(entry)
@@ -1314,17 +1559,16 @@ def duplicate_provider(raw, name, new_name=None):
     first free "NAME (copy)", "NAME (copy 2)"…; the copy's name."""
     index = provider_index(raw, name)
     if index is None:
-        raise NotFound("no provider named %r in config.json" % name)
+        raise NotFound(Said("no_provider_in_config", name=name))
     if new_name is None:
         new_name, n = name + " (copy)", 1
         while provider_index(raw, new_name) is not None:
             n += 1
             new_name = "%s (copy %d)" % (name, n)
     elif not isinstance(new_name, str) or not new_name.strip():
-        raise ClientError("name must be the copy's name, a non-empty string", code="name_missing")
+        raise ClientError(Said("name_missing"))
     elif provider_index(raw, new_name) is not None:
-        raise ProxyError("there is already a provider named %r" % new_name, 409, "invalid_request_error",
-                         code="name_taken", name=new_name)
+        raise ProxyError(Said("name_taken", name=new_name), 409, "invalid_request_error")
     copy = json.loads(json.dumps(raw["Providers"][index]))
     copy["name"] = new_name
     raw["Providers"].insert(index + 1, copy)
@@ -1342,7 +1586,7 @@ def rename_in_lists(raw, rename):
 def delete_provider(raw, name):
     index = provider_index(raw, name)
     if index is None:
-        raise NotFound("no provider named %r in config.json" % name)
+        raise NotFound(Said("no_provider_in_config", name=name))
     del raw["Providers"][index]
     rename_in_lists(raw, lambda n: None if n == name else n)
 
@@ -1352,18 +1596,17 @@ def order_providers(raw, names):
     current = [entry.get("name") for entry in providers if isinstance(entry, dict)]
     if not isinstance(names, list) or sorted(map(str, names)) != sorted(map(str, current)) \
             or len(set(names)) != len(names):
-        raise ClientError("names must list every provider of config.json once, in the new order")
+        raise ClientError(Said("order_incomplete"))
     by_name = {entry.get("name"): entry for entry in providers}
     raw["Providers"] = [by_name[name] for name in names]
 
 
 def put_settings(raw, settings):
     if not isinstance(settings, dict):
-        raise ClientError("the settings must be a JSON object")
+        raise ClientError(Said("settings_not_object"))
     for key, value in settings.items():
         if key not in EDITABLE_SETTINGS:
-            raise ClientError("%s cannot be edited here — the page edits %s; HOST, PORT, APIKEY and "
-                              "REQUEST_LOG are changed in config.json" % (key, ", ".join(EDITABLE_SETTINGS)))
+            raise ClientError(Said("setting_not_editable", key=key, editable=", ".join(EDITABLE_SETTINGS)))
         if value is None:
             raw.pop(key, None)
         else:
@@ -1425,9 +1668,9 @@ def imported_providers(text):
     try:
         obj = json.loads(text)
     except ValueError as exc:
-        raise ClientError("not JSON: %s" % exc, code="import_not_json")
+        raise ClientError(Said("import_not_json", reason=exc))
     if not isinstance(obj, dict):
-        raise ClientError("not a config: the top level is not a JSON object", code="import_not_config")
+        raise ClientError(Said("import_top_level"))
     found = {"providers": [], "refused": {}, "routes": {}, "notes": []}
     env = obj.get("env")
     if isinstance(env, dict) and env.get("ANTHROPIC_BASE_URL"):
@@ -1443,8 +1686,7 @@ def imported_providers(text):
         return dict(found, format="Claude Code settings.json", providers=[entry])
     providers = obj.get("Providers")
     if not isinstance(providers, list):
-        raise ClientError("no Providers list and no env block: not a ccproxy, claude-code-router "
-                          "or Claude Code settings file", code="import_not_config")
+        raise ClientError(Said("import_not_config"))
     ccr = "Router" in obj or any(isinstance(p, dict) and ("transformer" in p or "protocol" in p) for p in providers)
     for item in providers:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
@@ -1575,7 +1817,7 @@ def api_duplicate_provider(handler, params):
     name = urllib.parse.unquote(params["name"])
     body = handler.json_body()
     if not isinstance(body, dict):
-        raise ClientError("send {} or {\"name\": <the copy's name>}")
+        raise ClientError(Said("duplicate_body"))
     made = []
 
     def change(raw):
@@ -1618,7 +1860,7 @@ def import_request(handler):
     body = handler.json_body()
     text = body.get("text") if isinstance(body, dict) else None
     if not isinstance(text, str):
-        raise ClientError("send {\"text\": <the file's content>}")
+        raise ClientError(Said("import_body"))
     return body, imported_providers(text)
 
 
@@ -1770,8 +2012,7 @@ def body_framing(headers):
         if lengths:
             raise ValueError("Transfer-Encoding and Content-Length together")
         if ",".join(codings).strip().lower() != "chunked":
-            raise ProxyError("Transfer-Encoding %r is not supported — send the body with "
-                             "Content-Length or as chunked" % ",".join(codings)[:ERROR_EXCERPT], 501)
+            raise ProxyError(Said("coding_unsupported", coding=",".join(codings)[:ERROR_EXCERPT]), 501)
         return True, 0
     if not lengths:
         return False, 0
@@ -1957,20 +2198,19 @@ def read_chunked(rfile, limit):
     while True:
         line = rfile.readline(CHUNK_SIZE_LINE + 1)
         if not line.endswith(b"\n"):
-            raise ClientError("malformed chunked request body: a chunk size line is cut off or too long")
+            raise ClientError(Said("chunk_line"))
         try:
             size = chunk_size(line)
         except ValueError as exc:
-            raise ClientError("malformed chunked request body: %s" % exc)
+            raise ClientError(Said("chunk_bad", reason=exc))
         if not size:
             break
         total += size
         if total > limit:
-            raise ProxyError("request body exceeds MAX_BODY_MB (%d MB)" % (limit >> 20), 413,
-                             "request_too_large")
+            raise ProxyError(Said("body_too_large", limit=limit >> 20), 413, "request_too_large")
         data = rfile.read(size)
         if len(data) != size or rfile.read(2) != b"\r\n":
-            raise ClientError("malformed chunked request body: a chunk ended early or without CRLF")
+            raise ClientError(Said("chunk_short"))
         parts.append(data)
     for _ in range(MAX_HEADERS + 1):    # trailer fields, dropped
         line = rfile.readline(MAX_LINE + 1)
@@ -1978,7 +2218,7 @@ def read_chunked(rfile, limit):
             return b"".join(parts)
         if not line.endswith(b"\n"):
             break
-    raise ClientError("malformed chunked request body: its trailer section is cut off or too long")
+    raise ClientError(Said("chunk_trailer"))
 
 
 def error_body(kind, message, extra=None):
@@ -2279,7 +2519,7 @@ def model_page(models, query, display=None):
     try:
         limit = max(1, min(1000, int(params.get("limit", ["20"])[0])))
     except ValueError:
-        raise ClientError("limit must be a whole number from 1 to 1000")
+        raise ClientError(Said("models_limit"))
     ids = list(models)
     after, before = params.get("after_id", [None])[0], params.get("before_id", [None])[0]
     if after in ids:
@@ -2317,7 +2557,8 @@ class Exchange:
         """The request's note: text % args for the log, and [code, *args] (or `shown` for
         args) for the page to say it in its own language."""
         self.note = text % args if args else text
-        self.note_code = [code] + [str(a) for a in (args if shown is None else shown)]
+        self.note_code = [code] + [a.as_json() if isinstance(a, Said) else str(a)      # a reason keeps its code
+                                   for a in (args if shown is None else shown)]
 
 
 # ============================================================================ relay compatibility
@@ -2947,21 +3188,22 @@ class Pool:
 def describe_network_error(exc):
     """A short reason in words for a failed upstream connection."""
     if isinstance(exc, TIMEOUT_ERRORS):
-        return "timed out"
+        return Said("net_timeout")
     if isinstance(exc, socket.gaierror):
-        return "host name not found"
+        return Said("net_no_host")
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return "TLS certificate not trusted (%s)" % exc.verify_message
+        return Said("net_tls_untrusted", reason=exc.verify_message)
     if isinstance(exc, ssl.SSLError):
-        return "TLS error (%s)" % (exc.reason or exc)
+        return Said("net_tls", reason=exc.reason or exc)
     if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
+        return Said("net_refused")
     if isinstance(exc, (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected,
                         http.client.IncompleteRead)):
-        return "connection closed by the provider"
+        return Said("net_closed")
     if isinstance(exc, http.client.HTTPException):
-        return "bad HTTP from the provider (%s)" % (str(exc)[:ERROR_EXCERPT] or type(exc).__name__)
-    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        return Said("net_bad_http", reason=str(exc)[:ERROR_EXCERPT] or type(exc).__name__)
+    return Said("net_other", reason=exc.strerror if isinstance(exc, OSError) and exc.strerror
+                else str(exc) or type(exc).__name__)
 
 
 NETWORK_ERRORS = (OSError, http.client.HTTPException)
@@ -2971,7 +3213,7 @@ TIMEOUT_ERRORS = (socket.timeout, TimeoutError, BlockingIOError)
 
 # ============================================================================ providers: discovery and tests
 
-PLACEHOLDER_REASON = "not contacted: its api_key is still the example of config.in.json — put the real key in config.json"
+PLACEHOLDER_REASON = Said("placeholder_key")
 
 
 def fetch_models(provider, timeout=REFRESH_TIMEOUT_S):
@@ -2991,17 +3233,17 @@ def fetch_models(provider, timeout=REFRESH_TIMEOUT_S):
             status, kind, raw = provider_get(provider, path + urllib.parse.urlencode(query),
                                              max(0.1, deadline - time.monotonic()), MODELS_MAX_BYTES)
             if len(raw) > MODELS_MAX_BYTES:
-                return None, "the model list is larger than %d MB" % (MODELS_MAX_BYTES >> 20), 0
+                return None, Said("models_too_large", mb=MODELS_MAX_BYTES >> 20), 0
             looks_html = "html" in kind or raw.lstrip()[:1] == b"<"
             if status != 200:
-                return None, "HTTP %d%s" % (status, " (HTML page, not JSON)" if looks_html else ""), 0
+                return None, Said("models_http_html" if looks_html else "models_http", status=status), 0
             if looks_html:
-                return None, "an HTML page instead of JSON", 0
+                return None, Said("models_html"), 0
             try:
                 obj = json.loads(raw)
                 page = parse_model_list(obj)
             except ValueError as exc:
-                return None, "not a model list (%s)" % str(exc)[:ERROR_EXCERPT], 0
+                return None, Said("models_not_list", reason=str(exc)[:ERROR_EXCERPT]), 0
             for model_id in page:
                 if model_id in seen:
                     continue
@@ -3016,7 +3258,9 @@ def fetch_models(provider, timeout=REFRESH_TIMEOUT_S):
     except NETWORK_ERRORS as exc:
         return None, describe_network_error(exc), 0
     if not ids:
-        return None, "the provider listed no models" + (" that could be kept" if dropped else ""), dropped
+        if dropped:
+            return None, Said("models_none_kept", dropped=dropped, max_len=MODEL_ID_MAX, max_models=MAX_MODELS), dropped
+        return None, Said("models_none"), dropped
     return ids, None, dropped
 
 
@@ -3058,7 +3302,7 @@ def test_provider(target, timeout=TEST_TIMEOUT_S):
     (max_tokens TEST_MAX_TOKENS, no thinking, no tools). Classified ok / slow / failing."""
     started = time.monotonic()
     if target.provider.placeholder_key:
-        return {"at": time.time(), "status": "failing", "reason": PLACEHOLDER_REASON, "model": None,
+        return {"at": time.time(), "status": "failing", "reason": PLACEHOLDER_REASON, "why": why(PLACEHOLDER_REASON), "model": None,
                 "models_ms": None, "models": None, "models_error": PLACEHOLDER_REASON,
                 "ttfb_ms": None, "total_ms": None, "tokens": None}
     models, models_error, _ = fetch_models(target.provider, timeout)
@@ -3069,23 +3313,26 @@ def test_provider(target, timeout=TEST_TIMEOUT_S):
                        "messages": [{"role": "user", "content": "Reply with the word ok."}]}).encode()
     started = time.monotonic()
     usage = Usage()
+
+    def classified(status, reason):
+        return dict(result, status=status, reason=reason, why=why(reason))
     try:
         status, data, result["ttfb_ms"] = probe(target, "/v1/messages", body, timeout)
     except NETWORK_ERRORS as exc:
-        return dict(result, status="failing", reason=describe_network_error(exc))
+        return classified("failing", describe_network_error(exc))
     result["total_ms"] = int((time.monotonic() - started) * 1000)
     if status != 200:
-        looks_html = data.lstrip()[:1] == b"<"
-        return dict(result, status="failing", reason="HTTP %d%s" % (status, " (HTML page)" if looks_html else
-                                                                    ": " + excerpt(error_message(data))))
+        if data.lstrip()[:1] == b"<":
+            return classified("failing", Said("test_http_html", status=status))
+        return classified("failing", Said("test_http", status=status, detail=excerpt(error_message(data))))
     usage.feed(data + b"\n\n")
     if b"event:" not in data and b"data:" not in data:
-        return dict(result, status="failing", reason="HTTP 200 but no SSE events")
+        return classified("failing", Said("test_no_sse"))
     result["tokens"] = usage.as_dict()
     seconds = result["ttfb_ms"] / 1000.0
     if seconds > TEST_SLOW_S:
-        return dict(result, status="slow", reason="first event after %.1f s" % seconds)
-    return dict(result, status="ok", reason="first event in %d ms" % result["ttfb_ms"])
+        return classified("slow", Said("test_slow", seconds="%.1f" % seconds))
+    return classified("ok", Said("test_ok", ms=result["ttfb_ms"]))
 
 
 def check_cases(model):
@@ -3117,7 +3364,8 @@ def check_provider(target, agent=None, timeout=TEST_TIMEOUT_S):
     agent_field = (("User-Agent", agent),) if agent else ()
     if target.provider.placeholder_key:
         return {"at": time.time(), "model": model, "user_agent": agent, "results": {
-            name: {"result": "not tested", "reason": PLACEHOLDER_REASON} for name, _, _, _ in check_cases(model)}}
+            name: {"result": "not tested", "reason": PLACEHOLDER_REASON, "why": why(PLACEHOLDER_REASON)}
+            for name, _, _, _ in check_cases(model)}}
 
     def one(case):
         name, path, body, extra = case
@@ -3125,7 +3373,8 @@ def check_provider(target, agent=None, timeout=TEST_TIMEOUT_S):
         try:
             status, data, _ = probe(target, path, raw, timeout, agent_field + extra)
         except NETWORK_ERRORS as exc:
-            return name, {"result": "not tested", "reason": describe_network_error(exc)}
+            reason = describe_network_error(exc)
+            return name, {"result": "not tested", "reason": reason, "why": why(reason)}
         if 200 <= status < 300:
             return name, {"result": "ok"}
         message = error_message(data)
@@ -3182,12 +3431,14 @@ def discover_all(providers, timeout=REFRESH_TIMEOUT_S):
         started = time.monotonic()
         models, reason, dropped = fetch_models(provider, timeout)
         ms = int((time.monotonic() - started) * 1000)
-        message = ("%d models in %d ms" % (len(models), ms)) if models else reason
-        if dropped:
-            message += "; %d left out (ids over %d characters, with unprintable characters, or past %d)" \
-                % (dropped, MODEL_ID_MAX, MAX_MODELS)
-        result = {"ok": models is not None, "ms": ms, "at": time.time(),
-                  "count": len(models) if models else 0, "dropped": dropped, "message": message}
+        message = reason
+        if models and dropped:
+            message = Said("models_found_dropped", count=len(models), ms=ms, dropped=dropped, max_len=MODEL_ID_MAX,
+                           max_models=MAX_MODELS)
+        elif models:
+            message = Said("models_found", count=len(models), ms=ms)
+        result = {"ok": models is not None, "ms": ms, "at": time.time(), "count": len(models) if models else 0,
+                  "dropped": dropped, "message": message, "why": why(message)}
         return provider.name, models, result
 
     results = {}
@@ -3337,7 +3588,7 @@ class Relay:
         if request.path.startswith("/v1/messages/count_tokens") and health.lacks_count_tokens(chain[0].name):
             # Claude Code 2.1.332 estimates by itself after a 404: the relay is spared /context's burst.
             exchange.provider = chain[0].name
-            raise NotFound("provider %s does not offer count_tokens" % chain[0].name)
+            raise NotFound(Said("no_count_tokens", name=chain[0].name))
         # Anthropic's JSON escapes quotes inside strings, so this only matches a real "stream" key.
         stream = exchange.stream = bool(_STREAM_FLAG.search(request.body))
         exchange.bytes_in = len(request.body)
@@ -3481,15 +3732,14 @@ class Relay:
         except TIMEOUT_ERRORS as exc:
             if conn is not None:
                 conn.close()            # timed out mid-answer: not reusable
-            return Failure("timeout", UpstreamTimeout("provider %s did not answer in time (%s)"
-                                                      % (target.name, describe_network_error(exc))),
-                           config.cooldown_s)
+            return Failure("timeout", UpstreamTimeout(Said("upstream_timeout", name=target.name,
+                                                           reason=describe_network_error(exc))), config.cooldown_s)
         except NETWORK_ERRORS as exc:
             if conn is not None:
                 conn.close()
             reason = describe_network_error(exc)
-            return Failure(reason, UpstreamError("provider %s at %s could not be reached: %s"
-                                                 % (target.name, target.netloc, reason)), config.cooldown_s)
+            return Failure(reason, UpstreamError(Said("upstream_unreachable", name=target.name, address=target.netloc,
+                                                      reason=reason)), config.cooldown_s)
 
     def answer_failure(self, target, failure):
         """Every candidate failed: the client gets the last provider's answer as it was, so its
@@ -4032,37 +4282,35 @@ def _check_pricing(value, problems):
     """Pricing: {"currency": "USD", "models": {model id or glob: {input, output[, cache_read,
     cache_write]}}}, prices per million tokens."""
     if not isinstance(value, dict):
-        problems.append('Pricing must be an object such as {"currency": "USD", "models": '
-                        '{"claude-sonnet-*": {"input": 3, "output": 15}}}')
+        problems.append(Said("pricing_type"))
         return
     currency = value.get("currency", "USD")
     if not isinstance(currency, str) or not currency.strip() or len(currency) > 16:
-        problems.append("Pricing.currency must be a short name such as USD, CNY or 元")
+        problems.append(Said("pricing_currency"))
     elif _UNPRINTABLE.search(currency):
-        problems.append("Pricing.currency contains an unprintable character")
+        problems.append(Said("pricing_currency_chars"))
     models = value.get("models", {})
     if not isinstance(models, dict):
-        problems.append("Pricing.models must be an object of model id or glob -> prices")
+        problems.append(Said("pricing_models_type"))
         return
     for glob, prices in models.items():
         if glob.startswith("_"):
             continue
         where = "Pricing.models.%s" % escape_unprintable(glob)
-        _check_name(glob, where, problems, "model ids")
+        _check_name(glob, where, problems, "model")
         if not isinstance(prices, dict):
-            problems.append("%s must be an object of prices per million tokens: input, output, "
-                            "cache_read, cache_write" % where)
+            problems.append(Said("price_type", where=where))
             continue
         for kind in ("input", "output"):
             if kind not in prices:
-                problems.append("%s needs %s (the price per million tokens)" % (where, kind))
+                problems.append(Said("price_missing", where=where, kind=kind))
         for kind, price in prices.items():
             if kind.startswith("_"):
                 continue
             if kind not in PRICE_KINDS:
-                problems.append("%s.%s is not a price — use %s" % (where, kind, ", ".join(PRICE_KINDS)))
+                problems.append(Said("price_unknown", where=where, kind=kind, kinds=", ".join(PRICE_KINDS)))
             elif not _is_number(price) or price < 0:
-                problems.append("%s.%s must be a number of 0 or more (per million tokens)" % (where, kind))
+                problems.append(Said("price_negative", where=where, kind=kind))
 
 
 class Pricing:
@@ -4275,18 +4523,18 @@ def usage_report(store, currency, query):
         last = datetime.date.fromisoformat(one("to", datetime.date.today().isoformat()))
         first = datetime.date.fromisoformat(one("from", (last - datetime.timedelta(days=6)).isoformat()))
     except ValueError:
-        raise ClientError("from and to must be dates such as 2026-01-31")
+        raise ClientError(Said("usage_dates"))
     if first > last or (last - first).days >= USAGE_MAX_DAYS:
-        raise ClientError("from must be on or before to, and at most %d days before it" % USAGE_MAX_DAYS)
+        raise ClientError(Said("usage_range", days=USAGE_MAX_DAYS))
     by = [b for b in one("by", "provider").split(",") if b]
     if not by or any(b not in UsageStore.GROUPS for b in by) or len(set(by)) != len(by):
-        raise ClientError("by must be one or more of %s, separated by commas" % ", ".join(UsageStore.GROUPS))
+        raise ClientError(Said("usage_by", groups=", ".join(UsageStore.GROUPS)))
     if store is None:
-        raise ProxyError("the usage store is off (USAGE_DB is empty in config.json)", 404, "not_found_error")
+        raise ProxyError(Said("usage_off"), 404, "not_found_error")
     try:
         found = store.query(first.isoformat(), last.isoformat(), by)
     except sqlite3.Error as exc:
-        raise ProxyError("the usage store cannot be read: %s" % exc, 500, "api_error")
+        raise ProxyError(Said("usage_unreadable", reason=exc), 500, "api_error")
     total = dict.fromkeys(UsageStore.SUMS, 0)
     for _, sums in found:
         for column in UsageStore.SUMS:
@@ -4371,16 +4619,16 @@ def billing_json(provider, route):
     whether the relay simply lacks the route: then it is not asked again for a while)."""
     status, kind, raw = provider_get(provider, route, BALANCE_TIMEOUT_S, BALANCE_MAX_BYTES)
     if status in (401, 403):
-        return None, "the relay refused the key on %s (HTTP %d)" % (route, status), False
+        return None, Said("balance_refused", route=route, status=status), False
     if status != 200:
-        return None, "the relay has no %s (HTTP %d)" % (route, status), status in (404, 405, 501)
+        return None, Said("balance_no_route", route=route, status=status), status in (404, 405, 501)
     try:
         obj = json.loads(raw)
     except ValueError:
         obj = None
     if not isinstance(obj, dict):
-        return None, "the relay has no %s (it answered %s)" % (
-            route, "a web page" if "html" in kind or raw.lstrip()[:1] == b"<" else "no JSON object"), True
+        page = "html" in kind or raw.lstrip()[:1] == b"<"
+        return None, Said("balance_no_route_page" if page else "balance_no_route_json", route=route), True
     return obj, None, False
 
 
@@ -4389,18 +4637,18 @@ def fetch_balance(provider):
     kin answer with the user's own key: subscription's hard_limit_usd is the limit, usage's
     total_usage (in cents) what is used. A relay without them is "not available", not an error."""
     if not provider.balance:
-        return {"available": False, "reason": "switched off (balance: false)", "checked_at": None}
+        return {"available": False, "reason": Said("balance_off"), "checked_at": None}
     if provider.placeholder_key:
         return {"available": False, "reason": PLACEHOLDER_REASON, "checked_at": None}
     now = time.time()
     try:
         prefix = urllib.parse.urlsplit(provider.base_url).path.rstrip("/")
-        sub, why, missing = billing_json(provider, prefix + "/v1/dashboard/billing/subscription")
+        sub, reason, missing = billing_json(provider, prefix + "/v1/dashboard/billing/subscription")
         if sub is not None and not _is_number(sub.get("hard_limit_usd")):
-            why, missing = "the relay's subscription answer has no hard_limit_usd", True
-        if why:
-            return {"available": False, "reason": why, "checked_at": now, "missing": missing}
-        usage, why, _ = billing_json(provider, prefix + "/v1/dashboard/billing/usage")
+            reason, missing = Said("balance_no_limit"), True
+        if reason:
+            return {"available": False, "reason": reason, "checked_at": now, "missing": missing}
+        usage, reason, _ = billing_json(provider, prefix + "/v1/dashboard/billing/usage")
     except NETWORK_ERRORS as exc:
         return {"available": False, "reason": describe_network_error(exc), "checked_at": now}
     limit, cents = sub["hard_limit_usd"], (usage or {}).get("total_usage")
@@ -4409,7 +4657,7 @@ def fetch_balance(provider):
     return {"available": True, "limit": None if unlimited else limit, "used": used, "unit": "USD",
             "remaining": None if unlimited or used is None else round(limit - used, 4),
             "unlimited": unlimited, "checked_at": now,
-            "reason": None if used is not None else why or "the usage answer has no total_usage"}
+            "reason": None if used is not None else reason or Said("balance_no_usage")}
 
 
 class Balances:
@@ -4429,6 +4677,7 @@ class Balances:
             with self.lock:
                 for provider, result in zip(stale, results):
                     ttl = BALANCE_MISSING_TTL_S if result.pop("missing", False) else BALANCE_TTL_S
+                    result["why"] = result["reason"] and why(result["reason"])
                     self.known[provider.name] = (now + ttl, result)
         return self.cached([p.name for p in providers])
 
@@ -4508,60 +4757,55 @@ def new_user_secret():
 
 def _check_keys(value, providers, usage_db, problems):
     if not isinstance(value, list):
-        problems.append('Keys must be a list of keys such as {"name": "小王", "sha256": "<64 hex digits>"}')
+        problems.append(Said("keys_type"))
         return []
     names, hashes, keys = set(), set(), []
     known = {p.name for p in providers if p.usable}
     for index, entry in enumerate(value):
         where = "Keys[%d]" % index
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"].strip():
-            problems.append("%s must be an object with a non-empty name" % where)
+            problems.append(Said("key_no_name", where=where))
             continue
         _check_name(entry["name"], where + ".name", problems)
         where = "Keys[%d] (%s)" % (index, escape_unprintable(entry["name"]))
         count = len(problems)
         if entry["name"] in names:
-            problems.append("%s: another key has this name — names must be unique" % where)
+            problems.append(Said("key_name_taken", where=where))
         names.add(entry["name"])
         digest = entry.get("sha256")
         if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
-            problems.append("%s.sha256 must be the SHA-256 of the key's secret, 64 lowercase hex digits "
-                            "(the web page creates keys and stores only this)" % where)
+            problems.append(Said("key_sha256", where=where))
         elif digest in hashes:
-            problems.append("%s: the same secret as another key" % where)
+            problems.append(Said("key_same_secret", where=where))
         hashes.add(digest)
         for field in entry:
             if field not in KEY_FIELDS and not field.startswith("_"):
-                problems.append("%s.%s is not a key field — use %s" % (where, field, ", ".join(KEY_FIELDS)))
+                problems.append(Said("key_field_unknown", where=where, field=field, fields=", ".join(KEY_FIELDS)))
         if not isinstance(entry.get("enabled", True), bool):
-            problems.append("%s.enabled must be true or false" % where)
+            problems.append(Said("not_bool", key=where + ".enabled"))
         expires = entry.get("expires")
         try:
             if expires is not None:
                 datetime.date.fromisoformat(expires)
         except (TypeError, ValueError):
-            problems.append("%s.expires must be a date such as 2026-12-31 (the last day it works), or null" % where)
+            problems.append(Said("key_expires", where=where))
         allowed = entry.get("providers")
         if allowed is not None and (not isinstance(allowed, list) or not all(isinstance(n, str) for n in allowed)):
-            problems.append("%s.providers must be a list of provider names, or null for every provider" % where)
+            problems.append(Said("key_providers_type", where=where))
         elif allowed:
-            problems.extend("%s.providers: %r is not a provider with an api_base_url" % (where, n)
-                            for n in allowed if n not in known)
+            problems.extend(Said("key_provider_unknown", where=where, name=n) for n in allowed if n not in known)
         globs = entry.get("models")
         if globs is not None and (not isinstance(globs, list) or not all(isinstance(g, str) and g for g in globs)):
-            problems.append('%s.models must be a list of model ids or globs such as "claude-sonnet-*", '
-                            'or null for every model' % where)
+            problems.append(Said("key_models_type", where=where))
         for limit in KEY_LIMITS:
             amount = entry.get(limit)
             if amount is not None and (not _is_number(amount) or amount <= 0 or
                                        (limit in ("rpm", "tokens_per_day") and amount != int(amount))):
-                problems.append("%s.%s must be a positive %s, or null for no limit"
-                                % (where, limit, "number" if limit.startswith("cost") else "whole number"))
+                problems.append(Said("key_limit" if limit.startswith("cost") else "key_limit_whole", where=where, limit=limit))
         if len(problems) == count:
             keys.append(UserKey(entry))
     if any(k.limited for k in keys) and not usage_db:
-        problems.append("Keys: limits are counted in the usage store, and USAGE_DB is empty — set it "
-                        "(usage.sqlite3) or remove the limits")
+        problems.append(Said("keys_need_usage_db"))
     return keys
 
 
@@ -4585,14 +4829,12 @@ def permitted(user, view, chain, body):
     if model is not None:
         model = view.aliases.get(model, (None, model))[1]
         if not any(fnmatch.fnmatchcase(model.lower(), glob.lower()) for glob in user.models):
-            raise Forbidden("key %s may use the models %s, not %s" % (user.name, ", ".join(user.models) or "(none)",
-                                                                      model))
+            raise Forbidden(Said("key_models_refused", name=user.name, models=", ".join(user.models) or "-", model=model))
     if user.providers is None:
         return chain
     allowed = [t for t in chain if t.name in user.providers]
     if not allowed:
-        raise Forbidden("key %s may use the providers %s; none of them is selected or in the failover list"
-                        % (user.name, ", ".join(user.providers) or "(none)"))
+        raise Forbidden(Said("key_providers_refused", name=user.name, providers=", ".join(user.providers) or "-"))
     return allowed
 
 
@@ -4637,14 +4879,13 @@ class Limits:
             self.count_request(user, now)
         if user.tokens_per_day or user.cost_per_day or user.cost_per_month:
             _, _, _, tokens, cost_day, cost_month = self.used(user.name, now)
-            reached = ((user.tokens_per_day, tokens, "tokens_per_day", "%d tokens today", 1, 0),
-                       (user.cost_per_day, cost_day, "cost_per_day", "%s of cost today", 1, 0),
-                       (user.cost_per_month, cost_month, "cost_per_month", "%s of cost this month", 0, 1))
-            for limit, used, name, what, days, months in reached:
+            reached = ((user.tokens_per_day, tokens, "key_tokens_day", 1, 0),
+                       (user.cost_per_day, cost_day, "key_cost_day", 1, 0),
+                       (user.cost_per_month, cost_month, "key_cost_month", 0, 1))
+            for limit, used, code, days, months in reached:
                 if limit and used >= limit:
                     wait = seconds_until(now, days, months)
-                    raise KeyLimitReached("key %s has used its %s (%s) — it frees up in %s"
-                                          % (user.name, what % limit, name, describe_wait(wait)), wait)
+                    raise KeyLimitReached(Said(code, name=user.name, limit=limit, wait=describe_wait(wait)), wait)
 
     def connection(self):
         try:
@@ -4663,8 +4904,7 @@ class Limits:
                 entry = counts.get(user.name)
                 count = entry[1] if isinstance(entry, list) and entry[:1] == [minute] else 0
                 if count >= user.rpm:
-                    raise RateLimited("key %s has made its %d requests this minute (rpm) — it frees up in %d s"
-                                      % (user.name, user.rpm, wait), wait)
+                    raise RateLimited(Said("key_rpm", name=user.name, rpm=user.rpm, wait=describe_wait(wait)), wait)
                 counts = {k: v for k, v in counts.items() if isinstance(v, list) and v[:1] == [minute]}
                 counts[user.name] = [minute, count + 1]
                 self.save_minutes(counts)
@@ -4724,7 +4964,7 @@ class Limits:
             self.idle.put(conn)
         except sqlite3.Error as exc:
             conn.close()
-            raise ProxyError("the usage store cannot be read: %s" % exc, 503, "overloaded_error")
+            raise ProxyError(Said("usage_unreadable", reason=exc), 503, "overloaded_error")
         found = (now, day, month, today[0] or 0, today[1] or 0.0, this_month[0] or 0.0)
         with self.lock:
             self.totals[name] = found
@@ -4790,20 +5030,19 @@ def put_key(raw, name, fields, secret=None, create=False):
     entry (null removes one; another "name" renames it). A secret replaces its hash: the
     secret itself is never written."""
     if not isinstance(fields, dict):
-        raise ClientError("the key must be a JSON object")
+        raise ClientError(Said("key_not_object"))
     for field in fields:
         if field not in KEY_FIELDS or field == "sha256":
-            raise ClientError("%s is not a field a key can be given — use %s (a new secret comes from "
-                              "POST /api/keys/NAME/rekey)" % (field, ", ".join(f for f in KEY_FIELDS if f != "sha256")))
+            raise ClientError(Said("key_field_refused", field=field, fields=", ".join(f for f in KEY_FIELDS if f != "sha256")))
     keys = raw.setdefault("Keys", [])
     if not isinstance(keys, list):
-        raise ClientError("Keys in config.json is not a list — fix the file by hand first")
+        raise ClientError(Said("keys_not_list"))
     found = [k for k in keys if isinstance(k, dict) and k.get("name") == name]
     new_name = fields.get("name", name)
     if (create and found) or (new_name != name and any(isinstance(k, dict) and k.get("name") == new_name for k in keys)):
-        raise ProxyError("there is already a key named %r" % new_name, 409, "invalid_request_error")
+        raise ProxyError(Said("key_name_exists", name=new_name), 409, "invalid_request_error")
     if not create and not found:
-        raise NotFound("no key named %r in config.json" % name)
+        raise NotFound(Said("no_key_named", name=name))
     entry = found[0] if found else {"name": name, "enabled": True}
     if not found:
         keys.append(entry)
@@ -4819,7 +5058,7 @@ def put_key(raw, name, fields, secret=None, create=False):
 def delete_key(raw, name):
     keys = raw.get("Keys")
     if not isinstance(keys, list) or not any(isinstance(k, dict) and k.get("name") == name for k in keys):
-        raise NotFound("no key named %r in config.json" % name)
+        raise NotFound(Said("no_key_named", name=name))
     raw["Keys"] = [k for k in keys if not (isinstance(k, dict) and k.get("name") == name)]
 
 
@@ -4898,7 +5137,7 @@ class Health:
     def snapshot(self):
         now = self.clock()
         with self.lock:
-            return {n: {"until": u, "reason": r} for n, (u, r) in self.cooling.items() if u > now}
+            return {n: {"until": u, "reason": r, "why": why(r)} for n, (u, r) in self.cooling.items() if u > now}
 
     def strips_signatures(self, session, name):
         """Whether this conversation needed its thinking signatures stripped on this provider."""
@@ -4948,12 +5187,8 @@ def no_candidate(view):
     """The NoProvider error that says what to edit when candidates() found nothing."""
     target = view.target
     if target is not None and target.provider.placeholder_key:
-        return NoProvider("provider %s still has the example key of config.in.json, and no provider has a "
-                          "real one, so ccproxy contacted none — add your relay (Add provider in the web UI, or "
-                          "Providers in config.json, then Reload config) with its real api_key; it is used at "
-                          "once" % target.name)
-    return NoProvider("ccproxy has no provider to relay to — add your relay (Add provider in the web UI, or "
-                      "Providers in config.json, then Reload config) with its api_base_url and api_key")
+        return NoProvider(Said("no_provider_example", name=target.name))
+    return NoProvider(Said("no_provider"))
 
 
 # ============================================================================ web UI API
@@ -4993,18 +5228,14 @@ class Throttle:
             if valid and now - self.trusted.get((group, key_digest(key)), -AUTH_TRUST_S) < AUTH_TRUST_S:
                 self.trusted[(group, key_digest(key))] = now
                 return
-            raise RateLimited("too many wrong API keys — wait %d s. Clients that used the right key "
-                              "from this address before are still let in." % math.ceil(until - now),
-                              until - now)
+            raise RateLimited(Said("wrong_keys", seconds=math.ceil(until - now)), until - now)
         if valid:
             self.trust(group, key, now)
             return
         if key:
             self.failed(group, key_digest(key), now)
-            raise AuthError("invalid API key — send ccproxy's APIKEY as x-api-key or "
-                            "Authorization: Bearer (it is in config.json and in the web UI)")
-        raise AuthError("missing API key — send ccproxy's APIKEY as x-api-key or "
-                        "Authorization: Bearer (it is in config.json and in the web UI)")
+            raise AuthError(Said("key_invalid"))
+        raise AuthError(Said("key_missing"))
 
     def trust(self, group, key, now):
         entry = (group, key_digest(key))
@@ -5114,16 +5345,16 @@ def api_state(handler, params=None):
 
 def _field(body, name, required=True, nullable=False):
     if not isinstance(body, dict):
-        raise ClientError("the request body must be a JSON object")
+        raise ClientError(Said("body_not_object"))
     if name not in body:
         if required:
-            raise ClientError("missing field %r" % name)
+            raise ClientError(Said("field_missing", name=name))
         return None
     value = body[name]
     if value is None and nullable:
         return None
     if not isinstance(value, str):
-        raise ClientError("field %r must be a string%s" % (name, " or null" if nullable else ""))
+        raise ClientError(Said("field_not_string_or_null" if nullable else "field_not_string", name=name))
     return value
 
 
@@ -5133,11 +5364,10 @@ def api_select(handler, params):
 
 
 def api_reload(handler, params):
-    problems = handler.server.store.reload()
-    if problems:
-        return 400, {"type": "error", "error": {"type": "invalid_request_error",
-                                                "message": "\n".join(problems)},
-                     "problems": problems}
+    error = handler.server.store.reload()
+    if error:
+        raise ProxyError(Said("config_invalid", problems="\n".join(error.problems)), 400, "invalid_request_error",
+                         problems=error.as_json())
     return api_state(handler)
 
 
@@ -5154,13 +5384,13 @@ def api_fallback(handler, params):
     body = handler.json_body()
     enabled = body.get("enabled", True) if isinstance(body, dict) else None
     if not isinstance(enabled, bool):
-        raise ClientError("field 'enabled' must be true or false")
+        raise ClientError(Said("field_enabled"))
     if "providers" in body:
         names = body["providers"]
     else:       # not given: the list stays as it is (null, given, goes back to config.json's)
         names = (handler.server.store.state.get("fallback") or {}).get("providers")
     if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
-        raise ClientError("field 'providers' must be a list of provider names, or null for config.json's")
+        raise ClientError(Said("field_fallback"))
     handler.server.store.set_fallback(enabled, names)
     return api_state(handler)
 
@@ -5170,7 +5400,7 @@ def api_requests(handler, params):
     try:
         limit = max(1, min(REQUEST_RING, int(query.get("limit", ["100"])[0])))
     except ValueError:
-        raise ClientError("limit must be a whole number")
+        raise ClientError(Said("requests_limit"))
     provider = query.get("provider", [None])[0]
     return 200, {"requests": handler.server.recorder.newest(limit, provider)}
 
@@ -5250,7 +5480,7 @@ def api_key(handler, params):
 def selected_target(handler):
     view = handler.server.store.view
     if view.target is None:
-        raise NoProvider("ccproxy has no provider selected — add one to %s" % file_name(view.config.path))
+        raise NoProvider(Said("no_provider_selected", file=file_name(view.config.path)))
     return view.target
 
 
@@ -5290,7 +5520,7 @@ def get_model(handler, params):
     model_id = urllib.parse.unquote(params["id"])
     params["exchange"].status = 200
     if model_id not in target.model_set and model_id not in view.aliases:
-        raise NotFound("model %s is not offered by provider %s, nor an alias of another" % (model_id, target.name))
+        raise NotFound(Said("model_unknown", model=model_id, name=target.name))
     return 200, model_object(model_id, alias_display(handler.server, view)(model_id))
 
 
@@ -5311,13 +5541,12 @@ class CrossOrigin(Forbidden):
     retry = False
 
     def __init__(self, reason):
-        super().__init__("cross-origin request refused (%s): ccproxy answers Claude Code, SDKs, curl and its "
-                         "own page, never another site's page" % reason)
+        super().__init__(Said("cross_origin", reason=reason))
 
 
 def refuse_cross_origin(handler, params):
     # No CORS: a page on another origin must not drive this API (its preflight fails).
-    raise CrossOrigin("a CORS preflight, %s" % (cross_site(handler.headers) or "OPTIONS"))
+    raise CrossOrigin(Said("preflight", reason=cross_site(handler.headers) or "OPTIONS"))
 
 
 # ============================================================================ web page
@@ -5331,7 +5560,7 @@ def serve_page(handler, params):
         with open(WEBUI_FILE, "rb") as f:
             page = f.read()
     except OSError:
-        raise NotFound("webui.html is missing beside ccproxy.py")
+        raise NotFound(Said("page_missing"))
     handler.send_bytes(200, page, "text/html; charset=utf-8",
                        [("Cache-Control", "no-store"), ("X-Frame-Options", "DENY"),
                         ("Content-Security-Policy", "default-src 'self'; style-src 'self' "
@@ -5565,7 +5794,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log.exception("internal error on %s %s", self.command, path)
             if exchange is not None:
                 exchange.status = 500
-            self.send_error_json(ProxyError("ccproxy internal error — see its log"), exchange)
+            self.send_error_json(ProxyError(Said("internal")), exchange)
         finally:
             busy.discard(self.connection)
             if exchange is not None:
@@ -5579,7 +5808,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         Anthropic's error shape like every other error; the connection is closed after it."""
         self.log_error("code %d, message %s", code, message)
         self.close_connection = True
-        self.send_error_json(ProxyError(message or STATUS_PHRASES.get(code, "error"), code,
+        self.send_error_json(ProxyError(Said("http_refused", reason=message or STATUS_PHRASES.get(code, "error")), code,
                                         "invalid_request_error" if code < 500 else "api_error"))
 
     # -- reading the request
@@ -5598,14 +5827,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return None
         # Refused keys first: their holder learns why on any route, the page's login included.
         if not user.enabled:
-            raise KeyRefused("key %s is disabled — ask whoever runs this ccproxy" % user.name,
-                             code="key_disabled", name=user.name)
+            raise KeyRefused(Said("key_disabled", name=user.name))
         if user.expires_at is not None and time.time() >= user.expires_at:
-            raise KeyRefused("key %s expired on %s — ask whoever runs this ccproxy for a new date"
-                             % (user.name, user.expires), code="key_expired", name=user.name, expires=user.expires)
+            raise KeyRefused(Said("key_expired", name=user.name, expires=user.expires))
         if access == "admin":
-            raise Forbidden("this is the user key %s: it relays (/v1/...) and reads its own usage (/api/me); "
-                            "ccproxy's APIKEY manages ccproxy" % user.name, code="user_key", name=user.name)
+            raise Forbidden(Said("user_key", name=user.name))
         return user
 
     def client_ip(self):
@@ -5627,12 +5853,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.chunked:
             body = read_chunked(self.rfile, limit)
         elif self.length > limit:
-            raise ProxyError("request body of %d MB exceeds MAX_BODY_MB (%d MB)"
-                             % (self.length >> 20, limit >> 20), 413, "request_too_large")
+            raise ProxyError(Said("body_too_large_sized", size=self.length >> 20, limit=limit >> 20), 413, "request_too_large")
         else:
             body = self.rfile.read(self.length) if self.length else b""
             if len(body) != self.length:
-                raise ClientError("request body ended early")
+                raise ClientError(Said("body_short"))
         self.body_pending = False       # only now: a body refused half-read closes the connection
         return body
 
@@ -5642,7 +5867,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             return json.loads(raw) if raw.strip() else {}
         except ValueError:
-            raise ClientError("the request body is not valid JSON")
+            raise ClientError(Said("body_not_json"))
 
     def query_params(self):
         return urllib.parse.parse_qs(self.query)
@@ -5720,15 +5945,14 @@ def relay_request(handler, params):
     """Everything else under /v1/ goes to the providers (Relay)."""
     if has_dot_segment(handler.path.partition("?")[0]):
         # /v1/../admin must not reach the provider, with its key, outside /v1/.
-        raise ClientError("the path has a . or .. segment (perhaps percent-encoded): not relayed")
+        raise ClientError(Said("dot_segment"))
     server = handler.server
     view = server.store.view
     # A key's limits count what is billed: not count_tokens, which is free, and which Claude
     # Code's /context sends about 17 at once.
     if handler.user is not None and handler.user.limited and not handler.path.startswith("/v1/messages/count_tokens"):
         if server.limits is None:
-            raise ProxyError("key %s has limits, and this ccproxy keeps no usage store to count them in "
-                             "(USAGE_DB, or a Python without sqlite3)" % handler.user.name, 503, "api_error")
+            raise ProxyError(Said("key_limits_no_store", name=handler.user.name), 503, "api_error")
         server.limits.admit(handler.user, time.time())
     request = ClientRequest(handler.command, handler.path, handler.headers,
                             handler.read_body(view.config.max_body_bytes),
@@ -5817,11 +6041,11 @@ def find_route(method, path):
         allowed |= route.methods
     allowed.discard("OPTIONS")          # answered for every path, only to refuse it
     if allowed:
-        error = ProxyError("%s is not allowed on %s — use %s" % (method, path, ", ".join(sorted(allowed))),
+        error = ProxyError(Said("method_not_allowed", method=method, path=path, allowed=", ".join(sorted(allowed))),
                            405, "invalid_request_error")
         error.headers = [("Allow", ", ".join(sorted(allowed)))]
         raise error
-    raise NotFound("no route for %s %s" % (method, path))
+    raise NotFound(Said("no_route", method=method, path=path))
 
 
 # ============================================================================ server factory and CLI
@@ -5958,16 +6182,12 @@ def listen_problem(host, port, exc):
     """What to do when host:port cannot be listened on, in one line."""
     where = "%s:%s" % ("[%s]" % host if ":" in host else host, port)
     if exc.errno == errno.EADDRINUSE:
-        return ("cannot listen on %s: another program has this port (claude-code-router uses 3456 too; "
-                "./run.sh status, or ss -ltnp, shows which) — stop it, or start with --port %d (or set PORT "
-                "in config.json) and put that port in ANTHROPIC_BASE_URL"
-                % (where, port + 1 if port else DEFAULT_PORT))
+        return Said("listen_in_use", address=where, next=port + 1 if port else DEFAULT_PORT)
     if exc.errno == errno.EACCES:
-        return "cannot listen on %s: permission denied — use a port above 1023" % where
+        return Said("listen_denied", address=where)
     if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
-        return ("cannot listen on %s: this machine has no such address — use 127.0.0.1 (this machine "
-                "only) or 0.0.0.0 (every interface)" % where)
-    return "cannot listen on %s: %s" % (where, exc.strerror or exc)
+        return Said("listen_no_address", address=where)
+    return Said("listen_failed", address=where, reason=exc.strerror or exc)
 
 
 def new_apikey():

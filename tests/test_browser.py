@@ -6,6 +6,7 @@ screenshots are written to docs/ for the README.
 """
 
 import json
+import re
 import os
 import shutil
 import time
@@ -847,9 +848,14 @@ def test_a_user_key_sees_its_own_usage_not_the_page(browser, tmp_path, upstream,
         assert words[3] in browser.find_element(By.ID, "me-scope").text
         assert len(browser.find_elements(By.CSS_SELECTOR, "#me-recent tbody tr")) == 2
         assert run_axe(browser) == []
+        # on a phone a number stays whole ("30", never "3 / 0" over two lines)
+        browser.set_window_size(390, 844)
+        assert browser.execute_script("""return [...document.querySelectorAll('#me-limits td')]
+            .every(td => td.getClientRects().length === 1 && td.getBoundingClientRect().height < 40)""")
+        browser.set_window_size(1280, 900)
         # Disabled meanwhile: the view, refreshing by itself, goes back to the login with the reason;
         # logging in again says it too, in the page's language.
-        reason = {"en": "Key 小王 is disabled", "zh": "密钥 小王 已停用"}[lang]
+        reason = {"en": "key 小王 is disabled", "zh": "密钥 小王 已停用"}[lang]
         version = proxy.api("GET", "/api/config")[1]["version"]
         assert proxy.call("PUT", "/api/keys/" + quote("小王"), {"enabled": False},
                           headers={"If-Match": version})[0] == 200
@@ -923,6 +929,17 @@ def test_views_nothing_covered_and_phone_targets(browser, tmp_path, upstream, up
             assert count > 3 and not covered, (view, covered)
             if phone:
                 assert not small, (view, small)
+        if phone:
+            # a dialog's controls too (the provider editor)
+            go(browser, "relays")
+            click(browser, lambda d: d.find_element(By.ID, "add-provider"))
+            wait(browser, lambda d: d.find_element(By.ID, "editor").is_displayed())
+            small = browser.execute_script("""return [...document.querySelectorAll('#editor button, #editor input, #editor select, #editor textarea')]
+                .filter(n => n.offsetParent).map(n => n.type === 'checkbox' ? n.closest('label') : n)
+                .filter(n => { const r = n.getBoundingClientRect(); return r.width < 44 || r.height < 44; }).map(n => n.id || n.textContent)""")
+            assert not small, small
+            browser.switch_to.active_element.send_keys(Keys.ESCAPE)
+            go(browser, "settings")
         # the menu, open: its items too
         click(browser, lambda d: d.find_element(By.ID, "menu-btn"))
         items = browser.find_elements(By.CSS_SELECTOR, "#menu button")
@@ -936,10 +953,55 @@ def test_views_nothing_covered_and_phone_targets(browser, tmp_path, upstream, up
         browser.refresh()
         wait(browser, lambda d: d.find_element(By.ID, "view-settings").is_displayed())
         browser.back()
-        wait(browser, lambda d: d.find_element(By.ID, "view-keys").is_displayed())
+        before = "relays" if phone else "keys"         # on a phone the editor was opened from Providers
+        wait(browser, lambda d: d.find_element(By.ID, "view-" + before).is_displayed())
         # keyboard only: a view's link, Enter
         press(browser, "nav.views a[data-view=usage]")
         wait(browser, lambda d: d.find_element(By.ID, "view-usage").is_displayed())
         assert browser.switch_to.active_element.get_attribute("id") == "h-usage"
+    finally:
+        proxy.stop()
+
+
+def test_what_the_server_says_is_said_in_chinese(browser, tmp_path, upstream, upstream2):
+    """The 中文 page words what ccproxy says in Chinese, from its code and values: a provider
+    test's and a balance's reason, a failed reload, a save refused with its problems; and the
+    server's files are named, never their paths."""
+    import socket
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()                                       # nothing listens there: connection refused
+    config = make_config(upstream, upstream2)
+    config["Providers"].append({"name": "断线中转", "api_base_url": "http://127.0.0.1:%d/v1/messages" % port,
+                                "api_key": "sk-down-0123456789"})
+    path = write_config(tmp_path / "config.json", config)
+    proxy = start_proxy(path)
+    english = re.compile(r"\b(must|cannot|refused|not|the|is|no)\b")
+    try:
+        login(browser, proxy, "zh")
+        assert proxy.api("POST", "/api/test", {"provider": "断线中转"})[0] == 200
+        proxy.api("GET", "/api/balance?refresh=1&provider=" + quote("断线中转"))
+        click(browser, lambda d: provider_card(d, "断线中转").find_element(By.CSS_SELECTOR, "button.name"))
+        wait(browser, lambda d: "连接被拒绝" in d.find_element(By.ID, "detail-health").text, timeout=8)
+        wait(browser, lambda d: "余额：无法查询 —— 连接被拒绝" in d.find_element(By.ID, "detail-balance").text, timeout=8)
+        assert "connection refused" not in browser.find_element(By.ID, "detail").text
+        # a save refused, with each problem in Chinese and the file by its name
+        go(browser, "settings")
+        wait(browser, lambda d: d.find_element(By.ID, "set-pricing").get_attribute("value").startswith("{"))
+        browser.execute_script("document.getElementById('set-pricing').value = arguments[0]",
+                               json.dumps({"currency": "USD", "models": {"claude-*": {"input": -1}}}))
+        click(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#settings-form button[type=submit]"))
+        wait(browser, lambda d: "必须是不小于 0 的数" in d.find_element(By.ID, "settings-errors").text)
+        errors = browser.find_element(By.ID, "settings-errors").text
+        assert "config.json: Pricing.models.claude-*" in errors and "缺少 output" in errors
+        assert not english.search(errors), errors
+        # a reload of a broken file: where, in Chinese; nothing of the server's paths
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("{\n  oops")
+        menu(browser, "#reload")
+        wait(browser, lambda d: d.find_element(By.ID, "reload-error").is_displayed())
+        text = browser.find_element(By.ID, "reload-error").text
+        assert "config.json: 第 2 行第 3 列：JSON 无效" in text and str(tmp_path) not in browser.page_source
     finally:
         proxy.stop()

@@ -190,7 +190,7 @@ def test_reload_swaps_in_a_valid_config_and_keeps_the_old_one_on_error(tmp_path,
         assert status == 400 and "invalid JSON" in err["error"]["message"]
         path.write_text(json.dumps({"APIKEY": APIKEY, "Providers": [{"name": "x", "api_base_url": "nope"}]}))
         status, err = proxy.api("POST", "/api/reload")
-        assert status == 400 and any("api_base_url must be an http(s) URL" in p for p in err["problems"])
+        assert status == 400 and any("api_base_url must be an http(s) URL" in p["message"] for p in err["problems"])
         status, state = proxy.api("GET", "/api/state")
         assert [p["name"] for p in state["providers"]] == ["alpha", "----", "beta"]
         assert state["reload_error"] and proxy.call("POST", "/v1/messages", {"model": "m"})[0] == 200

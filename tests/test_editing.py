@@ -111,7 +111,7 @@ def test_an_invalid_result_is_400_with_the_problems_and_nothing_is_written(edit_
     before = on_disk(edit_proxy)
     status, answer = write(edit_proxy, method, path, body)
     assert status == 400 and answer["code"] == "config_invalid"
-    assert any(problem in p for p in answer["problems"]), answer["problems"]
+    assert any(problem in p["message"] and p["code"] and p["file"] == "config.json" for p in answer["problems"]), answer["problems"]
     assert on_disk(edit_proxy) == before
 
 

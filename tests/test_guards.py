@@ -63,7 +63,7 @@ def test_the_web_ui_loads_nothing_from_elsewhere():
 def test_the_docstring_lists_the_sections_in_file_order():
     source = read("ccproxy.py")
     banners = re.findall(r"^# =+ (.+)$", source, re.M)
-    assert banners == ["constants", "errors", "config", "files", "state", "config editing", "HTTP messages",
+    assert banners == ["constants", "errors", "messages", "config", "files", "state", "config editing", "HTTP messages",
                        "Anthropic requests and replies", "relay compatibility",
                        "upstream client", "providers: discovery and tests", "relay", "observability",
                        "usage and cost", "balance", "team keys", "health and failover", "web UI API",
@@ -218,3 +218,68 @@ def test_the_performance_targets_are_the_benchmarks():
         if not target.startswith("("):                  # "(the design's floor)": shown, not a target
             targets.append(target.replace(" ✓", "").strip())
     assert targets == [goal for _key, _label, goal, _check in bench.TARGETS]
+
+
+# -- what ccproxy says to a person carries a code (MESSAGES), which the page words in Chinese
+
+def said_call(node):
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Said"
+
+
+def test_every_message_of_the_server_has_a_code():
+    """Every error ccproxy answers, every config problem and every reason it gives is made by
+    Said(code, ...) from MESSAGES: an English string written straight into one fails here."""
+    tree = ast.parse(read("ccproxy.py"))
+    errors = {name for name, obj in vars(ccproxy).items()
+              if isinstance(obj, type) and issubclass(obj, ccproxy.ProxyError)}
+    builds_its_own = {"CrossOrigin"}           # its __init__ says Said("cross_origin", reason=...)
+    bare, codes = [], set()
+    for node in ast.walk(tree):
+        if said_call(node):
+            assert isinstance(node.args[0], (ast.Constant, ast.Name, ast.BinOp, ast.IfExp)), ast.dump(node)
+            if isinstance(node.args[0], ast.Constant):
+                codes.add(node.args[0].value)
+            continue
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func.id if isinstance(node.func, ast.Name) else node.func.attr if isinstance(node.func, ast.Attribute) else ""
+        if func in errors - builds_its_own and node.args:
+            if not (said_call(node.args[0]) or isinstance(node.args[0], ast.Name)):
+                bare.append((node.lineno, func))
+        elif func == "ConfigError":
+            first = node.args[0]
+            if not (isinstance(first, ast.Name) or isinstance(first, ast.List) and all(isinstance(e, ast.Call) for e in first.elts)):
+                bare.append((node.lineno, func))
+        elif func in ("append", "extend") and isinstance(node.func, ast.Attribute) and \
+                isinstance(node.func.value, ast.Name) and node.func.value.id == "problems":
+            arg = node.args[0]
+            if not (said_call(arg) or isinstance(arg, ast.GeneratorExp) and said_call(arg.elt)):
+                bare.append((node.lineno, "problems." + func))
+    assert not bare, "English without a code (Said) at lines %s" % bare
+    # functions whose every answer is a reason said to a person
+    for fn in ("describe_network_error", "listen_problem"):
+        node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == fn)
+        for ret in (n for n in ast.walk(node) if isinstance(n, ast.Return)):
+            assert said_call(ret.value), "%s: line %d returns words without a code" % (fn, ret.lineno)
+    # every code used is in MESSAGES, and every one of MESSAGES is used
+    assert codes - set(ccproxy.MESSAGES) == set()
+    source = read("ccproxy.py")
+    unused = [c for c in ccproxy.MESSAGES if '"%s"' % c not in source.split("MESSAGES = {", 1)[1].split("\n}\n", 1)[1]
+              and not c.startswith("unprintable_")]
+    assert not unused, unused
+
+
+def test_the_page_words_every_code_in_chinese_with_the_same_values():
+    """webui.html's I18N.zh.msg has exactly MESSAGES' codes, each with the same {values}."""
+    import string
+    page = read("webui.html")
+    block = page.split("    msg: {\n", 1)[1].split("\n    },\n", 1)[0]
+    zh = {}
+    for code, text in re.findall(r'^      "(\w+)": ((?:"(?:[^"\\]|\\.)*"(?: \+\n\s*)?)+),$', block, re.M):
+        zh[code] = "".join(json.loads(piece) for piece in re.findall(r'"(?:[^"\\]|\\.)*"', text))
+    assert set(zh) == set(ccproxy.MESSAGES), set(zh) ^ set(ccproxy.MESSAGES)
+    fields = lambda t: {f for _, f, _, _ in string.Formatter().parse(t) if f}
+    for code, english in ccproxy.MESSAGES.items():
+        assert fields(english) == set(re.findall(r"\{(\w+)\}", zh[code])), code
+        # Chinese words, unless the English has none either ("HTTP {status}")
+        assert re.search(r"[\u4e00-\u9fff]", zh[code]) or not re.search(r"[a-z]{3}", re.sub(r"\{\w+\}", "", english)), code

@@ -113,7 +113,7 @@ def test_rekey_disable_and_delete(team):
     assert status == 401 and "key 小王 is disabled" in err["message"] and headers["x-should-retry"] == "false"
     for path in ("/api/me", "/api/state"):          # the page's login says why too, not "wrong key"
         status, _, data = proxy.call("GET", path, key=fresh)
-        assert status == 401 and json.loads(data)["code"] == "key_disabled" and json.loads(data)["name"] == WANG
+        assert status == 401 and json.loads(data)["code"] == "key_disabled" and json.loads(data)["values"]["name"] == WANG
     assert proxy.call("DELETE", "/api/keys/" + quote(WANG), headers={"If-Match": version(proxy)})[0] == 200
     assert relay(proxy, fresh)[0] == 401
     answer = proxy.api("GET", "/api/keys")
@@ -125,7 +125,7 @@ def test_an_expired_key_says_so(team):
     status, headers, err = error_of(relay(proxy, SECRET_WANG))
     assert status == 401 and "expired on" in err["message"] and headers["x-should-retry"] == "false"
     answer = json.loads(proxy.call("GET", "/api/state", key=SECRET_WANG)[2])
-    assert answer["code"] == "key_expired" and answer["expires"] == (datetime.date.today() - datetime.timedelta(days=1)).isoformat()
+    assert answer["code"] == "key_expired" and answer["values"]["expires"] == (datetime.date.today() - datetime.timedelta(days=1)).isoformat()
     assert relay(proxy, SECRET_LI)[0] == 200
     tomorrow = team(expires=datetime.date.today().isoformat())             # works to the end of today
     assert relay(tomorrow, SECRET_WANG)[0] == 200

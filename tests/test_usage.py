@@ -290,7 +290,8 @@ def test_balance_switched_off_and_console_links(tmp_path, upstream, upstream2):
     proxy = start_proxy(write_config(tmp_path / "c.json", config))
     try:
         body = proxy.api("GET", "/api/balance")[1]["balances"]
-        assert body[MAIN] == {"available": False, "reason": "switched off (balance: false)", "checked_at": None}
+        assert body[MAIN] == {"available": False, "reason": "switched off (balance: false)", "checked_at": None,
+                              "why": {"code": "balance_off", "values": {}, "message": "switched off (balance: false)"}}
         assert billing_hits(upstream) == 0
         providers = {p["name"]: p for p in proxy.api("GET", "/api/state")[1]["providers"]}
         assert providers[MAIN]["console_url"] == upstream.url + "/"          # the relay site's root
