@@ -5785,7 +5785,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except ProxyError as exc:
             if exchange is not None:
                 exchange.status = exc.status
-                exchange.note = str(exc)
+                exchange.say("said", "%s", exc.args[0])      # a Said keeps its code for the page
             self.send_error_json(exc, exchange)
         except CLIENT_GONE:
             self.close_connection = True

@@ -986,6 +986,13 @@ def test_what_the_server_says_is_said_in_chinese(browser, tmp_path, upstream, up
         wait(browser, lambda d: "连接被拒绝" in d.find_element(By.ID, "detail-health").text, timeout=8)
         wait(browser, lambda d: "余额：无法查询 —— 连接被拒绝" in d.find_element(By.ID, "detail-balance").text, timeout=8)
         assert "connection refused" not in browser.find_element(By.ID, "detail").text
+        # a request that could not reach its relay: the Requests view says why, in Chinese
+        proxy.api("POST", "/api/select", {"provider": "断线中转"})
+        proxy.api("POST", "/api/fallback", {"enabled": False})
+        assert proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []})[0] == 502
+        go(browser, "requests")
+        wait(browser, lambda d: "无法连接位于 127.0.0.1:%d 的供应商 断线中转：连接被拒绝" % port
+             in d.find_element(By.ID, "requests").text, timeout=8)
         # a save refused, with each problem in Chinese and the file by its name
         go(browser, "settings")
         wait(browser, lambda d: d.find_element(By.ID, "set-pricing").get_attribute("value").startswith("{"))
