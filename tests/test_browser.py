@@ -1012,3 +1012,13 @@ def test_what_the_server_says_is_said_in_chinese(browser, tmp_path, upstream, up
         assert "config.json: 第 2 行第 3 列：JSON 无效" in text and str(tmp_path) not in browser.page_source
     finally:
         proxy.stop()
+
+
+def test_the_page_installs_like_an_app(browser, ui_proxy):
+    """Chromium finds the manifest and its icons and has nothing against installing the page
+    (on localhost, as on https)."""
+    browser.get(ui_proxy.url + "/")
+    wait(browser, lambda d: d.execute_cdp_cmd("Page.getAppManifest", {}).get("data"))
+    manifest = browser.execute_cdp_cmd("Page.getAppManifest", {})
+    assert manifest["errors"] == [] and '"standalone"' in manifest["data"]
+    assert browser.execute_cdp_cmd("Page.getInstallabilityErrors", {})["installabilityErrors"] == []
