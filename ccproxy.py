@@ -172,6 +172,7 @@ BALANCE_MISSING_TTL_S = 3600.0      # "this relay has no billing routes" is reme
 BALANCE_TIMEOUT_S = 10.0
 BALANCE_MAX_BYTES = 65536
 BALANCE_UNLIMITED = 1e8             # NewAPI/OneAPI report an unlimited token as this many USD or more
+NEWAPI_QUOTA_PER_UNIT = 500000      # NewAPI's quota units to one unit of money, unless its /api/status says
 USER_KEY_PREFIX = "sk-ccp-"         # a user key the web page creates: this and 32 random bytes
 KEY_LIMITS = ("rpm", "tokens_per_day", "cost_per_day", "cost_per_month")
 KEY_TOTALS_S = 1.0                  # a key's day and month totals are re-read this often at most
@@ -390,7 +391,12 @@ MESSAGES = {
     "provider_proxy": "{where}.proxy must be an http://host:port proxy URL (CONNECT)",
     "provider_multiplier": "{where}.price_multiplier must be a number of 0 or more: the relay's price as a "
         "share of Pricing's (0.3 for a relay that sells at 30% of list)",
-    "provider_balance": "{where}.balance must be true (ask the relay for its balance) or false",
+    "provider_balance": "{where}.balance must be true (ask the relay for its balance), false (never), or an "
+        "object of options: unit, route, low",
+    "balance_field_unknown": "{where}.balance.{field} is not a balance option — use unit, route or low",
+    "balance_unit": "{where}.balance.unit must be a short name such as USD, CNY or 元",
+    "balance_route": "{where}.balance.route must be one of {routes}",
+    "balance_low": "{where}.balance.low must be a number of 0 or more, in the relay's own unit",
     "provider_console": "{where}.console_url must be an http(s) URL (the relay's console, for top-ups and "
         "check-in)",
     "apikey_type": "APIKEY must be a string — set it to a long random secret, or start ccproxy.py, which puts a "
@@ -588,6 +594,7 @@ MESSAGES = {
     "balance_no_route": "the relay has no {route} (HTTP {status})",
     "balance_no_route_page": "the relay has no {route} (it answered a web page)",
     "balance_no_route_json": "the relay has no {route} (it answered no JSON object)",
+    "balance_none": "the relay answers none of the balance routes ccproxy knows ({routes})",
     "balance_no_limit": "the relay's subscription answer has no hard_limit_usd",
     "balance_no_usage": "the usage answer has no total_usage",
 }
@@ -606,7 +613,7 @@ class Provider:
                  "console_url")
 
     def __init__(self, name, api_base_url, api_key, models, comment, env_models, auth, proxy,
-                 price_multiplier=1.0, balance=True, console_url=""):
+                 price_multiplier=1.0, balance=None, console_url=""):
         self.name = name
         self.api_base_url = api_base_url
         self.base_url = derive_base_url(api_base_url) if api_base_url else ""
@@ -620,7 +627,7 @@ class Provider:
         # only earn a 401, which Claude Code retries ten times.
         self.placeholder_key = bool(_PLACEHOLDER_KEY.search(api_key))
         self.price_multiplier = price_multiplier   # the relay's price as a share of Pricing's
-        self.balance = balance                     # False: never ask the relay for its balance
+        self.balance = {} if balance is None else balance   # False: never ask the relay; else its options
         # The relay's console (top-ups, check-in): as configured, else the site's root.
         parts = urllib.parse.urlsplit(self.base_url)
         self.console_url = console_url or ("%s://%s/" % (parts.scheme, parts.netloc.rsplit("@", 1)[-1])
@@ -809,10 +816,7 @@ def _check_provider(index, entry, names, problems):
     if not _is_number(multiplier) or multiplier < 0:
         problems.append(Said("provider_multiplier", where=where))
         multiplier = 1
-    balance = entry.get("balance", True)
-    if not isinstance(balance, bool):
-        problems.append(Said("provider_balance", where=where))
-        balance = True
+    balance = _check_balance(entry.get("balance", True), where, problems)
     console = entry.get("console_url", "")
     if not isinstance(console, str) or (console and urllib.parse.urlsplit(console).scheme not in ("http", "https")):
         problems.append(Said("provider_console", where=where))
@@ -822,6 +826,30 @@ def _check_provider(index, entry, names, problems):
                     str(entry.get("comment", "")),
                     strip_comments(env_models) if isinstance(env_models, dict) else {}, auth, proxy,
                     float(multiplier), balance, console.strip())
+
+
+def _check_balance(value, where, problems):
+    """A provider's balance: true (ask the relay by every route), false (never), or options:
+    unit (a unit the relay's answer does not say right), route (one of BALANCE_ROUTES only),
+    low (the low-balance threshold, in that unit). False, or a dict of the options."""
+    if value is True or value is False:
+        return {} if value else False
+    if not isinstance(value, dict):
+        problems.append(Said("provider_balance", where=where))
+        return {}
+    options = strip_comments(value)
+    for key in options:
+        if key not in ("unit", "route", "low"):
+            problems.append(Said("balance_field_unknown", where=where, field=key))
+    unit = options.get("unit", "USD")
+    if not isinstance(unit, str) or not unit.strip() or len(unit) > 16 or _UNPRINTABLE.search(unit):
+        problems.append(Said("balance_unit", where=where))
+    if options.get("route", "billing") not in BALANCE_ROUTES:
+        problems.append(Said("balance_route", where=where, routes=", ".join(BALANCE_ROUTES)))
+    low = options.get("low", 0)
+    if not _is_number(low) or low < 0:
+        problems.append(Said("balance_low", where=where))
+    return options
 
 
 def _is_address(text):
@@ -4595,16 +4623,17 @@ def api_usage(handler, params):
 # ============================================================================ balance
 
 
-def provider_get(provider, path, timeout, max_bytes):
-    """GET path from a provider with its key, as ccproxy's own call (not a client's):
-    (status, Content-Type, body bytes, at most max_bytes + 1)."""
+def provider_get(provider, path, timeout, max_bytes, with_key=True):
+    """GET path from a provider, with its key (both ways: x-api-key and Bearer) unless
+    with_key is false, as ccproxy's own call (not a client's): (status, Content-Type, body
+    bytes, at most max_bytes + 1)."""
     parts = urllib.parse.urlsplit(provider.base_url)
     scheme, host = parts.scheme, parts.hostname
     port = parts.port or (443 if scheme == "https" else 80)
     headers = [("Host", parts.netloc.rsplit("@", 1)[-1]), ("anthropic-version", ANTHROPIC_VERSION),
                ("Accept", "application/json"), ("Accept-Encoding", "identity"),
                ("User-Agent", "ccproxy/" + VERSION)]
-    if provider.api_key:
+    if provider.api_key and with_key:
         headers.extend(auth_headers(provider.api_key, "both"))
     conn = open_connection(scheme, host, port, provider.proxy or env_proxy_for(scheme, host), timeout)
     try:
@@ -4614,70 +4643,251 @@ def provider_get(provider, path, timeout, max_bytes):
         conn.close()
 
 
-def billing_json(provider, route):
-    """(JSON object, None, False) from one billing route, else (None, why it is not available,
-    whether the relay simply lacks the route: then it is not asked again for a while)."""
-    status, kind, raw = provider_get(provider, route, BALANCE_TIMEOUT_S, BALANCE_MAX_BYTES)
-    if status in (401, 403):
-        return None, Said("balance_refused", route=route, status=status), False
-    if status != 200:
-        return None, Said("balance_no_route", route=route, status=status), status in (404, 405, 501)
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        obj = None
-    if not isinstance(obj, dict):
-        page = "html" in kind or raw.lstrip()[:1] == b"<"
-        return None, Said("balance_no_route_page" if page else "balance_no_route_json", route=route), True
-    return obj, None, False
+class BalanceRoute:
+    """One way of asking a relay what is left, with the relay's key. answer() returns the
+    balance found, or raises Unanswered: the relay has no such route (missing: ask it again
+    only after a while), or refused the key there."""
+
+    name = ""
+    path = ""
+
+    def __init__(self, provider, site):
+        self.provider, self.site = provider, site
+
+    def url(self):
+        prefix = urllib.parse.urlsplit(self.provider.base_url).path.rstrip("/")
+        return (prefix if self.path.startswith("/v1/") else "") + self.path     # /api/ is at the site's root
+
+    def get(self, path=None, with_key=True):
+        """The JSON object a route answers with, or Unanswered."""
+        route = path or self.url()
+        status, kind, raw = provider_get(self.provider, route, BALANCE_TIMEOUT_S, BALANCE_MAX_BYTES, with_key)
+        if status in (401, 403):
+            raise Unanswered(Said("balance_refused", route=route, status=status), False)
+        if status != 200:
+            raise Unanswered(Said("balance_no_route", route=route, status=status), status in (404, 405, 501))
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            page = "html" in kind or raw.lstrip()[:1] == b"<"
+            raise Unanswered(Said("balance_no_route_page" if page else "balance_no_route_json", route=route), True)
+        return obj
+
+    def no_route(self):
+        return Unanswered(Said("balance_no_route_json", route=self.url()), True)
 
 
-def fetch_balance(provider):
-    """A relay's balance from the OpenAI-style billing routes that NewAPI, OneAPI and their
-    kin answer with the user's own key: subscription's hard_limit_usd is the limit, usage's
-    total_usage (in cents) what is used. A relay without them is "not available", not an error."""
-    if not provider.balance:
+class Unanswered(Exception):
+    def __init__(self, reason, missing):
+        super().__init__(reason)
+        self.reason, self.missing = reason, missing
+
+
+class NewAPISite:
+    """How a NewAPI (or OneAPI) site shows money, from its public /api/status: quota units per
+    unit of money (quota_per_unit, 500000 unless it says), and the display type — USD, CNY
+    (× usd_exchange_rate), a CUSTOM currency, or TOKENS (raw quota); older builds say
+    display_in_currency instead. Asked once per balance check, and only when a route needs it."""
+
+    def __init__(self, provider):
+        self.provider, self.found = provider, None
+
+    def display(self):
+        """(unit, quota units per unit, units per USD or None); unit None: the site does not say."""
+        if self.found is None:
+            self.found = self.ask()
+        return self.found
+
+    def ask(self):
+        try:
+            obj = BalanceRoute(self.provider, self).get("/api/status", with_key=False)
+        except (Unanswered, *NETWORK_ERRORS):
+            return None, NEWAPI_QUOTA_PER_UNIT, None
+        data = obj.get("data") if isinstance(obj.get("data"), dict) else {}
+        per_unit = data.get("quota_per_unit")
+        per_unit = per_unit if _is_number(per_unit) and per_unit > 0 else NEWAPI_QUOTA_PER_UNIT
+        kind = str(data.get("quota_display_type") or "").upper()
+        if not kind and isinstance(data.get("display_in_currency"), bool):
+            kind = "USD" if data["display_in_currency"] else "TOKENS"
+        rate = data.get("usd_exchange_rate")
+        if kind == "CNY" and _is_number(rate) and rate > 0:
+            return "CNY", per_unit / rate, rate
+        custom = data.get("custom_currency_exchange_rate")
+        if kind == "CUSTOM" and _is_number(custom) and custom > 0:
+            return str(data.get("custom_currency_symbol") or "CUSTOM")[:16], per_unit / custom, custom
+        if kind == "TOKENS":
+            return "quota", 1, None
+        return ("USD", per_unit, 1) if kind == "USD" else (None, per_unit, None)
+
+    def money(self, quota):
+        return round(quota / self.display()[1], 4) if _is_number(quota) else None
+
+
+class NewAPIToken(BalanceRoute):
+    """NewAPI's GET /api/usage/token: always this key's own figures, in raw quota units."""
+
+    name, path = "newapi_token", "/api/usage/token"
+
+    def answer(self):
+        obj = self.get()
+        data = obj.get("data")
+        if not (isinstance(data, dict) and data.get("object") == "token_usage"):
+            raise self.no_route()
+        unit, _, rate = self.site.display()
+        found = {"scope": "key", "unit": unit or "USD", "unit_guessed": unit is None, "usd_rate": rate,
+                 "unlimited": bool(data.get("unlimited_quota"))}
+        if not found["unlimited"]:
+            found.update(remaining=self.site.money(data.get("total_available")),
+                         limit=self.site.money(data.get("total_granted")), used=self.site.money(data.get("total_used")))
+        return found
+
+
+class NewAPICredits(BalanceRoute):
+    """Newer NewAPI's GET /v1/credits: {"data": {"total_usage": what is left}} (misnamed), in the
+    site's display unit."""
+
+    name, path = "credits", "/v1/credits"
+
+    def answer(self):
+        data = self.get().get("data")
+        left = data.get("total_usage") if isinstance(data, dict) else None
+        if not _is_number(left):
+            raise self.no_route()
+        unit, _, rate = self.site.display()
+        return {"scope": "account", "unit": unit, "usd_rate": rate, "remaining": round(left, 4)}
+
+
+class Sub2APIUsage(BalanceRoute):
+    """sub2api's GET /v1/usage: a key with its own quota (quota_limited: limit, used, left), or
+    one drawing on a subscription or a wallet (unrestricted: what is left, its plan)."""
+
+    name, path = "sub2api", "/v1/usage"
+
+    def answer(self):
+        obj = self.get()
+        if obj.get("isValid") is False:
+            raise Unanswered(Said("balance_refused", route=self.url(), status=200), False)
+        if obj.get("isValid") is not True or obj.get("mode") not in ("quota_limited", "unrestricted"):
+            raise self.no_route()
+        quota = obj.get("quota") if isinstance(obj.get("quota"), dict) else {}
+        if obj["mode"] == "quota_limited" and _is_number(quota.get("remaining")):
+            return {"scope": "key", "unit": str(quota.get("unit") or obj.get("unit") or "") or None,
+                    "remaining": quota["remaining"], "limit": quota.get("limit"), "used": quota.get("used")}
+        if not _is_number(obj.get("remaining")):
+            raise self.no_route()
+        return {"scope": "account", "unit": str(obj.get("unit") or "") or None, "remaining": obj["remaining"],
+                "plan": str(obj.get("planName") or "")[:60] or None}
+
+
+class BillingPair(BalanceRoute):
+    """The OpenAI-style pair NewAPI, OneAPI and their kin answer: subscription's hard_limit_usd
+    is the limit, usage's total_usage (in cents) what is used — both in the site's display unit
+    (dollars, yuan or raw quota, despite the names), and for the whole account unless the site
+    counts per key."""
+
+    name, path = "billing", "/v1/dashboard/billing/subscription"
+
+    def answer(self):
+        sub = self.get()
+        if not _is_number(sub.get("hard_limit_usd")):
+            raise Unanswered(Said("balance_no_limit"), True)
+        try:
+            usage = self.get(self.url().replace("/subscription", "/usage"))
+        except Unanswered as exc:
+            usage, reason = {}, exc.reason
+        else:
+            reason = Said("balance_no_usage")
+        limit, cents = sub["hard_limit_usd"], usage.get("total_usage")
+        used = round(cents / 100.0, 4) if _is_number(cents) else None
+        unit, _, rate = self.site.display()
+        if limit >= BALANCE_UNLIMITED:
+            return {"scope": "account", "unit": unit, "usd_rate": rate, "unlimited": True}
+        return {"scope": "account", "unit": unit, "usd_rate": rate, "limit": limit, "used": used,
+                "remaining": None if used is None else round(limit - used, 4),
+                "reason": None if used is not None else reason}
+
+
+BALANCE_ROUTES = {route.name: route for route in (NewAPIToken, NewAPICredits, Sub2APIUsage, BillingPair)}
+
+
+def fetch_balance(provider, first=None):
+    """A relay's balance by the first of BALANCE_ROUTES that answers (the one that answered
+    last time, `first`, is asked first; a provider's balance.route asks that one only): what
+    is left in the relay's own unit, whether it is the key's or the account's. A relay with
+    none of them is "not available", not an error. balance.unit overrides a unit guessed wrong."""
+    options = provider.balance
+    if options is False:
         return {"available": False, "reason": Said("balance_off"), "checked_at": None}
     if provider.placeholder_key:
         return {"available": False, "reason": PLACEHOLDER_REASON, "checked_at": None}
-    now = time.time()
-    try:
-        prefix = urllib.parse.urlsplit(provider.base_url).path.rstrip("/")
-        sub, reason, missing = billing_json(provider, prefix + "/v1/dashboard/billing/subscription")
-        if sub is not None and not _is_number(sub.get("hard_limit_usd")):
-            reason, missing = Said("balance_no_limit"), True
-        if reason:
-            return {"available": False, "reason": reason, "checked_at": now, "missing": missing}
-        usage, reason, _ = billing_json(provider, prefix + "/v1/dashboard/billing/usage")
-    except NETWORK_ERRORS as exc:
-        return {"available": False, "reason": describe_network_error(exc), "checked_at": now}
-    limit, cents = sub["hard_limit_usd"], (usage or {}).get("total_usage")
-    used = round(cents / 100.0, 4) if _is_number(cents) else None
-    unlimited = limit >= BALANCE_UNLIMITED
-    return {"available": True, "limit": None if unlimited else limit, "used": used, "unit": "USD",
-            "remaining": None if unlimited or used is None else round(limit - used, 4),
-            "unlimited": unlimited, "checked_at": now,
-            "reason": None if used is not None else reason or Said("balance_no_usage")}
+    now, site = time.time(), NewAPISite(provider)
+    names = [options["route"]] if "route" in options else \
+        sorted(BALANCE_ROUTES, key=lambda n: n != first)        # stable: the rest keep their order
+    reason, missing = None, True
+    for name in names:
+        try:
+            found = BALANCE_ROUTES[name](provider, site).answer()
+        except Unanswered as exc:
+            # a refusal says more than "no such route": keep the first one
+            if reason is None or missing and not exc.missing:
+                reason, missing = exc.reason, exc.missing
+            continue
+        except NETWORK_ERRORS as exc:
+            return {"available": False, "reason": describe_network_error(exc), "checked_at": now}
+        found = dict({"limit": None, "used": None, "remaining": None, "unlimited": False, "reason": None}, **found,
+                     available=True, route=name, checked_at=now)
+        if "unit" in options:
+            found.update(unit=options["unit"], unit_guessed=False)
+        return found
+    if missing and len(names) > 1:
+        reason = Said("balance_none", routes=", ".join(BALANCE_ROUTES[n].path for n in names))
+    return {"available": False, "reason": reason, "checked_at": now, "missing": missing}
+
+
+def balance_low(result, provider, config):
+    """Whether a relay's balance is under its threshold, compared in the relay's own unit:
+    its balance.low, else LOW_BALANCE (in Pricing's currency) — as it is when the units are
+    the same (or the relay's is not known), converted when the relay says its rate to the
+    dollar and Pricing is in dollars, not compared otherwise (raw quota, another currency)."""
+    left = result.get("remaining")
+    if left is None:
+        return False
+    if provider.balance and "low" in provider.balance:
+        return left < provider.balance["low"]
+    threshold, unit = config.low_balance, result.get("unit")
+    if not threshold:
+        return False
+    if unit is None or unit == config.pricing.currency:
+        return left < threshold
+    if config.pricing.currency == "USD" and result.get("usd_rate"):
+        return left < threshold * result["usd_rate"]
+    return False
 
 
 class Balances:
-    """The relays' balances, each fetched at most every BALANCE_TTL_S (a relay without billing
-    routes: every BALANCE_MISSING_TTL_S), several at once."""
+    """The relays' balances, each fetched at most every BALANCE_TTL_S (a relay without any
+    balance route: every BALANCE_MISSING_TTL_S), several at once; the route that answered is
+    remembered per relay and asked first next time."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.known = {}             # provider name -> (monotonic time it expires, result)
+        self.routes = {}            # provider name -> the route that answered
 
     def get(self, providers, refresh=False):
         now = time.monotonic()
         stale = [p for p in providers if refresh or self.known.get(p.name, (0,))[0] <= now]
         if stale:
             with concurrent.futures.ThreadPoolExecutor(min(REFRESH_WORKERS, len(stale))) as executor:
-                results = list(executor.map(fetch_balance, stale))
+                results = list(executor.map(lambda p: fetch_balance(p, self.routes.get(p.name)), stale))
             with self.lock:
                 for provider, result in zip(stale, results):
                     ttl = BALANCE_MISSING_TTL_S if result.pop("missing", False) else BALANCE_TTL_S
                     result["why"] = result["reason"] and why(result["reason"])
+                    if result.get("route"):
+                        self.routes[provider.name] = result["route"]
                     self.known[provider.name] = (now + ttl, result)
         return self.cached([p.name for p in providers])
 
@@ -4685,18 +4895,19 @@ class Balances:
         with self.lock:
             return {n: self.known[n][1] for n in names if n in self.known}
 
-    def low(self, threshold):
-        """The providers whose known remaining balance is under threshold."""
+    def low(self, targets, config):
+        """The providers (of targets: name -> Target) whose known balance is low (balance_low)."""
         with self.lock:
             return frozenset(n for n, (_, r) in self.known.items()
-                             if r.get("remaining") is not None and r["remaining"] < threshold)
+                             if n in targets and balance_low(r, targets[n].provider, config))
 
     def metrics_lines(self):
         with self.lock:
             known = {n: r for n, (_, r) in self.known.items() if r.get("remaining") is not None}
-        out = ["# HELP ccproxy_balance_remaining What a relay's billing routes say is left.",
+        out = ["# HELP ccproxy_balance_remaining What a relay says is left, in its own unit.",
                "# TYPE ccproxy_balance_remaining gauge"]
-        return out + ['ccproxy_balance_remaining{provider="%s",unit="%s"} %s' % (_label(n), r["unit"], r["remaining"])
+        return out + ['ccproxy_balance_remaining{provider="%s",unit="%s",scope="%s"} %s'
+                      % (_label(n), _label(r["unit"] or "unknown"), r.get("scope", "account"), r["remaining"])
                       for n, r in sorted(known.items())]
 
 
@@ -5338,7 +5549,8 @@ def api_state(handler, params=None):
         "cache": handler.server.recorder.cache_status(),
         "cache_warn_pct": config.cache_warn_pct,
         "switch": switch_estimate(handler.server, view),
-        "balances": handler.server.balances.cached([p.name for p in config.providers]),
+        "balances": {n: dict(r, low=balance_low(r, view.targets[n].provider, config))
+                     for n, r in handler.server.balances.cached(list(view.targets)).items()},
         "low_balance": config.low_balance,
     }
 
@@ -6089,7 +6301,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def housekeeping(self):
         """Every STATE_POLL_S: take what other ccproxy processes changed (Store.sync). Every
-        BALANCE_TTL_S with LOW_BALANCE set: ask the relays of the failover order for their
+        BALANCE_TTL_S with LOW_BALANCE_LAST set: ask the relays of the failover order for their
         balance, so a low one moves to its end (LOW_BALANCE_LAST) with the page closed."""
         balances_at = time.monotonic()
         while not self.stopping.wait(STATE_POLL_S):
@@ -6097,7 +6309,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
                 self.store.sync()
                 if time.monotonic() - balances_at >= BALANCE_TTL_S:
                     balances_at = time.monotonic()
-                    if self.store.view.config.low_balance:
+                    if self.store.view.config.low_balance_last:
                         self.check_balances()
             except Exception:
                 log.exception("housekeeping failed; trying again")
@@ -6110,8 +6322,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             names = [view.selected] + list(view.fallback)
         found = self.balances.get([view.targets[n].provider for n in names if n in view.targets], refresh)
         config = view.config
-        self.health.low_balance = self.balances.low(config.low_balance) \
-            if config.low_balance and config.low_balance_last else frozenset()
+        self.health.low_balance = self.balances.low(view.targets, config) if config.low_balance_last else frozenset()
         return found
 
     def track(self, conn):

@@ -75,7 +75,10 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
         if action is not None and self.act(action, body):
             return
         path = self.path.partition("?")[0]
-        if path.endswith("/v1/models"):
+        route = mock.balance_routes.get(path) if self.command == "GET" else None
+        if route is not None:
+            self.send_json(*route(self.headers))
+        elif path.endswith("/v1/models"):
             self.models()
         elif path.endswith("/v1/dashboard/billing/subscription") and mock.billing:
             self.send_json(200, {"object": "billing_subscription", "has_payment_method": True,
@@ -296,6 +299,7 @@ class MockUpstream:
         # A NewAPI/OneAPI-style relay: {"hard_limit_usd": 100, "total_usage": cents} answers
         # the billing routes; None leaves them 404, as a relay without them.
         self.billing = None
+        self.balance_routes = {}        # path -> f(headers) -> (status, JSON): newapi(), sub2api()
         self.requests = []
         self.connections = 0
         self.actions = []
@@ -381,6 +385,38 @@ class MockUpstream:
     @property
     def last(self):
         return self.requests[-1]
+
+    # -- what a relay panel answers about money, shaped after NewAPI's and sub2api's handlers
+
+    def newapi(self, display="USD", rate=None, per_unit=500000, token=None, credits=None, old=False):
+        """Answer as a NewAPI site: the public /api/status with how it shows money (old: the
+        older display_in_currency flag instead of quota_display_type); /api/usage/token, for a
+        Bearer key only, with this key's figures in raw quota units (token: {"granted", "used"}
+        or {"unlimited": True}); /v1/credits with what is left in display units (credits)."""
+        status = {"quota_per_unit": per_unit, "version": "v0.9.0"}
+        if old:
+            status["display_in_currency"] = display != "TOKENS"
+        else:
+            status["quota_display_type"] = display
+            status["usd_exchange_rate"] = rate if rate is not None else 7.3
+        self.balance_routes["/api/status"] = lambda h: (200, {"success": True, "message": "", "data": status})
+        if token is not None:
+            def usage_token(headers):
+                auth = headers.get("Authorization") or ""
+                if not auth.startswith("Bearer ") or auth.endswith("bad"):
+                    return 401, {"success": False, "message": "无效的令牌"}
+                granted, used = token.get("granted", 0), token.get("used", 0)
+                return 200, {"code": True, "message": "ok", "data": {
+                    "object": "token_usage", "name": "Default Token", "total_granted": granted, "total_used": used,
+                    "total_available": granted - used, "unlimited_quota": bool(token.get("unlimited")),
+                    "model_limits": {}, "model_limits_enabled": False, "expires_at": 0}}
+            self.balance_routes["/api/usage/token"] = usage_token
+        if credits is not None:
+            self.balance_routes["/v1/credits"] = lambda h: (200, {"data": {"total_usage": credits}})
+
+    def sub2api(self, answer):
+        """Answer GET /v1/usage as sub2api does (answer: its JSON, see the tests' shapes)."""
+        self.balance_routes["/v1/usage"] = lambda h: (200, answer)
 
     def close(self):
         self.server.shutdown()

@@ -259,10 +259,13 @@ def test_manage_relays_through_the_page(browser, ui_proxy, upstream, lang, width
     fill(browser, "ed-key", "sk-new-secret-1234567890")
     fill(browser, "ed-models", "claude-sonnet-4-5\nglm-4.6")
     fill(browser, "ed-comment", LONG)
+    fill(browser, "ed-balance-unit", "CNY")                              # the relay's unit, said by hand
+    fill(browser, "ed-balance-low", "5")
     save_editor(browser)
     wait(browser, lambda d: "新中转" in card_names(d))
     entry = config_on_disk(ui_proxy)["Providers"][-1]
     assert entry["name"] == "新中转" and entry["api_key"] == "sk-new-secret-1234567890"
+    assert entry["balance"] == {"unit": "CNY", "low": 5}
     assert "sk-new-secret" not in browser.page_source                  # the key is write-only
     # edit: rename it; the key stays
     click(browser, lambda d: provider_card(d, "新中转").find_element(By.CSS_SELECTOR, "button.name"))
@@ -428,6 +431,7 @@ def test_screenshots_light_and_dark(browser, tmp_path, upstream, upstream2):
     with open(os.path.join(ROOT, "config.in.json"), encoding="utf-8") as f:
         config["Pricing"] = json.load(f)["Pricing"]          # the template's list prices
     upstream.billing = {"hard_limit_usd": 50, "total_usage": 1234}
+    upstream.newapi(display="USD")                       # a NewAPI site in dollars
     proxy = start_proxy(write_config(tmp_path / "config.json", config))
     try:
         browser.set_window_size(1280, 1500)
@@ -653,6 +657,7 @@ def test_usage_cost_cache_and_balance_in_the_page(browser, tmp_path, upstream, u
     config["Providers"][0].update(name="中转站A", price_multiplier=0.5)
     config["Providers"][2]["name"] = "🚀备用"
     upstream.billing = {"hard_limit_usd": 100, "total_usage": 2550}
+    upstream.newapi(display="USD")
     upstream.usage = {"input_tokens": 100, "cache_read_input_tokens": 1000, "cache_creation_input_tokens": 5000}
     proxy = start_proxy(write_config(tmp_path / "config.json", config))
     words = {"en": ("74.50 USD left", "requests", "cache hit rate 16.4%", "no price", "context", "no price in Pricing"),
@@ -669,6 +674,7 @@ def test_usage_cost_cache_and_balance_in_the_page(browser, tmp_path, upstream, u
         proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": []})
         login(browser, proxy, lang)
         wait(browser, lambda d: words[0] in provider_card(d, "中转站A").text)
+        assert {"en": "the whole account's", "zh": "整个账户的"}[lang] in text_of(browser, "detail-balance")
         assert "中转站A" in text_of(browser, "cache-warning") and words[2] in text_of(browser, "cache-warning")
         # Charts: a column per day of the range; the values are the points' names.
         go(browser, "usage")

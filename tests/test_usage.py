@@ -265,9 +265,12 @@ def test_balance_from_the_billing_routes_and_not_available_without_them(relays, 
     status, body = proxy.api("GET", "/api/balance")
     assert status == 200
     main, spare = body["balances"][MAIN], body["balances"][SPARE]
-    assert main["available"] is True and main["unit"] == "USD"
+    # a relay that does not say how it shows money (no /api/status): the unit is not guessed
+    assert main["available"] is True and main["unit"] is None and main["route"] == "billing"
     assert (main["limit"], main["used"], main["remaining"]) == (100, 25.5, 74.5) and main["checked_at"]
-    assert spare["available"] is False and "no /v1/dashboard/billing/subscription (HTTP 404)" in spare["reason"]
+    assert main["scope"] == "account"
+    assert spare["available"] is False and spare["why"]["code"] == "balance_none"
+    assert "/v1/dashboard/billing/subscription" in spare["reason"]
     # The relay's own key was sent; ccproxy's APIKEY never was.
     asked = [r for r in upstream.requests if r.path.endswith("/subscription")][0]
     assert KEY_A in (asked.headers.get("x-api-key"), asked.headers.get("authorization", "").partition(" ")[2])
@@ -276,8 +279,14 @@ def test_balance_from_the_billing_routes_and_not_available_without_them(relays, 
     hits = billing_hits(upstream)
     proxy.api("GET", "/api/balance")
     assert billing_hits(upstream) == hits and billing_hits(upstream2) == 1
+    # the route that answered is asked first next time: no more 404s on the others
+    before = len(upstream.requests)
+    proxy.api("GET", "/api/balance?refresh=1")
+    assert [r.path for r in upstream.requests[before:]][0] == "/v1/dashboard/billing/subscription"
     assert proxy.api("GET", "/api/state")[1]["balances"][MAIN]["remaining"] == 74.5
-    line = 'ccproxy_balance_remaining{provider="%s",unit="USD"} 74.5' % MAIN
+    upstream.newapi(display="USD")                                        # a NewAPI site in dollars
+    assert proxy.api("GET", "/api/balance?refresh=1")[1]["balances"][MAIN]["unit"] == "USD"
+    line = 'ccproxy_balance_remaining{provider="%s",unit="USD",scope="account"} 74.5' % MAIN
     assert line in proxy.call("GET", "/metrics")[2].decode()
     upstream.billing = {"hard_limit_usd": 100000000, "total_usage": 100}
     assert proxy.api("GET", "/api/balance?refresh=1")[1]["balances"][MAIN]["unlimited"] is True
