@@ -917,10 +917,10 @@ def test_views_nothing_covered_and_phone_targets(browser, tmp_path, upstream, up
         if phone:
             # The switcher first: the first cards, with their "use" button, are on the first
             # screen, and one tap switches (no conversation under way: nothing to warn of).
-            use = provider_card(browser, "中转站乙").find_element(By.CSS_SELECTOR, "[data-action=select]")
-            bottom = browser.execute_script("return arguments[0].getBoundingClientRect().bottom", use)
+            use = '[data-name="中转站乙"] [data-action=select]'
+            bottom = browser.execute_script("return document.querySelector(arguments[0]).getBoundingClientRect().bottom", use)
             assert 0 < bottom <= browser.execute_script("return innerHeight") - 60      # above the tab bar
-            use.click()
+            wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, use).click() or True)
             wait(browser, lambda d: proxy.store.view.selected == "中转站乙")
         proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []})
         for view in ("relays", "usage", "requests", "keys", "settings"):
