@@ -24,7 +24,7 @@ or guarded by its owner's lock; the pool needs no lock.
 Sections, in file order (grep -n '^# ===' ccproxy.py):
   constants, errors, messages, config, files, state, config editing, HTTP messages, Anthropic requests and replies,
   relay compatibility, upstream client, providers: discovery and tests, relay, observability,
-  usage and cost, balance, team keys, health and failover, web UI API, web page, request handler,
+  usage and cost, balance, team keys, health and failover, Claude Code settings, web UI API, web page, request handler,
   server factory and CLI.
 
 Run:   python3 ccproxy.py [--config config.json] [--host H] [--port P] [--debug]
@@ -191,6 +191,15 @@ TOP_KEYS = ("HOST", "PORT", "APIKEY", "LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_M
             "Pricing", "USAGE_DB", "CACHE_WARN_PCT", "LOW_BALANCE", "LOW_BALANCE_LAST", "Keys",
             "TRUSTED_PROXIES")
 ALIAS_PREFIX = "claude-via-"        # every provider's models, as ids Claude Code's /model lists
+MODEL_DESCRIPTION_MAX = 100         # Claude Code cuts a /v1/models description here
+PRICED_RECENT = 1000                # the recent requests whose model ids modelPricing covers
+# The Claude model whose profile (context window, effort levels) a relay's own model gets in
+# /model when the relay's env-models maps that family to it (modelPicker's behavesAs).
+FAMILY_PROFILES = {"haiku": "claude-haiku-4-5", "sonnet": "claude-sonnet-4-5", "opus": "claude-opus-4-5"}
+# Where Claude Code reads managed settings (the only source of modelPricing it honours).
+MANAGED_SETTINGS = (("linux", "/etc/claude-code/managed-settings.json"),
+                    ("macos", "/Library/Application Support/ClaudeCode/managed-settings.json"),
+                    ("windows", "C:\\Program Files\\ClaudeCode\\managed-settings.json"))
 # Failures that move a request to the next provider, if no byte has reached the client yet.
 FAILOVER_STATUSES = frozenset([401, 403, 408, 429] + list(range(500, 600)))    # every 5xx: 529, Cloudflare's 52x
 COUNT_TOKENS_MISSING = frozenset([404, 405, 501])
@@ -2479,22 +2488,6 @@ class Usage:
                 "cache_creation": self.cache_creation}
 
 
-def claude_settings(base_url, key, env_models, auth=None, gateway=False):
-    """A Claude Code settings object ({"env": …}) that talks to base_url; empty values left out.
-
-    A provider that wants x-api-key gets ANTHROPIC_API_KEY (sent as x-api-key), any other
-    ANTHROPIC_AUTH_TOKEN (sent as Authorization: Bearer). gateway: the settings for ccproxy
-    itself, with Claude Code's gateway model discovery on, so its /model lists every
-    provider's models (their aliases).
-    """
-    env = {"ANTHROPIC_BASE_URL": base_url,
-           "ANTHROPIC_API_KEY" if auth == "x-api-key" else "ANTHROPIC_AUTH_TOKEN": key}
-    if gateway:
-        env["CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY"] = "1"
-    env.update(env_models)
-    return {"env": {k: v for k, v in env.items() if v}}
-
-
 def key_hint(key):
     """Enough of a key to tell it from another: at most its last 4 characters and an "sk-"
     prefix, and never more than a quarter of the key."""
@@ -2540,9 +2533,10 @@ def sane_model_id(model_id):
     return len(model_id) <= MODEL_ID_MAX and not _UNPRINTABLE.search(model_id)
 
 
-def model_page(models, query, display=None):
+def model_page(models, query, display=None, describe=None):
     """Anthropic's GET /v1/models list shape for our models, honouring limit/after_id/before_id;
-    display(id) gives a model's display_name (its id by default)."""
+    display(id) gives a model's display_name (its id by default), describe(id) its description
+    (Claude Code shows it under the row in /model)."""
     params = urllib.parse.parse_qs(query)
     try:
         limit = max(1, min(1000, int(params.get("limit", ["20"])[0])))
@@ -2555,13 +2549,17 @@ def model_page(models, query, display=None):
     if before in ids:
         ids = ids[:ids.index(before)][-limit:]
     page = ids[:limit]
-    return {"data": [model_object(m, display(m) if display else m) for m in page], "has_more": len(ids) > len(page),
+    return {"data": [model_object(m, display(m) if display else m, describe(m) if describe else None) for m in page],
+            "has_more": len(ids) > len(page),
             "first_id": page[0] if page else None, "last_id": page[-1] if page else None}
 
 
-def model_object(model_id, display_name=None):
-    return {"type": "model", "id": model_id, "display_name": display_name or model_id,
-            "created_at": "1970-01-01T00:00:00Z"}
+def model_object(model_id, display_name=None, description=None):
+    found = {"type": "model", "id": model_id, "display_name": display_name or model_id,
+             "created_at": "1970-01-01T00:00:00Z"}
+    if description:
+        found["description"] = description[:MODEL_DESCRIPTION_MAX]
+    return found
 
 
 class Exchange:
@@ -5402,6 +5400,122 @@ def no_candidate(view):
     return NoProvider(Said("no_provider"))
 
 
+# ============================================================================ Claude Code settings
+#
+# What ccproxy writes for Claude Code to read: the settings.json env that points it here, the
+# managed settings that make its spend figures the relays' (modelPricing), and /model rows
+# labelled by relay (modelPicker). Shapes as Claude Code 2.1.332 reads them.
+
+
+def claude_settings(base_url, key, env_models, auth=None, gateway=False):
+    """A Claude Code settings object ({"env": …}) that talks to base_url; empty values left out.
+
+    A provider that wants x-api-key gets ANTHROPIC_API_KEY (sent as x-api-key), any other
+    ANTHROPIC_AUTH_TOKEN (sent as Authorization: Bearer). gateway: the settings for ccproxy
+    itself, with Claude Code's gateway model discovery on, so its /model lists every
+    provider's models (their aliases).
+    """
+    env = {"ANTHROPIC_BASE_URL": base_url,
+           "ANTHROPIC_API_KEY" if auth == "x-api-key" else "ANTHROPIC_AUTH_TOKEN": key}
+    if gateway:
+        env["CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY"] = "1"
+    env.update(env_models)
+    return {"env": {k: v for k, v in env.items() if v}}
+
+
+def relay_prices(pricing, provider, model):
+    """modelPricing's prices of a model on a relay (Pricing × its multiplier), or None."""
+    rates = pricing.rates(model)
+    if rates is None:
+        return None
+    scaled = [round(r * provider.price_multiplier, 6) for r in rates]
+    return dict(zip(("input", "output", "cacheRead", "cacheWrite"), scaled))
+
+
+def relay_summary(server, name):
+    """A relay in a few words for a /model row: its balance and its first-byte median."""
+    balance = server.balances.cached([name]).get(name) or {}
+    p50 = (server.recorder.stats()["providers"].get(name) or {}).get("ttfb_p50_ms")
+    parts = [name]
+    if balance.get("unlimited"):
+        parts.append("unlimited")
+    elif balance.get("remaining") is not None:
+        parts.append(" ".join(filter(None, ("%.2f" % balance["remaining"], balance.get("unit"), "left"))))
+    if p50 is not None:
+        parts.append("p50 %d ms" % p50)
+    return " · ".join(parts)[:MODEL_DESCRIPTION_MAX]
+
+
+def pricing_overrides(server, view):
+    """modelPricing.overrides: each relay's models under their aliases, at the relay's price;
+    and the ids Claude Code asks for by name — the selected relay's models, the env-models it
+    is told to use, Pricing's exact Claude ids, the ids seen in recent requests — at the price
+    of what ccproxy sends for them, on the relay that serves them (a Routes entry, else the
+    selected one). Claude Code matches a key exactly (a Claude id covers its dated spellings)."""
+    config, overrides = view.config, {}
+    tokens = provider_tokens(list(view.targets))
+    for name, target in view.targets.items():
+        for model in target.models:
+            prices = relay_prices(config.pricing, target.provider, model)
+            if prices:
+                overrides[model_alias(tokens[name], model)] = prices
+    seen = [rec.get("model") for rec in server.recorder.newest(PRICED_RECENT)]
+    asked = (list(view.target.models) if view.target else []) + list(effective_env_models(config.env_models, {}).values()) \
+        + [m for m in config.pricing.exact if m.startswith("claude-")] + [m for m in seen if m]
+    for model in asked:
+        target = view.targets.get(config.route_for(model) or view.selected)
+        if target is None or model.startswith(ALIAS_PREFIX) or model in overrides:
+            continue
+        sent = map_model(model, target.model_set, target.env_models) if config.model_mapping else model
+        prices = relay_prices(config.pricing, target.provider, sent)
+        if prices:
+            overrides[model] = prices
+    return dict(sorted(overrides.items()))
+
+
+def model_picker(server, view):
+    """modelPicker: a /model row per relay and model, "glm-4.6 · 中转站A", its alias as the id; a
+    model that is not Claude's behaves as the Claude family its relay maps to it."""
+    tokens, options = provider_tokens(list(view.targets)), []
+    for name, target in view.targets.items():
+        families = {model: family for family, var in FAMILY_VARS
+                    for model in [target.env_models.get(var)] if model}
+        summary = relay_summary(server, name)
+        for model in target.models:
+            option = {"model": model_alias(tokens[name], model), "label": "%s · %s" % (model, name),
+                      "description": summary}
+            if not model.startswith("claude") and model in families:
+                option["behavesAs"] = FAMILY_PROFILES[families[model]]
+            options.append(option)
+    return {"modelPicker": {"options": options, "replaceBuiltInOptions": False}}
+
+
+def api_claude_code(handler, params):
+    """The managed settings that make Claude Code's spend figures the relays' prices, where
+    each system keeps them and how to put them there; and the /model rows by relay."""
+    view = handler.server.store.view
+    managed = {"modelPricing": {"overrides": pricing_overrides(handler.server, view)}}
+    text = json.dumps(managed, ensure_ascii=False, indent=2)
+    return 200, {"managed": managed, "currency": view.config.pricing.currency, "selected": view.selected,
+                 "paths": dict(MANAGED_SETTINGS), "install": {system: install_command(system, path, text)
+                                                              for system, path in MANAGED_SETTINGS},
+                 "picker": model_picker(handler.server, view)}
+
+
+def install_command(system, path, text):
+    """One command that writes text to path (administrator rights; it replaces the file)."""
+    if system == "windows":
+        folder = path.rsplit("\\", 1)[0]        # UTF-8 without a byte-order mark, as the JSON is
+        return ("New-Item -ItemType Directory -Force '%s' | Out-Null; [IO.File]::WriteAllText('%s', @'\n%s\n'@)"
+                % (folder, path, text))
+    folder = path.rsplit("/", 1)[0]
+    return "sudo mkdir -p %s && sudo tee %s >/dev/null <<'EOF'\n%s\nEOF" % (shell_quote(folder), shell_quote(path), text)
+
+
+def shell_quote(text):
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
 # ============================================================================ web UI API
 
 
@@ -5525,7 +5639,6 @@ def api_state(handler, params=None):
         "version": VERSION,
         "selected": view.selected,
         "proxy_url": handler.proxy_url(),
-        "config_path": os.path.abspath(config.path),
         "loaded_at": config.loaded_at,
         "reload_error": handler.server.store.reload_error,
         "model_mapping": config.model_mapping,
@@ -5718,7 +5831,14 @@ def list_models(handler, params):
     target = selected_target(handler)
     view = handler.server.store.view
     ids = view.model_ids if handler.user is None else visible_models(handler.user, view)
-    page = model_page(ids, handler.query, alias_display(handler.server, view))
+    summaries = {}
+
+    def describe(model_id):         # the relay that answers it, its balance and first-byte median
+        name = view.aliases.get(model_id, (view.selected,))[0]
+        if name not in summaries:
+            summaries[name] = relay_summary(handler.server, name)
+        return summaries[name]
+    page = model_page(ids, handler.query, alias_display(handler.server, view), describe)
     exchange = params["exchange"]
     exchange.status = 200
     exchange.say("models", "answered by ccproxy: %s of %s models (%s's and every provider's aliases)",
@@ -6229,6 +6349,7 @@ ROUTES = (
     Route("DELETE", "/api/keys/{name}", "admin", api_delete_key),
     Route("GET", "/api/providers/{name}/key", "admin", api_key),
     Route("GET", "/api/config", "admin", api_config),
+    Route("GET", "/api/claude-code", "admin", api_claude_code),
     Route("PUT", "/api/providers/{name}", "admin", api_put_provider),
     Route("DELETE", "/api/providers/{name}", "admin", api_delete_provider),
     Route("POST", "/api/providers/{name}/duplicate", "admin", api_duplicate_provider),

@@ -411,6 +411,16 @@ def test_clipboard_copy_and_chinese(browser, ui_proxy):
     copied = browser.execute_async_script("navigator.clipboard.readText().then(arguments[0], e => arguments[0]('ERR ' + e))")
     assert copied == ui_proxy.url
     assert not browser.find_element(By.ID, "menu").is_displayed()          # a choice closes the menu
+    # Settings → Claude Code: the command that installs the managed settings with relay prices
+    go(browser, "settings")
+    wait(browser, lambda d: "/model" in d.find_element(By.ID, "cc-count").text)
+    assert browser.find_element(By.ID, "cc-path").text == "/etc/claude-code/managed-settings.json"
+    click(browser, lambda d: d.find_element(By.ID, "cc-copy-install"))
+    wait(browser, lambda d: "managed-settings.json" in d.execute_async_script(
+        "navigator.clipboard.readText().then(arguments[0], e => arguments[0]('ERR ' + e))"))
+    command = browser.execute_async_script("navigator.clipboard.readText().then(arguments[0])")
+    assert command.startswith("sudo mkdir -p '/etc/claude-code'") and '"modelPricing"' in command
+    go(browser, "relays")
     menu(browser, ".lang-toggle")
     wait(browser, lambda d: text_of(d, "reload") == "重载配置")
     assert browser.find_element(By.CSS_SELECTOR, "label[for=fallback-add]").text == "要添加的供应商"
