@@ -24,7 +24,7 @@ or guarded by its owner's lock; the pool needs no lock.
 Sections, in file order (grep -n '^# ===' ccproxy.py):
   constants, errors, messages, config, files, state, config editing, HTTP messages, Anthropic requests and replies,
   relay compatibility, upstream client, providers: discovery and tests, relay, observability,
-  usage and cost, balance, team keys, health and failover, Claude Code settings, web UI API, web page, request handler,
+  usage and cost, conversations, balance, team keys, health and failover, Claude Code settings, web UI API, web page, request handler,
   server factory and CLI.
 
 Run:   python3 ccproxy.py [--config config.json] [--host H] [--port P] [--debug]
@@ -193,6 +193,8 @@ TOP_KEYS = ("HOST", "PORT", "APIKEY", "LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_M
 ALIAS_PREFIX = "claude-via-"        # every provider's models, as ids Claude Code's /model lists
 MODEL_DESCRIPTION_MAX = 100         # Claude Code cuts a /v1/models description here
 PRICED_RECENT = 1000                # the recent requests whose model ids modelPricing covers
+SESSION_MAX = 100                   # characters kept of a conversation's id
+SESSIONS_LIMIT = 200                # conversations GET /api/sessions lists at most
 # The Claude model whose profile (context window, effort levels) a relay's own model gets in
 # /model when the relay's env-models maps that family to it (modelPicker's behavesAs).
 FAMILY_PROFILES = {"haiku": "claude-haiku-4-5", "sonnet": "claude-sonnet-4-5", "opus": "claude-opus-4-5"}
@@ -4469,6 +4471,7 @@ class UsageStore:
                         self.conn.execute("INSERT INTO usage (hour, provider, model, key_name, %s) VALUES "
                                           "(?, ?, ?, ?, %s)" % (", ".join(self.SUMS), ", ".join("?" * len(self.SUMS))),
                                           list(group) + values)
+                add_conversations(self.conn, records)
         except sqlite3.Error as exc:
             # Once a minute at most: a broken file must not fill the log at every batch.
             self.retry_at = time.monotonic() + USAGE_RETRY_S
@@ -4506,12 +4509,17 @@ def open_store(path, check_same_thread=True):
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA cache_size=-256")          # KiB: the roll-ups are small, memory is not
+    sums = ", ".join("%s %s NOT NULL DEFAULT 0" % (c, "REAL" if c == "cost" else "INTEGER") for c in UsageStore.SUMS)
     conn.execute("CREATE TABLE IF NOT EXISTS usage (hour TEXT NOT NULL, provider TEXT NOT NULL, "
                  "model TEXT NOT NULL, key_name TEXT NOT NULL DEFAULT '', %s, "
-                 "PRIMARY KEY (hour, provider, model, key_name))"
-                 % ", ".join("%s %s NOT NULL DEFAULT 0" % (c, "REAL" if c == "cost" else "INTEGER")
-                             for c in UsageStore.SUMS))
+                 "PRIMARY KEY (hour, provider, model, key_name))" % sums)
     conn.execute("CREATE INDEX IF NOT EXISTS usage_by_key ON usage (key_name, hour)")
+    # A conversation's figures per relay (add_conversations): a table of its own, so a store
+    # made by an older ccproxy gains it as it is opened.
+    conn.execute("CREATE TABLE IF NOT EXISTS conversations (session TEXT NOT NULL, provider TEXT NOT NULL, "
+                 "key_name TEXT NOT NULL DEFAULT '', first_seen REAL NOT NULL, last_seen REAL NOT NULL, "
+                 "model TEXT NOT NULL DEFAULT '', %s, PRIMARY KEY (session, provider))" % sums)
+    conn.execute("CREATE INDEX IF NOT EXISTS conversations_by_time ON conversations (last_seen)")
     return conn
 
 
@@ -4616,6 +4624,144 @@ def api_usage(handler, params):
                              % (report["from"], report["to"])), ("Cache-Control", "no-store")])
         return None
     return 200, report
+
+
+# ============================================================================ conversations
+#
+# Claude Code sends X-Claude-Code-Session-Id with every request of a conversation. The usage
+# store keeps a conversation's figures per relay (the conversations table), so the page lists
+# what each conversation cost, and Claude Code's status line says it as it goes.
+
+
+def session_of(headers):
+    """The conversation a request belongs to (its X-Claude-Code-Session-Id, printable, cut to
+    SESSION_MAX), or None."""
+    value = (headers.get("X-Claude-Code-Session-Id") or "").strip()
+    return escape_unprintable(value)[:SESSION_MAX] or None
+
+
+def add_conversations(conn, records):
+    """Add a batch of records to the conversations table, within the caller's transaction."""
+    batch = {}
+    for rec in records:
+        if not rec.get("session"):
+            continue
+        for (_, provider, model, key), sums in UsageStore.rows_of(rec):
+            entry = batch.setdefault((rec["session"], provider), {"sums": dict.fromkeys(UsageStore.SUMS, 0),
+                                                                  "first": rec["time"], "key": key})
+            for column, value in sums.items():
+                entry["sums"][column] += value
+            entry.update(last=rec["time"], model=model)
+    adding = ", ".join("%s = %s + ?" % (c, c) for c in UsageStore.SUMS)
+    for (session, provider), entry in batch.items():
+        values = [entry["sums"][c] for c in UsageStore.SUMS]
+        if not conn.execute("UPDATE conversations SET %s, last_seen = MAX(last_seen, ?), model = ? WHERE session = ? "
+                            "AND provider = ?" % adding, values + [entry["last"], entry["model"], session, provider]).rowcount:
+            conn.execute("INSERT INTO conversations (session, provider, key_name, first_seen, last_seen, model, %s) "
+                         "VALUES (?, ?, ?, ?, ?, ?, %s)" % (", ".join(UsageStore.SUMS), ", ".join("?" * len(UsageStore.SUMS))),
+                         [session, provider, entry["key"], entry["first"], entry["last"], entry["model"]] + values)
+
+
+def conversations(store, currency, limit=SESSIONS_LIMIT, key=None, session=None):
+    """The newest conversations (or one), each with its relays and its figures (usage_row):
+    [{"session", "first", "last", "relays", "key", "model", …}]."""
+    conn = store.connect()
+    try:
+        where, args = [], []
+        for column, value in (("key_name", key), ("session", session)):
+            if value is not None:
+                where.append("%s = ?" % column)
+                args.append(value)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        sessions = [row[0] for row in conn.execute(
+            "SELECT session FROM conversations%s GROUP BY session ORDER BY MAX(last_seen) DESC LIMIT ?" % clause,
+            args + [limit])]
+        rows = conn.execute("SELECT session, provider, key_name, first_seen, last_seen, model, %s FROM conversations "
+                            "WHERE session IN (%s) ORDER BY last_seen" % (", ".join(UsageStore.SUMS), ", ".join("?" * len(sessions))),
+                            sessions).fetchall() if sessions else []
+    finally:
+        conn.close()
+    found = {s: {"session": s, "relays": [], "first": None, "last": None,
+                 "sums": dict.fromkeys(UsageStore.SUMS, 0)} for s in sessions}
+    for row in rows:
+        entry = found[row[0]]
+        entry["relays"].append(row[1])
+        entry.update(key=row[2] or None, model=row[5], first=min(entry["first"] or row[3], row[3]), last=max(entry["last"] or 0, row[4]))
+        for column, value in zip(UsageStore.SUMS, row[6:]):
+            entry["sums"][column] += value or 0
+    return [dict(usage_row(e.pop("sums"), currency), **e) for e in (found[s] for s in sessions)]
+
+
+def api_sessions(handler, params):
+    """GET /api/sessions: the newest conversations (?limit=, at most SESSIONS_LIMIT)."""
+    store = handler.server.recorder.usage
+    if store is None:
+        raise ProxyError(Said("usage_off"), 404, "not_found_error")
+    try:
+        limit = max(1, min(SESSIONS_LIMIT, int(handler.query_params().get("limit", [SESSIONS_LIMIT])[0])))
+    except ValueError:
+        raise ClientError(Said("requests_limit"))
+    return 200, {"sessions": conversations(store, handler.server.store.view.config.pricing.currency, limit)}
+
+
+# Claude Code's status line, in the language its command asked for.
+STATUS_WORDS = {"en": {"conversation": "this chat %s", "today": "today %s", "balance": "%s left", "down": "ccproxy ?"},
+                "zh": {"conversation": "本次 %s", "today": "今日 %s", "balance": "余额 %s", "down": "ccproxy ?"}}
+
+
+def api_status_line(handler, params):
+    """POST /api/status-line with the JSON Claude Code gives its status-line command: one line,
+    the relay · this conversation's cost · today's · the relay's balance (a user key: its own
+    today and its limits left). Only what ccproxy has at hand: it answers at once."""
+    words = STATUS_WORDS.get(handler.query_params().get("lang", ["en"])[0], STATUS_WORDS["en"])
+    try:
+        body = handler.json_body()
+    except ClientError:
+        body = {}                   # a line still: what ccproxy knows without the conversation
+    session = body.get("session_id") if isinstance(body, dict) else None
+    server, view = handler.server, handler.server.store.view
+    currency, user = view.config.pricing.currency, handler.user
+    money = lambda v: "%s %s" % (amount_text(v), currency)            # noqa: E731
+    store = server.recorder.usage
+    found = conversations(store, currency, 1, session=str(session)[:SESSION_MAX]) if store and session else []
+    relay = found[0]["relays"][-1] if found else view.selected
+    parts = [user.name if user else relay or "ccproxy"]
+    if found and found[0]["cost"] is not None:
+        parts.append(words["conversation"] % money(found[0]["cost"]))
+    if user is not None:
+        report = key_report(server, user, time.time())
+        spent = report["used"].get("cost_per_day")
+        limit = report.get("cost_per_day")
+        if spent is not None:
+            parts.append(words["today"] % (money(spent) + (" / " + amount_text(limit) if limit else "")))
+    elif store is not None:
+        day = time.strftime("%Y-%m-%d")
+        today = dict.fromkeys(UsageStore.SUMS, 0)
+        for _, sums in store.query(day, day, []):
+            today = sums
+        cost = usage_row(today, currency)["cost"]
+        if cost is not None:
+            parts.append(words["today"] % money(cost))
+        balance = server.balances.cached([relay]).get(relay) or {}
+        if balance.get("remaining") is not None:
+            parts.append(words["balance"] % " ".join(filter(None, (amount_text(balance["remaining"]), balance.get("unit")))))
+    handler.send_bytes(200, (" · ".join(parts) + "\n").encode("utf-8"), "text/plain; charset=utf-8",
+                       [("Cache-Control", "no-store")])
+    return None
+
+
+def amount_text(value):
+    """An amount of money as a status line shows it: cents, or the digits a small one needs
+    (a single request often costs a fraction of a cent)."""
+    return "%.2f" % value if value >= 1 or value == 0 else "%.3f" % value if value >= 0.01 else "%.5f" % value
+
+
+def status_line_settings(base_url, key, lang):
+    """Claude Code's statusLine setting: a curl command (macOS, Linux, Windows 10+ have it) that
+    gives ccproxy the status JSON on stdin and prints its line; a short mark when ccproxy is down."""
+    command = ("curl -sf -m 2 --data-binary @- -H 'Content-Type: application/json' -H 'x-api-key: %s' "
+               "'%s/api/status-line?lang=%s' || echo 'ccproxy ?'" % (key, base_url, lang))
+    return {"statusLine": {"type": "command", "command": command, "padding": 0}}
 
 
 # ============================================================================ balance
@@ -5645,6 +5791,8 @@ def api_state(handler, params=None):
         "env_models": effective_env_models(config.env_models, {}),
         "proxy_settings": claude_settings(handler.proxy_url(), "", effective_env_models(config.env_models, {}),
                                           gateway=True),
+        # the page puts the key ({key}) and its language ({lang}) in
+        "status_line": status_line_settings(handler.proxy_url(), "{key}", "{lang}"),
         "header_overrides": config.header_presets,
         "request_overrides": config.request_presets,
         "providers": [dict(provider_summary(view.targets.get(p.name), p),
@@ -6263,7 +6411,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             "bytes_in": exchange.bytes_in, "bytes_out": exchange.bytes_out,
             "usage": usage.as_dict() if (usage.input or usage.output) else None,
             "stop_reason": usage.stop_reason, "midstream_error": exchange.midstream_error,
-            "note": exchange.note, "note_code": exchange.note_code}
+            "note": exchange.note, "note_code": exchange.note_code, "session": session_of(self.headers)}
 
     def log_request(self, code="-", size="-"):
         pass
@@ -6341,6 +6489,8 @@ ROUTES = (
     Route("GET", "/api/requests", "admin", api_requests),
     Route("GET", "/api/stats", "admin", api_stats),
     Route("GET", "/api/usage", "admin", api_usage),
+    Route("GET", "/api/sessions", "admin", api_sessions),
+    Route("POST", "/api/status-line", "user", api_status_line),
     Route("GET", "/api/balance", "admin", api_balance),
     Route("GET", "/api/keys", "admin", api_keys),
     Route("POST", "/api/keys", "admin", api_create_key),

@@ -681,7 +681,8 @@ def test_usage_cost_cache_and_balance_in_the_page(browser, tmp_path, upstream, u
         proxy.api("POST", "/api/select", {"provider": "🚀备用"})
         proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": []})
         proxy.api("POST", "/api/select", {"provider": "中转站A"})
-        proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": []})
+        proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": []},
+                   headers={"X-Claude-Code-Session-Id": "0f3c9a64-e828-4caa-aac9-6f60450ab149"})
         login(browser, proxy, lang)
         wait(browser, lambda d: words[0] in provider_card(d, "中转站A").text)
         assert {"en": "the whole account's", "zh": "整个账户的"}[lang] in text_of(browser, "detail-balance")
@@ -712,6 +713,9 @@ def test_usage_cost_cache_and_balance_in_the_page(browser, tmp_path, upstream, u
         assert "USD" in cost.text
         assert browser.execute_script("const r = arguments[0].getBoundingClientRect(); return r.right <= innerWidth", cost)
         assert words[1] in browser.find_element(By.ID, "usage-total").text
+        # the conversation, with the relay it was on and its cost
+        wait(browser, lambda d: "0f3c9a64…" in d.find_element(By.ID, "sessions").text)
+        assert "中转站A" in browser.find_element(By.CSS_SELECTOR, "#sessions tbody tr").text
         # Keyboard: one tab stop a chart, arrows move, the value shows beside the point.
         first = columns[0]
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].focus()", first)

@@ -66,7 +66,7 @@ def test_the_docstring_lists_the_sections_in_file_order():
     assert banners == ["constants", "errors", "messages", "config", "files", "state", "config editing", "HTTP messages",
                        "Anthropic requests and replies", "relay compatibility",
                        "upstream client", "providers: discovery and tests", "relay", "observability",
-                       "usage and cost", "balance", "team keys", "health and failover", "Claude Code settings", "web UI API",
+                       "usage and cost", "conversations", "balance", "team keys", "health and failover", "Claude Code settings", "web UI API",
                        "web page", "request handler", "server factory and CLI"]
     doc = ccproxy.__doc__.split("Sections, in file order", 1)[1].split("\n\n", 1)[0].split(":", 1)[1]
     listed = [" ".join(name.split()).rstrip(".") for name in doc.split(",")]
