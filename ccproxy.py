@@ -4561,12 +4561,14 @@ def usage_report(store, currency, query):
     if first > last or (last - first).days >= USAGE_MAX_DAYS:
         raise ClientError(Said("usage_range", days=USAGE_MAX_DAYS))
     by = [b for b in one("by", "provider").split(",") if b]
-    if not by or any(b not in UsageStore.GROUPS for b in by) or len(set(by)) != len(by):
-        raise ClientError(Said("usage_by", groups=", ".join(UsageStore.GROUPS)))
+    groups = CONVERSATION_GROUPS if "session" in by else UsageStore.GROUPS     # by session: conversations
+    if not by or any(b not in groups for b in by) or len(set(by)) != len(by):
+        raise ClientError(Said("usage_by", groups=", ".join(groups)))
     if store is None:
         raise ProxyError(Said("usage_off"), 404, "not_found_error")
     try:
-        found = store.query(first.isoformat(), last.isoformat(), by)
+        found = conversation_sums(store, first, last, by) if "session" in by else \
+            store.query(first.isoformat(), last.isoformat(), by)
     except sqlite3.Error as exc:
         raise ProxyError(Said("usage_unreadable", reason=exc), 500, "api_error")
     total = dict.fromkeys(UsageStore.SUMS, 0)
@@ -4690,6 +4692,26 @@ def conversations(store, currency, limit=SESSIONS_LIMIT, key=None, session=None)
         for column, value in zip(UsageStore.SUMS, row[6:]):
             entry["sums"][column] += value or 0
     return [dict(usage_row(e.pop("sums"), currency), **e) for e in (found[s] for s in sessions)]
+
+
+# /api/usage?by=session: what the conversations table can be grouped by.
+CONVERSATION_GROUPS = {"session": "session", "provider": "provider", "key": "key_name"}
+
+
+def conversation_sums(store, first, last, by):
+    """[(group values, sums)] of the conversations last used from day first to day last, grouped
+    by CONVERSATION_GROUPS, the most recent first."""
+    columns = [CONVERSATION_GROUPS[b] for b in by]
+    start = time.mktime(first.timetuple())
+    end = time.mktime((last + datetime.timedelta(days=1)).timetuple())
+    conn = store.connect()
+    try:
+        found = conn.execute("SELECT %s, %s FROM conversations WHERE last_seen >= ? AND last_seen < ? GROUP BY %s "
+                             "ORDER BY MAX(last_seen) DESC" % (", ".join(columns), ", ".join("SUM(%s)" % c for c in UsageStore.SUMS),
+                                                               ", ".join(columns)), (start, end)).fetchall()
+    finally:
+        conn.close()
+    return [(row[:len(by)], dict(zip(UsageStore.SUMS, row[len(by):]))) for row in found]
 
 
 def api_sessions(handler, params):

@@ -54,6 +54,15 @@ def test_a_conversation_across_two_relays(relays):
              if r.get("session") == "chat-1"]
     assert len(costs) == 3 and first["cost"] == pytest.approx(sum(costs), abs=1e-6)   # rounded as /api/usage rounds
     assert first["currency"] == "USD" and first["hit_rate_pct"] is not None
+    # /api/usage by conversation (and relay), as JSON and as CSV
+    report = relays.api("GET", "/api/usage?by=session,provider")[1]
+    rows = {(r["session"], r["provider"]): r for r in report["rows"]}
+    assert set(rows) == {("chat-1", "中转站甲"), ("chat-1", "中转站乙"), ("other", "中转站乙")}
+    assert rows[("chat-1", "中转站甲")]["requests"] == 2 and report["total"]["requests"] == 4
+    csv_text = relays.call("GET", "/api/usage?by=session&format=csv")[2].decode("utf-8-sig")
+    assert csv_text.splitlines()[0].startswith("session,requests") and "chat-1" in csv_text
+    status, err = relays.api("GET", "/api/usage?by=session,day")
+    assert status == 400 and err["code"] == "usage_by" and err["values"]["groups"] == "session, provider, key"
 
 
 def test_the_status_line(relays):
