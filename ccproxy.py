@@ -5663,7 +5663,7 @@ def api_claude_code(handler, params):
     each system keeps them and how to put them there; and the /model rows by relay."""
     view = handler.server.store.view
     managed = {"modelPricing": {"overrides": pricing_overrides(handler.server, view)}}
-    text = json.dumps(managed, ensure_ascii=False, indent=2)
+    text = json.dumps(managed, ensure_ascii=False, separators=(",", ":"))       # one line: one command
     return 200, {"managed": managed, "currency": view.config.pricing.currency, "selected": view.selected,
                  "paths": dict(MANAGED_SETTINGS), "install": {system: install_command(system, path, text)
                                                               for system, path in MANAGED_SETTINGS},
@@ -5671,13 +5671,15 @@ def api_claude_code(handler, params):
 
 
 def install_command(system, path, text):
-    """One command that writes text to path (administrator rights; it replaces the file)."""
+    """One line that writes text (one line of JSON) to path: administrator rights, and it
+    replaces the file. PowerShell (as administrator) on Windows, sh with sudo elsewhere."""
     if system == "windows":
         folder = path.rsplit("\\", 1)[0]        # UTF-8 without a byte-order mark, as the JSON is
-        return ("New-Item -ItemType Directory -Force '%s' | Out-Null; [IO.File]::WriteAllText('%s', @'\n%s\n'@)"
-                % (folder, path, text))
+        return ("New-Item -ItemType Directory -Force '%s' | Out-Null; [IO.File]::WriteAllText('%s', '%s')"
+                % (folder, path, text.replace("'", "''")))
     folder = path.rsplit("/", 1)[0]
-    return "sudo mkdir -p %s && sudo tee %s >/dev/null <<'EOF'\n%s\nEOF" % (shell_quote(folder), shell_quote(path), text)
+    return "sudo mkdir -p %s && printf '%%s\\n' %s | sudo tee %s >/dev/null" % (shell_quote(folder), shell_quote(text),
+                                                                              shell_quote(path))
 
 
 def shell_quote(text):

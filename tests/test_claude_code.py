@@ -44,7 +44,7 @@ def test_managed_pricing_is_each_relays_price(relays):
     assert got["paths"]["linux"] == "/etc/claude-code/managed-settings.json"
     assert got["paths"]["macos"].startswith("/Library/Application Support/ClaudeCode/")
     assert got["paths"]["windows"].startswith("C:\\Program Files\\ClaudeCode\\")
-    assert got["install"]["linux"].startswith("sudo mkdir -p '/etc/claude-code' && sudo tee ")
+    assert got["install"]["linux"].startswith("sudo mkdir -p '/etc/claude-code' && printf ") and "\n" not in got["install"]["linux"]
     assert "[IO.File]::WriteAllText('C:\\Program Files\\ClaudeCode\\managed-settings.json'" in got["install"]["windows"]
 
 
@@ -52,10 +52,11 @@ def test_the_install_command_writes_that_json(tmp_path):
     import ccproxy
     managed = {"modelPricing": {"overrides": {"claude-via-x--a'b": {"input": 1, "output": 2, "cacheRead": 0.1,
                                                                     "cacheWrite": 1.25}}}}
-    text = json.dumps(managed, ensure_ascii=False, indent=2)
+    text = json.dumps(managed, ensure_ascii=False, separators=(",", ":"))
     target = tmp_path / "it's here" / "managed-settings.json"
-    command = ccproxy.install_command("linux", str(target), text).replace("sudo ", "")
-    subprocess.run(["bash", "-c", command], check=True)
+    command = ccproxy.install_command("linux", str(target), text)
+    assert "\n" not in command and "\n" not in ccproxy.install_command("windows", "C:\\x\\m.json", text)
+    subprocess.run(["sh", "-c", command.replace("sudo ", "")], check=True)
     assert json.loads(target.read_text(encoding="utf-8")) == managed
 
 
