@@ -8,24 +8,47 @@ whole. A provider that fails before the first byte reached the client is replace
 next one of the Fallback list. The proxy does not translate between API formats: providers
 must speak the Anthropic Messages API.
 
-Data flow: client -> Handler (strict HTTP parsing, auth, ROUTES) -> Store.view (config
-snapshot, selection) -> Relay: candidates (selected, then fallbacks) -> per attempt: headers,
-auth, presets, model mapping -> Pool (kept-alive provider connections) -> Response (read by
-ccproxy, strictly framed) -> ClientWriter (head and first bytes in one send, chunked to the
-client) -> Recorder (log line, request log, cost, cache guard, stats, metrics, and the hourly
-usage roll-ups in sqlite: UsageStore; on its own thread).
+A request goes through: Handler.handle_one_request (strict HTTP parsing) -> dispatch ->
+find_route (ROUTES) -> cross_site and authenticate (Throttle; a user key's Limits) ->
+relay_request -> Relay, over candidates (Routes, the selection, Fallback; Health's
+cooldowns) -> per attempt: headers, auth, presets, map_model, learned fixes -> Pool (kept-alive
+connections) -> Response (strictly framed) -> ClientWriter (chunked to the client) -> Exchange ->
+exchange_record -> Recorder (its own thread: log line, request log, UsageStore and its
+conversations, the cache watch, metrics).
 
-Threads and sockets: ThreadingHTTPServer gives each client connection a thread of its own,
-which reads its requests one after another (keep-alive) and relays each answer itself, so a
-slow stream holds nothing but its thread. Sockets keep their timeouts in the kernel
-(set_timeout) and are read through SocketStream; shared state is swapped in whole (Store)
-or guarded by its owner's lock; the pool needs no lock.
+Threads: one per client connection (ThreadingHTTPServer), relaying its answers itself, so a
+slow stream holds nothing but its thread; the recorder; the housekeeping thread (other
+processes' changes, balances). Shared state is swapped in whole (Store.view) or guarded by its
+owner's lock; the pool needs no lock. Sockets keep their timeouts in the kernel (set_timeout)
+and are read through SocketStream. Files shared with other ccproxy processes on the host
+(config.json, the state file, the request log, the key minute counts) are written under flock
+(FileLock, locked).
 
-Sections, in file order (grep -n '^# ===' ccproxy.py):
-  constants, errors, messages, config, files, state, config editing, HTTP messages, Anthropic requests and replies,
-  relay compatibility, upstream client, providers: discovery and tests, relay, observability,
-  usage and cost, conversations, balance, team keys, health and failover, Claude Code settings, web UI API, web page, request handler,
-  server factory and CLI.
+Sections, in file order (grep -n '^# ===' ccproxy.py), each for one topic:
+  constants — every tunable, and the fixed tables (hop-by-hop fields, model families, places)
+  errors — the exceptions answered in Anthropic's error shape; Said, the words for a person
+  messages — MESSAGES: everything ccproxy says to a person, by code (the page words it in Chinese)
+  config — config.json read and checked into a Config (providers, Pricing, keys, presets)
+  files — atomic writes at mode 0600, backups, flock between processes
+  state — Store: the selection, choices, learned fixes and models (the state file), reloads
+  config editing — the page's changes to config.json, import and export
+  HTTP messages — strict parsing both ways (RFC 9110/9112), cross-site requests
+  Anthropic requests and replies — model mapping, presets, /v1/models, SSE usage
+  relay compatibility — what a relay refuses and the smallest fix for it, learned per relay
+  upstream client — sockets, the pool, reading a provider's answer
+  providers: discovery and tests — /v1/models of each relay, provider tests, Check this relay
+  relay — Relay: one request over its candidates to the client, failover before the first byte
+  observability — Exchange, the log line, the request log, counters, the cache watch
+  usage and cost — Pricing, the hourly roll-ups in sqlite, /api/usage
+  conversations — a conversation's cost (X-Claude-Code-Session-Id), Claude Code's status line
+  balance — each relay's balance by the route it answers, in its own unit
+  team keys — user keys, their limits (minutes, days, months), /api/me
+  health and failover — cooldowns, candidates in order, the wrong-key throttle
+  Claude Code settings — settings.json, managed pricing, /model rows
+  web UI API — the routes the page calls
+  web page — the page, its manifest and icons
+  request handler — Handler: parse, route, authenticate, answer, record
+  server factory and CLI — make_server, the housekeeping thread, main
 
 Run:   python3 ccproxy.py [--config config.json] [--host H] [--port P] [--debug]
        (first run creates config.json from config.in.json with a random APIKEY)

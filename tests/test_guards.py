@@ -60,25 +60,30 @@ def test_the_web_ui_loads_nothing_from_elsewhere():
     assert "@import" not in page
 
 
-def test_the_docstring_lists_the_sections_in_file_order():
+def test_the_docstring_maps_the_sections_in_file_order():
+    """The module docstring is the map: a line per section, in file order, with its purpose,
+    the same names as the banners (grep -n '^# ===' ccproxy.py)."""
     source = read("ccproxy.py")
     banners = re.findall(r"^# =+ (.+)$", source, re.M)
-    assert banners == ["constants", "errors", "messages", "config", "files", "state", "config editing", "HTTP messages",
-                       "Anthropic requests and replies", "relay compatibility",
-                       "upstream client", "providers: discovery and tests", "relay", "observability",
-                       "usage and cost", "conversations", "balance", "team keys", "health and failover", "Claude Code settings", "web UI API",
-                       "web page", "request handler", "server factory and CLI"]
-    doc = ccproxy.__doc__.split("Sections, in file order", 1)[1].split("\n\n", 1)[0].split(":", 1)[1]
-    listed = [" ".join(name.split()).rstrip(".") for name in doc.split(",")]
-    assert listed == banners
+    block = ccproxy.__doc__.split("each for one topic:\n", 1)[1].split("\n\n", 1)[0]
+    lines = [line.strip().split(" — ", 1) for line in block.splitlines()]
+    assert [name for name, _ in lines] == banners
+    assert all(len(purpose) > 10 for _, purpose in lines)
+    # the names a request passes, in the map's walk, are the file's own
+    walk = ccproxy.__doc__.split("A request goes through:", 1)[1].split("\n\n", 1)[0]
+    for name in ("handle_one_request", "dispatch", "find_route", "cross_site", "Throttle", "Limits", "relay_request",
+                 "Relay", "candidates", "Health", "map_model", "Pool", "Response", "ClientWriter", "Exchange",
+                 "exchange_record", "Recorder", "UsageStore"):
+        assert name in walk and re.search(r"^\s*(def|class) %s\b" % name, source, re.M), name
 
 
 def test_sections_stay_readable():
-    """A section is read in one sitting: ~400 lines at most (house style)."""
+    """A section holds one topic and is read in one sitting: one that grows past ~600 lines
+    becomes two named sections (in the map), never a move of code to an unrelated one."""
     source = read("ccproxy.py").split("\n")
     starts = [i for i, line in enumerate(source) if line.startswith("# ====")] + [len(source)]
     for start, end in zip(starts, starts[1:]):
-        assert end - start <= 420, "%s is %d lines" % (source[start], end - start)
+        assert end - start <= 600, "%s is %d lines: split it by topic" % (source[start], end - start)
 
 
 def test_readme_test_command_is_what_ci_runs():
