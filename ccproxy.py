@@ -85,6 +85,7 @@ import queue
 import re
 import secrets
 import select
+import shlex
 import signal
 import socket
 import ssl
@@ -4401,14 +4402,19 @@ class Pricing:
             self.found[key] = rates
         return rates
 
+    def rates_on(self, provider, model):
+        """The model's rates on a provider (its price_multiplier applied), or None."""
+        rates = self.rates(model)
+        return None if rates is None else tuple(r * self.multipliers.get(provider, 1.0) for r in rates)
+
     def cost(self, provider, model, usage):
         """What a request's usage cost on provider, or None when the model has no price."""
-        rates = self.rates(model)
+        rates = self.rates_on(provider, model)
         if rates is None:
             return None
         tokens = (usage.get("input", 0), usage.get("output", 0), usage.get("cache_read", 0),
                   usage.get("cache_creation", 0))
-        return sum(n * r for n, r in zip(tokens, rates)) * self.multipliers.get(provider, 1.0) / 1e6
+        return sum(n * r for n, r in zip(tokens, rates)) / 1e6
 
 
 def price(rec, pricing):
@@ -4473,9 +4479,9 @@ class UsageStore:
 
     def add(self, records):
         """Add a batch of records: one transaction. A failure is logged, never raised."""
-        batch = {}
-        for rec in records:
-            for key, sums in self.rows_of(rec):
+        batch, rows = {}, [(rec, list(self.rows_of(rec))) for rec in records]
+        for rec, found in rows:
+            for key, sums in found:
                 total = batch.setdefault(key, dict.fromkeys(self.SUMS, 0))
                 for column, value in sums.items():
                     total[column] += value
@@ -4494,7 +4500,7 @@ class UsageStore:
                         self.conn.execute("INSERT INTO usage (hour, provider, model, key_name, %s) VALUES "
                                           "(?, ?, ?, ?, %s)" % (", ".join(self.SUMS), ", ".join("?" * len(self.SUMS))),
                                           list(group) + values)
-                add_conversations(self.conn, records)
+                add_conversations(self.conn, rows)
         except sqlite3.Error as exc:
             # Once a minute at most: a broken file must not fill the log at every batch.
             self.retry_at = time.monotonic() + USAGE_RETRY_S
@@ -4665,13 +4671,14 @@ def session_of(headers):
     return escape_unprintable(value)[:SESSION_MAX] or None
 
 
-def add_conversations(conn, records):
-    """Add a batch of records to the conversations table, within the caller's transaction."""
+def add_conversations(conn, rows):
+    """Add a batch of records, each with its UsageStore.rows_of, to the conversations table,
+    within the caller's transaction."""
     batch = {}
-    for rec in records:
+    for rec, found in rows:
         if not rec.get("session"):
             continue
-        for (_, provider, model, key), sums in UsageStore.rows_of(rec):
+        for (_, provider, model, key), sums in found:
             entry = batch.setdefault((rec["session"], provider), {"sums": dict.fromkeys(UsageStore.SUMS, 0),
                                                                   "first": rec["time"], "key": key})
             for column, value in sums.items():
@@ -4781,10 +4788,8 @@ def api_status_line(handler, params):
             parts.append(words["today"] % (money(spent) + (" / " + amount_text(limit) if limit else "")))
     elif store is not None:
         day = time.strftime("%Y-%m-%d")
-        today = dict.fromkeys(UsageStore.SUMS, 0)
-        for _, sums in store.query(day, day, []):
-            today = sums
-        cost = usage_row(today, currency)["cost"]
+        today = store.query(day, day, [])         # no grouping: one row, or none before the first request
+        cost = usage_row(today[0][1], currency)["cost"] if today else None
         if cost is not None:
             parts.append(words["today"] % money(cost))
         balance = server.balances.cached([relay]).get(relay) or {}
@@ -5616,25 +5621,26 @@ def claude_settings(base_url, key, env_models, auth=None, gateway=False):
 
 def relay_prices(pricing, provider, model):
     """modelPricing's prices of a model on a relay (Pricing × its multiplier), or None."""
-    rates = pricing.rates(model)
-    if rates is None:
-        return None
-    scaled = [round(r * provider.price_multiplier, 6) for r in rates]
-    return dict(zip(("input", "output", "cacheRead", "cacheWrite"), scaled))
+    rates = pricing.rates_on(provider.name, model)
+    return None if rates is None else dict(zip(("input", "output", "cacheRead", "cacheWrite"),
+                                               (round(r, 6) for r in rates)))
 
 
-def relay_summary(server, name):
-    """A relay in a few words for a /model row: its balance and its first-byte median."""
-    balance = server.balances.cached([name]).get(name) or {}
-    p50 = (server.recorder.stats()["providers"].get(name) or {}).get("ttfb_p50_ms")
-    parts = [name]
-    if balance.get("unlimited"):
-        parts.append("unlimited")
-    elif balance.get("remaining") is not None:
-        parts.append(" ".join(filter(None, ("%.2f" % balance["remaining"], balance.get("unit"), "left"))))
-    if p50 is not None:
-        parts.append("p50 %d ms" % p50)
-    return " · ".join(parts)[:MODEL_DESCRIPTION_MAX]
+def relay_summaries(server, names):
+    """Each relay in a few words for a /model row: its balance and its first-byte median."""
+    balances, stats = server.balances.cached(list(names)), server.recorder.stats()["providers"]
+    found = {}
+    for name in names:
+        balance, p50 = balances.get(name) or {}, (stats.get(name) or {}).get("ttfb_p50_ms")
+        parts = [name]
+        if balance.get("unlimited"):
+            parts.append("unlimited")
+        elif balance.get("remaining") is not None:
+            parts.append(" ".join(filter(None, (amount_text(balance["remaining"]), balance.get("unit"), "left"))))
+        if p50 is not None:
+            parts.append("p50 %d ms" % p50)
+        found[name] = " · ".join(parts)[:MODEL_DESCRIPTION_MAX]
+    return found
 
 
 def pricing_overrides(server, view):
@@ -5668,13 +5674,13 @@ def model_picker(server, view):
     """modelPicker: a /model row per relay and model, "glm-4.6 · 中转站A", its alias as the id; a
     model that is not Claude's behaves as the Claude family its relay maps to it."""
     tokens, options = provider_tokens(list(view.targets)), []
+    summaries = relay_summaries(server, view.targets)
     for name, target in view.targets.items():
         families = {model: family for family, var in FAMILY_VARS
                     for model in [target.env_models.get(var)] if model}
-        summary = relay_summary(server, name)
         for model in target.models:
             option = {"model": model_alias(tokens[name], model), "label": "%s · %s" % (model, name),
-                      "description": summary}
+                      "description": summaries[name]}
             if not model.startswith("claude") and model in families:
                 option["behavesAs"] = FAMILY_PROFILES[families[model]]
             options.append(option)
@@ -5701,12 +5707,8 @@ def install_command(system, path, text):
         return ("New-Item -ItemType Directory -Force '%s' | Out-Null; [IO.File]::WriteAllText('%s', '%s')"
                 % (folder, path, text.replace("'", "''")))
     folder = path.rsplit("/", 1)[0]
-    return "sudo mkdir -p %s && printf '%%s\\n' %s | sudo tee %s >/dev/null" % (shell_quote(folder), shell_quote(text),
-                                                                              shell_quote(path))
-
-
-def shell_quote(text):
-    return "'" + text.replace("'", "'\\''") + "'"
+    return "sudo mkdir -p %s && printf '%%s\\n' %s | sudo tee %s >/dev/null" % (shlex.quote(folder), shlex.quote(text),
+                                                                              shlex.quote(path))
 
 
 # ============================================================================ web UI API
@@ -6026,13 +6028,10 @@ def list_models(handler, params):
     target = selected_target(handler)
     view = handler.server.store.view
     ids = view.model_ids if handler.user is None else visible_models(handler.user, view)
-    summaries = {}
+    summaries = relay_summaries(handler.server, view.targets)
 
     def describe(model_id):         # the relay that answers it, its balance and first-byte median
-        name = view.aliases.get(model_id, (view.selected,))[0]
-        if name not in summaries:
-            summaries[name] = relay_summary(handler.server, name)
-        return summaries[name]
+        return summaries.get(view.aliases.get(model_id, (view.selected,))[0])
     page = model_page(ids, handler.query, alias_display(handler.server, view), describe)
     exchange = params["exchange"]
     exchange.status = 200

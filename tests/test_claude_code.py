@@ -44,7 +44,7 @@ def test_managed_pricing_is_each_relays_price(relays):
     assert got["paths"]["linux"] == "/etc/claude-code/managed-settings.json"
     assert got["paths"]["macos"].startswith("/Library/Application Support/ClaudeCode/")
     assert got["paths"]["windows"].startswith("C:\\Program Files\\ClaudeCode\\")
-    assert got["install"]["linux"].startswith("sudo mkdir -p '/etc/claude-code' && printf ") and "\n" not in got["install"]["linux"]
+    assert got["install"]["linux"].startswith("sudo mkdir -p /etc/claude-code && printf ") and "\n" not in got["install"]["linux"]
     assert "[IO.File]::WriteAllText('C:\\Program Files\\ClaudeCode\\managed-settings.json'" in got["install"]["windows"]
 
 
