@@ -158,7 +158,9 @@ MAX_COOLDOWN_S = 3600.0
 COUNT_TOKENS_MEMORY_S = 3600.0      # how long "this provider has no count_tokens" is remembered
 SESSION_MEMORY_S = 86400.0          # how long "this conversation needs its signatures stripped" is
 SESSION_MEMORY_MAX = 10000          # conversations remembered at most
-FIRST_EVENT_MAX_BYTES = 1 << 20     # held before relaying a stream; more means "not SSE framing"
+SSE_EVENT_MAX_BYTES = 1 << 20       # an SSE event longer than this is not read for its usage
+FIRST_CONTENT_MAX_BYTES = 65536     # of a 200 answer held until it shows content (then it is relayed)
+DEFAULT_FIRST_CONTENT_TIMEOUT_MS = 90000    # a stream's first content, when a fallback remains
 REQUEST_RING = 1000                 # request records kept in memory
 REQUEST_TAIL_BYTES = 8 << 20        # of the request log read at most for the newest records (/api/requests)
 RECORDER_BATCH_S = 0.02             # records wait this long to be logged together
@@ -211,7 +213,8 @@ FAMILY_VARS = (("haiku", "ANTHROPIC_DEFAULT_HAIKU_MODEL"), ("sonnet", "ANTHROPIC
                ("opus", "ANTHROPIC_DEFAULT_OPUS_MODEL"))
 TOP_KEYS = ("HOST", "PORT", "APIKEY", "LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_MB", "MODEL_MAPPING",
             "env-models", "HeaderOverrides", "RequestOverrides", "Providers", "Fallback",
-            "FIRST_BYTE_TIMEOUT_MS", "COOLDOWN_MS", "REQUEST_LOG", "REQUEST_LOG_MAX_MB", "Routes",
+            "FIRST_BYTE_TIMEOUT_MS", "FIRST_CONTENT_TIMEOUT_MS", "COOLDOWN_MS", "REQUEST_LOG",
+            "REQUEST_LOG_MAX_MB", "Routes",
             "Pricing", "USAGE_DB", "CACHE_WARN_PCT", "LOW_BALANCE", "LOW_BALANCE_LAST", "Keys",
             "TRUSTED_PROXIES")
 ALIAS_PREFIX = "claude-via-"        # every provider's models, as ids Claude Code's /model lists
@@ -560,6 +563,12 @@ MESSAGES = {
     "usage_unreadable": "the usage store cannot be read: {reason}",
     "requests_limit": "limit must be a whole number",
     "upstream_timeout": "provider {name} did not answer in time ({reason})",
+    "gate_failed": "provider {name} answered 200 without content ({gate}): {excerpt}",
+    "gate_error_event": "error event before content",
+    "gate_empty": "stream ended empty",
+    "gate_no_content": "no content in {seconds} s",
+    "gate_error_body": "an error in a 200",
+    "gate_not_message": "not a message",
     "upstream_unreachable": "provider {name} at {address} could not be reached: {reason}",
     "no_provider_example": "provider {name} still has the example key of config.in.json, and no provider has a "
         "real one, so ccproxy contacted none — add your relay (Add provider in the web UI, or Providers in "
@@ -690,6 +699,7 @@ class Config:
         # Routes: a model glob -> the provider that serves it, tried in the file's order.
         self.routes = tuple((glob.lower(), name) for glob, name in strip_comments(raw.get("Routes", {})).items())
         self.first_byte_timeout_s = raw.get("FIRST_BYTE_TIMEOUT_MS", DEFAULT_FIRST_BYTE_TIMEOUT_MS) / 1000.0
+        self.first_content_timeout_s = raw.get("FIRST_CONTENT_TIMEOUT_MS", DEFAULT_FIRST_CONTENT_TIMEOUT_MS) / 1000.0
         self.cooldown_s = raw.get("COOLDOWN_MS", DEFAULT_COOLDOWN_MS) / 1000.0
         log_path = raw.get("REQUEST_LOG", REQUEST_LOG_NAME)
         self.request_log = os.path.join(os.path.dirname(os.path.abspath(path)), log_path) if log_path else ""
@@ -952,6 +962,7 @@ def validate_config(raw, path="config.json"):
         problems.append(Said("log_level", levels=", ".join(LOG_LEVELS)))
     for key, default in (("API_TIMEOUT_MS", DEFAULT_API_TIMEOUT_MS), ("MAX_BODY_MB", DEFAULT_MAX_BODY_MB),
                          ("FIRST_BYTE_TIMEOUT_MS", DEFAULT_FIRST_BYTE_TIMEOUT_MS),
+                         ("FIRST_CONTENT_TIMEOUT_MS", DEFAULT_FIRST_CONTENT_TIMEOUT_MS),
                          ("COOLDOWN_MS", DEFAULT_COOLDOWN_MS),
                          ("REQUEST_LOG_MAX_MB", DEFAULT_REQUEST_LOG_MAX_MB)):
         value = raw.get(key, default)
@@ -1551,7 +1562,7 @@ class Store:
 
 EDITABLE_SETTINGS = ("LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_MB", "MODEL_MAPPING", "env-models",
                      "HeaderOverrides", "RequestOverrides", "Fallback", "FIRST_BYTE_TIMEOUT_MS",
-                     "COOLDOWN_MS", "REQUEST_LOG_MAX_MB", "Routes", "Pricing", "CACHE_WARN_PCT",
+                     "FIRST_CONTENT_TIMEOUT_MS", "COOLDOWN_MS", "REQUEST_LOG_MAX_MB", "Routes", "Pricing", "CACHE_WARN_PCT",
                      "LOW_BALANCE", "LOW_BALANCE_LAST")
 CODE_STALE = "stale_version"
 
@@ -2470,7 +2481,7 @@ class Usage:
         buf = self.tail + data if self.tail else data
         end = buf.rfind(b"\n\n")
         if end < 0:
-            self.tail = buf[-FIRST_EVENT_MAX_BYTES:]
+            self.tail = buf[-SSE_EVENT_MAX_BYTES:]
             return
         self.tail = buf[end + 2:]
         if b'"usage"' not in buf and b"stop_reason" not in buf:
@@ -2915,7 +2926,7 @@ class SocketStream(io.RawIOBase):
     look like one that had finished. Here it is socket.timeout, as with a Python timeout.
     """
 
-    deadline = None         # a monotonic time after which no more is read (Handler: a request's head)
+    deadline = None         # a monotonic time after which no more is read (a request's head, a stream's content)
     retimed = False         # the socket's timeout was cut to meet the deadline
 
     def __init__(self, sock, timeout=None):
@@ -2935,7 +2946,7 @@ class SocketStream(io.RawIOBase):
             # up at the deadline, not after the socket's idle timeout.
             left = self.deadline - time.monotonic()
             if left <= 0:
-                raise socket.timeout("the request head took longer than HEADER_DEADLINE_S")
+                raise socket.timeout("past its deadline")
             if self.timeout is None or left < self.timeout:
                 set_timeout(self.sock, left)
                 self.retimed = True
@@ -3074,6 +3085,13 @@ class Response:
             if piece:
                 yield piece, False
 
+    def hold_until(self, deadline):
+        """Give up reading the body (socket.timeout) at this monotonic time; end_hold() undoes it."""
+        self.reader.raw.deadline = deadline
+
+    def end_hold(self):
+        self.reader.raw.end_deadline()
+
     def read(self):
         """The whole body (for ccproxy's own small requests: model lists, tests)."""
         return collect(self.pieces())[0]
@@ -3153,7 +3171,7 @@ def send_request(conn, method, target, headers, body=b""):
     else:
         conn.sock.sendall(head)         # not copied into one buffer: it may be 64 MB
         conn.sock.sendall(body)
-    return Response(io.BufferedReader(SocketStream(conn.sock)), method)
+    return Response(io.BufferedReader(SocketStream(conn.sock, conn.timeout)), method)
 
 
 def quiet(sock):
@@ -3590,11 +3608,39 @@ class Failure:
 _STREAM_FLAG = re.compile(rb'"stream"\s*:\s*true')
 
 
-_EVENT_END = (b"\n\n", b"\r\n\r\n")
+# A stream is the client's once it shows real content: a block begins or grows, or an empty
+# message ends. An error event before that is a relay failing, not an answer.
+CONTENT_EVENTS = frozenset((b"content_block_start", b"content_block_delta", b"message_stop"))
+REQUEST_ERRORS = (b'"invalid_request_error"', b'"request_too_large"')
+_EVENT_SPLIT = re.compile(rb"\r?\n\r?\n")
+_EVENT_FIELD = re.compile(rb"^event:[ \t]*([^\r\n]*)", re.M)
+_DATA_TYPE = re.compile(rb'^data:[ \t]*\{\s*"type"\s*:\s*"([^"]*)"', re.M)
 
 
-def first_event_in(data):
-    return _EVENT_END[0] in data or _EVENT_END[1] in data
+def stream_verdict(held):
+    """What the complete events at a stream's start say: "commit" once one is content (or an
+    error about the request itself, which no other relay would take either), "fail" for any
+    other error event before content, None while only message_start, pings and the like came."""
+    for event in _EVENT_SPLIT.split(held)[:-1]:
+        found = _EVENT_FIELD.search(event) or _DATA_TYPE.search(event)
+        name = found.group(1).strip() if found else b""
+        if name in CONTENT_EVENTS:
+            return "commit"
+        if name == b"error":
+            return "commit" if any(kind in event for kind in REQUEST_ERRORS) else "fail"
+    return None
+
+
+def body_verdict(held, content_type):
+    """What a whole 200 answer to a non-streamed /v1/messages says: "commit" for a message,
+    else the gate it fails: gate_error_body (an error object), gate_not_message (anything else:
+    an HTML page, JSON that is no message)."""
+    try:
+        reply = json.loads(held) if "json" in content_type else None
+    except ValueError:
+        reply = None
+    kind = reply.get("type") if isinstance(reply, dict) else None
+    return "commit" if kind == "message" else "gate_error_body" if kind == "error" else "gate_not_message"
 
 
 class Relay:
@@ -3621,6 +3667,7 @@ class Relay:
         self.request = None
         self.real_model = None          # the model a model alias names
         self.close = False              # the client connection must close after the answer
+        self.gated = False              # a 200 is held until it shows content (gate())
 
     def run(self, request):
         self.request = request
@@ -3643,6 +3690,7 @@ class Relay:
             raise NotFound(Said("no_count_tokens", name=chain[0].name))
         # Anthropic's JSON escapes quotes inside strings, so this only matches a real "stream" key.
         stream = exchange.stream = bool(_STREAM_FLAG.search(request.body))
+        self.gated = request.method == "POST" and request.path.partition("?")[0] == "/v1/messages"
         exchange.bytes_in = len(request.body)
         for index, target in enumerate(chain):
             exchange.provider = target.name
@@ -3759,31 +3807,38 @@ class Relay:
 
     def ask(self, target, body, headers, stream, last):
         """Send the request to one provider and read its answer as far as the decision needs:
-        an error answer ERROR_HOLD_BYTES far, a stream to its first event, anything else not
-        at all. An Answer, or the Failure of a provider that could not be reached in time."""
+        an error answer ERROR_HOLD_BYTES far, a 200 to /v1/messages until it shows content
+        (gate()), anything else not at all. An Answer, or the Failure of a provider that could
+        not be reached in time or answered 200 without content."""
         config, request = self.config, self.request
-        # A stream must show its first event soon when another provider could take over; a
-        # lone provider (or a non-streamed reply, whose head may come after the whole answer)
-        # gets the long idle timeout.
+        # A stream must show its head soon when another provider could take over; a lone
+        # provider (or a non-streamed reply, whose head may come after the whole answer) gets
+        # the long idle timeout.
         timeout = config.first_byte_timeout_s if stream and not last else config.api_timeout_s
         if self.debug:
             log.debug("-> %s %s body: %s", target.name, request.path,
                       redact(body[:DEBUG_BODY_CHARS].decode("utf-8", "replace"), config.secrets()))
         conn = None
+        sent = time.monotonic()
         try:
             conn, resp = self.pool.request(target, request.method, request.path, headers, body, timeout)
             pieces = resp.pieces()
             if resp.status in FAILOVER_STATUSES or resp.status in COUNT_TOKENS_MISSING or resp.status == 400:
                 held, ended = collect(pieces, ERROR_HOLD_BYTES)
-            elif stream and resp.status == 200:
-                # A stream is committed to the client only once it has shown a real event.
-                held, ended = collect(pieces, FIRST_EVENT_MAX_BYTES, first_event_in)
+            elif resp.status == 200 and self.gated:
+                return self.gate(target, Answer(conn, resp, pieces, b"", False), stream,
+                                 None if last else sent + config.first_content_timeout_s)
             else:
                 held, ended = b"", resp.complete
             return Answer(conn, resp, pieces, held, ended)
         except TIMEOUT_ERRORS as exc:
             if conn is not None:
                 conn.close()            # timed out mid-answer: not reusable
+            if self.gated and conn is not None and resp.status == 200:
+                # The head came, content did not: FIRST_CONTENT_TIMEOUT_MS, or a silence past the idle timeout.
+                gate = Said("gate_no_content", seconds=round(time.monotonic() - sent, 1))
+                return Failure(gate, UpstreamTimeout(Said("gate_failed", name=target.name, gate=gate, excerpt="-")),
+                               config.cooldown_s)
             return Failure("timeout", UpstreamTimeout(Said("upstream_timeout", name=target.name,
                                                            reason=describe_network_error(exc))), config.cooldown_s)
         except NETWORK_ERRORS as exc:
@@ -3792,6 +3847,43 @@ class Relay:
             reason = describe_network_error(exc)
             return Failure(reason, UpstreamError(Said("upstream_unreachable", name=target.name, address=target.netloc,
                                                       reason=reason)), config.cooldown_s)
+
+    def gate(self, target, answer, stream, deadline):
+        """Hold a 200 answer to /v1/messages until it shows content: a stream its first content
+        event (stream_verdict), within FIRST_CONTENT_MAX_BYTES and, when another provider could
+        take over, by `deadline` (FIRST_CONTENT_TIMEOUT_MS); any other answer, that it is a
+        message. The Answer to relay, or the Failure of a relay that said 200 but sent an error
+        event, a stream that ended empty, an error body or a page."""
+        resp = answer.resp
+        content_type = resp.headers.get("content-type", "").lower()
+        if stream and "text/event-stream" in content_type:
+            if deadline is not None:
+                resp.hold_until(deadline)
+            answer.held, answer.ended = collect(answer.pieces, FIRST_CONTENT_MAX_BYTES, stream_verdict)
+            if deadline is not None:
+                resp.end_hold()
+            verdict = stream_verdict(answer.held)
+            if verdict == "fail":
+                return Failure(Said("gate_error_event"), cooldown_s=self.config.cooldown_s, answer=answer)
+            if verdict is None and answer.ended:
+                return self.gate_failed(target, answer, Said("gate_empty"))
+            return answer           # content, or FIRST_CONTENT_MAX_BYTES without a verdict: the client's
+        resp.hold_until(self.started + self.config.api_timeout_s)   # a body that drips never ends
+        answer.held, answer.ended = collect(answer.pieces, FIRST_CONTENT_MAX_BYTES)
+        resp.end_hold()
+        if not answer.ended and "json" in content_type:
+            return answer           # longer than any error body: a message
+        verdict = body_verdict(answer.held, content_type) if answer.ended else "gate_not_message"
+        if verdict == "commit":
+            return answer
+        return self.gate_failed(target, answer, Said(verdict))
+
+    def gate_failed(self, target, answer, gate):
+        """The Failure of a 200 without content; its connection released (or closed, if unread)."""
+        self.pool.release(target, answer.conn, answer.resp)
+        text = excerpt(error_message(answer.held)) if answer.held else "-"
+        return Failure(gate, UpstreamError(Said("gate_failed", name=target.name, gate=gate,
+                                                excerpt=redact(text, self.config.secrets()))), self.config.cooldown_s)
 
     def answer_failure(self, target, failure):
         """Every candidate failed: the client gets the last provider's answer as it was, so its

@@ -130,12 +130,12 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(data)
             return True
-        if kind == "bad_chunk":     # one good event, then framing that is not chunked
+        if kind == "bad_chunk":     # content begins, then framing that is not chunked
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            event = next(iter(message_events("m", 1)))
+            event = b"".join(list(message_events("m", 1))[:2])
             good, bad = b"%x\r\n%s\r\n" % (len(event), event), b"not a chunk size\r\n"
             if "pause" in action:
                 self.wfile.write(good)
@@ -197,6 +197,24 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
             except (BrokenPipeError, ConnectionResetError):
                 mock.aborted.set()
             self.close_connection = True
+            return True
+        if kind == "events":        # a 200 stream of these raw events, then a pause; it ends or is cut
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for event in action["events"]:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                self.wfile.flush()
+            time.sleep(action.get("pause", 0))
+            try:
+                if action.get("end", True):
+                    self.wfile.write(b"0\r\n\r\n")
+                else:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                mock.aborted.set()
             return True
         if kind == "cut":
             self.messages(body, cut_after=action.get("after", 2))

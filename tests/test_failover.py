@@ -7,6 +7,7 @@ import warnings
 import pytest
 
 import ccproxy
+import mock_upstream
 
 from conftest import APIKEY, KEY_B, SDK_TIMEOUT_S, make_config, start_proxy, wait_for, write_config
 from test_relay import MESSAGE, events_of
@@ -87,7 +88,7 @@ def test_first_byte_timeout_on_a_stalled_stream(failover, upstream, upstream2):
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
     assert status == 200 and headers["x-ccproxy-provider"] == "beta"
     assert events_of(data)[-1][0] == "message_stop"
-    assert headers["x-ccproxy-attempts"] == "alpha timeout, beta 200"
+    assert headers["x-ccproxy-attempts"] == "alpha no content in 0.3 s, beta 200"
 
 
 def test_no_retry_once_a_byte_has_gone_out(failover, upstream, upstream2):
@@ -390,3 +391,96 @@ def test_a_provider_rejecting_its_key_is_said_so(proxy, upstream, log_lines):
     assert wait_for(lambda: len(proxy.api("GET", "/api/requests?limit=5")[1]["requests"]) == 2)
     rec = newest_record(proxy)
     assert rec["provider"] is None and rec["status"] == 401 and "ccproxy's APIKEY" in rec["note"]
+
+
+# ---- the content gate: a 200 is the client's only once it shows content
+
+START = b"".join(list(mock_upstream.message_events("claude-sonnet-4-5", 1))[:1])
+BLOCK = b"".join(list(mock_upstream.message_events("claude-sonnet-4-5", 1))[1:2])
+PING = mock_upstream.sse("ping", {"type": "ping"})
+OVERLOADED_EVENT = mock_upstream.sse("error", OVERLOADED)
+
+
+@pytest.mark.parametrize("failure, gate, whole", [      # the gate of a stream, and of a non-streamed request
+    (dict(kind="events", events=[START, PING, OVERLOADED_EVENT]), "error event before content", "not a message"),
+    (dict(kind="events", events=[OVERLOADED_EVENT.replace(b"event: error\n", b"")]), "error event before content",
+     "not a message"),
+    (dict(kind="events", events=[START, PING]), "stream ended empty", "not a message"),
+    (dict(kind="events", events=[]), "stream ended empty", "not a message"),
+    (dict(kind="status", status=200, content_type="text/html; charset=utf-8",
+          body="<html><body>维护中 maintenance</body></html>".encode()), "not a message", "not a message"),
+    (dict(kind="status", status=200, body=OVERLOADED), "an error in a 200", "an error in a 200"),
+    (dict(kind="events", events=[START, PING], pause=3, end=False), "no content in", "connection closed"),
+    (dict(kind="events", events=[START], end=False), "connection closed by the provider", "connection closed"),
+])
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_200_without_content_fails_over_and_the_client_sees_one_clean_answer(
+        failover, upstream, upstream2, failure, gate, whole, stream):
+    gate = gate if stream else whole
+    proxy = failover(FIRST_CONTENT_TIMEOUT_MS=500)
+    upstream.fail_next(**failure)
+    status, headers, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=stream))
+    assert status == 200 and headers["x-ccproxy-provider"] == "beta"
+    assert headers["x-ccproxy-attempts"].startswith("alpha " + gate) and headers["x-ccproxy-attempts"].endswith(", beta 200")
+    if stream:      # exactly one answer: beta's, from its message_start to its message_stop
+        names = [name for name, _ in events_of(data)]
+        assert names.count("message_start") == 1 and names[-1] == "message_stop" and "error" not in names
+    else:
+        assert json.loads(data)["type"] == "message"
+    assert wait_for(lambda: proxy.api("GET", "/api/requests")[1]["requests"])
+    record = proxy.api("GET", "/api/requests")[1]["requests"][0]
+    assert record["attempts"][0][:2] == ["alpha", headers["x-ccproxy-attempts"].split(", ")[0][len("alpha "):]]
+    assert proxy.api("GET", "/api/state")[1]["cooling"]["alpha"]["why"]["code"].startswith(
+        ("gate_", "net_"))
+
+
+def test_content_then_a_cut_never_fails_over(failover, upstream, upstream2):
+    proxy = failover(FIRST_CONTENT_TIMEOUT_MS=500)
+    upstream.fail_next("events", events=[START, BLOCK], end=False)
+    status, headers, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    assert status == 200 and headers["x-ccproxy-provider"] == "alpha" and "x-ccproxy-attempts" not in headers
+    assert [n for n, _ in events_of(data)] == ["message_start", "content_block_start", "error"]
+    assert not upstream2.requests
+
+
+def test_a_request_error_event_is_the_clients_not_a_failover(failover, upstream, upstream2):
+    """An error about the request itself would meet the same answer anywhere."""
+    proxy = failover()
+    invalid = mock_upstream.sse("error", {"type": "error", "error": {"type": "invalid_request_error",
+                                                                      "message": "prompt is too long"}})
+    upstream.fail_next("events", events=[START, invalid])
+    status, headers, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    assert status == 200 and headers["x-ccproxy-provider"] == "alpha" and not upstream2.requests
+    assert events_of(data)[-1][0] == "error"
+
+
+def test_the_last_relay_without_content_is_answered_plainly(failover, upstream, upstream2):
+    """No relay left: an error event goes to the client as the relay sent it (Claude Code
+    re-sends without streaming); a page or an empty stream becomes ccproxy's 502 naming the gate."""
+    proxy = failover()
+    assert proxy.api("POST", "/api/fallback", {"enabled": False})[0] == 200
+    upstream.fail_next("events", events=[START, OVERLOADED_EVENT])
+    status, _, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    assert status == 200 and data.endswith(OVERLOADED_EVENT)
+    upstream.fail_next(status=200, content_type="text/html", body=b"<html>maintenance</html>")
+    status, _, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    answer = json.loads(data)
+    assert status == 502 and answer["code"] == "gate_failed" and answer["values"]["gate"]["code"] == "gate_not_message"
+    assert "<html>maintenance</html>" in answer["error"]["message"]
+    upstream.fail_next("events", events=[START])
+    status, _, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    assert status == 502 and json.loads(data)["values"]["gate"]["code"] == "gate_empty"
+    assert not upstream2.requests
+
+
+def test_a_stream_is_held_no_further_than_its_first_content(failover, upstream, upstream2):
+    """The head and the first content go to the client while the rest is still being written."""
+    proxy = failover()
+    upstream.words, upstream.event_delay = 3, 1.0
+    conn = ccproxy.http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    started = time.monotonic()
+    conn.request("POST", "/v1/messages", json.dumps(dict(MESSAGE, stream=True)), {"x-api-key": APIKEY})
+    resp = conn.getresponse()
+    first = resp.read1(65536)
+    assert b"content_block_start" in first and time.monotonic() - started < 0.9
+    conn.close()

@@ -285,9 +285,10 @@ def test_a_huge_error_body_is_read_only_as_far_as_needed_before_failover(tmp_pat
 
 
 def test_a_dripping_answer_ends_at_api_timeout(tmp_path, upstream):
+    """Past FIRST_CONTENT_MAX_BYTES the answer is the client's, and cut at API_TIMEOUT_MS."""
     proxy = start_proxy(write_config(tmp_path / "c.json", make_config(upstream, API_TIMEOUT_MS=1000)))
     try:
-        upstream.fail_next("drip", piece=100, every=0.1, count=600)      # a minute of answer
+        upstream.fail_next("drip", piece=8000, every=0.02, count=3000)      # a minute of answer
         conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=20)
         conn.request("POST", "/v1/messages", json.dumps(MESSAGE), {"x-api-key": APIKEY})
         resp = conn.getresponse()
@@ -302,8 +303,22 @@ def test_a_dripping_answer_ends_at_api_timeout(tmp_path, upstream):
         proxy.stop()
 
 
+def test_a_dripping_answer_that_shows_no_message_ends_in_a_504(tmp_path, upstream):
+    """Within FIRST_CONTENT_MAX_BYTES nothing reaches the client before the body is a message:
+    one that drips on for ever is given up at API_TIMEOUT_MS, with ccproxy's own error."""
+    proxy = start_proxy(write_config(tmp_path / "c.json", make_config(upstream, API_TIMEOUT_MS=1000)))
+    try:
+        upstream.fail_next("drip", piece=100, every=0.1, count=600)
+        status, _, data = proxy.call("POST", "/v1/messages", MESSAGE)
+        answer = json.loads(data)
+        assert status == 504 and answer["code"] == "gate_failed" and answer["values"]["gate"]["code"] == "gate_no_content"
+        assert upstream.aborted.wait(10)
+    finally:
+        proxy.stop()
+
+
 def test_a_client_leaving_a_non_streamed_answer_stops_the_upstream_read(proxy, upstream):
-    upstream.fail_next("drip", piece=100, every=0.05, count=2000)
+    upstream.fail_next("drip", piece=8000, every=0.05, count=2000)    # past FIRST_CONTENT_MAX_BYTES at once
     sock = socket.create_connection(("127.0.0.1", proxy.port))
     sock.sendall(post(b"Connection: close\r\n"))
     sock.settimeout(5)

@@ -470,10 +470,10 @@ def raw_exchange(port, data, timeout=5):
     return read_until_closed(sock)
 
 
-def request_bytes(body=None, close=True):
+def request_bytes(body=None, close=True, path=b"/v1/messages"):
     body = json.dumps(MESSAGE).encode() if body is None else body
-    return (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: %s\r\nContent-Length: %d\r\n%s\r\n%s"
-            % (APIKEY.encode(), len(body), b"Connection: close\r\n" if close else b"", body))
+    return (b"POST %s HTTP/1.1\r\nHost: x\r\nx-api-key: %s\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (path, APIKEY.encode(), len(body), b"Connection: close\r\n" if close else b"", body))
 
 
 def test_client_connections_get_nodelay_and_the_client_timeout(proxy, upstream):
@@ -618,13 +618,14 @@ def test_no_connection_is_pooled_after_a_broken_stream(proxy, upstream, failure)
 def test_the_status_reaches_the_client_before_a_slow_body(proxy, upstream, content_type):
     """A non-streamed answer of unknown length: the head must not wait for the first piece.
     The mock holds the body until the client has the status line, so a head held back
-    would leave both waiting (and the client's read time out)."""
+    would leave both waiting (and the client's read time out). (A 200 to /v1/messages is
+    held until it shows a message: test_failover's gate tests.)"""
     release = threading.Event()
     upstream.fail_next("slow_body", release=release, content_type=content_type, body=b'{"late": true}')
     sock = socket.create_connection(("127.0.0.1", proxy.port))
     sock.settimeout(5)
     try:
-        sock.sendall(request_bytes())
+        sock.sendall(request_bytes(path=b"/v1/messages/count_tokens"))
         head = b""
         while b"\r\n\r\n" not in head:
             head += sock.recv(4096)

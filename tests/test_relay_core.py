@@ -26,6 +26,10 @@ SSE = (b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"
        b"\"usage\":{\"output_tokens\":2}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n")
 
 
+BLOCK = b"event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0}\n\n"
+REPLY = b'{"type":"message","content":[{"type":"text","text":"hi"}]}'
+
+
 class FakeSocket:
     def gettimeout(self):
         return None
@@ -48,7 +52,13 @@ class FakeConn:
 
 
 class Scripted(io.RawIOBase):
-    """A provider's bytes arriving in the given pieces, one per receive."""
+    """A provider's bytes arriving in the given pieces, one per receive (a deadline is noted,
+    as SocketStream takes it, and never reached)."""
+
+    deadline = None
+
+    def end_deadline(self):
+        self.deadline = None
 
     def __init__(self, pieces):
         super().__init__()
@@ -178,7 +188,7 @@ def test_a_network_failure_on_every_candidate_is_ccproxys_own_502():
 
 def test_bad_framing_from_a_provider_moves_on_and_is_never_relayed():
     bad = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxyz"
-    ok = answer(200, b"{}", [("Content-Type", "application/json")])
+    ok = answer(200, REPLY, [("Content-Type", "application/json")])
     pool, sent, _, _ = run({"alpha": [bad], "beta": [ok]})
     status, headers, _ = parse(sent)
     assert status == 200 and headers["x-ccproxy-attempts"].startswith("alpha bad HTTP from the provider")
@@ -188,9 +198,9 @@ def test_bad_framing_from_a_provider_moves_on_and_is_never_relayed():
                                      b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n",
                                      b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\n"])
 def test_interim_answers_are_skipped(interim):
-    ok = answer(200, b'{"ok":1}', [("Content-Type", "application/json")])
+    ok = answer(200, REPLY, [("Content-Type", "application/json")])
     pool, sent, _, _ = run({"alpha": [interim + ok]})
-    assert parse(sent)[:1] == (200,) and parse(sent)[2] == b'{"ok":1}' and pool.pooled == ["alpha"]
+    assert parse(sent)[:1] == (200,) and parse(sent)[2] == REPLY and pool.pooled == ["alpha"]
 
 
 @pytest.mark.parametrize("raw, pooled", [
@@ -201,12 +211,12 @@ def test_interim_answers_are_skipped(interim):
     (answer(200, b"{}"), True),
 ])
 def test_a_connection_is_pooled_only_when_its_framing_is_certain(raw, pooled):
-    pool, sent, _, _ = run({"alpha": [raw]})
+    pool, sent, _, _ = run({"alpha": [raw]}, path="/v1/messages/count_tokens")
     assert parse(sent)[0] == 200 and (pool.pooled == ["alpha"]) is pooled
 
 
 def test_a_stream_broken_mid_way_ends_with_an_sse_error_event():
-    start = SSE.split(b"\n\n")[0] + b"\n\n"
+    start = SSE.split(b"\n\n")[0] + b"\n\n" + BLOCK
     broken = [b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n" +
               b"%x\r\n%s\r\n" % (len(start), start), b"zz\r\n"]        # then framing that is not chunked
     pool, sent, exchange, relay = run({"alpha": [broken]}, body=json.dumps(dict(MESSAGE, stream=True)).encode())
@@ -217,7 +227,7 @@ def test_a_stream_broken_mid_way_ends_with_an_sse_error_event():
 
 def test_a_sized_answer_cut_short_closes_instead_of_passing_for_complete():
     cut = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"partial\""
-    pool, sent, exchange, relay = run({"alpha": [cut]})
+    pool, sent, exchange, relay = run({"alpha": [cut]}, path="/v1/messages/count_tokens")
     assert b"".join(sent).endswith(b'{"partial"') and relay.close and exchange.midstream_error
 
 
@@ -226,7 +236,7 @@ def test_a_signature_error_is_stripped_and_retried_once_on_the_same_provider():
     turns = dict(MESSAGE, messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": [
         {"type": "thinking", "thinking": "t", "signature": "other"}, {"type": "text", "text": "b"}]},
         {"role": "user", "content": "c"}])
-    ok = answer(200, b"{}", [("Content-Type", "application/json")])
+    ok = answer(200, REPLY, [("Content-Type", "application/json")])
     pool, sent, exchange, _ = run({"alpha": [answer(400, error), ok]}, body=json.dumps(turns).encode(),
                                   headers=[("X-Claude-Code-Session-Id", "s1")])
     assert parse(sent)[0] == 200 and [s[0] for s in pool.sent] == ["alpha", "alpha"]
@@ -238,3 +248,31 @@ def test_head_requests_keep_the_providers_content_length():
     raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1234\r\n\r\n"
     _, sent, _, _ = run({"alpha": [raw]}, body=b"", method="HEAD", path="/v1/files")
     assert b"\r\nContent-Length: 1234\r\n" in sent[0] and sent[0].endswith(b"\r\n\r\n")
+
+
+@pytest.mark.parametrize("held, verdict", [
+    (b"", None),
+    (b"event: message_start\ndata: {}\n\nevent: ping\ndata: {}\n\n", None),
+    (b"event: message_start\ndata: {}\n\nevent: content_block_start\ndata: {}", None),    # not complete yet
+    (b"event: message_start\r\ndata: {}\r\n\r\nevent: content_block_start\r\ndata: {}\r\n\r\n", "commit"),
+    (b'data: {"type":"content_block_delta","delta":{}}\n\n', "commit"),           # no event: lines
+    (b"event: message_stop\ndata: {}\n\n", "commit"),                             # an empty message ends
+    (b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error"}}\n\n', "fail"),
+    (b'data: {"type": "error", "error": {"type": "api_error"}}\n\n', "fail"),
+    (b'event: error\ndata: {"type":"error","error":{"type":"invalid_request_error"}}\n\n', "commit"),
+    (b': keep-alive comment\n\n', None),
+])
+def test_stream_verdict(held, verdict):
+    assert ccproxy.stream_verdict(held) == verdict
+
+
+def test_a_stream_is_not_relayed_before_its_content_nor_after_an_error_event():
+    start = SSE.split(b"\n\n")[0] + b"\n\n"
+    error = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"busy"}}\n\n'
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n"
+    failing = [head % len(start + error) + start, error]
+    fine = [head % len(start + BLOCK + SSE) + start, BLOCK + SSE]
+    pool, sent, exchange, _ = run({"alpha": [failing], "beta": [fine]}, body=json.dumps(dict(MESSAGE, stream=True)).encode())
+    status, headers, body = parse(sent)
+    assert status == 200 and body == start + BLOCK + SSE and headers["x-ccproxy-provider"] == "beta"
+    assert exchange.attempts[0][:2] == ("alpha", "error event before content") and pool.pooled == ["beta"]
