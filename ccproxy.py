@@ -4,16 +4,17 @@
 Claude Code (or any Anthropic SDK, or curl) sets ANTHROPIC_BASE_URL to this proxy once.
 Every request under /v1/ is relayed to the provider selected in the web UI; switching takes
 effect on the next request. Answers are relayed piece by piece as they arrive, never held
-whole. A provider that fails before the first byte reached the client is replaced by the
-next one of the Fallback list. The proxy does not translate between API formats: providers
-must speak the Anthropic Messages API.
+whole. A provider that fails before its answer shows content is replaced by the next one of
+the Fallback list. The proxy does not translate between API formats: providers must speak the
+Anthropic Messages API.
 
 A request goes through: Handler.handle_one_request (strict HTTP parsing) -> dispatch ->
 find_route (ROUTES) -> cross_site and authenticate (Throttle; a user key's Limits) ->
 relay_request -> Relay, over candidates (Routes, the selection, Fallback; Health's
-cooldowns) -> per attempt: headers, auth, presets, map_model, learned fixes -> Pool (kept-alive
-connections) -> Response (strictly framed) -> ClientWriter (chunked to the client) -> Exchange ->
-exchange_record -> Recorder (its own thread: log line, request log, UsageStore and its
+cooldowns), keep_placed (a conversation stays where its cache is) and fitting (context windows)
+-> per attempt: headers, auth, presets, map_model, learned fixes -> Pool (kept-alive
+connections) -> Response (strictly framed) -> gate (held until content) -> ClientWriter (chunked
+to the client) -> Exchange -> exchange_record -> Recorder (its own thread: log line, request log, UsageStore and its
 conversations, the cache watch, metrics).
 
 Threads: one per client connection (ThreadingHTTPServer), relaying its answers itself, so a
@@ -37,7 +38,8 @@ Sections, in file order (grep -n '^# ===' ccproxy.py), each for one topic:
   relay compatibility — what a relay refuses and the smallest fix for it, learned per relay
   upstream client — sockets, the pool, reading a provider's answer
   providers: discovery and tests — /v1/models of each relay, provider tests, Check this relay
-  relay — Relay: one request over its candidates to the client, failover before the first byte
+  routing — Routes rules (model, request class, agent type), FALLBACK_ORDER, context windows
+  relay — Relay: one request over its candidates to the client, failover before its content
   observability — Exchange, the log line, the request log, counters, the cache watch
   usage and cost — Pricing, the hourly roll-ups in sqlite, /api/usage
   conversations — a conversation's cost (X-Claude-Code-Session-Id), Claude Code's status line
@@ -214,7 +216,7 @@ FAMILY_VARS = (("haiku", "ANTHROPIC_DEFAULT_HAIKU_MODEL"), ("sonnet", "ANTHROPIC
 TOP_KEYS = ("HOST", "PORT", "APIKEY", "LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_MB", "MODEL_MAPPING",
             "env-models", "HeaderOverrides", "RequestOverrides", "Providers", "Fallback",
             "FIRST_BYTE_TIMEOUT_MS", "FIRST_CONTENT_TIMEOUT_MS", "COOLDOWN_MS", "REQUEST_LOG",
-            "REQUEST_LOG_MAX_MB", "Routes",
+            "REQUEST_LOG_MAX_MB", "Routes", "FALLBACK_ORDER",
             "Pricing", "USAGE_DB", "CACHE_WARN_PCT", "LOW_BALANCE", "LOW_BALANCE_LAST", "Keys",
             "TRUSTED_PROXIES")
 ALIAS_PREFIX = "claude-via-"        # every provider's models, as ids Claude Code's /model lists
@@ -232,8 +234,23 @@ MANAGED_SETTINGS = (("linux", "/etc/claude-code/managed-settings.json"),
 # Failures that move a request to the next provider, if no byte has reached the client yet.
 FAILOVER_STATUSES = frozenset([401, 403, 408, 429] + list(range(500, 600)))    # every 5xx: 529, Cloudflare's 52x
 COUNT_TOKENS_MISSING = frozenset([404, 405, 501])
+# Claude Code's hint headers (CLAUDE_CODE_GATEWAY_HINT_HEADERS=1): what kind of request this is.
+REQUEST_CLASSES = ("main", "subagent", "workflow", "compaction", "auxiliary", "side_reply")
+CLASS_MAX = 40                      # characters kept of a request class or agent type
+# How a failover list is ordered (FALLBACK_ORDER): as listed, by price, by first content.
+FALLBACK_ORDERS = ("listed", "cheapest", "fastest")
+FASTEST_WINDOW_S = 1800.0           # "fastest" weighs the first-content times of this long ago
+FASTEST_MIN_SAMPLES = 3             # ... of at least this many requests (else the relay comes after)
+CACHE_LONG_S = 3600.0               # the prompt cache's lifetime when a request asks for 1-hour caching
+AFFINITY_MAX = 10000                # conversations whose relay is remembered at most
+# A request's size in tokens, when its conversation has no count yet: its bytes (images left
+# out) divided by this. JSON-escaped text runs 3-5 bytes a token, so 5 underestimates: a relay
+# is skipped only when the request is surely too large for it.
+BYTES_PER_TOKEN = 5
+CONTEXT_WINDOW = 200000             # a Claude model's, unless configured (context_window)
+LONG_CONTEXT_WINDOW = 1000000       # a [1m] model's, or any asked with the context-1m beta
 PROVIDER_KEYS = ("name", "api_base_url", "api_key", "models", "comment", "env-models", "auth", "proxy",
-                 "price_multiplier", "balance", "console_url")
+                 "price_multiplier", "balance", "console_url", "context_window", "max_output")
 PRICE_KINDS = ("input", "output", "cache_read", "cache_write")
 KEY_FIELDS = ("name", "sha256", "enabled", "expires", "providers", "models") + KEY_LIMITS
 
@@ -452,6 +469,13 @@ MESSAGES = {
     "routes_type": "Routes must be an object of model glob -> provider name, such as {{\"*haiku*\": "
         "\"cheap-relay\"}}",
     "routes_unknown": "Routes.{glob}: '{name}' is not a provider with an api_base_url",
+    "context_too_large": "prompt is too long: about {tokens} tokens (max_tokens {max_tokens}), more than any "
+        "relay can take: {relays} — run /compact, or give a relay with a larger context_window",
+    "select_when": "\"when\" must be \"now\" or \"idle\"",
+    "routes_key": "Routes: '{key}' must be a model glob, class=… and agent=…, each at most once, separated by spaces",
+    "routes_class": "Routes: '{key}' names the request class {value}; Claude Code sends {classes}",
+    "provider_limit": "{where}.{key} must be a number of tokens, or an object of model glob -> tokens",
+    "fallback_order": "FALLBACK_ORDER must be one of {orders}",
     "top_level": "the top level must be a JSON object",
     "host_type": "HOST must be a string such as 127.0.0.1",
     "port_range": "PORT must be a whole number from 0 to 65535",
@@ -654,10 +678,10 @@ class Provider:
 
     __slots__ = ("name", "api_base_url", "base_url", "api_key", "models", "comment",
                  "env_models", "auth", "proxy", "placeholder_key", "price_multiplier", "balance",
-                 "console_url")
+                 "console_url", "context_window", "max_output")
 
     def __init__(self, name, api_base_url, api_key, models, comment, env_models, auth, proxy,
-                 price_multiplier=1.0, balance=None, console_url=""):
+                 price_multiplier=1.0, balance=None, console_url="", context_window=None, max_output=None):
         self.name = name
         self.api_base_url = api_base_url
         self.base_url = derive_base_url(api_base_url) if api_base_url else ""
@@ -676,6 +700,9 @@ class Provider:
         parts = urllib.parse.urlsplit(self.base_url)
         self.console_url = console_url or ("%s://%s/" % (parts.scheme, parts.netloc.rsplit("@", 1)[-1])
                                            if self.base_url else "")
+        # Its models' limits in tokens, as configured: {model glob: tokens} ("*" for all), or {}.
+        self.context_window = context_window or {}
+        self.max_output = max_output or {}
 
     @property
     def usable(self):
@@ -696,8 +723,9 @@ class Config:
         self.max_body_bytes = int(raw.get("MAX_BODY_MB", DEFAULT_MAX_BODY_MB) * 1024 * 1024)
         self.model_mapping = raw.get("MODEL_MAPPING", True)
         self.fallback = tuple(raw.get("Fallback", ()))
-        # Routes: a model glob -> the provider that serves it, tried in the file's order.
-        self.routes = tuple((glob.lower(), name) for glob, name in strip_comments(raw.get("Routes", {})).items())
+        # Routes: a rule (a model glob, class=, agent=) -> the provider that serves it, in the file's order.
+        self.routes = tuple(Rule(key, name) for key, name in strip_comments(raw.get("Routes", {})).items())
+        self.fallback_order = raw.get("FALLBACK_ORDER", "listed")
         self.first_byte_timeout_s = raw.get("FIRST_BYTE_TIMEOUT_MS", DEFAULT_FIRST_BYTE_TIMEOUT_MS) / 1000.0
         self.first_content_timeout_s = raw.get("FIRST_CONTENT_TIMEOUT_MS", DEFAULT_FIRST_CONTENT_TIMEOUT_MS) / 1000.0
         self.cooldown_s = raw.get("COOLDOWN_MS", DEFAULT_COOLDOWN_MS) / 1000.0
@@ -725,13 +753,12 @@ class Config:
     def secrets(self):
         return [s for s in [self.apikey] + [p.api_key for p in self.providers] if s]
 
-    def route_for(self, model):
-        """The provider a Routes entry sends this model to, or None."""
-        if self.routes and isinstance(model, str):
-            lower = model.lower()
-            for glob, name in self.routes:
-                if fnmatch.fnmatchcase(lower, glob):
-                    return name
+    def route_for(self, model, kind=None, agent=None):
+        """The first Routes rule that a request for this model, of this class and agent type
+        (Claude Code's hint headers) matches, or None."""
+        for rule in self.routes:
+            if rule.matches(model, kind, agent):
+                return rule
         return None
 
 
@@ -870,7 +897,9 @@ def _check_provider(index, entry, names, problems):
     return Provider(name, url.strip(), str(api_key).strip(), [m for m in models if m],
                     str(entry.get("comment", "")),
                     strip_comments(env_models) if isinstance(env_models, dict) else {}, auth, proxy,
-                    float(multiplier), balance, console.strip())
+                    float(multiplier), balance, console.strip(),
+                    _check_limit(entry.get("context_window"), where, "context_window", problems),
+                    _check_limit(entry.get("max_output"), where, "max_output", problems))
 
 
 def _check_balance(value, where, problems):
@@ -945,6 +974,19 @@ def _check_routes(value, providers, problems):
             continue
         if name not in usable:
             problems.append(Said("routes_unknown", glob=glob, name=name))
+        else:
+            Rule(glob, name).check(problems)
+
+
+def _check_limit(value, where, key, problems):
+    """A provider's context_window or max_output: tokens, or {model glob: tokens}. The dict."""
+    if value is None:
+        return {}
+    found = {"*": value} if _is_number(value) else strip_comments(value) if isinstance(value, dict) else None
+    if found is None or not all(_is_number(v) and v >= 1 for v in found.values()):
+        problems.append(Said("provider_limit", where=where, key=key))
+        return {}
+    return {glob.lower(): int(v) for glob, v in found.items()}
 
 
 def validate_config(raw, path="config.json"):
@@ -981,6 +1023,8 @@ def validate_config(raw, path="config.json"):
         problems.append(Said("low_balance_range"))
     if not isinstance(raw.get("LOW_BALANCE_LAST", False), bool):
         problems.append(Said("not_bool", key="LOW_BALANCE_LAST"))
+    if raw.get("FALLBACK_ORDER", "listed") not in FALLBACK_ORDERS:
+        problems.append(Said("fallback_order", orders=", ".join(FALLBACK_ORDERS)))
     _check_pricing(raw.get("Pricing", {}), problems)
     proxies = raw.get("TRUSTED_PROXIES", [])
     if not isinstance(proxies, list) or not all(isinstance(a, str) and _is_address(a) for a in proxies):
@@ -1562,7 +1606,7 @@ class Store:
 
 EDITABLE_SETTINGS = ("LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_MB", "MODEL_MAPPING", "env-models",
                      "HeaderOverrides", "RequestOverrides", "Fallback", "FIRST_BYTE_TIMEOUT_MS",
-                     "FIRST_CONTENT_TIMEOUT_MS", "COOLDOWN_MS", "REQUEST_LOG_MAX_MB", "Routes", "Pricing", "CACHE_WARN_PCT",
+                     "FIRST_CONTENT_TIMEOUT_MS", "FALLBACK_ORDER", "COOLDOWN_MS", "REQUEST_LOG_MAX_MB", "Routes", "Pricing", "CACHE_WARN_PCT",
                      "LOW_BALANCE", "LOW_BALANCE_LAST")
 CODE_STALE = "stale_version"
 
@@ -2603,10 +2647,13 @@ class Exchange:
     """Facts about one relayed request, for the log line and the request log."""
 
     __slots__ = ("provider", "model_in", "model_out", "status", "bytes_in", "bytes_out", "ttfb_ms",
-                 "note", "note_code", "attempts", "stream", "usage", "midstream_error", "client_gone", "key")
+                 "note", "note_code", "attempts", "stream", "usage", "midstream_error", "client_gone", "key",
+                 "kind", "agent", "conversation", "placed")
 
     def __init__(self):
         self.provider = self.model_in = self.model_out = self.note = self.note_code = self.key = None
+        self.kind = self.agent = self.conversation = None     # Claude Code's hint headers; the conversation
+        self.placed = None          # why the relay that answered was the one (Relay.why, or failover)
         self.status = self.bytes_in = self.bytes_out = 0
         self.ttfb_ms = None
         self.attempts = []          # (provider, label, model sent) of each failed attempt, in order
@@ -3534,6 +3581,159 @@ def filter_models(models, spec):
     return [m for m in models if not words or any(w in m.lower() for w in words)]
 
 
+# ============================================================================ routing
+#
+# Which relays a request goes to, in which order, beyond the selection: Routes rules (a model
+# glob, Claude Code's request class and agent type), the failover list as FALLBACK_ORDER says,
+# a conversation's size against each relay's context window. Relay.route, keep_placed and
+# fitting apply them; Health remembers where each conversation is.
+
+
+class Rule:
+    """One Routes entry: its key holds a model glob, "class=" (a comma list of REQUEST_CLASSES)
+    and "agent=" (an agent-type glob), separated by spaces, each optional and all of them
+    required to match; any case. {"*haiku*": "A", "class=compaction,auxiliary": "B",
+    "claude-opus-* class=subagent agent=Explore": "C"}."""
+
+    __slots__ = ("key", "provider", "model", "kinds", "agent")
+
+    def __init__(self, key, provider):
+        self.key, self.provider = key, provider
+        self.model = self.kinds = self.agent = None
+        for term in key.split():
+            name, _, value = term.partition("=")
+            if name.lower() == "class" and value:
+                self.kinds = frozenset(value.lower().split(","))
+            elif name.lower() == "agent" and value:
+                self.agent = value.lower()
+            else:
+                self.model = term.lower()
+
+    def check(self, problems):
+        """Add what is wrong with the key to problems."""
+        terms = self.key.split()
+        kinds = [t for t in terms if re.match(r"(?i)class=.", t)]
+        models = [t for t in terms if not re.match(r"(?i)(class|agent)=.", t)]
+        if not terms or len(models) > 1 or len(kinds) > 1 or len(terms) - len(models) - len(kinds) > 1:
+            problems.append(Said("routes_key", key=self.key))
+            return
+        unknown = sorted((self.kinds or frozenset()) - set(REQUEST_CLASSES))
+        if unknown:
+            problems.append(Said("routes_class", key=self.key, value=", ".join(unknown),
+                                 classes=", ".join(REQUEST_CLASSES)))
+
+    def matches(self, model, kind, agent):
+        if self.kinds is not None and kind not in self.kinds:
+            return False
+        if self.agent is not None and not (agent and fnmatch.fnmatchcase(agent.lower(), self.agent)):
+            return False
+        return self.model is None or (isinstance(model, str) and fnmatch.fnmatchcase(model.lower(), self.model))
+
+
+# Claude Code's hint headers (CLAUDE_CODE_GATEWAY_HINT_HEADERS=1).
+CLASS_HEADER = "x-claude-code-request-class"
+AGENT_HEADER = "x-claude-code-agent-type"
+_LONG_CACHE = re.compile(rb'"ttl"\s*:\s*"1h"')
+_MAX_TOKENS = re.compile(rb'"max_tokens"\s*:\s*([0-9]{1,9})\b')
+_BASE64_DATA = re.compile(rb'"data"\s*:\s*"[A-Za-z0-9+/=]{1024,}"')
+
+
+def hint(headers, name):
+    """A hint header's value, lower case, printable and short, or None."""
+    value = (headers.get(name) or "").strip().lower()
+    return escape_unprintable(value)[:CLASS_MAX] or None
+
+
+def conversation_of(request):
+    """The conversation a Messages request belongs to: Claude Code's X-Claude-Code-Session-Id,
+    else a hash of its system prompt and first message (what every later turn repeats)."""
+    session = session_of(request.headers)
+    if session:
+        return session
+    try:
+        body = json.loads(request.body)
+        opening = json.dumps([body.get("system"), (body.get("messages") or [None])[0]], sort_keys=True)
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return "sha256:" + hashlib.sha256(opening.encode("utf-8", "replace")).hexdigest()[:24]
+
+
+def requested_max_tokens(body):
+    found = _MAX_TOKENS.search(body)
+    return int(found.group(1)) if found else None
+
+
+def request_tokens(body):
+    """A request's size in tokens, from its bytes alone (images, whose base64 counts for little,
+    left out): an underestimate (BYTES_PER_TOKEN)."""
+    size = len(body)
+    if size > CONTEXT_WINDOW * BYTES_PER_TOKEN // 4:       # only a large body can hold images that matter
+        size -= sum(len(m.group()) for m in _BASE64_DATA.finditer(body))
+    return size // BYTES_PER_TOKEN
+
+
+def limit_for(limits, model):
+    """The tokens a provider's {model glob: tokens} (context_window, max_output) allows this model, or None."""
+    if limits and isinstance(model, str):
+        lower = model.lower()
+        for glob, tokens in limits.items():
+            if fnmatch.fnmatchcase(lower, glob):
+                return tokens
+    return None
+
+
+def context_window(provider, model, beta=""):
+    """The context window of a model on a provider: as configured, else a Claude model's
+    (LONG_CONTEXT_WINDOW for a [1m] model or one asked with the context-1m beta), else None
+    (unknown: never skipped)."""
+    found = limit_for(provider.context_window, model)
+    if found is not None or not isinstance(model, str) or not model.lower().startswith("claude"):
+        return found
+    return LONG_CONTEXT_WINDOW if "[1m]" in model.lower() or "context-1m" in beta else CONTEXT_WINDOW
+
+
+def model_for(view, target, model):
+    """The model id a request for `model` goes to this provider as (env-models, MODEL_MAPPING)."""
+    if model is None or not view.config.model_mapping:
+        return model
+    return map_model(model, target.model_set, target.env_models)
+
+
+def candidates(view, health, model=None):
+    """The providers to try in order: the selected one, then the fallback list (in the order
+    FALLBACK_ORDER says, for this model), skipping any that still has a placeholder key and any
+    that is cooling down; fallbacks whose balance is low come last (LOW_BALANCE_LAST). If all
+    are cooling down, the first of them is tried anyway."""
+    fallback = [n for n in (view.fallback if view.fallback_enabled else ()) if n != view.selected]
+    order = view.config.fallback_order
+    if order == "cheapest":
+        def price_of(name):
+            target = view.targets.get(name)
+            rates = view.config.pricing.rates_on(name, model_for(view, target, model)) if target and model else None
+            return (0, rates) if rates is not None else (1, ())
+        fallback.sort(key=price_of)
+    elif order == "fastest":
+        def speed_of(name):
+            ms = health.first_content_ms(name)
+            return (0, ms) if ms is not None else (1, 0)
+        fallback.sort(key=speed_of)
+    if health.low_balance:
+        fallback.sort(key=health.low_balance.__contains__)     # stable: the rest keep their order
+    names = [view.selected] + fallback
+    usable = [view.targets[n] for n in names if n in view.targets and not view.targets[n].provider.placeholder_key]
+    now = health.clock()
+    chosen = [t for t in usable if not health.is_cooling(t.name, now)]
+    return chosen or usable[:1]
+
+
+def no_candidate(view):
+    """The NoProvider error that says what to edit when candidates() found nothing."""
+    target = view.target
+    if target is not None and target.provider.placeholder_key:
+        return NoProvider(Said("no_provider_example", name=target.name))
+    return NoProvider(Said("no_provider"))
+
+
 # ============================================================================ relay
 
 
@@ -3665,9 +3865,11 @@ class Relay:
         self.debug = debug
         self.started = time.monotonic()
         self.request = None
+        self.model = None               # the model the request asks for
         self.real_model = None          # the model a model alias names
         self.close = False              # the client connection must close after the answer
         self.gated = False              # a 200 is held until it shows content (gate())
+        self.why = "selected"           # how the first candidate was chosen: selected, route, alias, kept, idle
 
     def run(self, request):
         self.request = request
@@ -3675,6 +3877,7 @@ class Relay:
         agent = request.headers.get("User-Agent")
         if agent and agent.startswith("claude-cli/"):
             health.client_agent = agent
+        exchange.kind, exchange.agent = hint(request.headers, CLASS_HEADER), hint(request.headers, AGENT_HEADER)
         chain = self.route(request)
         if not chain:
             raise no_candidate(self.view)
@@ -3692,12 +3895,19 @@ class Relay:
         stream = exchange.stream = bool(_STREAM_FLAG.search(request.body))
         self.gated = request.method == "POST" and request.path.partition("?")[0] == "/v1/messages"
         exchange.bytes_in = len(request.body)
+        first = chain[0].name
+        if self.gated:
+            health.last_model = self.model
+            exchange.conversation = conversation_of(request)
+            chain = self.fitting(self.keep_placed(chain, first))
         for index, target in enumerate(chain):
             exchange.provider = target.name
             last = index == len(chain) - 1
             failure = self.attempt(target, stream, last)
             if failure is None:
                 health.recovered(target.name)
+                if self.gated and exchange.status == 200:
+                    self.placed(target, first, request)
                 return
             exchange.attempts.append((target.name, failure.label, exchange.model_out))
             if self.view.fallback_enabled and self.view.fallback:
@@ -3714,7 +3924,7 @@ class Relay:
         id; a Routes match to its provider, then the failover list; anything else to the
         selection, then the failover list (candidates()). The selection itself never changes."""
         view, health = self.view, self.health
-        model = requested_model(request.body) if request.path.startswith("/v1/messages") else None
+        model = self.model = requested_model(request.body) if request.path.startswith("/v1/messages") else None
         if model in view.aliases:
             name, self.real_model = view.aliases[model]
             now = health.clock()
@@ -3722,13 +3932,81 @@ class Relay:
                     and n in view.targets and self.real_model in view.targets[n].model_set
                     and not health.is_cooling(n, now)]
             self.exchange.say("alias", "model alias: %s of %s", self.real_model, name)
+            self.why = "alias"
             return [t for t in [view.targets[name]] + same if not t.provider.placeholder_key]
-        chain = candidates(view, health)
-        routed = view.config.route_for(model)
+        chain = candidates(view, health, model)
+        exchange = self.exchange
+        rule = view.config.route_for(model, exchange.kind, exchange.agent)
+        routed = rule.provider if rule is not None else None
         if routed in view.targets and not view.targets[routed].provider.placeholder_key:
-            self.exchange.say("routes", "Routes: %s to %s", model, routed)
+            exchange.say("routes", "Routes: %s to %s", rule.key, routed)
+            self.why = "route"
             return [view.targets[routed]] + [t for t in chain if t.name != routed]
         return chain
+
+    def keep_placed(self, chain, first):
+        """The chain with the relay that answered this conversation last put first, while its
+        prompt cache there is warm and it is not cooling down (Health.placed_on): a conversation
+        that failover moved, or that a switch left until it goes idle, stays where its cache is."""
+        health, exchange = self.health, self.exchange
+        found = health.placed_on(exchange.conversation, first)
+        if found is None or found[0] == first:
+            return chain
+        target = self.view.targets.get(found[0])
+        if target is None or target.provider.placeholder_key or health.is_cooling(target.name, health.clock()):
+            return chain
+        if self.user is not None and target not in chain:
+            try:
+                permitted(self.user, self.view, [target], self.request.body)
+            except ProxyError:
+                return chain
+        self.why = "idle" if found[1] == "idle" else "kept"
+        exchange.say("kept", "kept on %s, where its prompt cache is", target.name)
+        return [target] + [t for t in chain if t is not target]
+
+    def fitting(self, chain):
+        """The candidates whose context window (and max_output) can take this request, by its
+        size in tokens (Health.tokens_of); a 400 naming each relay's limit when none can."""
+        request, exchange = self.request, self.exchange
+        tokens = self.health.tokens_of(exchange.conversation, request.body)
+        wanted = requested_max_tokens(request.body)
+        beta = request.headers.get("anthropic-beta") or ""
+        fit, refused = [], []
+        for target in chain:
+            model = self.real_model or model_for(self.view, target, self.model)
+            window = context_window(target.provider, model, beta)
+            most = limit_for(target.provider.max_output, model)
+            if window is not None and tokens > window:
+                refused.append("%s (%s: %d)" % (target.name, model, window))
+            elif most is not None and wanted is not None and wanted > most:
+                refused.append("%s (%s: max_output %d)" % (target.name, model, most))
+            else:
+                fit.append(target)
+        if not refused:
+            return chain
+        if not fit:
+            raise ClientError(Said("context_too_large", tokens=tokens, max_tokens=wanted or "-",
+                                   relays=", ".join(refused)))
+        exchange.say("too_large", "skipped, too small for this request: %s", ", ".join(refused))
+        if fit[0] is not chain[0]:
+            self.why = "too_large"
+        return fit
+
+    def placed(self, target, first, request):
+        """Remember where this conversation was answered, why, for how long its cache there
+        lasts, and its size in tokens; and the first-content time, for FALLBACK_ORDER fastest."""
+        exchange, health = self.exchange, self.health
+        why = "failover" if exchange.attempts else self.why
+        if exchange.conversation:
+            lifetime = CACHE_LONG_S if _LONG_CACHE.search(request.body) else CACHE_LIFETIME_S
+            health.place(exchange.conversation, first, target.name, why, lifetime)
+            usage = exchange.usage
+            if usage.input or usage.cache_read or usage.cache_creation:
+                health.note_size(exchange.conversation, usage.input + usage.cache_read + usage.cache_creation,
+                                 len(request.body))
+        exchange.placed = why
+        if exchange.ttfb_ms is not None:
+            health.note_first(target.name, exchange.ttfb_ms)
 
     def attempt(self, target, stream, last):
         """Try one provider. None once its answer has gone to the client, or the Failure that
@@ -4579,19 +4857,19 @@ class UsageStore:
                     total[column] += value
         if not batch or time.monotonic() < self.retry_at:
             return
-        adding = ", ".join("%s = %s + ?" % (c, c) for c in self.SUMS)
+        kinds = {}              # (hour, class, provider) -> sums: what each kind of request costs
+        for rec, found in rows:
+            for (hour, provider, _, _), sums in found:
+                total = kinds.setdefault((hour, rec.get("class") or "", provider), dict.fromkeys(self.SUMS, 0))
+                for column, value in sums.items():
+                    total[column] += value
         try:
             if self.conn is None:
                 self.conn = self.connect()
             with self.conn:
                 self.conn.execute("BEGIN IMMEDIATE")
-                for group, sums in batch.items():
-                    values = [sums[c] for c in self.SUMS]
-                    if not self.conn.execute("UPDATE usage SET %s WHERE hour = ? AND provider = ? AND model = ? "
-                                             "AND key_name = ?" % adding, values + list(group)).rowcount:
-                        self.conn.execute("INSERT INTO usage (hour, provider, model, key_name, %s) VALUES "
-                                          "(?, ?, ?, ?, %s)" % (", ".join(self.SUMS), ", ".join("?" * len(self.SUMS))),
-                                          list(group) + values)
+                add_sums(self.conn, "usage", ("hour", "provider", "model", "key_name"), batch)
+                add_sums(self.conn, "classes", ("hour", "class", "provider"), kinds)
                 add_conversations(self.conn, rows)
         except sqlite3.Error as exc:
             # Once a minute at most: a broken file must not fill the log at every batch.
@@ -4603,18 +4881,37 @@ class UsageStore:
                 self.conn = None
 
     def query(self, first_day, last_day, by):
-        """[(group values, sums)] of the hours from first_day to last_day (YYYY-MM-DD), grouped."""
+        """[(group values, sums)] of the hours from first_day to last_day (YYYY-MM-DD), grouped;
+        by class (and provider, day, hour) from the classes table."""
         conn = self.connect()
+        table, groups = ("classes", CLASS_GROUPS) if "class" in by else ("usage", self.GROUPS)
         try:
-            columns = [self.GROUPS[b] for b in by]
-            sql = "SELECT %s FROM usage WHERE hour BETWEEN ? AND ?" % ", ".join(
-                columns + ["SUM(%s)" % c for c in self.SUMS])
+            columns = [groups[b] for b in by]
+            sql = "SELECT %s FROM %s WHERE hour BETWEEN ? AND ?" % (", ".join(
+                columns + ["SUM(%s)" % c for c in self.SUMS]), table)
             if columns:
                 sql += " GROUP BY %s ORDER BY %s" % (", ".join(columns), ", ".join(columns))
             found = conn.execute(sql, (first_day + " 00", last_day + " 23")).fetchall()
         finally:
             conn.close()
         return [(row[:len(by)], dict(zip(self.SUMS, row[len(by):]))) for row in found if row[len(by)]]
+
+
+# /api/usage?by=class: Claude Code's request classes (hint headers), "" when a request had none.
+CLASS_GROUPS = {"class": "class", "provider": "provider", "day": "substr(hour, 1, 10)", "hour": "hour"}
+
+
+def add_sums(conn, table, columns, batch):
+    """Add each group's SUMS of batch ({values of columns: sums}) to its row of table, made if
+    new; within the caller's transaction."""
+    adding = ", ".join("%s = %s + ?" % (c, c) for c in UsageStore.SUMS)
+    where = " AND ".join("%s = ?" % c for c in columns)
+    for group, sums in batch.items():
+        values = [sums[c] for c in UsageStore.SUMS]
+        if not conn.execute("UPDATE %s SET %s WHERE %s" % (table, adding, where), values + list(group)).rowcount:
+            conn.execute("INSERT INTO %s (%s, %s) VALUES (%s)" % (
+                table, ", ".join(columns), ", ".join(UsageStore.SUMS), ", ".join("?" * (len(columns) + len(values)))),
+                list(group) + values)
 
 
 def open_store(path, check_same_thread=True):
@@ -4641,6 +4938,9 @@ def open_store(path, check_same_thread=True):
                  "key_name TEXT NOT NULL DEFAULT '', first_seen REAL NOT NULL, last_seen REAL NOT NULL, "
                  "model TEXT NOT NULL DEFAULT '', %s, PRIMARY KEY (session, provider))" % sums)
     conn.execute("CREATE INDEX IF NOT EXISTS conversations_by_time ON conversations (last_seen)")
+    # Each kind of request (Claude Code's request class) per hour and relay: also a table of its own.
+    conn.execute("CREATE TABLE IF NOT EXISTS classes (hour TEXT NOT NULL, class TEXT NOT NULL, "
+                 "provider TEXT NOT NULL, %s, PRIMARY KEY (hour, class, provider))" % sums)
     return conn
 
 
@@ -4682,7 +4982,8 @@ def usage_report(store, currency, query):
     if first > last or (last - first).days >= USAGE_MAX_DAYS:
         raise ClientError(Said("usage_range", days=USAGE_MAX_DAYS))
     by = [b for b in one("by", "provider").split(",") if b]
-    groups = CONVERSATION_GROUPS if "session" in by else UsageStore.GROUPS     # by session: conversations
+    # by session: conversations; by class: the classes table
+    groups = CONVERSATION_GROUPS if "session" in by else CLASS_GROUPS if "class" in by else UsageStore.GROUPS
     if not by or any(b not in groups for b in by) or len(set(by)) != len(by):
         raise ClientError(Said("usage_by", groups=", ".join(groups)))
     if store is None:
@@ -4697,7 +4998,7 @@ def usage_report(store, currency, query):
         for column in UsageStore.SUMS:
             total[column] += sums[column] or 0
     # key: null is the administrator's APIKEY
-    rows = [dict(zip(by, [None if b == "key" and not v else v for b, v in zip(by, values)]), **usage_row(sums, currency))
+    rows = [dict(zip(by, [None if b in ("key", "class") and not v else v for b, v in zip(by, values)]), **usage_row(sums, currency))
             for values, sums in found]
     return {"from": first.isoformat(), "to": last.isoformat(), "by": by, "currency": currency,
             "rows": rows, "total": usage_row(total, currency)}
@@ -4845,7 +5146,10 @@ def api_sessions(handler, params):
         limit = max(1, min(SESSIONS_LIMIT, int(handler.query_params().get("limit", [SESSIONS_LIMIT])[0])))
     except ValueError:
         raise ClientError(Said("requests_limit"))
-    return 200, {"sessions": conversations(store, handler.server.store.view.config.pricing.currency, limit)}
+    found = conversations(store, handler.server.store.view.config.pricing.currency, limit)
+    for entry in found:     # where its next request goes while its cache is warm, and why
+        entry["now"] = handler.server.health.where(entry["session"])
+    return 200, {"sessions": found}
 
 
 # Claude Code's status line, in the language its command asked for.
@@ -5617,6 +5921,12 @@ class Health:
         self.gates = {}               # provider -> the last client-version gate it answered
         self.client_agent = None      # the last Claude Code User-Agent relayed (Check a relay sends it)
         self.low_balance = frozenset()  # providers under LOW_BALANCE, tried last (LOW_BALANCE_LAST)
+        # (conversation, first choice) -> (relay that answered, why, when, cache lifetime, epoch)
+        self.placements = {}
+        self.epoch = 0                # a switch "now" moves every conversation: older placements lapse
+        self.sizes = {}               # conversation -> (its prompt in tokens, its body in bytes), last answered
+        self.firsts = {}              # provider -> deque of (when, first-content ms), for FALLBACK_ORDER fastest
+        self.last_model = None        # the model of the last Messages request (the page's "order now")
 
     def cool_down(self, name, seconds, reason):
         with self.lock:
@@ -5643,9 +5953,7 @@ class Health:
 
     def remember_strip(self, session, name):
         with self.lock:
-            if len(self.strip_for) >= SESSION_MEMORY_MAX:
-                for key in list(self.strip_for)[:SESSION_MEMORY_MAX // 2]:     # the oldest half
-                    del self.strip_for[key]
+            prune(self.strip_for, SESSION_MEMORY_MAX)
             self.strip_for[(session, name)] = self.clock()
 
     def note_gate(self, name, model, gate, user_agent):
@@ -5657,6 +5965,69 @@ class Health:
         log.warning("provider %s: model %s needs Claude Code %s or newer (it was told %s) — update Claude "
                     "Code, or the User-Agent of a header preset", name, model, required, sent)
 
+    def placed_on(self, conversation, first):
+        """(relay, why, when, lifetime, epoch) of the conversation's last answer when its first
+        choice was `first`, while the prompt cache there lasts; else None."""
+        found = self.placements.get((conversation, first)) if conversation else None
+        if found is None or found[4] != self.epoch or self.clock() - found[2] >= found[3]:
+            return None
+        return found
+
+    def place(self, conversation, first, relay, why, lifetime):
+        with self.lock:
+            prune(self.placements, AFFINITY_MAX)
+            self.placements[(conversation, first)] = (relay, why, self.clock(), lifetime, self.epoch)
+
+    def switched(self, old, new, when_idle):
+        """The selection moved from old to new. Now: every conversation follows at its next
+        request. When idle: a conversation whose cache on old is warm stays there (as the first
+        choice `new` would have been) until it has gone idle for the cache's lifetime."""
+        with self.lock:
+            if not when_idle:
+                self.epoch += 1
+                return 0
+            now, kept = self.clock(), 0
+            for (conversation, first), found in list(self.placements.items()):
+                if first == old and found[0] == old and found[4] == self.epoch and now - found[2] < found[3]:
+                    self.placements[(conversation, new)] = (old, "idle") + found[2:]
+                    kept += 1
+            return kept
+
+    def where(self, conversation):
+        """{relay, why, until} of the conversation's newest warm placement, or None."""
+        now, found = self.clock(), None
+        for (name, _), entry in list(self.placements.items()):
+            if name == conversation and entry[4] == self.epoch and now - entry[2] < entry[3] and \
+                    (found is None or entry[2] >= found[2]):
+                found = entry
+        return None if found is None else {"relay": found[0], "why": found[1], "until": found[2] + found[3]}
+
+    def note_size(self, conversation, tokens, size):
+        with self.lock:
+            prune(self.sizes, AFFINITY_MAX)
+            self.sizes[conversation] = (tokens, size)
+
+    def tokens_of(self, conversation, body):
+        """A request's size in tokens: its conversation's last count and what it grew since
+        (BYTES_PER_TOKEN), else request_tokens()."""
+        found = self.sizes.get(conversation) if conversation else None
+        if found is None:
+            return request_tokens(body)
+        return found[0] + max(0, len(body) - found[1]) // BYTES_PER_TOKEN
+
+    def note_first(self, name, ms):
+        samples = self.firsts.get(name)
+        if samples is None:
+            samples = self.firsts.setdefault(name, deque(maxlen=TTFB_SAMPLES))
+        samples.append((self.clock(), ms))
+
+    def first_content_ms(self, name):
+        """The median first-content time of the provider's requests within FASTEST_WINDOW_S, or
+        None with fewer than FASTEST_MIN_SAMPLES."""
+        since = self.clock() - FASTEST_WINDOW_S
+        recent = sorted(ms for when, ms in list(self.firsts.get(name, ())) if when >= since)
+        return recent[len(recent) // 2] if len(recent) >= FASTEST_MIN_SAMPLES else None
+
     def lacks_count_tokens(self, name):
         until = self.no_count_tokens.get(name)
         return until is not None and until > self.clock()
@@ -5666,26 +6037,11 @@ class Health:
             self.no_count_tokens[name] = self.clock() + COUNT_TOKENS_MEMORY_S
 
 
-def candidates(view, health):
-    """The providers to try in order: the selected one, then the fallback list, skipping any
-    that still has a placeholder key and any that is cooling down; fallbacks whose balance is
-    low come last (LOW_BALANCE_LAST). If all are cooling down, the first of them is tried anyway."""
-    fallback = [n for n in (view.fallback if view.fallback_enabled else ()) if n != view.selected]
-    if health.low_balance:
-        fallback.sort(key=health.low_balance.__contains__)     # stable: the rest keep their order
-    names = [view.selected] + fallback
-    usable = [view.targets[n] for n in names if n in view.targets and not view.targets[n].provider.placeholder_key]
-    now = health.clock()
-    chosen = [t for t in usable if not health.is_cooling(t.name, now)]
-    return chosen or usable[:1]
-
-
-def no_candidate(view):
-    """The NoProvider error that says what to edit when candidates() found nothing."""
-    target = view.target
-    if target is not None and target.provider.placeholder_key:
-        return NoProvider(Said("no_provider_example", name=target.name))
-    return NoProvider(Said("no_provider"))
+def prune(memory, most):
+    """Make room in a dict that remembers per conversation: its oldest half goes when it is full."""
+    if len(memory) >= most:
+        for key in list(memory)[:most // 2]:
+            memory.pop(key, None)
 
 
 # ============================================================================ Claude Code settings
@@ -5701,12 +6057,14 @@ def claude_settings(base_url, key, env_models, auth=None, gateway=False):
     A provider that wants x-api-key gets ANTHROPIC_API_KEY (sent as x-api-key), any other
     ANTHROPIC_AUTH_TOKEN (sent as Authorization: Bearer). gateway: the settings for ccproxy
     itself, with Claude Code's gateway model discovery on, so its /model lists every
-    provider's models (their aliases).
+    provider's models (their aliases), and its hint headers, so Routes can match a request's
+    class (compaction, subagent…).
     """
     env = {"ANTHROPIC_BASE_URL": base_url,
            "ANTHROPIC_API_KEY" if auth == "x-api-key" else "ANTHROPIC_AUTH_TOKEN": key}
     if gateway:
         env["CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY"] = "1"
+        env["CLAUDE_CODE_GATEWAY_HINT_HEADERS"] = "1"
     env.update(env_models)
     return {"env": {k: v for k, v in env.items() if v}}
 
@@ -5752,7 +6110,8 @@ def pricing_overrides(server, view):
     asked = (list(view.target.models) if view.target else []) + list(effective_env_models(config.env_models, {}).values()) \
         + [m for m in config.pricing.exact if m.startswith("claude-")] + [m for m in seen if m]
     for model in asked:
-        target = view.targets.get(config.route_for(model) or view.selected)
+        rule = config.route_for(model)
+        target = view.targets.get(rule.provider if rule else view.selected)
         if target is None or model.startswith(ALIAS_PREFIX) or model in overrides:
             continue
         sent = map_model(model, target.model_set, target.env_models) if config.model_mapping else model
@@ -5939,11 +6298,14 @@ def api_state(handler, params=None):
         "providers": [dict(provider_summary(view.targets.get(p.name), p),
                            alias_prefix=model_alias(tokens[p.name], "") if p.name in tokens else None)
                       for p in config.providers],
-        "routes": dict(config.routes),
+        "routes": {rule.key: rule.provider for rule in config.routes},
         "gates": handler.server.health.gates,
         "outdated_presets": outdated_presets(config, handler.server.health.gates),
         "fallback": {"enabled": view.fallback_enabled, "providers": list(view.fallback),
-                     "edited": (handler.server.store.state.get("fallback") or {}).get("providers") is not None},
+                     "edited": (handler.server.store.state.get("fallback") or {}).get("providers") is not None,
+                     "order": config.fallback_order, "model": handler.server.health.last_model,
+                     # who a request for the last model asked would be tried by now, in order
+                     "now": [t.name for t in candidates(view, handler.server.health, handler.server.health.last_model)]},
         "cooling": handler.server.health.snapshot(),
         "stats": handler.server.recorder.stats()["providers"],
         "tests": handler.server.tests,
@@ -5973,7 +6335,18 @@ def _field(body, name, required=True, nullable=False):
 
 
 def api_select(handler, params):
-    handler.server.store.select(_field(handler.json_body(), "provider"))
+    """Select a provider: at once ("when": "now", the default: every conversation moves at its
+    next request), or "idle" (a conversation whose cache is warm on the old one stays there
+    until it goes idle; new ones go to the new one at once)."""
+    body = handler.json_body()
+    name, when = _field(body, "provider"), _field(body, "when", required=False) or "now"
+    if when not in ("now", "idle"):
+        raise ClientError(Said("select_when"))
+    server = handler.server
+    old = server.store.view.selected
+    server.store.select(name)
+    if name != old:
+        server.health.switched(old, name, when == "idle")
     return api_state(handler)
 
 
@@ -6543,13 +6916,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             "path": self.path.partition("?")[0], "provider": exchange.provider,
             "attempts": [list(a) for a in exchange.attempts] + [[exchange.provider, str(exchange.status),
                                                                  exchange.model_out]],
+            # each failed attempt's reason with its code, for the page to word (null: a status)
+            "attempts_why": [a[1].as_json() if isinstance(a[1], Said) else None for a in exchange.attempts] + [None],
             "model": exchange.model_in, "model_sent": exchange.model_out, "stream": exchange.stream,
             "status": exchange.status, "ttfb_ms": None if exchange.ttfb_ms is None else round(exchange.ttfb_ms, 1),
             "total_ms": round((time.monotonic() - started) * 1000, 1),
             "bytes_in": exchange.bytes_in, "bytes_out": exchange.bytes_out,
             "usage": usage.as_dict() if (usage.input or usage.output) else None,
             "stop_reason": usage.stop_reason, "midstream_error": exchange.midstream_error,
-            "note": exchange.note, "note_code": exchange.note_code, "session": session_of(self.headers)}
+            "note": exchange.note, "note_code": exchange.note_code, "session": session_of(self.headers),
+            "class": exchange.kind, "agent": exchange.agent, "placed": exchange.placed}
 
     def log_request(self, code="-", size="-"):
         pass

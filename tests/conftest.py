@@ -127,6 +127,23 @@ def proxy(config_file):
 
 
 @pytest.fixture
+def proxy_with(tmp_path, upstream, upstream2):
+    """proxy_with(**top): a running proxy for alpha and beta (make_config) with these
+    top-level keys; a provider's own keys via providers={name: {key: value}}."""
+    started = []
+
+    def start(providers=None, **top):
+        config = make_config(upstream, upstream2, **top)
+        for entry in config["Providers"]:
+            entry.update((providers or {}).get(entry["name"], {}))
+        started.append(start_proxy(write_config(tmp_path / "config.json", config)))
+        return started[-1]
+    yield start
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture
 def log_lines(caplog):
     caplog.set_level(logging.DEBUG, logger="ccproxy")
     return caplog

@@ -137,7 +137,7 @@ def test_routes_send_a_family_to_a_provider(tmp_path, upstream, upstream2):
         assert upstream2.last.json["model"] == "glm-4.5-air"           # beta's own mapping for haiku
         status, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE)  # sonnet: the selection
         assert headers["x-ccproxy-provider"] == "alpha"
-        assert proxy.api("GET", "/api/state")[1]["routes"] == {"*haiku*": "beta"}
+        assert proxy.api("GET", "/api/state")[1]["routes"] == {"*HAIKU*": "beta"}      # as written, matched in any case
     finally:
         proxy.stop()
 
@@ -154,6 +154,7 @@ def test_routes_are_validated(routes, problem):
 def test_the_copied_settings_turn_gateway_discovery_on(picker):
     state = picker.api("GET", "/api/state")[1]
     assert state["proxy_settings"]["env"]["CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY"] == "1"
+    assert state["proxy_settings"]["env"]["CLAUDE_CODE_GATEWAY_HINT_HEADERS"] == "1"
     prefix = {p["name"]: p["alias_prefix"] for p in state["providers"] if not p["separator"]}
     assert prefix["中转站C"] + "glm-4.6" == alias_of(picker, "中转站C", "glm-4.6")
     # a provider's own settings (straight to the relay) do not

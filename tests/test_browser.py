@@ -99,7 +99,8 @@ def provider_card(driver, name):
 
 
 def card_names(driver):
-    return [c.get_attribute("data-name") for c in driver.find_elements(By.CSS_SELECTOR, "#providers .prov")]
+    """The cards' names, read in one go in the page (a poll may rebuild the cards meanwhile)."""
+    return driver.execute_script("return [...document.querySelectorAll('#providers .prov')].map(c => c.dataset.name)")
 
 
 def press(driver, selector, key=Keys.ENTER):
@@ -671,8 +672,10 @@ def test_usage_cost_cache_and_balance_in_the_page(browser, tmp_path, upstream, u
     upstream.newapi(display="USD")
     upstream.usage = {"input_tokens": 100, "cache_read_input_tokens": 1000, "cache_creation_input_tokens": 5000}
     proxy = start_proxy(write_config(tmp_path / "config.json", config))
-    words = {"en": ("74.50 USD left", "requests", "cache hit rate 16.4%", "no price", "context", "no price in Pricing"),
-             "zh": ("剩余 74.50 USD", "次请求", "缓存命中率为 16.4%", "无价格", "上下文", "没有价格")}[lang]
+    words = {"en": ("74.50 USD left", "requests", "cache hit rate 16.4%", "no price", "context", "no price in Pricing",
+                    "中转站A · until idle", "(no hint headers)"),
+             "zh": ("剩余 74.50 USD", "次请求", "缓存命中率为 16.4%", "无价格", "上下文", "没有价格",
+                    "中转站A · 等闲下来", "（没有提示头）")}[lang]
     try:
         set_scheme(browser, scheme)
         browser.set_window_size(width, 900)
@@ -742,18 +745,27 @@ def test_usage_cost_cache_and_balance_in_the_page(browser, tmp_path, upstream, u
         wait(browser, lambda d: words[3] in d.find_element(By.ID, "requests").text)
         assert "1.0k / 5.0k" in browser.find_element(By.ID, "requests").text
         # Switching mid-conversation: the page says what the new relay's cache write costs first;
-        # toward a relay without a price, that it cannot say (not "about no price").
+        # toward a relay without a price, that it cannot say (not "about no price"); and offers to
+        # let each conversation go idle where its cache is first.
         go(browser, "relays")
         click(browser, lambda d: provider_card(d, "🚀备用").find_element(By.CSS_SELECTOR, "[data-action=select]"))
-        alert = WebDriverWait(browser, 5).until(lambda d: d.switch_to.alert)
-        assert words[4] in alert.text and "6.1k" in alert.text and words[5] in alert.text   # glm-4.6 has no price
-        assert ("about no price" if lang == "en" else "约 无价格") not in alert.text
-        alert.dismiss()
+        wait(browser, lambda d: d.find_element(By.ID, "switch").is_displayed())
+        said = browser.find_element(By.ID, "switch").text
+        assert words[4] in said and "6.1k" in said and words[5] in said   # glm-4.6 has no price
+        assert ("about no price" if lang == "en" else "约 无价格") not in said
+        assert browser.switch_to.active_element.get_attribute("id") == "switch-idle"
+        click(browser, lambda d: d.find_element(By.ID, "switch-cancel"))
         time.sleep(0.3)
         assert proxy.store.view.selected == "中转站A"
         click(browser, lambda d: provider_card(d, "🚀备用").find_element(By.CSS_SELECTOR, "[data-action=select]"))
-        WebDriverWait(browser, 5).until(lambda d: d.switch_to.alert).accept()
+        click(browser, lambda d: d.find_element(By.ID, "switch-idle"))
         wait(browser, lambda d: proxy.store.view.selected == "🚀备用")
+        # the conversation stays where its cache is until it goes idle, and the page says so
+        go(browser, "usage")
+        wait(browser, lambda d: words[6] in d.find_element(By.ID, "sessions").text)
+        # what each kind of request costs: these came without Claude Code's hint headers
+        assert words[7] in browser.find_element(By.ID, "classes").text
+        assert run_axe(browser) == []
     finally:
         proxy.stop()
 
@@ -1031,6 +1043,62 @@ def test_what_the_server_says_is_said_in_chinese(browser, tmp_path, upstream, up
         wait(browser, lambda d: d.find_element(By.ID, "reload-error").is_displayed())
         text = browser.find_element(By.ID, "reload-error").text
         assert "config.json: 第 2 行第 3 列：JSON 无效" in text and str(tmp_path) not in browser.page_source
+    finally:
+        proxy.stop()
+
+
+def test_routes_are_edited_as_rules_and_the_failover_order_is_shown(browser, tmp_path, upstream, upstream2):
+    """Settings → Routes: rows of model glob, request class, agent type and relay; a misspelt
+    class is refused in Chinese with the classes Claude Code sends; FALLBACK_ORDER is chosen
+    there, and the failover panel says the order it would try now."""
+    config = make_config(upstream, upstream2, Routes={"*haiku*": "备用站"}, Fallback=["备用站"])
+    config["Providers"][0]["name"] = "中转站A"
+    config["Providers"][2]["name"] = "备用站"
+    proxy = start_proxy(write_config(tmp_path / "config.json", config))
+    proxy.config_path = str(tmp_path / "config.json")
+
+    def rows(d):
+        return d.find_elements(By.CSS_SELECTOR, "#routes-table tbody tr")
+
+    def save():
+        click(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#settings-form button[type=submit]"))
+    try:
+        login(browser, proxy, "zh")
+        go(browser, "settings")
+        wait(browser, lambda d: len(rows(d)) == 1)
+        first = rows(browser)[0]
+        assert first.find_elements(By.TAG_NAME, "input")[0].get_attribute("value") == "*haiku*"
+        assert Select(first.find_element(By.TAG_NAME, "select")).first_selected_option.text == "备用站"
+        click(browser, lambda d: d.find_element(By.ID, "routes-add"))
+        added = rows(browser)[1]
+        assert browser.switch_to.active_element == added.find_elements(By.TAG_NAME, "input")[0]
+        assert added.find_elements(By.TAG_NAME, "input")[1].get_attribute("aria-label") == "请求种类, 第 2 条规则"
+        added.find_elements(By.TAG_NAME, "input")[1].send_keys("compactoin")
+        save()
+        wait(browser, lambda d: "请选择中转" in d.find_element(By.ID, "settings-errors").text)
+        Select(added.find_element(By.TAG_NAME, "select")).select_by_visible_text("备用站")
+        save()
+        wait(browser, lambda d: "请求种类 compactoin 不存在" in d.find_element(By.ID, "settings-errors").text)
+        assert "compaction" in browser.find_element(By.ID, "settings-errors").text
+        field = added.find_elements(By.TAG_NAME, "input")[1]
+        field.clear()
+        field.send_keys("compaction,auxiliary")
+        Select(browser.find_element(By.ID, "set-fallback-order")).select_by_value("cheapest")
+        save()
+        wait(browser, lambda d: config_on_disk(proxy).get("Routes") == {"*haiku*": "备用站",
+                                                                         "class=compaction,auxiliary": "备用站"})
+        assert config_on_disk(proxy)["FALLBACK_ORDER"] == "cheapest"
+        assert proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": []},
+                          headers={"x-claude-code-request-class": "auxiliary"})[1]["x-ccproxy-provider"] == "%E5%A4%87%E7%94%A8%E7%AB%99"
+        # a rule removed with its ✕; focus goes to "add a rule"
+        click(browser, lambda d: rows(d)[0].find_element(By.TAG_NAME, "button"))
+        assert browser.switch_to.active_element.get_attribute("id") == "routes-add"
+        save()
+        wait(browser, lambda d: config_on_disk(proxy).get("Routes") == {"class=compaction,auxiliary": "备用站"})
+        go(browser, "relays")
+        wait(browser, lambda d: "现在的尝试顺序（最便宜的优先（价格 × 倍率））：中转站A → 备用站"
+             in d.find_element(By.ID, "fallback-now").text)
+        assert run_axe(browser) == []
     finally:
         proxy.stop()
 

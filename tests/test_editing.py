@@ -281,7 +281,7 @@ def test_a_ccr_import_refuses_other_apis_and_carries_its_router(edit_proxy):
     assert view.by_name["中转站A"].env_models == {"ANTHROPIC_DEFAULT_SONNET_MODEL": "glm-4.6",
                                                   "ANTHROPIC_DEFAULT_OPUS_MODEL": "glm-4.6"}
     assert view.by_name["便宜站"].env_models == {"ANTHROPIC_DEFAULT_HAIKU_MODEL": "glm-4.5-air"}
-    assert view.route_for("claude-haiku-4-5") == "便宜站"
+    assert view.route_for("claude-haiku-4-5").provider == "便宜站"
 
     # Imported again with Routes sending haiku elsewhere: that entry is kept, and said.
     assert write(edit_proxy, "PUT", "/api/settings", {"Routes": {"*haiku*": "beta"}})[0] == 200

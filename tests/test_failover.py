@@ -121,7 +121,9 @@ def test_cooldown_skips_then_expires(failover, upstream, upstream2):
     clock.now += 0.3
     assert proxy.call("POST", "/v1/messages", MESSAGE)[1]["x-ccproxy-provider"] == "beta"
     clock.now += 0.2
-    headers = proxy.call("POST", "/v1/messages", MESSAGE)[1]
+    # a new conversation goes to alpha again (this one stays on beta while its cache there lasts)
+    other = dict(MESSAGE, messages=[{"role": "user", "content": "another conversation"}])
+    headers = proxy.call("POST", "/v1/messages", other)[1]
     assert headers["x-ccproxy-provider"] == "alpha" and "x-ccproxy-attempts" not in headers
     assert proxy.api("GET", "/api/state")[1]["cooling"] == {}
 
@@ -275,14 +277,16 @@ def test_count_tokens_missing_is_remembered(failover, upstream):
 def test_fallback_api(failover, upstream, upstream2):
     proxy = failover()
     status, state = proxy.api("POST", "/api/fallback", {"enabled": False, "providers": ["beta"]})
-    assert status == 200 and state["fallback"] == {"enabled": False, "providers": ["beta"], "edited": True}
+    assert status == 200 and state["fallback"] == {"enabled": False, "providers": ["beta"], "edited": True,
+                                                   "order": "listed", "model": None, "now": ["alpha"]}
     upstream.fail_next(status=529, body=OVERLOADED)
     assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 529        # disabled: no failover
     assert proxy.api("POST", "/api/fallback", {"providers": ["nope"]})[0] == 404
     assert proxy.api("POST", "/api/fallback", {"providers": ["beta", "beta"]})[0] == 400
     assert proxy.api("POST", "/api/fallback", {"enabled": "yes"})[0] == 400
     status, state = proxy.api("POST", "/api/fallback", {"enabled": True, "providers": None})
-    assert state["fallback"] == {"enabled": True, "providers": ["beta"], "edited": False}
+    found = {k: state["fallback"][k] for k in ("enabled", "providers", "edited", "now")}
+    assert found == {"enabled": True, "providers": ["beta"], "edited": False, "now": ["alpha", "beta"]}
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

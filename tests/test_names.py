@@ -79,7 +79,8 @@ def test_failover_between_providers_named_in_chinese(cjk, upstream, upstream2, l
     upstream.fail_next(status=529, body=OVERLOADED)
     upstream2.fail_next(status=529, body=OVERLOADED)
     cjk.server.health.cooling.clear()
-    status, headers, data = cjk.call("POST", "/v1/messages", MESSAGE)
+    other = dict(MESSAGE, messages=[{"role": "user", "content": "另一个对话"}])    # not kept on SECOND for its cache
+    status, headers, data = cjk.call("POST", "/v1/messages", other)
     assert status == 529 and json.loads(data) == OVERLOADED and provider_of(headers) == SECOND
 
 
