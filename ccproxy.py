@@ -3633,9 +3633,11 @@ class Rule:
 # Claude Code's hint headers (CLAUDE_CODE_GATEWAY_HINT_HEADERS=1).
 CLASS_HEADER = "x-claude-code-request-class"
 AGENT_HEADER = "x-claude-code-agent-type"
-_LONG_CACHE = re.compile(rb'"ttl"\s*:\s*"1h"')
 _MAX_TOKENS = re.compile(rb'"max_tokens"\s*:\s*([0-9]{1,9})\b')
-_BASE64_DATA = re.compile(rb'"data"\s*:\s*"[A-Za-z0-9+/=]{1024,}"')
+_OPENING = (re.compile(rb'"system"\s*:\s*'), re.compile(rb'"messages"\s*:\s*\[\s*'))
+_BODY_KEYS = re.compile(rb'"(data|ttl)"\s*:\s*"')
+OPENING_MAX = 16384                 # bytes of a system prompt or first message read to know a conversation
+BASE64_MIN = 1024                   # a "data" string this long is an image's or a document's bytes
 
 
 def hint(headers, name):
@@ -3650,12 +3652,20 @@ def conversation_of(request):
     session = session_of(request.headers)
     if session:
         return session
-    try:
-        body = json.loads(request.body)
-        opening = json.dumps([body.get("system"), (body.get("messages") or [None])[0]], sort_keys=True)
-    except (ValueError, AttributeError, TypeError):
-        return None
-    return "sha256:" + hashlib.sha256(opening.encode("utf-8", "replace")).hexdigest()[:24]
+    # Read where they stand in the bytes, each at most OPENING_MAX far (a body may be 64 MB of
+    # images; parsing it whole would cost the relay more than the rest of its work).
+    digest, body = hashlib.sha256(), request.body
+    for pattern in _OPENING:
+        found = pattern.search(body)
+        if found is None:
+            continue
+        window = body[found.end():found.end() + OPENING_MAX].decode("utf-8", "replace")
+        try:
+            value = _DECODER.raw_decode(window)[0]
+            digest.update(json.dumps(value, sort_keys=True).encode("utf-8", "replace"))
+        except ValueError:
+            digest.update(window.encode("utf-8", "replace"))     # longer than the window: its start
+    return "sha256:" + digest.hexdigest()[:24]
 
 
 def requested_max_tokens(body):
@@ -3663,13 +3673,26 @@ def requested_max_tokens(body):
     return int(found.group(1)) if found else None
 
 
-def request_tokens(body):
-    """A request's size in tokens, from its bytes alone (images, whose base64 counts for little,
-    left out): an underestimate (BYTES_PER_TOKEN)."""
-    size = len(body)
-    if size > CONTEXT_WINDOW * BYTES_PER_TOKEN // 4:       # only a large body can hold images that matter
-        size -= sum(len(m.group()) for m in _BASE64_DATA.finditer(body))
-    return size // BYTES_PER_TOKEN
+def body_facts(body):
+    """(its bytes without its images' and documents' base64 data — a "data" string of BASE64_MIN
+    bytes or more, which stands for far fewer tokens than its length —, and whether it asks for
+    1-hour caching) of a request body, by one search through its bytes, never parsed: a base64
+    string is stepped over at memchr's speed."""
+    size, hour, at = len(body), False, 0
+    while True:
+        found = _BODY_KEYS.search(body, at)
+        if found is None:
+            return size, hour
+        if found.group(1) == b"ttl":
+            hour = hour or body.startswith(b'1h"', found.end())
+            at = found.end()
+            continue
+        end = body.find(b'"', found.end())
+        if end < 0:
+            return size, hour
+        if end - found.end() >= BASE64_MIN:
+            size -= end - found.end() + 1
+        at = end + 1
 
 
 def limit_for(limits, model):
@@ -3866,6 +3889,7 @@ class Relay:
         self.started = time.monotonic()
         self.request = None
         self.model = None               # the model the request asks for
+        self.size, self.hour = 0, False     # its body_facts(): text bytes, asks 1-hour caching
         self.real_model = None          # the model a model alias names
         self.close = False              # the client connection must close after the answer
         self.gated = False              # a 200 is held until it shows content (gate())
@@ -3968,7 +3992,8 @@ class Relay:
         """The candidates whose context window (and max_output) can take this request, by its
         size in tokens (Health.tokens_of); a 400 naming each relay's limit when none can."""
         request, exchange = self.request, self.exchange
-        tokens = self.health.tokens_of(exchange.conversation, request.body)
+        self.size, self.hour = body_facts(request.body)
+        tokens = self.health.tokens_of(exchange.conversation, self.size)
         wanted = requested_max_tokens(request.body)
         beta = request.headers.get("anthropic-beta") or ""
         fit, refused = [], []
@@ -3998,12 +4023,12 @@ class Relay:
         exchange, health = self.exchange, self.health
         why = "failover" if exchange.attempts else self.why
         if exchange.conversation:
-            lifetime = CACHE_LONG_S if _LONG_CACHE.search(request.body) else CACHE_LIFETIME_S
+            lifetime = CACHE_LONG_S if self.hour else CACHE_LIFETIME_S
             health.place(exchange.conversation, first, target.name, why, lifetime)
             usage = exchange.usage
             if usage.input or usage.cache_read or usage.cache_creation:
                 health.note_size(exchange.conversation, usage.input + usage.cache_read + usage.cache_creation,
-                                 len(request.body))
+                                 self.size)
         exchange.placed = why
         if exchange.ttfb_ms is not None:
             health.note_first(target.name, exchange.ttfb_ms)
@@ -6007,13 +6032,13 @@ class Health:
             prune(self.sizes, AFFINITY_MAX)
             self.sizes[conversation] = (tokens, size)
 
-    def tokens_of(self, conversation, body):
-        """A request's size in tokens: its conversation's last count and what it grew since
-        (BYTES_PER_TOKEN), else request_tokens()."""
+    def tokens_of(self, conversation, size):
+        """A request's size in tokens from its body_facts(): its conversation's last count and
+        what it grew since, else its size alone (BYTES_PER_TOKEN: an underestimate)."""
         found = self.sizes.get(conversation) if conversation else None
         if found is None:
-            return request_tokens(body)
-        return found[0] + max(0, len(body) - found[1]) // BYTES_PER_TOKEN
+            return size // BYTES_PER_TOKEN
+        return found[0] + max(0, size - found[1]) // BYTES_PER_TOKEN
 
     def note_first(self, name, ms):
         samples = self.firsts.get(name)

@@ -282,3 +282,24 @@ def test_listed_is_the_default_and_a_relay_with_no_measure_comes_after(three, up
     assert proxy.api("GET", "/api/state")[1]["fallback"]["now"] == ["alpha", "beta", "丙站"]
     with pytest.raises(ccproxy.ConfigError):
         ccproxy.validate_config(dict(make_config(upstream), FALLBACK_ORDER="random"))
+
+
+def test_an_image_pasted_into_a_conversation_does_not_count_as_text(proxy_with, upstream):
+    proxy = proxy_with(Fallback=["beta"])
+    assert ask(proxy, "pasted") == "alpha"
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO" * 750000}}
+    turn = dict(MESSAGE, messages=[{"role": "user", "content": [image, {"type": "text", "text": "这张图里有什么？"}]}])
+    assert ask(proxy, "pasted", turn) == "alpha"        # 3 MB more, but an image's: still far under 200k tokens
+    assert len(upstream.requests[-1].body) > 3000000
+
+
+@pytest.mark.parametrize("body, size, hour", [
+    (b'{"messages":[{"content":"hi"}]}', 31, False),
+    (b'{"source":{"data": "' + b"A" * 5000 + b'"},"text":"x"}', 20 + 14 - 1, False),    # its bytes and a quote
+    (b'{"data":"short","x":1}', 22, False),
+    (b'{"data": ' + b"1" * 5000, 5009, False),              # no string after "data": nothing left out
+    (b'{"cache_control":{"type":"ephemeral","ttl":"1h"}}', 49, True),
+    (b'{"cache_control":{"type":"ephemeral","ttl": "5m"}}', 50, False),
+])
+def test_body_facts_leaves_out_base64_data_and_sees_an_hour_of_caching(body, size, hour):
+    assert ccproxy.body_facts(body) == (size, hour)
