@@ -488,3 +488,15 @@ def test_a_stream_is_held_no_further_than_its_first_content(failover, upstream, 
     first = resp.read1(65536)
     assert b"content_block_start" in first and time.monotonic() - started < 0.9
     conn.close()
+
+
+def test_a_stream_is_held_at_most_64_kb_then_it_is_the_clients(failover, upstream, upstream2):
+    """Memory a held stream may take is bounded: past FIRST_CONTENT_MAX_BYTES without content
+    the stream is relayed as it is, and no longer fails over."""
+    proxy = failover()
+    pings = [PING] * (ccproxy.FIRST_CONTENT_MAX_BYTES // len(PING) + 10)
+    upstream.fail_next("events", events=[START] + pings, pause=0.5)      # and then it ends, still without content
+    status, headers, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    assert status == 200 and headers["x-ccproxy-provider"] == "alpha" and not upstream2.requests
+    names = [n for n, _ in events_of(data)]
+    assert names[0] == "message_start" and names.count("ping") == len(pings)
