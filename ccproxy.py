@@ -355,6 +355,49 @@ class NoProvider(ProxyError):
     retry = False
 
 
+class Conflict(ProxyError):
+    """A change that meets a newer version, or a name already taken."""
+
+    status = 409
+    kind = "invalid_request_error"
+    retry = False
+
+
+class VersionRequired(ProxyError):
+    """A change to config.json without If-Match (RFC 6585 section 3)."""
+
+    status = 428
+    kind = "invalid_request_error"
+    retry = False
+
+
+class TooLarge(ProxyError):
+    status = 413
+    kind = "request_too_large"
+
+
+class Unsupported(ProxyError):
+    """A request whose framing ccproxy does not take (a transfer coding other than chunked)."""
+
+    status = 501
+
+
+class StoreUnreadable(ProxyError):
+    """The usage store cannot be read (a broken file): 500, and what sqlite said."""
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    kind = "invalid_request_error"
+    retry = False
+
+
+class Unavailable(ProxyError):
+    """What ccproxy needs for the request (a store) cannot be reached just now: a retry may help."""
+
+    status = 503
+
+
 class UpstreamError(ProxyError):
     status = 502
 
@@ -364,7 +407,8 @@ class UpstreamTimeout(UpstreamError):
 
 
 class StateError(ProxyError):
-    """A change that could not be saved to the state file, and so was not made."""
+    """A change that could not be saved to the state file (or whose config.json could not be
+    read), and so was not made."""
 
     retry = False
 
@@ -1467,7 +1511,7 @@ class Store:
                     data = f.read()
                 return data, json.loads(data.decode("utf-8"))
             except (OSError, ValueError) as exc:
-                raise ProxyError(Said("config_not_json", file=file_name(self.config_path), reason=exc))
+                raise StateError(Said("config_not_json", file=file_name(self.config_path), reason=exc))
 
     def edit(self, if_match, change, copies=False):
         """Change config.json: change(raw) edits the parsed file in place and may return
@@ -1479,14 +1523,14 @@ class Store:
             data, raw = self.config_file()
             version = config_version(data)
             if not if_match:
-                raise ProxyError(Said("version_missing"), 428, "invalid_request_error", version=version)
+                raise VersionRequired(Said("version_missing"), version=version)
             if if_match.strip().strip('"') != version:
-                raise ProxyError(Said(CODE_STALE), 409, "invalid_request_error", version=version)
+                raise Conflict(Said(CODE_STALE), version=version)
             renames = change(raw) or {}
             try:
                 config = validate_config(raw, self.config_path)
             except ConfigError as exc:
-                raise ProxyError(Said("config_invalid", problems="\n".join(exc.problems)), 400, "invalid_request_error",
+                raise ClientError(Said("config_invalid", problems="\n".join(exc.problems)),
                                  problems=exc.as_json())
             text = json.dumps(raw, ensure_ascii=False, indent=file_indent(data.decode("utf-8"))) + "\n"
             try:
@@ -1657,7 +1701,7 @@ def put_provider(raw, name, fields):
         raise ClientError(Said("providers_not_list"))
     index = provider_index(raw, name)
     if new_name != name and provider_index(raw, new_name) is not None:
-        raise ProxyError(Said("name_taken", name=new_name), 409, "invalid_request_error")
+        raise Conflict(Said("name_taken", name=new_name))
     entry = providers[index] if index is not None else {}
     if index is None:
         providers.append(entry)
@@ -1686,7 +1730,7 @@ def duplicate_provider(raw, name, new_name=None):
     elif not isinstance(new_name, str) or not new_name.strip():
         raise ClientError(Said("name_missing"))
     elif provider_index(raw, new_name) is not None:
-        raise ProxyError(Said("name_taken", name=new_name), 409, "invalid_request_error")
+        raise Conflict(Said("name_taken", name=new_name))
     copy = json.loads(json.dumps(raw["Providers"][index]))
     copy["name"] = new_name
     raw["Providers"].insert(index + 1, copy)
@@ -2130,7 +2174,7 @@ def body_framing(headers):
         if lengths:
             raise ValueError("Transfer-Encoding and Content-Length together")
         if ",".join(codings).strip().lower() != "chunked":
-            raise ProxyError(Said("coding_unsupported", coding=",".join(codings)[:ERROR_EXCERPT]), 501)
+            raise Unsupported(Said("coding_unsupported", coding=",".join(codings)[:ERROR_EXCERPT]))
         return True, 0
     if not lengths:
         return False, 0
@@ -2325,7 +2369,7 @@ def read_chunked(rfile, limit):
             break
         total += size
         if total > limit:
-            raise ProxyError(Said("body_too_large", limit=limit >> 20), 413, "request_too_large")
+            raise TooLarge(Said("body_too_large", limit=limit >> 20))
         data = rfile.read(size)
         if len(data) != size or rfile.read(2) != b"\r\n":
             raise ClientError(Said("chunk_short"))
@@ -3894,6 +3938,7 @@ class Relay:
         self.close = False              # the client connection must close after the answer
         self.gated = False              # a 200 is held until it shows content (gate())
         self.why = "selected"           # how the first candidate was chosen: selected, route, alias, kept, idle
+        self.lessons = []               # (provider, [(fix, the error it was learned from)]): learn()
 
     def run(self, request):
         self.request = request
@@ -3924,6 +3969,15 @@ class Relay:
             health.last_model = self.model
             exchange.conversation = conversation_of(request)
             chain = self.fitting(self.keep_placed(chain, first))
+        try:
+            self.over(chain, first, stream)
+        finally:
+            if self.lessons:
+                self.learn()
+
+    def over(self, chain, first, stream):
+        """Try the candidates in turn until one answers, or answer the last one's failure."""
+        exchange, health = self.exchange, self.health
         for index, target in enumerate(chain):
             exchange.provider = target.name
             last = index == len(chain) - 1
@@ -3931,7 +3985,7 @@ class Relay:
             if failure is None:
                 health.recovered(target.name)
                 if self.gated and exchange.status == 200:
-                    self.placed(target, first, request)
+                    self.placed(target, first, self.request)
                 return
             exchange.attempts.append((target.name, failure.label, exchange.model_out))
             if self.view.fallback_enabled and self.view.fallback:
@@ -4040,6 +4094,8 @@ class Relay:
         prepared, exchange.model_in, exchange.model_out = prepare_body(self.view, target, request.path,
                                                                        request.body, self.real_model)
         fixes = list(target.fixes)          # what this provider proved it needs (LEARNED_FIXES)
+        known = {f.id for f in fixes}
+        fixes += [f for f in health.unsaved.get(target.name, ()) if f.id not in known]
         # After a switch, a conversation's old thinking blocks carry another provider's
         # signatures; once a strip was needed on this provider, later turns go out stripped.
         session = request.headers.get("X-Claude-Code-Session-Id")
@@ -4095,18 +4151,30 @@ class Relay:
 
     def remember(self, target, session, learned, taught):
         """Fixes that got the provider past what it refused (it answered, or refused something
-        else next): a signature strip for this conversation, the others for the provider, in
-        the state file. A fix after which it still refused the same, or gave up, is not kept."""
+        else next): a signature strip for this conversation at once, the others for the
+        provider once the answer has gone out (learn()). A fix after which it still refused the
+        same, or gave up, is not kept."""
         if any(f.kind == "signatures" for f in learned) and session:
             self.health.remember_strip(session, target.name)
         lasting = [f for f in learned if f.kind != "signatures"]
         if lasting and self.store is not None:
+            self.health.learning(target.name, lasting)
+            self.lessons.append((target.name, [(f, "model %s: %s" % (
+                self.exchange.model_out, redact(excerpt(taught[f.id], TAUGHT_EXCERPT), self.config.secrets())))
+                for f in lasting]))
+
+    def learn(self):
+        """Write what was learned to the state file (Store.learn_fixes: an fsync), after the
+        answer: the client never waits on the disk for it. Meanwhile other requests to the
+        provider go out fixed already (Health.learning)."""
+        for name, fixes in self.lessons:
             try:
-                self.store.learn_fixes(target.name, [(f, "model %s: %s" % (
-                    self.exchange.model_out, redact(excerpt(taught[f.id], TAUGHT_EXCERPT), self.config.secrets())))
-                    for f in lasting])
+                self.store.learn_fixes(name, fixes)
             except StateError as exc:
                 log.error("%s", exc)
+            finally:
+                self.health.learned(name, [f for f, _ in fixes])
+        self.lessons = []
 
     def ask(self, target, body, headers, stream, last):
         """Send the request to one provider and read its answer as far as the decision needs:
@@ -5012,12 +5080,12 @@ def usage_report(store, currency, query):
     if not by or any(b not in groups for b in by) or len(set(by)) != len(by):
         raise ClientError(Said("usage_by", groups=", ".join(groups)))
     if store is None:
-        raise ProxyError(Said("usage_off"), 404, "not_found_error")
+        raise NotFound(Said("usage_off"))
     try:
         found = conversation_sums(store, first, last, by) if "session" in by else \
             store.query(first.isoformat(), last.isoformat(), by)
     except sqlite3.Error as exc:
-        raise ProxyError(Said("usage_unreadable", reason=exc), 500, "api_error")
+        raise StoreUnreadable(Said("usage_unreadable", reason=exc))
     total = dict.fromkeys(UsageStore.SUMS, 0)
     for _, sums in found:
         for column in UsageStore.SUMS:
@@ -5166,7 +5234,7 @@ def api_sessions(handler, params):
     """GET /api/sessions: the newest conversations (?limit=, at most SESSIONS_LIMIT)."""
     store = handler.server.recorder.usage
     if store is None:
-        raise ProxyError(Said("usage_off"), 404, "not_found_error")
+        raise NotFound(Said("usage_off"))
     try:
         limit = max(1, min(SESSIONS_LIMIT, int(handler.query_params().get("limit", [SESSIONS_LIMIT])[0])))
     except ValueError:
@@ -5790,7 +5858,7 @@ class Limits:
             self.idle.put(conn)
         except sqlite3.Error as exc:
             conn.close()
-            raise ProxyError(Said("usage_unreadable", reason=exc), 503, "overloaded_error")
+            raise Unavailable(Said("usage_unreadable", reason=exc))
         found = (now, day, month, today[0] or 0, today[1] or 0.0, this_month[0] or 0.0)
         with self.lock:
             self.totals[name] = found
@@ -5866,7 +5934,7 @@ def put_key(raw, name, fields, secret=None, create=False):
     found = [k for k in keys if isinstance(k, dict) and k.get("name") == name]
     new_name = fields.get("name", name)
     if (create and found) or (new_name != name and any(isinstance(k, dict) and k.get("name") == new_name for k in keys)):
-        raise ProxyError(Said("key_name_exists", name=new_name), 409, "invalid_request_error")
+        raise Conflict(Said("key_name_exists", name=new_name))
     if not create and not found:
         raise NotFound(Said("no_key_named", name=name))
     entry = found[0] if found else {"name": name, "enabled": True}
@@ -5952,6 +6020,7 @@ class Health:
         self.sizes = {}               # conversation -> (its prompt in tokens, its body in bytes), last answered
         self.firsts = {}              # provider -> deque of (when, first-content ms), for FALLBACK_ORDER fastest
         self.last_model = None        # the model of the last Messages request (the page's "order now")
+        self.unsaved = {}             # provider -> fixes learned whose answer is still going out (Relay.learn)
 
     def cool_down(self, name, seconds, reason):
         with self.lock:
@@ -5989,6 +6058,20 @@ class Health:
                             "user_agent": user_agent}
         log.warning("provider %s: model %s needs Claude Code %s or newer (it was told %s) — update Claude "
                     "Code, or the User-Agent of a header preset", name, model, required, sent)
+
+    def learning(self, name, fixes):
+        with self.lock:
+            self.unsaved[name] = tuple(self.unsaved.get(name, ())) + tuple(fixes)
+
+    def learned(self, name, fixes):
+        """The fixes are in the state file now (or could not be written): no longer kept here."""
+        saved = {f.id for f in fixes}
+        with self.lock:
+            left = tuple(f for f in self.unsaved.get(name, ()) if f.id not in saved)
+            if left:
+                self.unsaved[name] = left
+            else:
+                self.unsaved.pop(name, None)
 
     def placed_on(self, conversation, first):
         """(relay, why, when, lifetime, epoch) of the conversation's last answer when its first
@@ -6378,7 +6461,7 @@ def api_select(handler, params):
 def api_reload(handler, params):
     error = handler.server.store.reload()
     if error:
-        raise ProxyError(Said("config_invalid", problems="\n".join(error.problems)), 400, "invalid_request_error",
+        raise ClientError(Said("config_invalid", problems="\n".join(error.problems)),
                          problems=error.as_json())
     return api_state(handler)
 
@@ -6869,7 +6952,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.chunked:
             body = read_chunked(self.rfile, limit)
         elif self.length > limit:
-            raise ProxyError(Said("body_too_large_sized", size=self.length >> 20, limit=limit >> 20), 413, "request_too_large")
+            raise TooLarge(Said("body_too_large_sized", size=self.length >> 20, limit=limit >> 20))
         else:
             body = self.rfile.read(self.length) if self.length else b""
             if len(body) != self.length:
@@ -6971,7 +7054,7 @@ def relay_request(handler, params):
     # Code's /context sends about 17 at once.
     if handler.user is not None and handler.user.limited and not handler.path.startswith("/v1/messages/count_tokens"):
         if server.limits is None:
-            raise ProxyError(Said("key_limits_no_store", name=handler.user.name), 503, "api_error")
+            raise Unavailable(Said("key_limits_no_store", name=handler.user.name))
         server.limits.admit(handler.user, time.time())
     request = ClientRequest(handler.command, handler.path, handler.headers,
                             handler.read_body(view.config.max_body_bytes),
@@ -7063,8 +7146,7 @@ def find_route(method, path):
         allowed |= route.methods
     allowed.discard("OPTIONS")          # answered for every path, only to refuse it
     if allowed:
-        error = ProxyError(Said("method_not_allowed", method=method, path=path, allowed=", ".join(sorted(allowed))),
-                           405, "invalid_request_error")
+        error = MethodNotAllowed(Said("method_not_allowed", method=method, path=path, allowed=", ".join(sorted(allowed))))
         error.headers = [("Allow", ", ".join(sorted(allowed)))]
         raise error
     raise NotFound(Said("no_route", method=method, path=path))

@@ -33,6 +33,9 @@ def relay(tmp_path, upstream, upstream2):
 
 
 def provider_state(proxy, name="中转站A"):
+    """The provider in /api/state, once every request before has ended (a learned fix is
+    written after its answer has gone out)."""
+    assert wait_for(lambda: not proxy.server.busy)
     status, state = proxy.api("GET", "/api/state")
     assert status == 200
     return next(p for p in state["providers"] if p["name"] == name), state

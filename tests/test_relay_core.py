@@ -276,3 +276,24 @@ def test_a_stream_is_not_relayed_before_its_content_nor_after_an_error_event():
     status, headers, body = parse(sent)
     assert status == 200 and body == start + BLOCK + SSE and headers["x-ccproxy-provider"] == "beta"
     assert exchange.attempts[0][:2] == ("alpha", "error event before content") and pool.pooled == ["beta"]
+
+
+def test_a_learned_fix_is_written_after_the_answer_and_used_meanwhile():
+    """The state file's fsync is not on the answer's path; until it is done, other requests to
+    the provider go out fixed from memory."""
+    refused = b'{"type":"error","error":{"type":"invalid_request_error","message":"context_management: Extra inputs are not permitted"}}'
+    ok = answer(200, REPLY, [("Content-Type", "application/json")])
+    seen, sent, health = [], [], ccproxy.Health()
+
+    class Store:
+        def learn_fixes(self, name, fixes):
+            seen.append((name, [f.id for f, _ in fixes], parse(sent)[2], health.unsaved.get(name)))
+
+    body = json.dumps(dict(MESSAGE, context_management={"edits": []})).encode()
+    relay = ccproxy.Relay(view(), health, FakePool({"alpha": [answer(400, refused), ok]}),
+                          ccproxy.ClientWriter(sent.append), ccproxy.Exchange(), Streams(), store=Store())
+    relay.run(ccproxy.ClientRequest("POST", "/v1/messages", ccproxy.Headers([("x-api-key", "k")]), body))
+    name, ids, answered, meanwhile = seen[0]
+    assert (name, ids, answered) == ("alpha", ["field:context_management"], REPLY)     # the client had it all
+    assert [f.id for f in meanwhile] == ["field:context_management"]
+    assert health.unsaved == {}
