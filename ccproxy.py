@@ -29,7 +29,7 @@ Sections, in file order (grep -n '^# ===' ccproxy.py), each for one topic:
   constants — every tunable, and the fixed tables (hop-by-hop fields, model families, places)
   errors — the exceptions answered in Anthropic's error shape; Said, the words for a person
   messages — MESSAGES: everything ccproxy says to a person, by code (the page words it in Chinese)
-  config — config.json read and checked into a Config (providers, Pricing, keys, presets)
+  config — SETTINGS (every top-level key), config.json checked into a Config (providers, keys)
   files — atomic writes at mode 0600, backups, flock between processes
   state — Store: the selection, choices, learned fixes and models (the state file), reloads
   config editing — the page's changes to config.json, import and export
@@ -213,12 +213,6 @@ MODEL_VARS = ("ANTHROPIC_MODEL", "ANTHROPIC_DEFAULT_OPUS_MODEL", "ANTHROPIC_DEFA
               "ANTHROPIC_DEFAULT_HAIKU_MODEL", "ANTHROPIC_SMALL_FAST_MODEL")
 FAMILY_VARS = (("haiku", "ANTHROPIC_DEFAULT_HAIKU_MODEL"), ("sonnet", "ANTHROPIC_DEFAULT_SONNET_MODEL"),
                ("opus", "ANTHROPIC_DEFAULT_OPUS_MODEL"))
-TOP_KEYS = ("HOST", "PORT", "APIKEY", "LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_MB", "MODEL_MAPPING",
-            "env-models", "HeaderOverrides", "RequestOverrides", "Providers", "Fallback",
-            "FIRST_BYTE_TIMEOUT_MS", "FIRST_CONTENT_TIMEOUT_MS", "COOLDOWN_MS", "REQUEST_LOG",
-            "REQUEST_LOG_MAX_MB", "Routes", "FALLBACK_ORDER",
-            "Pricing", "USAGE_DB", "CACHE_WARN_PCT", "LOW_BALANCE", "LOW_BALANCE_LAST", "Keys",
-            "TRUSTED_PROXIES")
 ALIAS_PREFIX = "claude-via-"        # every provider's models, as ids Claude Code's /model lists
 MODEL_DESCRIPTION_MAX = 100         # Claude Code cuts a /v1/models description here
 PRICED_RECENT = 1000                # the recent requests whose model ids modelPricing covers
@@ -759,38 +753,39 @@ class Config:
     def __init__(self, path, raw, providers):
         self.path = path
         self.raw = raw
-        self.host = raw.get("HOST", DEFAULT_HOST)
-        self.port = raw.get("PORT", DEFAULT_PORT)
-        self.apikey = raw.get("APIKEY", "")
-        self.log_level = raw.get("LOG_LEVEL", "INFO")
-        self.api_timeout_s = raw.get("API_TIMEOUT_MS", DEFAULT_API_TIMEOUT_MS) / 1000.0
-        self.max_body_bytes = int(raw.get("MAX_BODY_MB", DEFAULT_MAX_BODY_MB) * 1024 * 1024)
-        self.model_mapping = raw.get("MODEL_MAPPING", True)
-        self.fallback = tuple(raw.get("Fallback", ()))
+        def get(key):
+            return raw.get(key, SETTING[key].default)
+        here = os.path.dirname(os.path.abspath(path))
+        self.host = get("HOST")
+        self.port = get("PORT")
+        self.apikey = get("APIKEY")
+        self.log_level = get("LOG_LEVEL")
+        self.api_timeout_s = get("API_TIMEOUT_MS") / 1000.0
+        self.max_body_bytes = int(get("MAX_BODY_MB") * 1024 * 1024)
+        self.model_mapping = get("MODEL_MAPPING")
+        self.fallback = tuple(get("Fallback"))
         # Routes: a rule (a model glob, class=, agent=) -> the provider that serves it, in the file's order.
-        self.routes = tuple(Rule(key, name) for key, name in strip_comments(raw.get("Routes", {})).items())
-        self.fallback_order = raw.get("FALLBACK_ORDER", "listed")
-        self.first_byte_timeout_s = raw.get("FIRST_BYTE_TIMEOUT_MS", DEFAULT_FIRST_BYTE_TIMEOUT_MS) / 1000.0
-        self.first_content_timeout_s = raw.get("FIRST_CONTENT_TIMEOUT_MS", DEFAULT_FIRST_CONTENT_TIMEOUT_MS) / 1000.0
-        self.cooldown_s = raw.get("COOLDOWN_MS", DEFAULT_COOLDOWN_MS) / 1000.0
-        log_path = raw.get("REQUEST_LOG", REQUEST_LOG_NAME)
-        self.request_log = os.path.join(os.path.dirname(os.path.abspath(path)), log_path) if log_path else ""
-        self.request_log_max = int(raw.get("REQUEST_LOG_MAX_MB", DEFAULT_REQUEST_LOG_MAX_MB) * 1024 * 1024)
-        self.env_models = strip_comments(raw.get("env-models", {}))
-        self.header_presets = strip_comments(raw.get("HeaderOverrides", {}))
-        self.request_presets = strip_comments(raw.get("RequestOverrides", {}))
+        self.routes = tuple(Rule(key, name) for key, name in strip_comments(get("Routes")).items())
+        self.fallback_order = get("FALLBACK_ORDER")
+        self.first_byte_timeout_s = get("FIRST_BYTE_TIMEOUT_MS") / 1000.0
+        self.first_content_timeout_s = get("FIRST_CONTENT_TIMEOUT_MS") / 1000.0
+        self.cooldown_s = get("COOLDOWN_MS") / 1000.0
+        self.request_log = os.path.join(here, get("REQUEST_LOG")) if get("REQUEST_LOG") else ""
+        self.request_log_max = int(get("REQUEST_LOG_MAX_MB") * 1024 * 1024)
+        self.env_models = strip_comments(get("env-models"))
+        self.header_presets = strip_comments(get("HeaderOverrides"))
+        self.request_presets = strip_comments(get("RequestOverrides"))
         self.providers = tuple(providers)
         self.by_name = {p.name: p for p in providers}
-        self.pricing = Pricing(strip_comments(raw.get("Pricing", {})), self.by_name)
-        db = raw.get("USAGE_DB", USAGE_DB_NAME)
-        self.usage_db = os.path.join(os.path.dirname(os.path.abspath(path)), db) if db else ""
-        self.cache_warn_pct = raw.get("CACHE_WARN_PCT", DEFAULT_CACHE_WARN_PCT)
-        self.low_balance = raw.get("LOW_BALANCE", 0)
-        self.low_balance_last = raw.get("LOW_BALANCE_LAST", False)
-        self.keys = tuple(UserKey(entry) for entry in raw.get("Keys", ()))
+        self.pricing = Pricing(strip_comments(get("Pricing")), self.by_name)
+        self.usage_db = os.path.join(here, get("USAGE_DB")) if get("USAGE_DB") else ""
+        self.cache_warn_pct = get("CACHE_WARN_PCT")
+        self.low_balance = get("LOW_BALANCE")
+        self.low_balance_last = get("LOW_BALANCE_LAST")
+        self.keys = tuple(UserKey(entry) for entry in get("Keys"))
         self.key_by_hash = {key.sha256: key for key in self.keys}
         # Requests from these addresses (nginx in front) are from the X-Forwarded-For they name.
-        self.trusted_proxies = frozenset(raw.get("TRUSTED_PROXIES", ()))
+        self.trusted_proxies = frozenset(get("TRUSTED_PROXIES"))
         self.loaded_at = time.time()
         self.version = None             # of the file it was read from (config_version)
 
@@ -1033,62 +1028,116 @@ def _check_limit(value, where, key, problems):
     return {glob.lower(): int(v) for glob, v in found.items()}
 
 
+def _positive(key, value, problems, *context):
+    if not _is_number(value) or value <= 0:
+        problems.append(Said("not_positive", key=key))
+
+
+def _bool(key, value, problems, *context):
+    if not isinstance(value, bool):
+        problems.append(Said("not_bool", key=key))
+
+
+def _said_unless(test, code, **values):
+    """A check: the problem `code` (with values) unless test(value)."""
+    def check(key, value, problems, *context):
+        if not test(value):
+            problems.append(Said(code, **values))
+    return check
+
+
+def _check_providers(key, entries, problems, raw, providers):
+    if not isinstance(entries, list):
+        problems.append(Said("providers_type"))
+        return []
+    names, found = set(), []
+    for index, entry in enumerate(entries):
+        provider = _check_provider(index, entry, names, problems)
+        if provider is not None:
+            found.append(provider)
+    return found
+
+
+class Setting:
+    """One top-level key of config.json: its default, its check (check(key, value, problems,
+    raw, providers) adds what is wrong to problems), whether Reload applies it (else the next
+    start does), whether the page's Settings edit it, and a line of help (config.in.json's
+    _comment_ of the key says it at length; a test keeps both, and README's table, in step)."""
+
+    __slots__ = ("key", "default", "check", "reload", "page", "help")
+
+    def __init__(self, key, default, check, help, reload=True, page=False):
+        self.key, self.default, self.check, self.help = key, default, check, help
+        self.reload, self.page = reload, page
+
+
+# Every top-level key, in README's order. Config reads its values (and
+# their defaults) from here, validate_config checks each, the page edits those marked page.
+SETTINGS = (
+    Setting("HOST", DEFAULT_HOST, _said_unless(lambda v: isinstance(v, str), "host_type"),
+            "address to listen on", reload=False),
+    Setting("PORT", DEFAULT_PORT, _said_unless(lambda v: isinstance(v, int) and not isinstance(v, bool)
+                                               and 0 <= v <= 65535, "port_range"), "port to listen on", reload=False),
+    Setting("APIKEY", "", lambda key, value, problems, *context: _check_apikey(value, problems),
+            "the key clients send, and the web page's password"),
+    Setting("LOG_LEVEL", "INFO", _said_unless(lambda v: v in LOG_LEVELS, "log_level", levels=", ".join(LOG_LEVELS)),
+            "DEBUG, INFO, WARNING or ERROR", page=True),
+    Setting("API_TIMEOUT_MS", DEFAULT_API_TIMEOUT_MS, _positive, "longest silence from a provider", page=True),
+    Setting("MAX_BODY_MB", DEFAULT_MAX_BODY_MB, _positive, "largest request body", page=True),
+    Setting("MODEL_MAPPING", True, _bool, "map model names per provider", page=True),
+    Setting("env-models", {}, lambda key, value, problems, *context: _check_str_map(value, key, problems, MODEL_VARS),
+            "model names per family", page=True),
+    Setting("HeaderOverrides", {}, lambda key, value, problems, *context: _check_presets(value, key, problems, True),
+            "named header presets", page=True),
+    Setting("RequestOverrides", {}, lambda key, value, problems, *context: _check_presets(value, key, problems, False),
+            "named request-body presets", page=True),
+    Setting("Providers", [], _check_providers, "the relays, in display order"),
+    Setting("Fallback", [], lambda key, value, problems, raw, providers: _check_fallback(value, providers, problems),
+            "providers to fail over to, in order", page=True),
+    Setting("FIRST_BYTE_TIMEOUT_MS", DEFAULT_FIRST_BYTE_TIMEOUT_MS, _positive,
+            "with a fallback left: a stream's status and first event", page=True),
+    Setting("FIRST_CONTENT_TIMEOUT_MS", DEFAULT_FIRST_CONTENT_TIMEOUT_MS, _positive,
+            "with a fallback left: a stream's first content, from being sent", page=True),
+    Setting("COOLDOWN_MS", DEFAULT_COOLDOWN_MS, _positive, "how long a failed provider is skipped", page=True),
+    Setting("REQUEST_LOG", REQUEST_LOG_NAME, _said_unless(lambda v: isinstance(v, str), "request_log_type"),
+            "the request log file", reload=False),
+    Setting("REQUEST_LOG_MAX_MB", DEFAULT_REQUEST_LOG_MAX_MB, _positive, "size at which the request log rotates",
+            reload=False, page=True),
+    Setting("Routes", {}, lambda key, value, problems, raw, providers: _check_routes(value, providers, problems),
+            "rules -> the provider that serves them", page=True),
+    Setting("FALLBACK_ORDER", "listed", _said_unless(lambda v: v in FALLBACK_ORDERS, "fallback_order",
+                                                     orders=", ".join(FALLBACK_ORDERS)),
+            "the order of the Fallback list", page=True),
+    Setting("USAGE_DB", USAGE_DB_NAME, _said_unless(lambda v: isinstance(v, str), "usage_db_type"),
+            "the usage store", reload=False),
+    Setting("Pricing", {}, lambda key, value, problems, *context: _check_pricing(value, problems),
+            "prices per million tokens", page=True),
+    Setting("CACHE_WARN_PCT", DEFAULT_CACHE_WARN_PCT, _said_unless(lambda v: _is_number(v) and 0 <= v <= 100,
+                                                                   "cache_warn_range"),
+            "warn under this cache hit rate", page=True),
+    Setting("LOW_BALANCE", 0, _said_unless(lambda v: _is_number(v) and v >= 0, "low_balance_range"),
+            "mark a relay with less than this left", page=True),
+    Setting("LOW_BALANCE_LAST", False, _bool, "try such relays last in failover", page=True),
+    Setting("Keys", [], lambda key, value, problems, raw, providers: _check_keys(
+        value, providers, raw.get("USAGE_DB", USAGE_DB_NAME), problems), "user keys"),
+    Setting("TRUSTED_PROXIES", [], _said_unless(lambda v: isinstance(v, list) and all(
+        isinstance(a, str) and _is_address(a) for a in v), "trusted_proxies"),
+            "addresses whose X-Forwarded-For gives the client's"),
+)
+SETTING = {setting.key: setting for setting in SETTINGS}
+TOP_KEYS = tuple(SETTING)
+
+
 def validate_config(raw, path="config.json"):
     """Return a Config for a parsed config object, or raise ConfigError listing every problem."""
     if not isinstance(raw, dict):
         raise ConfigError([Said("top_level")], file_name(path))
-    problems = []
-    if not isinstance(raw.get("HOST", DEFAULT_HOST), str):
-        problems.append(Said("host_type"))
-    port = raw.get("PORT", DEFAULT_PORT)
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
-        problems.append(Said("port_range"))
-    _check_apikey(raw.get("APIKEY", ""), problems)
-    if raw.get("LOG_LEVEL", "INFO") not in LOG_LEVELS:
-        problems.append(Said("log_level", levels=", ".join(LOG_LEVELS)))
-    for key, default in (("API_TIMEOUT_MS", DEFAULT_API_TIMEOUT_MS), ("MAX_BODY_MB", DEFAULT_MAX_BODY_MB),
-                         ("FIRST_BYTE_TIMEOUT_MS", DEFAULT_FIRST_BYTE_TIMEOUT_MS),
-                         ("FIRST_CONTENT_TIMEOUT_MS", DEFAULT_FIRST_CONTENT_TIMEOUT_MS),
-                         ("COOLDOWN_MS", DEFAULT_COOLDOWN_MS),
-                         ("REQUEST_LOG_MAX_MB", DEFAULT_REQUEST_LOG_MAX_MB)):
-        value = raw.get(key, default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            problems.append(Said("not_positive", key=key))
-    if not isinstance(raw.get("REQUEST_LOG", REQUEST_LOG_NAME), str):
-        problems.append(Said("request_log_type"))
-    if not isinstance(raw.get("MODEL_MAPPING", True), bool):
-        problems.append(Said("not_bool", key="MODEL_MAPPING"))
-    if not isinstance(raw.get("USAGE_DB", USAGE_DB_NAME), str):
-        problems.append(Said("usage_db_type"))
-    warn = raw.get("CACHE_WARN_PCT", DEFAULT_CACHE_WARN_PCT)
-    if not _is_number(warn) or not 0 <= warn <= 100:
-        problems.append(Said("cache_warn_range"))
-    if not _is_number(raw.get("LOW_BALANCE", 0)) or raw.get("LOW_BALANCE", 0) < 0:
-        problems.append(Said("low_balance_range"))
-    if not isinstance(raw.get("LOW_BALANCE_LAST", False), bool):
-        problems.append(Said("not_bool", key="LOW_BALANCE_LAST"))
-    if raw.get("FALLBACK_ORDER", "listed") not in FALLBACK_ORDERS:
-        problems.append(Said("fallback_order", orders=", ".join(FALLBACK_ORDERS)))
-    _check_pricing(raw.get("Pricing", {}), problems)
-    proxies = raw.get("TRUSTED_PROXIES", [])
-    if not isinstance(proxies, list) or not all(isinstance(a, str) and _is_address(a) for a in proxies):
-        problems.append(Said("trusted_proxies"))
-    _check_str_map(raw.get("env-models", {}), "env-models", problems, MODEL_VARS)
-    _check_presets(raw.get("HeaderOverrides", {}), "HeaderOverrides", problems, header=True)
-    _check_presets(raw.get("RequestOverrides", {}), "RequestOverrides", problems, header=False)
-    entries = raw.get("Providers", [])
-    providers = []
-    if not isinstance(entries, list):
-        problems.append(Said("providers_type"))
-        entries = []
-    names = set()
-    for index, entry in enumerate(entries):
-        provider = _check_provider(index, entry, names, problems)
-        if provider is not None:
-            providers.append(provider)
-    _check_fallback(raw.get("Fallback", []), providers, problems)
-    _check_routes(raw.get("Routes", {}), providers, problems)
-    _check_keys(raw.get("Keys", []), providers, raw.get("USAGE_DB", USAGE_DB_NAME), problems)
+    problems, providers = [], []
+    for setting in SETTINGS:            # Providers first: the checks after it name providers
+        value = raw.get(setting.key, setting.default)
+        found = setting.check(setting.key, value, problems, raw, providers)
+        if setting.key == "Providers":
+            providers = found
     if problems:
         raise ConfigError(problems, file_name(path))
     for key in raw:
@@ -1387,6 +1436,7 @@ class Store:
     def __init__(self, config):
         self.lock = threading.RLock()
         self.config_path = config.path
+        self.started = config           # what the settings that a reload cannot apply were at start
         self.state_path = state_path_for(config.path)
         self.state_lock = FileLock(self.state_path + ".lock")
         self.reload_error = None
@@ -1435,9 +1485,18 @@ class Store:
 
     def use(self, config):
         """Put a new config in force (under self.lock), and tell on_config."""
+        waiting = self.restart_needed(config)
+        if waiting and waiting != self.restart_needed(self.view.config):
+            log.warning("%s changed in config.json: it takes effect when ccproxy is started again", ", ".join(waiting))
         self._install(config)
         if self.on_config is not None:
             self.on_config(config)
+
+    def restart_needed(self, config=None):
+        """The settings a reload cannot apply (Setting.reload) whose value in config differs
+        from the one this process started with."""
+        now, then = (config or self.view.config).raw, self.started.raw
+        return [s.key for s in SETTINGS if not s.reload and now.get(s.key, s.default) != then.get(s.key, s.default)]
 
     def _change(self, apply):
         """Apply a change to a copy of the state, write that to the state file, and only then
@@ -1648,10 +1707,7 @@ class Store:
 # validated exactly as --check validates, and is written atomically with the previous file
 # kept as a backup; then it is swapped in as Reload does (Store.edit).
 
-EDITABLE_SETTINGS = ("LOG_LEVEL", "API_TIMEOUT_MS", "MAX_BODY_MB", "MODEL_MAPPING", "env-models",
-                     "HeaderOverrides", "RequestOverrides", "Fallback", "FIRST_BYTE_TIMEOUT_MS",
-                     "FIRST_CONTENT_TIMEOUT_MS", "FALLBACK_ORDER", "COOLDOWN_MS", "REQUEST_LOG_MAX_MB", "Routes", "Pricing", "CACHE_WARN_PCT",
-                     "LOW_BALANCE", "LOW_BALANCE_LAST")
+EDITABLE_SETTINGS = tuple(setting.key for setting in SETTINGS if setting.page)
 CODE_STALE = "stale_version"
 
 
@@ -6395,6 +6451,7 @@ def api_state(handler, params=None):
         "proxy_url": handler.proxy_url(),
         "loaded_at": config.loaded_at,
         "reload_error": handler.server.store.reload_error,
+        "restart_needed": handler.server.store.restart_needed(),
         "model_mapping": config.model_mapping,
         "env_models": effective_env_models(config.env_models, {}),
         "proxy_settings": claude_settings(handler.proxy_url(), "", effective_env_models(config.env_models, {}),

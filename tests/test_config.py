@@ -399,3 +399,40 @@ def test_sigterm_lets_a_stream_in_flight_finish(tmp_path, upstream):
     with open(os.path.join(os.path.dirname(path), "requests.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     assert records[-1]["stream"] and records[-1]["usage"]["output"] == 6   # written before the exit
+
+
+def test_the_settings_table_is_what_readme_and_the_template_say():
+    """One table (SETTINGS): its keys are config.in.json's, README's rows give each default as
+    it is, and the keys a reload cannot apply are the ones README names."""
+    import json
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    template = json.load(open(os.path.join(root, "config.in.json"), encoding="utf-8"))
+    assert {k for k in template if not k.startswith("_")} == set(ccproxy.TOP_KEYS)
+    for name in ("README.md", "README_zh.md"):
+        text = open(os.path.join(root, name), encoding="utf-8").read()
+        rows = dict(re.findall(r"^\| `([^`]+)` \| ([^|]*) \|", text, re.M))
+        for setting in ccproxy.SETTINGS:
+            default = setting.default
+            if isinstance(default, (bool, int, float)) or (isinstance(default, str) and default):
+                shown = json.dumps(default) if isinstance(default, bool) else str(default)
+                assert "`%s`" % shown in rows[setting.key], (name, setting.key)
+        restart = {s.key for s in ccproxy.SETTINGS if not s.reload}
+        said = re.search(r"(?:every key except|重载会应用除) (.+?)(?:,\n|之外)", text, re.S).group(1)
+        assert set(re.findall(r"`([A-Z_]+)`", said)) == restart, name
+    assert ccproxy.EDITABLE_SETTINGS == tuple(s.key for s in ccproxy.SETTINGS if s.page)
+
+
+def test_a_setting_that_needs_a_restart_is_said_when_it_changes(tmp_path, upstream, log_lines):
+    path = write_config(tmp_path / "config.json", make_config(upstream))
+    proxy = start_proxy(path)
+    try:
+        assert proxy.api("GET", "/api/state")[1]["restart_needed"] == []
+        config = make_config(upstream, REQUEST_LOG="其他日志.jsonl", COOLDOWN_MS=5000)
+        write_config(tmp_path / "config.json", config)
+        assert proxy.api("POST", "/api/reload")[0] == 200
+        state = proxy.api("GET", "/api/state")[1]
+        assert state["restart_needed"] == ["REQUEST_LOG"] and proxy.store.view.config.cooldown_s == 5.0
+        assert "REQUEST_LOG changed in config.json: it takes effect when ccproxy is started again" in log_lines.text
+    finally:
+        proxy.stop()
