@@ -5321,7 +5321,8 @@ def api_status_line(handler, params):
     money = lambda v: "%s %s" % (amount_text(v), currency)            # noqa: E731
     store = server.recorder.usage
     found = conversations(store, currency, 1, session=str(session)[:SESSION_MAX]) if store and session else []
-    relay = found[0]["relays"][-1] if found else view.selected
+    # where its next request goes: the relay its cache is kept on, else the selection
+    relay = ((server.health.where(str(session)[:SESSION_MAX]) if session else None) or {}).get("relay") or view.selected
     parts = [user.name if user else relay or "ccproxy"]
     if found and found[0]["cost"] is not None:
         parts.append(words["conversation"] % money(found[0]["cost"]))

@@ -79,6 +79,14 @@ def test_the_status_line(relays):
     english = relays.call("POST", "/api/status-line", {"session_id": "new"})[2].decode()
     assert english == "中转站甲 · today %s USD\n" % money
     assert relays.call("POST", "/api/status-line", b"not json")[0] == 200
+    # it names the relay the conversation's next request goes to: kept until idle, or moved now
+    relays.api("POST", "/api/select", {"provider": "中转站乙", "when": "idle"})
+    assert relays.call("POST", "/api/status-line", {"session_id": "chat-2"})[2].decode().startswith("中转站甲 · ")
+    assert relays.call("POST", "/api/status-line", {"session_id": "new"})[2].decode().startswith("中转站乙 · ")
+    relays.api("POST", "/api/select", {"provider": "中转站甲"})
+    relays.api("POST", "/api/select", {"provider": "中转站乙", "when": "now"})
+    assert relays.call("POST", "/api/status-line", {"session_id": "chat-2"})[2].decode().startswith("中转站乙 · ")
+    relays.api("POST", "/api/select", {"provider": "中转站甲"})
     # a user key's own: its name, and today's cost against its limit
     ask(relays, "chat-3", key=SECRET)
     assert wait_for(lambda: any(s["session"] == "chat-3" for s in sessions(relays)))
