@@ -3979,7 +3979,7 @@ class Relay:
         self.view = view
         self.store = store              # remembers learned fixes (Store.learn_fixes)
         self.user = user                # a user key: only its providers and models (permitted)
-        self.recorder = recorder        # counts the open streams (stream_opened, stream_closed)
+        self.recorder = recorder        # Counters: the open streams (stream_opened, stream_closed)
         self.config = view.config
         self.health = health
         self.pool = pool
@@ -4475,31 +4475,15 @@ def log_line(rec):
         " (%s)" % rec["note"] if rec["note"] else "")
 
 
-class Recorder:
-    """Every relayed request, once: a bounded ring in memory, one JSON line in the request
-    log file (written by a background thread, off the request path), per-provider rollups
-    since start and the Prometheus counters."""
+class RequestLog:
+    """The request records: a bounded ring in memory and the request log file (REQUEST_LOG),
+    which several processes may share; written by the recorder's thread (Recorder)."""
 
-    def __init__(self, path, max_bytes, config=lambda: None, usage=None):
-        self.config = config          # the running Config: secrets to redact, Pricing, CACHE_WARN_PCT
-        self.usage = usage            # a UsageStore, or None
+    def __init__(self, path, max_bytes):
         self.lock = threading.Lock()
         self.ring = deque(maxlen=REQUEST_RING)
         self.path = path
         self.max_bytes = max_bytes
-        self.started = time.time()
-        self.providers = {}           # name -> rollup
-        self.requests = {}            # (provider, status) -> count
-        self.errors = {}              # (provider, kind) -> count
-        self.tokens = {}              # (provider, kind) -> count
-        self.ttfb = {}                # provider -> [bucket counts..., +Inf], sum
-        self.costs = {}               # (provider, currency) -> cost since start
-        self.by_key = {}              # (key name, series, label) -> count: requests by status, tokens, cost
-        self.cache = {}               # provider -> its recent cached requests' (cache_read, prompt)
-        self.cache_low = set()        # providers whose cache hit rate is under CACHE_WARN_PCT
-        self.contexts = {}            # provider -> {model: (time, prompt tokens)} of its last answer
-        self.open_streams = 0
-        self.queue = queue.SimpleQueue()
         self.file = None
         self.expected = None          # the log's size after this process's last write
         self.shared = False           # another process writes the same log (then newest() reads it)
@@ -4508,8 +4492,6 @@ class Recorder:
             found = file_signature(path)
             self.expected = found[2] if found else 0
             self._load_tail()
-        self.writer = threading.Thread(target=self._write_loop, name="ccproxy-recorder", daemon=True)
-        self.writer.start()
 
     def _load_tail(self):
         """The newest records of the previous run, so the Requests panel survives a restart."""
@@ -4527,38 +4509,11 @@ class Recorder:
             except ValueError:
                 continue   # a line cut by a crash
 
-    def submit(self, rec):
-        """Called by the request thread: the rest (log line, rollups, file) happens off it."""
-        self.queue.put(rec)
+    def add(self, rec):
+        with self.lock:
+            self.ring.append(rec)
 
-    def _write_loop(self):
-        while True:
-            batch = [self.queue.get()]
-            # Under load, waking once per request costs more than the work; a short wait
-            # lets records gather into one batch (one file write, one wake-up).
-            time.sleep(RECORDER_BATCH_S)
-            while len(batch) < REQUEST_RING:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            lines, done = [], []
-            config = self.config()
-            secrets = config.secrets() if config is not None else ()
-            for rec in batch:
-                if rec is None:
-                    break
-                self.record(rec, config)
-                log.info("%s", redact(log_line(rec), secrets))
-                lines.append((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
-                done.append(rec)
-            self._write(lines)
-            if self.usage is not None:
-                self.usage.add(done)
-            if len(done) < len(batch):
-                return
-
-    def _write(self, lines):
+    def write(self, lines):
         """Append lines to the request log, rotating it to .1 before it would pass max_bytes.
         Several ccproxy processes may share the file: what fits is written at once to a file
         opened for appending, under an flock, which also keeps two processes from both
@@ -4603,127 +4558,9 @@ class Recorder:
             self.file = None
 
     def close(self):
-        """Write what is queued, then stop the writer."""
-        if self.writer is not None:
-            self.queue.put(None)
-            self.writer.join(THREAD_JOIN_S)
-            self.writer = None
         if self.file is not None:
             self.file.close()
             self.file = None
-
-    def stream_opened(self):
-        with self.lock:
-            self.open_streams += 1
-
-    def stream_closed(self):
-        with self.lock:
-            self.open_streams -= 1
-
-    def _rollup(self, name):
-        roll = self.providers.get(name)
-        if roll is None:
-            roll = self.providers[name] = {"requests": 0, "errors": 0, "ttfb": deque(maxlen=TTFB_SAMPLES),
-                                           "tokens": {"input": 0, "output": 0, "cache_read": 0,
-                                                      "cache_creation": 0}}
-        return roll
-
-    def record(self, rec, config=None):
-        """Take one record into the ring, the rollups and the counters; with a config, price it
-        (rec["cost"], None for a model without a price) and watch the provider's cache."""
-        usage, name = rec.get("usage"), rec["provider"]
-        if usage and name is not None and config is not None and "cost" not in rec:
-            price(rec, config.pricing)
-        with self.lock:
-            if rec.get("key"):
-                self.count_key(rec)
-            if usage and name is not None and config is not None:
-                self.watch_cache(name, rec, config.cache_warn_pct)
-                if rec["cost"] is not None:
-                    key = (name, rec["currency"])
-                    self.costs[key] = self.costs.get(key, 0.0) + rec["cost"]
-            self.ring.append(rec)
-            for name, label in (a[:2] for a in rec["attempts"][:-1]):
-                roll = self._rollup(name)
-                roll["requests"] += 1
-                roll["errors"] += 1
-                key = (name, label if label.isdigit() else "error")
-                self.requests[key] = self.requests.get(key, 0) + 1
-                key = (name, failure_kind(label))
-                self.errors[key] = self.errors.get(key, 0) + 1
-            name, status = rec["provider"], rec["status"]
-            if name is not None:
-                roll = self._rollup(name)
-                roll["requests"] += 1
-                failed = status >= 400 or status == 0 or bool(rec.get("midstream_error"))
-                roll["errors"] += failed
-                key = (name, str(status))
-                self.requests[key] = self.requests.get(key, 0) + 1
-                if rec.get("midstream_error"):
-                    key = (name, "midstream")
-                    self.errors[key] = self.errors.get(key, 0) + 1
-                if rec["ttfb_ms"] is not None:
-                    roll["ttfb"].append(rec["ttfb_ms"])
-                    buckets = self.ttfb.setdefault(name, [0] * (len(TTFB_BUCKETS_S) + 1) + [0.0])
-                    seconds = rec["ttfb_ms"] / 1000.0
-                    for i, bound in enumerate(TTFB_BUCKETS_S):
-                        if seconds <= bound:
-                            buckets[i] += 1
-                    buckets[-2] += 1
-                    buckets[-1] += seconds
-                for kind, count in (rec.get("usage") or {}).items():
-                    roll["tokens"][kind] += count
-                    key = (name, kind)
-                    self.tokens[key] = self.tokens.get(key, 0) + count
-
-    def count_key(self, rec):
-        """A user key's requests, tokens and cost, for /metrics. Under self.lock."""
-        counts, key = self.by_key, rec["key"]
-        series = [("requests", str(rec["status"]), 1)]
-        series += [("tokens", kind, n) for kind, n in (rec.get("usage") or {}).items()]
-        if rec.get("cost") is not None:
-            series.append(("cost", rec["currency"], rec["cost"]))
-        for kind, label, amount in series:
-            counts[(key, kind, label)] = counts.get((key, kind, label), 0) + amount
-
-    def watch_cache(self, name, rec, threshold):
-        """The cache guard: a provider's hit rate over its recent cached requests, and a log
-        line when it falls under CACHE_WARN_PCT (or is back over it). Under self.lock."""
-        usage = rec["usage"]
-        prompt = usage["input"] + usage["cache_read"] + usage["cache_creation"]
-        self.contexts.setdefault(name, {})[rec.get("model") or "-"] = (rec["time"], prompt)
-        if not (usage["cache_read"] or usage["cache_creation"]):
-            return                  # not a cached request (a title, a count): says nothing
-        window = self.cache.setdefault(name, deque(maxlen=CACHE_WINDOW))
-        window.append((usage["cache_read"], prompt))
-        rate = hit_rate(sum(r for r, _ in window), sum(p for _, p in window))
-        low = bool(threshold) and len(window) >= CACHE_MIN_SAMPLES and rate is not None and rate < threshold
-        if low and name not in self.cache_low:
-            self.cache_low.add(name)
-            log.warning("provider %s: cache hit rate %.0f%% over its last %d cached requests is under "
-                        "CACHE_WARN_PCT (%s%%) — the relay may not keep Claude Code's prompt cache, and "
-                        "every request then pays for cache writes", escape_unprintable(name), rate,
-                        len(window), threshold)
-        elif not low and name in self.cache_low:
-            self.cache_low.discard(name)
-            log.info("provider %s: cache hit rate back to %.0f%%", escape_unprintable(name), rate)
-
-    def cache_status(self):
-        """Each provider's recent cache hit rate, for the page and /metrics."""
-        with self.lock:
-            return {n: {"hit_rate_pct": hit_rate(sum(r for r, _ in w), sum(p for _, p in w)),
-                        "samples": len(w), "low": n in self.cache_low} for n, w in self.cache.items()}
-
-    def active_context(self, name, now):
-        """(model, prompt tokens, age in s) of the largest conversation answered by provider
-        within the prompt cache's lifetime, or None: what a switch would write to a new cache."""
-        with self.lock:
-            recent = [(tokens, model, now - at) for model, (at, tokens) in self.contexts.get(name, {}).items()
-                      if now - at < CACHE_LIFETIME_S]
-        if not recent:
-            return None
-        tokens, model, age = max(recent)
-        return model, tokens, age
 
     def newest(self, limit, provider=None, key=None):
         """The newest records, newest first (of one provider, or one user key): from this
@@ -4783,6 +4620,90 @@ class Recorder:
                         except ValueError:
                             continue        # the blank after the last line, or a line cut by a crash
 
+
+class Counters:
+    """Per-provider rollups since start and the Prometheus counters (/api/stats, /metrics),
+    and the answers being relayed right now (stream_opened, stream_closed)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.started = time.time()
+        self.providers = {}           # name -> rollup
+        self.requests = {}            # (provider, status) -> count
+        self.errors = {}              # (provider, kind) -> count
+        self.tokens = {}              # (provider, kind) -> count
+        self.ttfb = {}                # provider -> [bucket counts..., +Inf], sum
+        self.costs = {}               # (provider, currency) -> cost since start
+        self.by_key = {}              # (key name, series, label) -> count: requests by status, tokens, cost
+        self.open_streams = 0
+
+    def stream_opened(self):
+        with self.lock:
+            self.open_streams += 1
+
+    def stream_closed(self):
+        with self.lock:
+            self.open_streams -= 1
+
+    def _rollup(self, name):
+        roll = self.providers.get(name)
+        if roll is None:
+            roll = self.providers[name] = {"requests": 0, "errors": 0, "ttfb": deque(maxlen=TTFB_SAMPLES),
+                                           "tokens": {"input": 0, "output": 0, "cache_read": 0,
+                                                      "cache_creation": 0}}
+        return roll
+
+    def count(self, rec):
+        """Take one (priced) record into the rollups and the counters."""
+        with self.lock:
+            if rec.get("key"):
+                self.count_key(rec)
+            if rec.get("cost") is not None and rec["provider"] is not None:
+                key = (rec["provider"], rec["currency"])
+                self.costs[key] = self.costs.get(key, 0.0) + rec["cost"]
+            for name, label in (a[:2] for a in rec["attempts"][:-1]):
+                roll = self._rollup(name)
+                roll["requests"] += 1
+                roll["errors"] += 1
+                key = (name, label if label.isdigit() else "error")
+                self.requests[key] = self.requests.get(key, 0) + 1
+                key = (name, failure_kind(label))
+                self.errors[key] = self.errors.get(key, 0) + 1
+            name, status = rec["provider"], rec["status"]
+            if name is not None:
+                roll = self._rollup(name)
+                roll["requests"] += 1
+                failed = status >= 400 or status == 0 or bool(rec.get("midstream_error"))
+                roll["errors"] += failed
+                key = (name, str(status))
+                self.requests[key] = self.requests.get(key, 0) + 1
+                if rec.get("midstream_error"):
+                    key = (name, "midstream")
+                    self.errors[key] = self.errors.get(key, 0) + 1
+                if rec["ttfb_ms"] is not None:
+                    roll["ttfb"].append(rec["ttfb_ms"])
+                    buckets = self.ttfb.setdefault(name, [0] * (len(TTFB_BUCKETS_S) + 1) + [0.0])
+                    seconds = rec["ttfb_ms"] / 1000.0
+                    for i, bound in enumerate(TTFB_BUCKETS_S):
+                        if seconds <= bound:
+                            buckets[i] += 1
+                    buckets[-2] += 1
+                    buckets[-1] += seconds
+                for kind, count in (rec.get("usage") or {}).items():
+                    roll["tokens"][kind] += count
+                    key = (name, kind)
+                    self.tokens[key] = self.tokens.get(key, 0) + count
+
+    def count_key(self, rec):
+        """A user key's requests, tokens and cost, for /metrics. Under self.lock."""
+        counts, key = self.by_key, rec["key"]
+        series = [("requests", str(rec["status"]), 1)]
+        series += [("tokens", kind, n) for kind, n in (rec.get("usage") or {}).items()]
+        if rec.get("cost") is not None:
+            series.append(("cost", rec["currency"], rec["cost"]))
+        for kind, label, amount in series:
+            counts[(key, kind, label)] = counts.get((key, kind, label), 0) + amount
+
     def stats(self):
         with self.lock:
             rolls = {n: dict(r, ttfb=sorted(r["ttfb"]), tokens=dict(r["tokens"])) for n, r in self.providers.items()}
@@ -4796,8 +4717,9 @@ class Recorder:
                          "ttfb_p50_ms": pick(0.5), "ttfb_p95_ms": pick(0.95), "tokens": roll["tokens"]}
         return {"since": self.started, "providers": out}
 
-    def metrics_text(self):
-        """The counters in Prometheus' text exposition format (version 0.0.4)."""
+    def metrics_text(self, cache):
+        """The counters in Prometheus' text exposition format (version 0.0.4), with `cache`
+        (CacheWatch.status())."""
         with self.lock:
             requests, errors, tokens = dict(self.requests), dict(self.errors), dict(self.tokens)
             ttfb = {n: list(b) for n, b in self.ttfb.items()}
@@ -4835,7 +4757,6 @@ class Recorder:
             out += ["# HELP ccproxy_key_%s_total %s" % (kind, text), "# TYPE ccproxy_key_%s_total counter" % kind]
             out += ['ccproxy_key_%s_total{key="%s",%s="%s"} %s' % (kind, _label(k), label, _label(v), round(n, 8))
                     for (k, series, v), n in sorted(by_key.items()) if series == kind]
-        cache = self.cache_status()
         out += ["# HELP ccproxy_cache_hit_ratio Cache reads over prompt tokens, a provider's recent cached requests.",
                 "# TYPE ccproxy_cache_hit_ratio gauge"]
         out += ['ccproxy_cache_hit_ratio{provider="%s"} %.4f' % (_label(p), c["hit_rate_pct"] / 100.0)
@@ -4844,6 +4765,128 @@ class Recorder:
                 "# TYPE ccproxy_cache_low gauge"]
         out += ['ccproxy_cache_low{provider="%s"} %d' % (_label(p), c["low"]) for p, c in sorted(cache.items())]
         return "\n".join(out) + "\n"
+
+
+
+
+class CacheWatch:
+    """The cache guard: each provider's hit rate over its recent cached requests (CACHE_WARN_PCT),
+    and the conversations each answered lately (what a switch would write to a new cache)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.cache = {}               # provider -> its recent cached requests' (cache_read, prompt)
+        self.cache_low = set()        # providers whose cache hit rate is under CACHE_WARN_PCT
+        self.contexts = {}            # provider -> {model: (time, prompt tokens)} of its last answer
+
+    def watch(self, name, rec, threshold):
+        """The cache guard: a provider's hit rate over its recent cached requests, and a log
+        line when it falls under CACHE_WARN_PCT (or is back over it)."""
+        with self.lock:
+            self._watch(name, rec, threshold)
+
+    def _watch(self, name, rec, threshold):
+        usage = rec["usage"]
+        prompt = usage["input"] + usage["cache_read"] + usage["cache_creation"]
+        self.contexts.setdefault(name, {})[rec.get("model") or "-"] = (rec["time"], prompt)
+        if not (usage["cache_read"] or usage["cache_creation"]):
+            return                  # not a cached request (a title, a count): says nothing
+        window = self.cache.setdefault(name, deque(maxlen=CACHE_WINDOW))
+        window.append((usage["cache_read"], prompt))
+        rate = hit_rate(sum(r for r, _ in window), sum(p for _, p in window))
+        low = bool(threshold) and len(window) >= CACHE_MIN_SAMPLES and rate is not None and rate < threshold
+        if low and name not in self.cache_low:
+            self.cache_low.add(name)
+            log.warning("provider %s: cache hit rate %.0f%% over its last %d cached requests is under "
+                        "CACHE_WARN_PCT (%s%%) — the relay may not keep Claude Code's prompt cache, and "
+                        "every request then pays for cache writes", escape_unprintable(name), rate,
+                        len(window), threshold)
+        elif not low and name in self.cache_low:
+            self.cache_low.discard(name)
+            log.info("provider %s: cache hit rate back to %.0f%%", escape_unprintable(name), rate)
+
+    def status(self):
+        """Each provider's recent cache hit rate, for the page and /metrics."""
+        with self.lock:
+            return {n: {"hit_rate_pct": hit_rate(sum(r for r, _ in w), sum(p for _, p in w)),
+                        "samples": len(w), "low": n in self.cache_low} for n, w in self.cache.items()}
+
+    def active_context(self, name, now):
+        """(model, prompt tokens, age in s) of the largest conversation answered by provider
+        within the prompt cache's lifetime, or None: what a switch would write to a new cache."""
+        with self.lock:
+            recent = [(tokens, model, now - at) for model, (at, tokens) in self.contexts.get(name, {}).items()
+                      if now - at < CACHE_LIFETIME_S]
+        if not recent:
+            return None
+        tokens, model, age = max(recent)
+        return model, tokens, age
+
+
+class Recorder:
+    """Every relayed request, once, off the request path: its own thread takes each record
+    (submit) into the request log (RequestLog), the counters (Counters), the cache watch
+    (CacheWatch) and the usage store (UsageStore), and writes its log line."""
+
+    def __init__(self, path, max_bytes, config=lambda: None, usage=None):
+        self.config = config          # the running Config: secrets to redact, Pricing, CACHE_WARN_PCT
+        self.usage = usage            # a UsageStore, or None
+        self.request_log = RequestLog(path, max_bytes)
+        self.counters = Counters()
+        self.cache_watch = CacheWatch()
+        self.queue = queue.SimpleQueue()
+        self.writer = threading.Thread(target=self._write_loop, name="ccproxy-recorder", daemon=True)
+        self.writer.start()
+
+    def submit(self, rec):
+        """Called by the request thread: the rest (log line, rollups, file) happens off it."""
+        self.queue.put(rec)
+
+    def _write_loop(self):
+        while True:
+            batch = [self.queue.get()]
+            # Under load, waking once per request costs more than the work; a short wait
+            # lets records gather into one batch (one file write, one wake-up).
+            time.sleep(RECORDER_BATCH_S)
+            while len(batch) < REQUEST_RING:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            lines, done = [], []
+            config = self.config()
+            secrets = config.secrets() if config is not None else ()
+            for rec in batch:
+                if rec is None:
+                    break
+                self.record(rec, config)
+                log.info("%s", redact(log_line(rec), secrets))
+                lines.append((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+                done.append(rec)
+            self.request_log.write(lines)
+            if self.usage is not None:
+                self.usage.add(done)
+            if len(done) < len(batch):
+                return
+
+    def record(self, rec, config=None):
+        """Take one record into the request log, the counters and the cache watch; with a
+        config, price it first (rec["cost"], None for a model without a price)."""
+        usage, name = rec.get("usage"), rec["provider"]
+        if usage and name is not None and config is not None:
+            if "cost" not in rec:
+                price(rec, config.pricing)
+            self.cache_watch.watch(name, rec, config.cache_warn_pct)
+        self.request_log.add(rec)
+        self.counters.count(rec)
+
+    def close(self):
+        """Write what is queued, then stop the writer."""
+        if self.writer is not None:
+            self.queue.put(None)
+            self.writer.join(THREAD_JOIN_S)
+            self.writer = None
+        self.request_log.close()
 
 
 # ============================================================================ usage and cost
@@ -5172,7 +5215,7 @@ def switch_estimate(server, view):
     """What switching away from the selected provider now would cost: a conversation it answered
     within the prompt cache's lifetime is written to the new relay's cache in full on its next
     request. Its prompt tokens, and their cache-write price on each other provider (None: no price)."""
-    found = server.recorder.active_context(view.selected, time.time())
+    found = server.recorder.cache_watch.active_context(view.selected, time.time())
     if found is None:
         return None
     model, tokens, age = found
@@ -5972,7 +6015,7 @@ def api_me(handler, params):
     if user is None:
         return 200, {"name": None, "admin": True}
     report = key_report(handler.server, user, time.time())
-    report["recent"] = handler.server.recorder.newest(KEY_RECENT, key=user.name)
+    report["recent"] = handler.server.recorder.request_log.newest(KEY_RECENT, key=user.name)
     return 200, report
 
 
@@ -6243,7 +6286,7 @@ def relay_prices(pricing, provider, model):
 
 def relay_summaries(server, names):
     """Each relay in a few words for a /model row: its balance and its first-byte median."""
-    balances, stats = server.balances.cached(list(names)), server.recorder.stats()["providers"]
+    balances, stats = server.balances.cached(list(names)), server.recorder.counters.stats()["providers"]
     found = {}
     for name in names:
         balance, p50 = balances.get(name) or {}, (stats.get(name) or {}).get("ttfb_p50_ms")
@@ -6271,7 +6314,7 @@ def pricing_overrides(server, view):
             prices = relay_prices(config.pricing, target.provider, model)
             if prices:
                 overrides[model_alias(tokens[name], model)] = prices
-    seen = [rec.get("model") for rec in server.recorder.newest(PRICED_RECENT)]
+    seen = [rec.get("model") for rec in server.recorder.request_log.newest(PRICED_RECENT)]
     asked = (list(view.target.models) if view.target else []) + list(effective_env_models(config.env_models, {}).values()) \
         + [m for m in config.pricing.exact if m.startswith("claude-")] + [m for m in seen if m]
     for model in asked:
@@ -6473,10 +6516,10 @@ def api_state(handler, params=None):
                      # who a request for the last model asked would be tried by now, in order
                      "now": [t.name for t in candidates(view, handler.server.health, handler.server.health.last_model)]},
         "cooling": handler.server.health.snapshot(),
-        "stats": handler.server.recorder.stats()["providers"],
+        "stats": handler.server.recorder.counters.stats()["providers"],
         "tests": handler.server.tests,
         "currency": config.pricing.currency,
-        "cache": handler.server.recorder.cache_status(),
+        "cache": handler.server.recorder.cache_watch.status(),
         "cache_warn_pct": config.cache_warn_pct,
         "switch": switch_estimate(handler.server, view),
         "balances": {n: dict(r, low=balance_low(r, view.targets[n].provider, config))
@@ -6555,11 +6598,11 @@ def api_requests(handler, params):
     except ValueError:
         raise ClientError(Said("requests_limit"))
     provider = query.get("provider", [None])[0]
-    return 200, {"requests": handler.server.recorder.newest(limit, provider)}
+    return 200, {"requests": handler.server.recorder.request_log.newest(limit, provider)}
 
 
 def api_stats(handler, params):
-    return 200, handler.server.recorder.stats()
+    return 200, handler.server.recorder.counters.stats()
 
 
 def api_test(handler, params):
@@ -6686,7 +6729,8 @@ def hello(handler, params):
 
 
 def metrics(handler, params):
-    text = handler.server.recorder.metrics_text() + "\n".join(handler.server.balances.metrics_lines()) + "\n"
+    recorder = handler.server.recorder
+    text = recorder.counters.metrics_text(recorder.cache_watch.status()) + "\n".join(handler.server.balances.metrics_lines()) + "\n"
     handler.send_bytes(200, text.encode("utf-8"),
                        "text/plain; version=0.0.4; charset=utf-8")
     return None
@@ -7117,7 +7161,7 @@ def relay_request(handler, params):
     request = ClientRequest(handler.command, handler.path, handler.headers,
                             handler.read_body(view.config.max_body_bytes),
                             handler.request_version == "HTTP/1.0")
-    relay = Relay(view, server.health, server.pool, handler.out, params["exchange"], server.recorder,
+    relay = Relay(view, server.health, server.pool, handler.out, params["exchange"], server.recorder.counters,
                   server.debug, server.store, handler.user)
     try:
         relay.run(request)

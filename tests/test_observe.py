@@ -106,9 +106,9 @@ def test_the_ring_is_bounded():
     for i in range(ccproxy.REQUEST_RING + 50):
         recorder.record({"provider": "p", "status": 200, "attempts": [["p", "200"]], "ttfb_ms": 1.0,
                          "usage": None, "n": i})
-    assert len(recorder.ring) == ccproxy.REQUEST_RING
-    assert recorder.newest(1)[0]["n"] == ccproxy.REQUEST_RING + 49
-    assert recorder.stats()["providers"]["p"]["requests"] == ccproxy.REQUEST_RING + 50
+    assert len(recorder.request_log.ring) == ccproxy.REQUEST_RING
+    assert recorder.request_log.newest(1)[0]["n"] == ccproxy.REQUEST_RING + 49
+    assert recorder.counters.stats()["providers"]["p"]["requests"] == ccproxy.REQUEST_RING + 50
 
 
 def test_provider_test_classifies_healthy_slow_and_dead(tmp_path, upstream, upstream2, monkeypatch):

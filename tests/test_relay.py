@@ -585,7 +585,7 @@ def test_a_chunked_body_over_the_limit_gets_413(tmp_path, upstream):
 def idle_connections(proxy, upstream, requests):
     """The upstream connections the proxy's pool holds for this mock, once the proxy has
     finished with `requests` requests (it pools a connection after the answer went out)."""
-    assert wait_for(lambda: len(proxy.server.recorder.newest(requests)) >= requests)
+    assert wait_for(lambda: len(proxy.server.recorder.request_log.newest(requests)) >= requests)
     return sum(len(stack) for key, stack in proxy.server.pool.idle.items() if key[2] == upstream.port)
 
 
