@@ -5339,8 +5339,9 @@ def api_sessions(handler, params):
     except ValueError:
         raise ClientError(Said("requests_limit"))
     found = conversations(store, handler.server.store.view.config.pricing.currency, limit)
+    placed = handler.server.health.where(entry["session"] for entry in found)
     for entry in found:     # where its next request goes while its cache is warm, and why
-        entry["now"] = handler.server.health.where(entry["session"])
+        entry["now"] = placed.get(entry["session"])
     return 200, {"sessions": found}
 
 
@@ -5365,7 +5366,8 @@ def api_status_line(handler, params):
     store = server.recorder.usage
     found = conversations(store, currency, 1, session=str(session)[:SESSION_MAX]) if store and session else []
     # where its next request goes: the relay its cache is kept on, else the selection
-    relay = ((server.health.where(str(session)[:SESSION_MAX]) if session else None) or {}).get("relay") or view.selected
+    session = str(session)[:SESSION_MAX] if session else None
+    relay = (server.health.where([session]).get(session) or {}).get("relay") or view.selected
     parts = [user.name if user else relay or "ccproxy"]
     if found and found[0]["cost"] is not None:
         parts.append(words["conversation"] % money(found[0]["cost"]))
@@ -6201,14 +6203,15 @@ class Health:
                     kept += 1
             return kept
 
-    def where(self, conversation):
-        """{relay, why, until} of the conversation's newest warm placement, or None."""
-        now, found = self.clock(), None
+    def where(self, conversations):
+        """{conversation: {relay, why, until}} of each one's newest warm placement (one pass
+        over the placements, however many conversations are asked about)."""
+        now, wanted, found = self.clock(), set(conversations), {}
         for (name, _), entry in list(self.placements.items()):
-            if name == conversation and entry[4] == self.epoch and now - entry[2] < entry[3] and \
-                    (found is None or entry[2] >= found[2]):
-                found = entry
-        return None if found is None else {"relay": found[0], "why": found[1], "until": found[2] + found[3]}
+            if name in wanted and entry[4] == self.epoch and now - entry[2] < entry[3] and \
+                    (name not in found or entry[2] >= found[name][2]):
+                found[name] = entry
+        return {name: {"relay": e[0], "why": e[1], "until": e[2] + e[3]} for name, e in found.items()}
 
     def note_size(self, conversation, tokens, size):
         with self.lock:
