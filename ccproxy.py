@@ -4253,11 +4253,11 @@ class Relay:
             if resp.status in FAILOVER_STATUSES or resp.status in COUNT_TOKENS_MISSING or resp.status == 400:
                 held, ended = collect(pieces, ERROR_HOLD_BYTES)
             elif resp.status == 200 and self.gated:
-                return self.gate(target, Answer(conn, resp, pieces, b"", False), stream,
-                                 None if last else sent + config.first_content_timeout_s)
+                return self.ready(self.gate(target, Answer(conn, resp, pieces, b"", False), stream,
+                                            None if last else sent + config.first_content_timeout_s))
             else:
                 held, ended = b"", resp.complete
-            return Answer(conn, resp, pieces, held, ended)
+            return self.ready(Answer(conn, resp, pieces, held, ended))
         except TIMEOUT_ERRORS as exc:
             if conn is not None:
                 conn.close()            # timed out mid-answer: not reusable
@@ -4274,6 +4274,15 @@ class Relay:
             reason = describe_network_error(exc)
             return Failure(reason, UpstreamError(Said("upstream_unreachable", name=target.name, address=target.netloc,
                                                       reason=reason)), config.cooldown_s)
+
+    def ready(self, outcome):
+        """An answer as far as the decision read it, its connection given the idle timeout
+        for the rest (API_TIMEOUT_MS, where a fallback gave it the shorter first-byte one):
+        whatever of it is relayed (deliver) is read without another system call."""
+        answer = outcome.answer if isinstance(outcome, Failure) else outcome
+        if answer is not None and answer.conn is not None:
+            retime(answer.conn, self.config.api_timeout_s)
+        return outcome
 
     def gate(self, target, answer, stream, deadline):
         """Hold a 200 answer to /v1/messages until it shows content: a stream its first content
@@ -4333,7 +4342,6 @@ class Relay:
     def deliver(self, target, answer, extra):
         """Relay a provider's answer to the client. Its connection goes back to the pool only
         if the answer was read to its end, as soon as it was (a client's next request finds it)."""
-        retime(answer.conn, self.config.api_timeout_s)
         self.exchange.status = answer.resp.status
         try:
             self.relay_body(target, answer, extra)

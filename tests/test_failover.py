@@ -500,3 +500,15 @@ def test_a_stream_is_held_at_most_64_kb_then_it_is_the_clients(failover, upstrea
     assert status == 200 and headers["x-ccproxy-provider"] == "alpha" and not upstream2.requests
     names = [n for n, _ in events_of(data)]
     assert names[0] == "message_start" and names.count("ping") == len(pings)
+
+
+def test_a_stream_past_its_first_content_waits_as_long_as_api_timeout(failover, upstream, upstream2):
+    """FIRST_BYTE_TIMEOUT_MS bounds the wait for the head while a fallback remains; once the
+    answer is the client's, its pauses are judged by API_TIMEOUT_MS (Relay.ready)."""
+    proxy = failover(FIRST_BYTE_TIMEOUT_MS=300)
+    upstream.event_delay = 0.5          # each event after the first, longer than the first-byte timeout
+    status, headers, data = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    assert status == 200 and headers["x-ccproxy-provider"] == "alpha"
+    assert "x-ccproxy-attempts" not in headers
+    assert events_of(data)[-1][0] == "message_stop"
+    assert not upstream2.requests
