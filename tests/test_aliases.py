@@ -22,13 +22,10 @@ def upstream3():
 
 
 @pytest.fixture
-def picker(tmp_path, upstream, upstream2, upstream3):
-    config = make_config(upstream, upstream2, Fallback=["beta", "中转站C"])
-    config["Providers"].append({"name": "中转站C", "api_base_url": upstream3.url, "api_key": "sk-c-1234567890",
-                                "models": ["glm-4.6", "deepseek-chat"]})
-    proxy = start_proxy(write_config(tmp_path / "config.json", config))
-    yield proxy
-    proxy.stop()
+def picker(proxy_with, upstream3):
+    return proxy_with(Fallback=["beta", "中转站C"], added=[{
+        "name": "中转站C", "api_base_url": upstream3.url, "api_key": "sk-c-1234567890",
+        "models": ["glm-4.6", "deepseek-chat"]}])
 
 
 def alias_of(proxy, provider, model):

@@ -52,15 +52,11 @@ def browser(tmp_path):
 
 
 @pytest.fixture
-def ui_proxy(tmp_path, upstream, upstream2):
-    config = make_config(upstream, upstream2)
-    config["Providers"].append({"name": EVIL, "comment": "<b>bold?</b>", "api_base_url": upstream.url,
-                                "api_key": "sk-evil-0000", "models": ["<script>x</script>"]})
-    path = write_config(tmp_path / "config.json", config)
-    proxy = start_proxy(path)
-    proxy.config_path = path
-    yield proxy
-    proxy.stop()
+def ui_proxy(proxy_with, upstream):
+    proxy = proxy_with(added=[{"name": EVIL, "comment": "<b>bold?</b>", "api_base_url": upstream.url,
+                               "api_key": "sk-evil-0000", "models": ["<script>x</script>"]}])
+    proxy.config_path = proxy.store.config_path
+    return proxy
 
 
 def wait(driver, predicate, timeout=10):

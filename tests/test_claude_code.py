@@ -7,7 +7,6 @@ import subprocess
 
 import pytest
 
-from conftest import make_config, start_proxy, write_config
 
 PRICING = {"currency": "USD", "models": {"claude-opus-5-5": {"input": 4, "output": 20},
                                          "claude-sonnet-*": {"input": 3, "output": 15},
@@ -15,13 +14,10 @@ PRICING = {"currency": "USD", "models": {"claude-opus-5-5": {"input": 4, "output
 
 
 @pytest.fixture
-def relays(tmp_path, upstream, upstream2):
-    config = make_config(upstream, upstream2, Pricing=PRICING)
-    config["Providers"][0].update(name="中转站甲", price_multiplier=0.5, models=["claude-opus-5-5", "claude-sonnet-4-5"])
-    config["Providers"][2].update(name="中转站乙", models=["glm-4.6"])
-    proxy = start_proxy(write_config(tmp_path / "config.json", config))
-    yield proxy
-    proxy.stop()
+def relays(proxy_with):
+    return proxy_with(Pricing=PRICING, providers={
+        "alpha": {"name": "中转站甲", "price_multiplier": 0.5, "models": ["claude-opus-5-5", "claude-sonnet-4-5"]},
+        "beta": {"name": "中转站乙", "models": ["glm-4.6"]}})
 
 
 def test_managed_pricing_is_each_relays_price(relays):

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 import ccproxy
-from conftest import make_config, start_proxy, wait_for, write_config
+from conftest import wait_for
 
 PRICING = {"currency": "USD", "models": {"claude-sonnet-*": {"input": 3, "output": 15}, "glm-*": {"input": 1, "output": 2}}}
 SECRET = "sk-ccp-conversation-user-0123456789abcdef"
@@ -19,14 +19,9 @@ MESSAGE = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": 
 
 
 @pytest.fixture
-def relays(tmp_path, upstream, upstream2):
-    config = make_config(upstream, upstream2, Pricing=PRICING,
-                         Keys=[{"name": "小王", "sha256": hashlib.sha256(SECRET.encode()).hexdigest(), "cost_per_day": 5}])
-    config["Providers"][0]["name"] = "中转站甲"
-    config["Providers"][2]["name"] = "中转站乙"
-    proxy = start_proxy(write_config(tmp_path / "config.json", config))
-    yield proxy
-    proxy.stop()
+def relays(proxy_with):
+    return proxy_with(Pricing=PRICING, providers={"alpha": {"name": "中转站甲"}, "beta": {"name": "中转站乙"}},
+                      Keys=[{"name": "小王", "sha256": hashlib.sha256(SECRET.encode()).hexdigest(), "cost_per_day": 5}])
 
 
 def ask(proxy, session, key=None):

@@ -16,16 +16,9 @@ OVERLOADED = {"type": "error", "error": {"type": "overloaded_error", "message": 
 
 
 @pytest.fixture
-def failover(tmp_path, upstream, upstream2):
-    def start(**top):
-        config = make_config(upstream, upstream2, Fallback=["beta"], **top)
-        proxy = start_proxy(write_config(tmp_path / "config.json", config))
-        started.append(proxy)
-        return proxy
-    started = []
-    yield start
-    for proxy in started:
-        proxy.stop()
+def failover(proxy_with):
+    """proxy_with, beta the fallback of alpha."""
+    return lambda **top: proxy_with(**dict({"Fallback": ["beta"]}, **top))
 
 
 def test_529_moves_to_the_fallback_with_its_own_settings(failover, upstream, upstream2, log_lines):
@@ -63,19 +56,14 @@ def test_a_provider_that_cannot_be_reached_is_named_in_ccproxys_own_error(failov
     assert status == 401 and "x-ccproxy-provider" not in headers
 
 
-def test_connection_refused_moves_on(failover, upstream, upstream2, tmp_path):
+def test_connection_refused_moves_on(failover):
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    config = make_config(upstream, upstream2, Fallback=["beta"])
-    config["Providers"][0]["api_base_url"] = "http://127.0.0.1:%d/v1/messages" % dead
-    proxy = start_proxy(write_config(tmp_path / "c.json", config))
-    try:
-        status, headers, _ = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
-        assert status == 200 and headers["x-ccproxy-attempts"] == "alpha connection refused, beta 200"
-    finally:
-        proxy.stop()
+    proxy = failover(providers={"alpha": {"api_base_url": "http://127.0.0.1:%d/v1/messages" % dead}})
+    status, headers, _ = proxy.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    assert status == 200 and headers["x-ccproxy-attempts"] == "alpha connection refused, beta 200"
 
 
 def test_first_byte_timeout_on_a_stalled_stream(failover, upstream, upstream2):
@@ -148,28 +136,24 @@ def upstream3():
     mock.close()
 
 
-def test_fallback_is_tried_in_its_order(tmp_path, upstream, upstream2, upstream3):
-    config = make_config(upstream, upstream2, Fallback=["gamma", "beta"])
-    config["Providers"].append({"name": "gamma", "api_base_url": upstream3.url, "api_key": "sk-gamma-1234567890"})
-    proxy = start_proxy(write_config(tmp_path / "c.json", config))
-    try:
-        for mock in (upstream, upstream3, upstream2):
-            mock.fail_next(status=529, body=OVERLOADED)
-        status, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE)
-        assert status == 529 and headers["x-ccproxy-attempts"] == "alpha 529, gamma 529, beta 529"
-        # gamma recovers first: with alpha and beta cooling, gamma answers
-        proxy.server.health.cooling.pop("gamma")
-        status, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE)
-        assert status == 200 and headers["x-ccproxy-provider"] == "gamma" and "x-ccproxy-attempts" not in headers
-        # the order is the list's, whatever the order of Providers
-        proxy.server.health.cooling.clear()
-        upstream.fail_next(status=500, body=b"{}")
-        upstream3.fail_next(status=503, body=b"{}")
-        status, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE)
-        assert headers["x-ccproxy-attempts"] == "alpha 500, gamma 503, beta 200"
-        assert [len(m.requests) for m in (upstream, upstream3, upstream2)] == [2, 3, 2]
-    finally:
-        proxy.stop()
+def test_fallback_is_tried_in_its_order(proxy_with, upstream, upstream2, upstream3):
+    proxy = proxy_with(Fallback=["gamma", "beta"],
+                       added=[{"name": "gamma", "api_base_url": upstream3.url, "api_key": "sk-gamma-1234567890"}])
+    for mock in (upstream, upstream3, upstream2):
+        mock.fail_next(status=529, body=OVERLOADED)
+    status, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE)
+    assert status == 529 and headers["x-ccproxy-attempts"] == "alpha 529, gamma 529, beta 529"
+    # gamma recovers first: with alpha and beta cooling, gamma answers
+    proxy.server.health.cooling.pop("gamma")
+    status, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE)
+    assert status == 200 and headers["x-ccproxy-provider"] == "gamma" and "x-ccproxy-attempts" not in headers
+    # the order is the list's, whatever the order of Providers
+    proxy.server.health.cooling.clear()
+    upstream.fail_next(status=500, body=b"{}")
+    upstream3.fail_next(status=503, body=b"{}")
+    status, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE)
+    assert headers["x-ccproxy-attempts"] == "alpha 500, gamma 503, beta 200"
+    assert [len(m.requests) for m in (upstream, upstream3, upstream2)] == [2, 3, 2]
 
 
 def test_every_candidate_failing_gives_the_last_error_as_it_was(failover, upstream, upstream2):
@@ -341,36 +325,27 @@ def test_a_strip_that_did_not_help_is_not_remembered(failover, upstream):
     assert upstream.last.json == THINKING_TURNS             # sent as it came
 
 
-def test_a_provider_with_the_example_key_is_never_contacted(tmp_path, upstream, upstream2):
-    config = make_config(upstream, upstream2, Fallback=["beta"])
-    config["Providers"][0]["api_key"] = "sk-ant-your-key-here"
-    proxy = start_proxy(write_config(tmp_path / "c.json", config))
-    try:
-        # the first provider with a real key is the one in use, not the example
-        assert proxy.api("GET", "/api/state")[1]["selected"] == "beta"
-        status, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE)
-        assert status == 200 and headers["x-ccproxy-provider"] == "beta"
-        assert proxy.api("POST", "/api/select", {"provider": "alpha"})[0] == 400
-        result = proxy.api("POST", "/api/test", {"provider": "alpha"})[1]["results"]["alpha"]
-        assert result["status"] == "failing" and "not contacted" in result["reason"]
-        result = proxy.api("POST", "/api/refresh-models", {"provider": "alpha"})[1]["results"]["alpha"]
-        assert not result["ok"] and "not contacted" in result["message"]
-        assert proxy.api("GET", "/api/state")[1]["providers"][0]["placeholder_key"] is True
-        assert upstream.requests == []
-    finally:
-        proxy.stop()
+def test_a_provider_with_the_example_key_is_never_contacted(failover, upstream, upstream2):
+    proxy = failover(providers={"alpha": {"api_key": "sk-ant-your-key-here"}})
+    # the first provider with a real key is the one in use, not the example
+    assert proxy.api("GET", "/api/state")[1]["selected"] == "beta"
+    status, headers, _ = proxy.call("POST", "/v1/messages", MESSAGE)
+    assert status == 200 and headers["x-ccproxy-provider"] == "beta"
+    assert proxy.api("POST", "/api/select", {"provider": "alpha"})[0] == 400
+    result = proxy.api("POST", "/api/test", {"provider": "alpha"})[1]["results"]["alpha"]
+    assert result["status"] == "failing" and "not contacted" in result["reason"]
+    result = proxy.api("POST", "/api/refresh-models", {"provider": "alpha"})[1]["results"]["alpha"]
+    assert not result["ok"] and "not contacted" in result["message"]
+    assert proxy.api("GET", "/api/state")[1]["providers"][0]["placeholder_key"] is True
+    assert upstream.requests == []
     # every provider with an example key: Claude Code is told what to do, and not to retry
-    config["Providers"][2]["api_key"] = "sk-your-relay-key"
     del upstream2.requests[:]
-    proxy = start_proxy(write_config(tmp_path / "c.json", config))
-    try:
-        status, headers, data = proxy.call("POST", "/v1/messages", MESSAGE)
-        error = json.loads(data)["error"]
-        assert status == 500 and headers["x-should-retry"] == "false"
-        assert "beta still has the example key" in error["message"] and "Add provider" in error["message"]
-        assert upstream.requests == upstream2.requests == []
-    finally:
-        proxy.stop()
+    proxy = failover(providers={"alpha": {"api_key": "sk-ant-your-key-here"}, "beta": {"api_key": "sk-your-relay-key"}})
+    status, headers, data = proxy.call("POST", "/v1/messages", MESSAGE)
+    error = json.loads(data)["error"]
+    assert status == 500 and headers["x-should-retry"] == "false"
+    assert "beta still has the example key" in error["message"] and "Add provider" in error["message"]
+    assert upstream.requests == upstream2.requests == []
 
 
 @pytest.mark.parametrize("key, placeholder", [

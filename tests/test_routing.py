@@ -6,7 +6,7 @@ import json
 import pytest
 
 import ccproxy
-from conftest import make_config, start_proxy, wait_for, write_config
+from conftest import make_config, wait_for
 from mock_upstream import MockUpstream
 from test_relay import MESSAGE
 
@@ -237,19 +237,11 @@ def test_a_bad_limit_is_a_config_problem(upstream, upstream2):
 # ---- the failover list in the order measured
 
 @pytest.fixture
-def three(tmp_path, upstream, upstream2):
+def three(proxy_with):
     third = MockUpstream(models=("claude-sonnet-4-5",))
-    started = []
-
-    def start(**top):
-        config = make_config(upstream, upstream2, Fallback=["beta", "丙站"], **top)
-        config["Providers"].append({"name": "丙站", "api_base_url": third.url, "api_key": "sk-third-0123456789",
-                                    "models": ["claude-sonnet-4-5"], "price_multiplier": 0.2})
-        started.append(start_proxy(write_config(tmp_path / "config.json", config)))
-        return started[-1]
-    yield start
-    for proxy in started:
-        proxy.stop()
+    yield lambda **top: proxy_with(Fallback=["beta", "丙站"], **top, added=[{
+        "name": "丙站", "api_base_url": third.url, "api_key": "sk-third-0123456789",
+        "models": ["claude-sonnet-4-5"], "price_multiplier": 0.2}])
     third.close()
 
 
