@@ -60,6 +60,41 @@ def test_the_web_ui_loads_nothing_from_elsewhere():
     assert "@import" not in page
 
 
+def test_the_page_reads_in_lines_of_120_characters():
+    long = [n for n, line in enumerate(read("webui.html").split("\n"), 1) if len(line) > 120]
+    assert not long, "webui.html lines over 120 characters: %s" % long
+
+
+# What the markup may say itself, in no language: names of things, values of config keys.
+PAGE_NAMES = {"ccproxy", "Linux", "macOS", "Windows (PowerShell)", "x-api-key", "bearer", "both",
+              "NewAPI /api/usage/token", "NewAPI /v1/credits", "sub2api /v1/usage", "/v1/dashboard/billing"}
+
+
+def test_the_page_says_its_english_in_one_place():
+    """Every word the page shows is in its I18N tables: an element that applyLang() fills
+    (data-i18n) is empty in the markup, and no other text of the markup is a word of English."""
+    page = read("webui.html")
+    markup = re.sub(r"<style>.*?</style>", "", page.split("<script>", 1)[0], flags=re.S)
+    markup = markup[markup.index("<body"):]
+    filled = re.findall(r'<(\w+)\b[^<>]*\sdata-i18n="([^"]+)"[^<>]*>([^<]*)<', markup)
+    assert filled and all(not text.strip() for _, _, text in filled), [f for f in filled if f[2].strip()]
+    texts = {t.strip() for t in re.findall(r">([^<]*[A-Za-z][^<]*)<", markup)} - {""}
+    assert texts <= PAGE_NAMES, texts - PAGE_NAMES
+    # and each key it names is in the English table (the Chinese one has the same: test_browser)
+    english = page.split("  en: {", 1)[1].split("\n  zh: {", 1)[0]
+    for _, key, _ in filled:
+        assert re.search(r"\b%s:" % re.escape(key), english), key
+
+
+def test_the_script_opens_with_a_map_of_names_it_has():
+    script = read("webui.html").split("<script>", 1)[1]
+    head = script.split("\n")[1:40]
+    comments = [line for line in head if line.startswith("//")]
+    assert len(comments) >= 10, "the script opens with a map of its parts"
+    for name in re.findall(r"\b([a-zA-Z]+)\(", "\n".join(comments)):
+        assert re.search(r"\bfunction %s\(|\b(const|let) %s = " % (name, name), script), name
+
+
 def test_the_docstring_maps_the_sections_in_file_order():
     """The module docstring is the map: a line per section, in file order, with its purpose,
     the same names as the banners (grep -n '^# ===' ccproxy.py)."""
