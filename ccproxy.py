@@ -36,7 +36,7 @@ Sections, in file order (grep -n '^# ===' ccproxy.py), each for one topic:
   HTTP messages — strict parsing both ways (RFC 9110/9112), cross-site requests
   Anthropic requests and replies — model mapping, presets, /v1/models, SSE usage
   relay compatibility — what a relay refuses and the smallest fix for it, learned per relay
-  upstream client — sockets, the pool, reading a provider's answer
+  upstream client — sockets, the pool, reading a provider's answer, ccproxy's own GETs (provider_get)
   providers: discovery and tests — /v1/models of each relay, provider tests, Check this relay
   routing — Routes rules (model, request class, agent type), FALLBACK_ORDER, context windows
   relay — Relay: one request over its candidates to the client, failover before its content
@@ -390,6 +390,18 @@ class Unavailable(ProxyError):
     """What ccproxy needs for the request (a store) cannot be reached just now: a retry may help."""
 
     status = 503
+
+
+class KeyRefused(AuthError):
+    """A user key that is known but may not be used: retrying cannot help."""
+
+    retry = False
+
+
+class KeyLimitReached(RateLimited):
+    """A day's or a month's limit: Claude Code is told not to retry (it would wait hours)."""
+
+    retry = False
 
 
 class UpstreamError(ProxyError):
@@ -3402,6 +3414,26 @@ class Pool:
                 stack.pop()[0].close()
 
 
+def provider_get(provider, path, timeout, max_bytes, with_key=True):
+    """GET path from a provider, with its key (both ways: x-api-key and Bearer) unless
+    with_key is false, as ccproxy's own call (not a client's): (status, Content-Type, body
+    bytes, at most max_bytes + 1)."""
+    parts = urllib.parse.urlsplit(provider.base_url)
+    scheme, host = parts.scheme, parts.hostname
+    port = parts.port or (443 if scheme == "https" else 80)
+    headers = [("Host", parts.netloc.rsplit("@", 1)[-1]), ("anthropic-version", ANTHROPIC_VERSION),
+               ("Accept", "application/json"), ("Accept-Encoding", "identity"),
+               ("User-Agent", "ccproxy/" + VERSION)]
+    if provider.api_key and with_key:
+        headers.extend(auth_headers(provider.api_key, "both"))
+    conn = open_connection(scheme, host, port, provider.proxy or env_proxy_for(scheme, host), timeout)
+    try:
+        resp = send_request(conn, "GET", path, headers)
+        return resp.status, resp.getheader("Content-Type", ""), collect(resp.pieces(), max_bytes + 1)[0]
+    finally:
+        conn.close()
+
+
 def describe_network_error(exc):
     """A short reason in words for a failed upstream connection."""
     if isinstance(exc, TIMEOUT_ERRORS):
@@ -5416,26 +5448,6 @@ def status_line_settings(base_url, key, lang):
 # ============================================================================ balance
 
 
-def provider_get(provider, path, timeout, max_bytes, with_key=True):
-    """GET path from a provider, with its key (both ways: x-api-key and Bearer) unless
-    with_key is false, as ccproxy's own call (not a client's): (status, Content-Type, body
-    bytes, at most max_bytes + 1)."""
-    parts = urllib.parse.urlsplit(provider.base_url)
-    scheme, host = parts.scheme, parts.hostname
-    port = parts.port or (443 if scheme == "https" else 80)
-    headers = [("Host", parts.netloc.rsplit("@", 1)[-1]), ("anthropic-version", ANTHROPIC_VERSION),
-               ("Accept", "application/json"), ("Accept-Encoding", "identity"),
-               ("User-Agent", "ccproxy/" + VERSION)]
-    if provider.api_key and with_key:
-        headers.extend(auth_headers(provider.api_key, "both"))
-    conn = open_connection(scheme, host, port, provider.proxy or env_proxy_for(scheme, host), timeout)
-    try:
-        resp = send_request(conn, "GET", path, headers)
-        return resp.status, resp.getheader("Content-Type", ""), collect(resp.pieces(), max_bytes + 1)[0]
-    finally:
-        conn.close()
-
-
 class BalanceRoute:
     """One way of asking a relay what is left, with the relay's key. answer() returns the
     balance found, or raises Unanswered: the relay has no such route (missing: ask it again
@@ -5811,18 +5823,6 @@ def _check_keys(value, providers, usage_db, problems):
     if any(k.limited for k in keys) and not usage_db:
         problems.append(Said("keys_need_usage_db"))
     return keys
-
-
-class KeyRefused(AuthError):
-    """A user key that is known but may not be used: retrying cannot help."""
-
-    retry = False
-
-
-class KeyLimitReached(RateLimited):
-    """A day's or a month's limit: Claude Code is told not to retry (it would wait hours)."""
-
-    retry = False
 
 
 def permitted(user, view, chain, body):
