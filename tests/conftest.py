@@ -130,12 +130,13 @@ def proxy(config_file):
 def proxy_with(tmp_path, upstream, upstream2):
     """proxy_with(**top): a running proxy for alpha and beta (make_config) with these
     top-level keys; a provider's own keys via providers={name: {key: value}} (a "name" there
-    renames it), more providers after them via added=[entry, …]. The one way the tests say
-    "a proxy with this config"; each call starts another on the same config file."""
+    renames it), more providers after them via added=[entry, …], a file's own config maker via
+    base=(upstream, upstream2, **top) -> config. The one way the tests say "a proxy with this
+    config"; each call starts another on the same config file."""
     started = []
 
-    def start(providers=None, added=(), **top):
-        config = make_config(upstream, upstream2, **top)
+    def start(providers=None, added=(), base=make_config, **top):
+        config = base(upstream, upstream2, **top)
         for entry in config["Providers"]:
             entry.update((providers or {}).get(entry["name"], {}))
         config["Providers"].extend(added)

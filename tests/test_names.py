@@ -30,10 +30,8 @@ def cjk_config(upstream, upstream2, **top):
 
 
 @pytest.fixture
-def cjk(tmp_path, upstream, upstream2):
-    proxy = start_proxy(write_config(tmp_path / "config.json", cjk_config(upstream, upstream2)))
-    yield proxy
-    proxy.stop()
+def cjk(proxy_with):
+    return proxy_with(base=cjk_config)
 
 
 def provider_of(headers):

@@ -50,13 +50,11 @@ def usage(proxy, query, requests):
 
 
 @pytest.fixture
-def relays(tmp_path, upstream, upstream2):
+def relays(proxy_with, upstream, upstream2):
     upstream.usage = dict(CACHED)
     upstream2.usage = dict(CACHED)
-    path = write_config(tmp_path / "config.json", usage_config(upstream, upstream2, Fallback=[SPARE]))
-    proxy = start_proxy(path)
-    yield proxy, path
-    proxy.stop()
+    proxy = proxy_with(base=usage_config, Fallback=[SPARE])
+    return proxy, proxy.store.config_path
 
 
 def send_known_traffic(proxy, upstream):
