@@ -206,6 +206,18 @@ KEY_LIMITS = ("rpm", "tokens_per_day", "cost_per_day", "cost_per_month")
 KEY_TOTALS_S = 1.0                  # a key's day and month totals are re-read this often at most
 KEY_RECENT = 20                     # requests /api/me lists
 STATE_POLL_S = 0.5                  # how often another process's change to the state file is looked for
+# STORE: PostgreSQL shared by the ccproxy processes of several hosts (the shared store section).
+STORE_SCHEMES = ("postgresql", "postgres")   # libpq's URL schemes
+STORE_SCHEMA = 1                    # the schema this ccproxy writes; an older one is migrated forward at start
+STORE_CHANNEL = "ccproxy"           # LISTEN/NOTIFY channel of the hosts' changes
+STORE_CONNECT_TIMEOUT_S = 5         # a connection attempt to PostgreSQL
+STORE_STATEMENT_TIMEOUT_MS = 5000   # one statement (a stopped or partitioned server is given up on)
+STORE_RETRY_S = 2.0                 # an unreachable store is tried again after this long
+STORE_LISTEN_S = 1.0                # the listener's wait for a notification between looks at stopping
+STORE_IDLE = 4                      # idle connections kept for request threads (key minutes) and the page
+STORE_HISTORY = 50                  # config versions kept in config_history
+STORE_CACHE_SUFFIX = ".store-cache.json"    # the last documents read, to start while the store is away
+USAGE_PENDING_MAX = 100000          # usage groups kept while the store cannot be written, then dropped
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 AUTH_STYLES = ("bearer", "x-api-key", "both")
@@ -578,6 +590,18 @@ MESSAGES = {
     "keys_need_usage_db": "Keys: limits are counted in the usage store, and USAGE_DB is empty — set it "
         "(usage.sqlite3) or remove the limits",
     "config_invalid": "config.json would not be valid:\n{problems}",
+    "store_url": "STORE must be a PostgreSQL URL such as postgresql://ccproxy@db.example:5432/ccproxy, or \"\" "
+        "for the files beside config.json",
+    "store_driver": "STORE names PostgreSQL, and this Python lacks its driver: python3 -m pip install "
+        "'psycopg[binary]' (psycopg 3), or unset STORE to keep the files beside config.json",
+    "store_unreachable_start": "STORE: PostgreSQL cannot be reached ({reason}) and this host has no copy of the "
+        "shared config yet ({file}) — start it once while the database is up",
+    "store_schema_newer": "STORE: the database has schema {found}, newer than this ccproxy's {known} — a newer "
+        "ccproxy wrote it; upgrade this host's ccproxy.py (a schema is never migrated backward)",
+    "store_down": "the shared store (PostgreSQL) cannot be reached ({reason}), so this change was not made — "
+        "try again when it is back; requests are still relayed meanwhile",
+    "store_has_config": "the store already holds a config (changed {when} by {by}) that differs from {file} — "
+        "add --force to replace it (the old one is kept in its config history)",
     # the API, the relay, keys and limits
     "state_not_saved": "ccproxy could not save this change to {file} ({reason}), so it was not made — free some "
         "disk space or fix the file's permissions, then try again",
@@ -586,6 +610,7 @@ MESSAGES = {
     "stale_version": "config.json changed since you loaded it (another tab, or a hand edit) — load it again and "
         "redo the change",
     "config_not_saved": "ccproxy could not write {file} ({reason}), so nothing was changed",
+    "host_setting": "{key} belongs to each host's own config.json when STORE is set — change it there",
     "separator_not_usable": "provider '{name}' has no api_base_url (a separator), so it cannot be used",
     "no_provider_named": "no provider named '{name}' — names are listed by GET /api/state",
     "example_key": "provider {name} still has the example api_key of config.in.json — put its real key in first "
@@ -798,6 +823,7 @@ class Config:
         self.key_by_hash = {key.sha256: key for key in self.keys}
         # Requests from these addresses (nginx in front) are from the X-Forwarded-For they name.
         self.trusted_proxies = frozenset(get("TRUSTED_PROXIES"))
+        self.store = store_url(raw)     # PostgreSQL shared by several hosts, or ""
         self.loaded_at = time.time()
         self.version = None             # of the file it was read from (config_version)
 
@@ -811,6 +837,11 @@ class Config:
             if rule.matches(model, kind, agent):
                 return rule
         return None
+
+
+def store_url(raw):
+    """The shared store's URL: CCPROXY_STORE from the environment, else STORE; "" for none."""
+    return os.environ.get("CCPROXY_STORE") or raw.get("STORE") or ""
 
 
 def strip_comments(obj):
@@ -1073,25 +1104,27 @@ def _check_providers(key, entries, problems, raw, providers):
 class Setting:
     """One top-level key of config.json: its default, its check (check(key, value, problems,
     raw, providers) adds what is wrong to problems), whether Reload applies it (else the next
-    start does), whether the page's Settings edit it, and a line of help (config.in.json's
+    start does), whether the page's Settings edit it, whether it is the host's own (with STORE it
+    stays in each host's config.json; the rest is shared), and a line of help (config.in.json's
     _comment_ of the key says it at length; a test keeps both, and README's table, in step)."""
 
-    __slots__ = ("key", "default", "check", "reload", "page", "help")
+    __slots__ = ("key", "default", "check", "reload", "page", "host", "help")
 
-    def __init__(self, key, default, check, help, reload=True, page=False):
+    def __init__(self, key, default, check, help, reload=True, page=False, host=False):
         self.key, self.default, self.check, self.help = key, default, check, help
-        self.reload, self.page = reload, page
+        self.reload, self.page, self.host = reload, page, host
 
 
 # Every top-level key, in README's order. Config reads its values (and
 # their defaults) from here, validate_config checks each, the page edits those marked page.
 SETTINGS = (
     Setting("HOST", DEFAULT_HOST, _said_unless(lambda v: isinstance(v, str), "host_type"),
-            "address to listen on", reload=False),
+            "address to listen on", reload=False, host=True),
     Setting("PORT", DEFAULT_PORT, _said_unless(lambda v: isinstance(v, int) and not isinstance(v, bool)
-                                               and 0 <= v <= 65535, "port_range"), "port to listen on", reload=False),
+                                               and 0 <= v <= 65535, "port_range"), "port to listen on", reload=False,
+            host=True),
     Setting("APIKEY", "", lambda key, value, problems, *context: _check_apikey(value, problems),
-            "the key clients send, and the web page's password"),
+            "the key clients send, and the web page's password", host=True),
     Setting("LOG_LEVEL", "INFO", _said_unless(lambda v: v in LOG_LEVELS, "log_level", levels=", ".join(LOG_LEVELS)),
             "DEBUG, INFO, WARNING or ERROR", page=True),
     Setting("API_TIMEOUT_MS", DEFAULT_API_TIMEOUT_MS, _positive, "longest silence from a provider", page=True),
@@ -1112,7 +1145,7 @@ SETTINGS = (
             "with a fallback left: a stream's first content, from being sent", page=True),
     Setting("COOLDOWN_MS", DEFAULT_COOLDOWN_MS, _positive, "how long a failed provider is skipped", page=True),
     Setting("REQUEST_LOG", REQUEST_LOG_NAME, _said_unless(lambda v: isinstance(v, str), "request_log_type"),
-            "the request log file", reload=False),
+            "the request log file", reload=False, host=True),
     Setting("REQUEST_LOG_MAX_MB", DEFAULT_REQUEST_LOG_MAX_MB, _positive, "size at which the request log rotates",
             reload=False, page=True),
     Setting("Routes", {}, lambda key, value, problems, raw, providers: _check_routes(value, providers, problems),
@@ -1121,7 +1154,7 @@ SETTINGS = (
                                                      orders=", ".join(FALLBACK_ORDERS)),
             "the order of the Fallback list", page=True),
     Setting("USAGE_DB", USAGE_DB_NAME, _said_unless(lambda v: isinstance(v, str), "usage_db_type"),
-            "the usage store", reload=False),
+            "the usage store", reload=False, host=True),
     Setting("Pricing", {}, lambda key, value, problems, *context: _check_pricing(value, problems),
             "prices per million tokens", page=True),
     Setting("CACHE_WARN_PCT", DEFAULT_CACHE_WARN_PCT, _said_unless(lambda v: _is_number(v) and 0 <= v <= 100,
@@ -1131,13 +1164,16 @@ SETTINGS = (
             "mark a relay with less than this left", page=True),
     Setting("LOW_BALANCE_LAST", False, _bool, "try such relays last in failover", page=True),
     Setting("Keys", [], lambda key, value, problems, raw, providers: _check_keys(
-        value, providers, raw.get("USAGE_DB", USAGE_DB_NAME), problems), "user keys"),
+        value, providers, raw.get("USAGE_DB", USAGE_DB_NAME) or store_url(raw), problems), "user keys"),
     Setting("TRUSTED_PROXIES", [], _said_unless(lambda v: isinstance(v, list) and all(
         isinstance(a, str) and _is_address(a) for a in v), "trusted_proxies"),
-            "addresses whose X-Forwarded-For gives the client's"),
+            "addresses whose X-Forwarded-For gives the client's", host=True),
+    Setting("STORE", "", _said_unless(lambda v: v == "" or isinstance(v, str) and v.split("://")[0] in STORE_SCHEMES,
+                                      "store_url"), "PostgreSQL shared by several hosts", reload=False, host=True),
 )
 SETTING = {setting.key: setting for setting in SETTINGS}
 TOP_KEYS = tuple(SETTING)
+HOST_KEYS = tuple(setting.key for setting in SETTINGS if setting.host)
 
 
 def validate_config(raw, path="config.json"):
@@ -1433,43 +1469,104 @@ def alias_catalog(targets):
             for name, target in targets.items() for model in target.models}
 
 
+class FileDocuments:
+    """Where one host keeps the config and the state: config.json and the state file beside
+    it, shared by the host's ccproxy processes under flock (FileLock). A change of either is
+    seen by its file's signature (inode, mtime, size); the state says which config.json a
+    process runs (its "config" version), so that the others reload it too."""
+
+    shared = False
+
+    def __init__(self, config_path):
+        self.config_path = config_path
+        self.state_path = state_path_for(config_path)
+        self.lock = FileLock(self.state_path + ".lock")
+        for path in (self.config_path, self.state_path):
+            remove_stale_temp_files(path)
+        self.seen = None                # file_signature of the state file as last read or written
+
+    def locked(self):
+        return self.lock
+
+    def state_changed(self):
+        return file_signature(self.state_path) != self.seen
+
+    def read_state(self):
+        self.seen = file_signature(self.state_path)
+        try:
+            with open(self.state_path, "r", encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("%s: unreadable state file ignored (%s)", self.state_path, exc)
+            return {}
+
+    def config_wanted(self, state):
+        """The config version another process put in force, as its state says; None if none."""
+        return state.get("config")
+
+    def write_state(self, state):
+        try:
+            write_atomic(self.state_path, json.dumps(state, ensure_ascii=False, indent=1) + "\n")
+            self.seen = file_signature(self.state_path)
+        except OSError as exc:
+            log.error("%s: cannot save the state (%s); the change was not made",
+                      self.state_path, exc.strerror or exc)
+            raise StateError(Said("state_not_saved", file=file_name(self.state_path), reason=exc.strerror or exc))
+
+    def config_document(self):
+        """config.json as it is on disk: (its bytes, parsed)."""
+        try:
+            with open(self.config_path, "rb") as f:
+                data = f.read()
+            return data, json.loads(data.decode("utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StateError(Said("config_not_json", file=file_name(self.config_path), reason=exc))
+
+    def whole(self, raw):
+        """The config to validate for an edited document: here the document is the whole file."""
+        return raw
+
+    def write_config(self, data, text):
+        """Replace config.json (data, its bytes now) with text, the old one kept as a backup."""
+        try:
+            backup_config(self.config_path, data)
+            write_atomic(self.config_path, text)
+        except OSError as exc:
+            raise StateError(Said("config_not_saved", file=file_name(self.config_path), reason=exc.strerror or exc))
+
+    def load_config(self):
+        return load_config(self.config_path)
+
+
 class Store:
     """The proxy's shared mutable state, guarding itself with one lock.
 
     Requests read `store.view` once (an attribute read of an immutable object); every change
-    builds a new View under the lock and swaps it in, then persists the state file.
+    builds a new View under the lock and swaps it in, once its documents have it.
 
-    Several ccproxy processes on one host share the state file and config.json: a change is
-    made under a FileLock on the newest state (another process's, read first if the file
-    changed), and each process takes the others' changes within STATE_POLL_S (sync), with
-    the config.json they loaded (the state's "config" version).
+    The documents (docs) are the config and the state: the files beside config.json
+    (FileDocuments), or, with STORE, PostgreSQL's (SharedDocuments). A change is made under
+    their lock on the newest state (another process's or host's, read first if it changed), and
+    each process takes the others' changes (sync): within STATE_POLL_S from the files, at once
+    from the store (its listener).
     """
 
-    def __init__(self, config):
+    def __init__(self, config, docs=None):
         self.lock = threading.RLock()
+        self.docs = docs or FileDocuments(config.path)
         self.config_path = config.path
+        self.state_path = getattr(self.docs, "state_path", None)
         self.started = config           # what the settings that a reload cannot apply were at start
-        self.state_path = state_path_for(config.path)
-        self.state_lock = FileLock(self.state_path + ".lock")
         self.reload_error = None
-        for path in (self.config_path, self.state_path):
-            remove_stale_temp_files(path)
-        self.seen = None                # file_signature of the state file as last read or written
         self.on_config = None           # called with each config that a reload or an edit puts in force
         self.state = self._read_state()
         self.view = None
         self._install(config)
 
     def _read_state(self):
-        self.seen = file_signature(self.state_path)
-        try:
-            with open(self.state_path, "r", encoding="utf-8") as f:
-                state = json.load(f)
-        except FileNotFoundError:
-            state = {}
-        except (OSError, ValueError) as exc:
-            log.warning("%s: unreadable state file ignored (%s)", self.state_path, exc)
-            state = {}
+        state = self.docs.read_state()
         if not isinstance(state, dict):
             state = {}
         for key in ("choices", "discovered", "fixes", "checks"):
@@ -1511,54 +1608,56 @@ class Store:
         return [s.key for s in SETTINGS if not s.reload and now.get(s.key, s.default) != then.get(s.key, s.default)]
 
     def _change(self, apply):
-        """Apply a change to a copy of the state, write that to the state file, and only then
-        make it the running state: if the file cannot be written, nothing changes and the
-        caller gets a StateError that says why (a change kept only in memory would be gone
-        at the next restart without anyone knowing)."""
-        with self.lock, self.state_lock:
-            self.take_newer_state()
-            state = json.loads(json.dumps(self.state))
-            state["selected"] = self.view.selected
-            apply(state)
-            try:
-                write_atomic(self.state_path, json.dumps(state, ensure_ascii=False, indent=1) + "\n")
-                self.seen = file_signature(self.state_path)
-            except OSError as exc:
-                log.error("%s: cannot save the state (%s); the change was not made",
-                          self.state_path, exc.strerror or exc)
-                raise StateError(Said("state_not_saved", file=file_name(self.state_path), reason=exc.strerror or exc))
+        """Apply a change to a copy of the state, save that in the documents, and only then
+        make it the running state: if it cannot be saved, nothing changes and the caller gets
+        a StateError that says why (a change kept only in memory would be gone at the next
+        restart, or differ between hosts, without anyone knowing)."""
+        with self.lock:
+            with self.docs.locked():
+                self.take_newer_state()
+                state = json.loads(json.dumps(self.state))
+                state["selected"] = self.view.selected
+                apply(state)
+                self.docs.write_state(state)
             self.state = state
             self._install(self.view.config)
 
     def take_newer_state(self):
-        """Under self.lock: if another process saved the state file since this one read or
-        wrote it, take its state, and the config.json it loaded. True if there was one."""
-        if file_signature(self.state_path) == self.seen:
+        """Under self.lock: if another process or host saved the state since this one read or
+        wrote it, take its state, and the config it put in force. True if there was one."""
+        if not self.docs.state_changed():
             return False
         self.state = self._read_state()
-        version = self.state.get("config")
+        version = self.docs.config_wanted(self.state)
         if not (version and version != self.view.config.version) or self.reload(tell=False):
             self._install(self.view.config)     # the same config (or one that would not load)
         return True
 
     def sync(self):
-        """Take another process's change, if there is one (every STATE_POLL_S)."""
-        if file_signature(self.state_path) != self.seen:
+        """Take another process's (or host's) change, if there is one."""
+        if self.docs.state_changed():
             with self.lock:
-                if self.take_newer_state():
-                    log.debug("took the state another ccproxy process saved")
+                try:
+                    if self.take_newer_state():
+                        log.debug("took the state another ccproxy process saved")
+                except StateError as exc:       # the store went away: its listener catches up later
+                    log.debug("cannot take the shared state now: %s", exc)
 
     def tell(self, config):
-        """Say in the state file which config.json this process now runs, for the others."""
+        """Say in the state file which config.json this process now runs, for the others
+        (the shared store says it by the config document's own version)."""
+        if self.docs.shared:
+            return
         try:
             self._change(lambda state: state.update(config=config.version))
         except StateError as exc:
             log.error("other ccproxy processes will not see this config until their own reload: %s", exc)
 
     def reload(self, tell=True):
-        """Re-read config.json; on error keep the running config and return the ConfigError."""
+        """Re-read the config; on error keep the running config and return the ConfigError."""
         try:
-            config = load_config(self.config_path)
+            with self.lock:
+                config = self.docs.load_config()
         except ConfigError as exc:
             with self.lock:
                 self.reload_error = exc.as_json()
@@ -1575,49 +1674,43 @@ class Store:
         return None
 
     def config_file(self):
-        """config.json as it is on disk: (its bytes, parsed)."""
+        """The editable config as it is saved (config.json, or the store's document): (its
+        bytes, parsed)."""
         with self.lock:
-            try:
-                with open(self.config_path, "rb") as f:
-                    data = f.read()
-                return data, json.loads(data.decode("utf-8"))
-            except (OSError, ValueError) as exc:
-                raise StateError(Said("config_not_json", file=file_name(self.config_path), reason=exc))
+            return self.docs.config_document()
 
     def edit(self, if_match, change, copies=False):
-        """Change config.json: change(raw) edits the parsed file in place and may return
+        """Change the config: change(raw) edits the parsed document in place and may return
         {old name: new name} for renamed providers (with copies, for copied ones). Made only
-        on the version the editor saw (If-Match), validated as --check validates, written
-        atomically (mode 0600) after the previous file is kept as a backup, then swapped in as
+        on the version the editor saw (If-Match), validated as --check validates, saved
+        (config.json: atomically at mode 0600, the previous file kept as a backup; the store:
+        in one transaction, the previous version kept in its history), then swapped in as
         Reload does. The new version."""
-        with self.lock, self.state_lock:
-            data, raw = self.config_file()
-            version = config_version(data)
-            if not if_match:
-                raise VersionRequired(Said("version_missing"), version=version)
-            if if_match.strip().strip('"') != version:
-                raise Conflict(Said(CODE_STALE), version=version)
-            renames = change(raw) or {}
-            try:
-                config = validate_config(raw, self.config_path)
-            except ConfigError as exc:
-                raise ClientError(Said("config_invalid", problems="\n".join(exc.problems)),
-                                 problems=exc.as_json())
-            text = json.dumps(raw, ensure_ascii=False, indent=file_indent(data.decode("utf-8"))) + "\n"
-            try:
-                backup_config(self.config_path, data)
-                write_atomic(self.config_path, text)
-            except OSError as exc:
-                raise StateError(Said("config_not_saved", file=file_name(self.config_path), reason=exc.strerror or exc))
+        with self.lock:
+            with self.docs.locked():
+                data, raw = self.docs.config_document()
+                version = config_version(data)
+                if not if_match:
+                    raise VersionRequired(Said("version_missing"), version=version)
+                if if_match.strip().strip('"') != version:
+                    raise Conflict(Said(CODE_STALE), version=version)
+                renames = change(raw) or {}
+                try:
+                    config = validate_config(self.docs.whole(raw), self.config_path)
+                except ConfigError as exc:
+                    raise ClientError(Said("config_invalid", problems="\n".join(exc.problems)),
+                                      problems=exc.as_json())
+                text = json.dumps(raw, ensure_ascii=False, indent=file_indent(data.decode("utf-8"))) + "\n"
+                self.docs.write_config(data, text)
             self.reload_error = None
             config.version = config_version(text.encode("utf-8"))
             self.use(config)
         self.follow(renames, config.version, copies)
-        log.info("config.json changed from the web page: %d providers", len(config.providers))
+        log.info("config changed from the web page: %d providers", len(config.providers))
         return config.version
 
     def follow(self, renames, version, copies=False):
-        """After an edit of config.json: carry the state of renamed providers over (selection,
+        """After an edit of the config: carry the state of renamed providers over (selection,
         presets, models, fallback edit), or give copies the presets, models, learned fixes and
         checks of their original (a copy is the same relay); and say which config.json runs
         now (tell)."""
