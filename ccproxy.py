@@ -23,7 +23,8 @@ processes' changes, balances). Shared state is swapped in whole (Store.view) or 
 owner's lock; the pool needs no lock. Sockets keep their timeouts in the kernel (set_timeout)
 and are read through SocketStream. Files shared with other ccproxy processes on the host
 (config.json, the state file, the request log, the key minute counts) are written under flock
-(FileLock, locked).
+(FileLock, locked); with STORE, hosts share them through PostgreSQL instead (its listener and
+writer threads).
 
 Sections, in file order (grep -n '^# ===' ccproxy.py), each for one topic:
   constants — every tunable, and the fixed tables (hop-by-hop fields, model families, places)
@@ -31,6 +32,7 @@ Sections, in file order (grep -n '^# ===' ccproxy.py), each for one topic:
   messages — MESSAGES: everything ccproxy says to a person, by code (the page words it in Chinese)
   config — SETTINGS (every top-level key), config.json checked into a Config (providers, keys)
   files — atomic writes at mode 0600, backups, flock between processes
+  shared store — STORE: PostgreSQL for several hosts (Postgres, SharedDocuments, NOTIFY)
   state — Store: the selection, choices, learned fixes and models (the state file), reloads
   config editing — the page's changes to config.json, import and export
   HTTP messages — strict parsing both ways (RFC 9110/9112), cross-site requests
@@ -294,6 +296,16 @@ class Said(str):
         return {"code": self.code, "values": self.values, "message": str(self)}
 
 
+class SaidElsewhere(Said):
+    """Words another ccproxy host said (a relay's cooldown reason), as it sent them: its code,
+    values and English, kept as they are."""
+
+    def __new__(cls, said):
+        made = str.__new__(cls, str(said.get("message", "")))
+        made.code, made.values = said["code"], said.get("values") if isinstance(said.get("values"), dict) else {}
+        return made
+
+
 def why(reason):
     """A reason as the page words it: Said's code and values, or (a relay's own words) its text."""
     return reason.as_json() if isinstance(reason, Said) else {"message": str(reason)}
@@ -429,6 +441,12 @@ class StateError(ProxyError):
     read), and so was not made."""
 
     retry = False
+
+
+class StoreDown(StateError):
+    """A change not made because the shared store (STORE) cannot be reached: try again later."""
+
+    status = 503
 
 
 class ConfigError(Exception):
@@ -610,7 +628,6 @@ MESSAGES = {
     "stale_version": "config.json changed since you loaded it (another tab, or a hand edit) — load it again and "
         "redo the change",
     "config_not_saved": "ccproxy could not write {file} ({reason}), so nothing was changed",
-    "host_setting": "{key} belongs to each host's own config.json when STORE is set — change it there",
     "separator_not_usable": "provider '{name}' has no api_base_url (a separator), so it cannot be used",
     "no_provider_named": "no provider named '{name}' — names are listed by GET /api/state",
     "example_key": "provider {name} still has the example api_key of config.in.json — put its real key in first "
@@ -1368,6 +1385,500 @@ class FileLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
+# ============================================================================ shared store
+#
+# STORE names a PostgreSQL database that several hosts' ccproxy processes share, each behind
+# the same balancer: the config (less each host's own keys, HOST_KEYS) and the state are two
+# documents there, changed in one transaction each and announced with NOTIFY, so every host
+# takes a change at once; usage, key minutes and cooldowns go there too (later sections). The
+# driver, psycopg 3, is the one import outside the standard library, made only when STORE is
+# set: it is libpq's (URLs, PGPASSWORD, ~/.pgpass, sslmode as every PostgreSQL tool takes
+# them), waits for a notification with a timeout (Connection.notifies), and has binary wheels.
+# All the SQL of the store is here and in UsageStore's portable statements.
+
+# Each schema version's statements, run in order on a database that has an older one. Tables
+# live in the schema "ccproxy" (search_path): a database shared with other programs is fine.
+STORE_MIGRATIONS = {
+    1: ("CREATE TABLE documents (name text PRIMARY KEY, body text NOT NULL, version bigint NOT NULL, "
+        "changed_at double precision NOT NULL, changed_by text NOT NULL)",
+        "CREATE TABLE config_history (id bigserial PRIMARY KEY, body text NOT NULL, "
+        "replaced_at double precision NOT NULL, replaced_by text NOT NULL)",
+        "CREATE TABLE usage (hour text NOT NULL, provider text NOT NULL, model text NOT NULL, "
+        "key_name text NOT NULL DEFAULT '', {sums}, PRIMARY KEY (hour, provider, model, key_name))",
+        "CREATE INDEX usage_by_key ON usage (key_name, hour)",
+        "CREATE TABLE conversations (session text NOT NULL, provider text NOT NULL, key_name text NOT NULL "
+        "DEFAULT '', first_seen double precision NOT NULL, last_seen double precision NOT NULL, "
+        "model text NOT NULL DEFAULT '', {sums}, PRIMARY KEY (session, provider))",
+        "CREATE INDEX conversations_by_time ON conversations (last_seen)",
+        "CREATE TABLE classes (hour text NOT NULL, class text NOT NULL, provider text NOT NULL, {sums}, "
+        "PRIMARY KEY (hour, class, provider))",
+        "CREATE TABLE minutes (key_name text NOT NULL, minute bigint NOT NULL, count integer NOT NULL, "
+        "PRIMARY KEY (key_name, minute))"),
+}
+STORE_LOCK = 0x63637078             # pg_advisory_xact_lock's key while a host migrates the schema
+
+
+def import_psycopg():
+    """psycopg 3, or a ConfigError that says which package to install."""
+    try:
+        import psycopg
+    except ImportError:
+        raise ConfigError([Said("store_driver")])
+    return psycopg
+
+
+def store_where(url):
+    """A store's URL as the log may show it: no password."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username + "@" if parts.username else ""
+    return "%s://%s%s%s" % (parts.scheme, user, host, parts.path)
+
+
+class Postgres:
+    """The connection to the shared store: connections made as libpq makes them (keepalives,
+    timeouts, the schema on the search path), the schema migrated forward on start, whether
+    the store is reachable (said once in the log when that changes, and on the page), the
+    listener of the other hosts' notifications, and a writer thread for what this host
+    announces (publish)."""
+
+    def __init__(self, url, psycopg=None):
+        self.url = url
+        self.psycopg = psycopg or import_psycopg()
+        self.Error = self.psycopg.Error
+        self.host_id = "%s/%d/%s" % (socket.gethostname(), os.getpid(), secrets.token_hex(3))
+        self.lock = threading.Lock()
+        self.down = None                # None, or (since, reason) while the store cannot be reached
+        self.idle = queue.SimpleQueue()     # connections of request threads and the page, not in use
+        self.outbox = queue.SimpleQueue()   # (kind, payload) to announce
+        self.handlers = {}              # notification kind -> callable(payload)
+
+    def connect(self):
+        """A new autocommit connection (transactions are explicit: with conn.transaction())."""
+        conn = self.psycopg.connect(
+            self.url, autocommit=True, connect_timeout=STORE_CONNECT_TIMEOUT_S, application_name="ccproxy",
+            keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+            options="-c search_path=ccproxy -c statement_timeout=%d" % STORE_STATEMENT_TIMEOUT_MS)
+        # SUM() of bigint is numeric, which psycopg gives as Decimal: ccproxy's sums are int or float
+        conn.adapters.register_loader("numeric", self.number_loader())
+        return conn
+
+    def number_loader(self):
+        class NumberLoader(self.psycopg.adapt.Loader):
+            def load(self, data):
+                text = bytes(data).decode("ascii")
+                return int(text) if text.lstrip("-").isdigit() else float(text)
+        return NumberLoader
+
+    def reached(self):
+        """The store answered: if it was down, say that it is back."""
+        if self.down is not None:
+            with self.lock:
+                since, self.down = self.down[0], None
+            log.warning("STORE %s is reachable again after %.0f s: shared limits, usage and changes resume",
+                        store_where(self.url), time.time() - since)
+
+    def failed(self, exc):
+        """The store did not answer: said once until it is back (the page shows it too)."""
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        with self.lock:
+            first, self.down = self.down is None, self.down or (time.time(), reason)
+        if first:
+            log.error("STORE %s cannot be reached (%s): relaying goes on with what this host has; key limits "
+                      "are counted per host and usage is kept here until it is back", store_where(self.url), reason)
+
+    def status(self):
+        """The store as /api/state shows it."""
+        down = self.down
+        return {"where": store_where(self.url), "ok": down is None, "since": down and down[0],
+                "reason": down and down[1]}
+
+    @contextlib.contextmanager
+    def borrowed(self):
+        """An idle connection for one short use (made if there is none), kept for the next
+        unless it failed; psycopg's errors are the caller's to catch."""
+        try:
+            conn = self.idle.get_nowait()
+        except queue.Empty:
+            conn = self.connect()
+        try:
+            yield conn
+        except BaseException:
+            conn.close()
+            raise
+        if conn.closed or self.idle.qsize() >= STORE_IDLE:
+            conn.close()
+        else:
+            self.idle.put(conn)
+
+    def migrate(self, conn):
+        """Bring the schema up to STORE_SCHEMA, one host at a time (an advisory lock); refuse a
+        newer one, which a newer ccproxy wrote."""
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (STORE_LOCK,))
+            conn.execute("CREATE SCHEMA IF NOT EXISTS ccproxy")
+            conn.execute("CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL)")
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            found = int(row[0]) if row else 0
+            if found > STORE_SCHEMA:
+                raise ConfigError([Said("store_schema_newer", found=found, known=STORE_SCHEMA)])
+            sums = ", ".join("%s %s NOT NULL DEFAULT 0" % (c, "double precision" if c == "cost" else "bigint")
+                             for c in UsageStore.SUMS)
+            for version in range(found + 1, STORE_SCHEMA + 1):
+                for statement in STORE_MIGRATIONS[version]:
+                    conn.execute(statement.format(sums=sums))
+                log.info("STORE: schema %d made", version)
+            conn.execute("INSERT INTO meta (key, value) VALUES ('schema', %s) ON CONFLICT (key) "
+                         "DO UPDATE SET value = excluded.value", (str(STORE_SCHEMA),))
+
+    def publish(self, kind, payload):
+        """Announce something to the other hosts (a cooldown): off the caller's thread."""
+        self.outbox.put((kind, payload))
+
+    def notify(self, conn, kind, **payload):
+        """NOTIFY the other hosts, within the caller's transaction (sent as it commits)."""
+        payload.update(kind=kind, host=self.host_id)
+        conn.execute("SELECT pg_notify(%s, %s)", (STORE_CHANNEL, json.dumps(payload, ensure_ascii=False)))
+
+    def start(self, stopping):
+        threading.Thread(target=self.listen, args=(stopping,), name="ccproxy-store-listener", daemon=True).start()
+        threading.Thread(target=self.announce, args=(stopping,), name="ccproxy-store-writer", daemon=True).start()
+
+    def listen(self, stopping):
+        """LISTEN for the other hosts' notifications and hand each to its kind's handler; after
+        a (re)connection, handlers get None first: what was announced meanwhile is lost, so they
+        read what they keep afresh."""
+        while not stopping.is_set():
+            conn = None
+            try:
+                conn = self.connect()
+                conn.execute("LISTEN " + STORE_CHANNEL)
+                self.reached()
+                for handler in list(self.handlers.values()):
+                    handler(None)
+                while not stopping.is_set():
+                    for note in conn.notifies(timeout=STORE_LISTEN_S):
+                        self.heard(note.payload)
+            except self.Error as exc:
+                if stopping.is_set():
+                    break
+                self.failed(exc)
+                stopping.wait(STORE_RETRY_S)
+            finally:
+                if conn is not None:
+                    conn.close()
+
+    def close(self):
+        """Close the idle connections (the threads close their own as they stop)."""
+        while True:
+            try:
+                self.idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+    def heard(self, payload):
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            return
+        handler = self.handlers.get(message.get("kind")) if isinstance(message, dict) else None
+        if handler is not None and message.get("host") != self.host_id:
+            try:
+                handler(message)
+            except Exception:
+                log.exception("STORE: a notification could not be taken")
+
+    def announce(self, stopping):
+        """The writer of publish(): one NOTIFY each; what cannot be sent while the store is
+        down is dropped (a cooldown is over by the time it is back)."""
+        conn = None
+        while not stopping.is_set():
+            try:
+                kind, payload = self.outbox.get(timeout=STORE_LISTEN_S)
+            except queue.Empty:
+                continue
+            try:
+                if conn is None or conn.closed:
+                    conn = self.connect()
+                self.notify(conn, kind, **payload)
+            except self.Error as exc:
+                log.debug("STORE: not announced (%s): %s", kind, exc)
+                if conn is not None:
+                    conn.close()
+                    conn = None
+
+
+def store_cache_path(config_path):
+    root, ext = os.path.splitext(os.path.abspath(config_path))
+    return root + STORE_CACHE_SUFFIX
+
+
+def shared_part(raw):
+    """A config without the keys each host keeps in its own config.json (HOST_KEYS)."""
+    return {k: v for k, v in raw.items() if k not in HOST_KEYS}
+
+
+class SharedDocuments:
+    """The config and the state as the shared store keeps them: two rows of `documents`, each
+    a JSON text (so the config keeps its key order and comments, and If-Match its version)
+    and a counter that every change raises. A change is one transaction on both rows, locked
+    (SELECT … FOR UPDATE) and announced (NOTIFY) as it commits; every host's listener then
+    syncs its Store. The config in force is the shared document with this host's own keys
+    (HOST_KEYS of its config.json) over it. What was last read is kept beside config.json
+    (STORE_CACHE_SUFFIX), so that a host starts while the store is away."""
+
+    shared = True
+
+    def __init__(self, config_path, pg):
+        self.config_path = config_path
+        self.pg = pg
+        self.cache_path = store_cache_path(config_path)
+        self.conn = None                # the documents' connection, used under Store.lock
+        self.in_transaction = False
+        self.rows = {}                  # name -> (body, version) as last read or written
+        self.seen = {}                  # name -> version this host runs
+        self.heard = True               # a notification came (or the listener reconnected): sync
+        remove_stale_temp_files(self.cache_path)
+
+    def connection(self):
+        if self.conn is None or self.conn.closed:
+            self.conn = self.pg.connect()
+        return self.conn
+
+    def close(self):
+        with contextlib.suppress(self.pg.Error):
+            if self.conn is not None:
+                self.conn.close()
+        self.pg.close()
+
+    def fetch(self, lock=False):
+        """Read both documents ({name: (body, version)}) and keep them in the cache file."""
+        found = {name: (body, version) for name, body, version in self.connection().execute(
+            "SELECT name, body, version FROM documents WHERE name IN ('config', 'state')"
+            + (" FOR UPDATE" if lock else ""))}
+        self.pg.reached()
+        if found != self.rows:
+            self.rows = found
+            self.save_cache()
+        return found
+
+    def save_cache(self):
+        try:
+            write_atomic(self.cache_path, json.dumps({n: {"body": b, "version": v} for n, (b, v) in self.rows.items()},
+                                                     ensure_ascii=False) + "\n")
+        except OSError as exc:
+            log.warning("%s: cannot keep the store's documents here (%s)", self.cache_path, exc.strerror or exc)
+
+    def read_cache(self):
+        try:
+            with open(self.cache_path, encoding="utf-8") as f:
+                found = json.load(f)
+            self.rows = {n: (d["body"], d["version"]) for n, d in found.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self.rows = {}
+        return self.rows
+
+    def open(self, seed):
+        """At start: migrate the schema and read the documents; an empty store gets seed()'s
+        (config text, state) first. With the store away, the cached documents, or ConfigError."""
+        try:
+            conn = self.connection()
+            self.pg.migrate(conn)
+            with conn.transaction():
+                conn.execute("LOCK TABLE documents IN EXCLUSIVE MODE")  # two hosts seeding at once
+                if "config" not in self.fetch():
+                    text, state = seed()
+                    self.put(conn, "config", text)
+                    self.put(conn, "state", json.dumps(state, ensure_ascii=False, indent=1))
+                    log.warning("STORE %s was empty: it now holds %s's config and state", store_where(self.pg.url),
+                                file_name(self.config_path))
+            self.fetch()
+        except self.pg.Error as exc:
+            self.pg.failed(exc)
+            if "config" not in self.read_cache():
+                raise ConfigError([Said("store_unreachable_start", reason=self.pg.down[1],
+                                        file=file_name(self.cache_path))])
+            log.warning("STORE: starting with the documents last read (%s)", file_name(self.cache_path))
+
+    def put(self, conn, name, body):
+        """Write a document within the caller's transaction and announce it; its new version."""
+        version = conn.execute(
+            "INSERT INTO documents (name, body, version, changed_at, changed_by) VALUES (%s, %s, 1, %s, %s) "
+            "ON CONFLICT (name) DO UPDATE SET body = excluded.body, version = documents.version + 1, "
+            "changed_at = excluded.changed_at, changed_by = excluded.changed_by RETURNING version",
+            (name, body, time.time(), self.pg.host_id)).fetchone()[0]
+        self.pg.notify(conn, "documents", name=name, version=version)
+        self.rows[name] = (body, version)
+        self.seen[name] = version
+        return version
+
+    @contextlib.contextmanager
+    def locked(self):
+        """One transaction with both documents locked (FOR UPDATE) and read; a failure of the
+        store is a StateError (503) that says so, and nothing is changed."""
+        if self.in_transaction:
+            yield
+            return
+        try:
+            conn = self.connection()
+            with conn.transaction():
+                self.in_transaction = True
+                try:
+                    self.fetch(lock=True)
+                    yield
+                finally:
+                    self.in_transaction = False
+            self.save_cache()
+        except self.pg.Error as exc:
+            self.pg.failed(exc)
+            if self.conn is not None and self.conn.broken:
+                self.conn = None
+            raise StoreDown(Said("store_down", reason=self.pg.down[1] if self.pg.down else exc))
+
+    def may_have_changed(self):
+        """Whether the listener heard of a change (or reconnected) since the last look."""
+        return self.heard
+
+    def state_changed(self):
+        """Under Store.lock: whether the state or the config changed since this host read
+        them (asked of the store, unless this is within a change, which read them)."""
+        if not self.in_transaction:
+            self.heard = False
+            try:
+                self.fetch()
+            except self.pg.Error as exc:
+                self.pg.failed(exc)
+                self.heard = True       # the listener says when it is back; then look again
+                return False
+        return any(self.rows.get(n, (None, None))[1] != self.seen.get(n) for n in ("config", "state"))
+
+    def read_state(self):
+        body, version = self.rows.get("state", ("{}", None))
+        self.seen["state"] = version
+        try:
+            return json.loads(body)
+        except ValueError:
+            return {}
+
+    def config_wanted(self, state):
+        body, version = self.rows.get("config", ("", None))
+        return None if version == self.seen.get("config") else config_version(body.encode("utf-8"))
+
+    def write_state(self, state):
+        self.put(self.conn, "state", json.dumps(state, ensure_ascii=False, indent=1))
+
+    def config_document(self):
+        body = self.rows.get("config", ("{}", None))[0]
+        data = body.encode("utf-8")
+        try:
+            return data, json.loads(body)
+        except ValueError as exc:
+            raise StateError(Said("config_not_json", file="STORE", reason=exc))
+
+    def host_config(self):
+        """(this host's config.json parsed, its HOST_KEYS)."""
+        text, raw = read_config(self.config_path)
+        if not isinstance(raw, dict):
+            raise ConfigError([Said("top_level")], file_name(self.config_path))
+        return raw, {k: raw[k] for k in HOST_KEYS if k in raw}
+
+    def whole(self, raw):
+        """The shared document with this host's own keys over it: the config in force."""
+        whole = shared_part(raw)
+        whole.update(self.host_config()[1])
+        return whole
+
+    def write_config(self, data, text):
+        conn = self.conn
+        conn.execute("INSERT INTO config_history (body, replaced_at, replaced_by) VALUES (%s, %s, %s)",
+                     (data.decode("utf-8"), time.time(), self.pg.host_id))
+        conn.execute("DELETE FROM config_history WHERE id <= (SELECT max(id) FROM config_history) - %s",
+                     (STORE_HISTORY,))
+        self.put(conn, "config", text)
+
+    def load_config(self):
+        """The config in force: the shared document (re-read unless the store is away, or this
+        is within a change) with this host's keys over it; its version is the document's."""
+        if not self.in_transaction:
+            try:
+                self.fetch()
+            except self.pg.Error as exc:
+                self.pg.failed(exc)
+        body, version = self.rows.get("config", ("{}", None))
+        try:
+            raw = json.loads(body)
+        except ValueError as exc:
+            raise ConfigError([Said("config_bad_json", line=exc.lineno, column=exc.colno, reason=exc.msg)], "STORE")
+        config = validate_config(self.whole(raw) if isinstance(raw, dict) else raw, self.config_path)
+        config.version = config_version(body.encode("utf-8"))
+        self.seen["config"] = version
+        return config
+
+
+def migrate_store(config_path, force=False):
+    """--migrate-store: copy a host's files into the store named by its STORE: the shared part
+    of config.json (refused if the store holds a different one, unless force; the old one goes
+    to config_history), its state file, and the usage roll-ups of its sqlite store (a row the
+    store already has is kept, so a second run adds nothing twice). What was copied, in a line."""
+    config = load_config(config_path)
+    if not config.store:
+        raise ConfigError([Said("store_url")], file_name(config_path))
+    docs = SharedDocuments(config_path, Postgres(config.store))
+    text, state = seed_documents(config_path)
+    try:
+        conn = docs.connection()
+        docs.pg.migrate(conn)
+        with conn.transaction():
+            conn.execute("LOCK TABLE documents IN EXCLUSIVE MODE")
+            held = docs.fetch().get("config")
+            if held and held[0] != text:
+                if not force:
+                    when, by = conn.execute("SELECT changed_at, changed_by FROM documents WHERE name = 'config'").fetchone()
+                    raise ConfigError([Said("store_has_config", file=file_name(config_path), by=by,
+                                            when=time.strftime("%Y-%m-%d %H:%M", time.localtime(when)))])
+                docs.write_config(held[0].encode("utf-8"), text)
+            elif not held:
+                docs.put(conn, "config", text)
+            docs.put(conn, "state", json.dumps(state, ensure_ascii=False, indent=1))
+            copied = copy_usage(config.usage_db, conn) if config.usage_db and os.path.exists(config.usage_db) else {}
+    except docs.pg.Error as exc:
+        raise ConfigError([Said("store_unreachable_start", reason=str(exc).strip().splitlines()[0],
+                                file=file_name(docs.cache_path))])
+    finally:
+        docs.close()
+    return "copied %s into %s: its config (%d providers, %d keys), its state%s" % (
+        file_name(config_path), store_where(config.store), len(config.providers), len(config.keys),
+        "".join(", %d %s rows of usage" % (n, table) for table, n in copied.items()))
+
+
+def copy_usage(path, conn):
+    """Copy the usage roll-ups of a sqlite store into the shared one, within the caller's
+    transaction; a row the store has already is left as it is. {table: rows copied}."""
+    source = open_store(path)
+    copied = {}
+    try:
+        for table in ("usage", "classes", "conversations"):
+            cursor = source.execute("SELECT * FROM %s" % table)
+            columns = [d[0] for d in cursor.description]
+            statement = "INSERT INTO %s (%s) VALUES (%s) ON CONFLICT DO NOTHING" % (
+                table, ", ".join(columns), ", ".join(["%s"] * len(columns)))
+            copied[table] = 0
+            for row in cursor:
+                copied[table] += conn.execute(statement, row).rowcount
+    finally:
+        source.close()
+    return copied
+
+
+def seed_documents(config_path):
+    """What a host's files hold for an empty store: (the shared part of its config.json as
+    text, its state file's state)."""
+    text, raw = read_config(config_path)
+    shared = shared_part(raw) if isinstance(raw, dict) else raw
+    text = json.dumps(shared, ensure_ascii=False, indent=file_indent(text)) + "\n"
+    return text, FileDocuments(config_path).read_state()
+
+
 # ============================================================================ state
 
 
@@ -1490,6 +2001,8 @@ class FileDocuments:
 
     def state_changed(self):
         return file_signature(self.state_path) != self.seen
+
+    may_have_changed = state_changed
 
     def read_state(self):
         self.seen = file_signature(self.state_path)
@@ -1635,7 +2148,7 @@ class Store:
 
     def sync(self):
         """Take another process's (or host's) change, if there is one."""
-        if self.docs.state_changed():
+        if self.docs.may_have_changed():
             with self.lock:
                 try:
                     if self.take_newer_state():
@@ -4977,7 +5490,11 @@ class Recorder:
 
     def _write_loop(self):
         while True:
-            batch = [self.queue.get()]
+            try:
+                batch = [self.queue.get(timeout=self.usage.retry_s if self.usage and self.usage.waiting() else None)]
+            except queue.Empty:         # idle, and usage waits for its store: try it again
+                self.usage.add([])
+                continue
             # Under load, waking once per request costs more than the work; a short wait
             # lets records gather into one batch (one file write, one wake-up).
             time.sleep(RECORDER_BATCH_S)
@@ -5144,13 +5661,48 @@ class UsageStore:
     GROUPS = {"provider": "provider", "model": "model", "day": "substr(hour, 1, 10)", "hour": "hour",
               "key": "key_name"}
 
+    retry_s = USAGE_RETRY_S         # after a failure, the store is left alone this long
+
     def __init__(self, path):
         self.path = path
+        self.Error = sqlite3.Error
         self.conn = None            # the writer's connection (the recorder thread's)
-        self.retry_at = 0.0             # after a failure, the store is left alone until then
+        self.retry_at = 0.0
+        self.pending = ({}, {}, {})     # usage, classes, conversations not yet written: kept, merged
 
     def connect(self):
         return open_store(self.path)
+
+    @contextlib.contextmanager
+    def transaction(self, conn):
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            yield
+
+    @contextlib.contextmanager
+    def reader(self):
+        """A connection for one query (the page's, a status line's); an unreadable store is
+        a StoreUnreadable that says why."""
+        conn = None
+        try:
+            conn = self.connect()
+            yield conn
+        except self.Error as exc:
+            raise StoreUnreadable(Said("usage_unreadable", reason=exc))
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def failed(self, exc):
+        log.error("%s: cannot add to the usage store (%s); the usage is kept here and added when it can be, "
+                  "tried again in %d s", self.path, exc, self.retry_s)
+
+    def written(self):
+        pass
+
+    def waiting(self):
+        """Whether usage waits to be written (the recorder then tries again when idle)."""
+        return bool(self.pending[0])
 
     @staticmethod
     def rows_of(rec):
@@ -5173,57 +5725,112 @@ class UsageStore:
             yield (hour, provider, model or "-", key), sums
 
     def add(self, records):
-        """Add a batch of records: one transaction. A failure is logged, never raised."""
-        batch, rows = {}, [(rec, list(self.rows_of(rec))) for rec in records]
+        """Add a batch of records to what waits, and write all of it: one transaction. A
+        failure is logged (once until it is written again), never raised, and what waits is
+        kept for the next try."""
+        rows = [(rec, list(self.rows_of(rec))) for rec in records]
+        usage, kinds, talks = self.pending
         for rec, found in rows:
-            for key, sums in found:
-                total = batch.setdefault(key, dict.fromkeys(self.SUMS, 0))
-                for column, value in sums.items():
-                    total[column] += value
-        if not batch or time.monotonic() < self.retry_at:
+            for (hour, provider, model, key), sums in found:
+                add_to(usage.setdefault((hour, provider, model, key), dict.fromkeys(self.SUMS, 0)), sums)
+                # what each kind of request costs: (hour, class, provider)
+                add_to(kinds.setdefault((hour, rec.get("class") or "", provider), dict.fromkeys(self.SUMS, 0)), sums)
+        conversation_batch(rows, talks)
+        if not usage or time.monotonic() < self.retry_at:
+            if len(usage) + len(talks) > USAGE_PENDING_MAX:
+                log.error("%s: %d groups of usage could not be written and are dropped", self.path, len(usage))
+                self.pending = ({}, {}, {})
             return
-        kinds = {}              # (hour, class, provider) -> sums: what each kind of request costs
-        for rec, found in rows:
-            for (hour, provider, _, _), sums in found:
-                total = kinds.setdefault((hour, rec.get("class") or "", provider), dict.fromkeys(self.SUMS, 0))
-                for column, value in sums.items():
-                    total[column] += value
         try:
             if self.conn is None:
                 self.conn = self.connect()
-            with self.conn:
-                self.conn.execute("BEGIN IMMEDIATE")
-                add_sums(self.conn, "usage", ("hour", "provider", "model", "key_name"), batch)
+            with self.transaction(self.conn):
+                add_sums(self.conn, "usage", ("hour", "provider", "model", "key_name"), usage)
                 add_sums(self.conn, "classes", ("hour", "class", "provider"), kinds)
-                add_conversations(self.conn, rows)
-        except sqlite3.Error as exc:
-            # Once a minute at most: a broken file must not fill the log at every batch.
-            self.retry_at = time.monotonic() + USAGE_RETRY_S
-            log.error("%s: cannot add to the usage store (%s); usage figures miss the requests of the "
-                      "next %d s, then it is tried again", self.path, exc, USAGE_RETRY_S)
+                add_conversations(self.conn, talks)
+        except self.Error as exc:
+            # Once a minute at most (a file) or every few seconds (the shared store): a
+            # broken store must not fill the log, nor be asked at every batch.
+            if not self.retry_at:
+                self.failed(exc)
+            self.retry_at = time.monotonic() + self.retry_s
             if self.conn is not None:
-                self.conn.close()
+                with contextlib.suppress(self.Error):
+                    self.conn.close()
                 self.conn = None
+            return
+        self.pending, self.retry_at = ({}, {}, {}), 0.0
+        self.written()
 
     def query(self, first_day, last_day, by):
         """[(group values, sums)] of the hours from first_day to last_day (YYYY-MM-DD), grouped;
         by class (and provider, day, hour) from the classes table."""
-        conn = self.connect()
         table, groups = ("classes", CLASS_GROUPS) if "class" in by else ("usage", self.GROUPS)
-        try:
-            columns = [groups[b] for b in by]
-            sql = "SELECT %s FROM %s WHERE hour BETWEEN ? AND ?" % (", ".join(
-                columns + ["SUM(%s)" % c for c in self.SUMS]), table)
-            if columns:
-                sql += " GROUP BY %s ORDER BY %s" % (", ".join(columns), ", ".join(columns))
+        columns = [groups[b] for b in by]
+        sql = "SELECT %s FROM %s WHERE hour BETWEEN ? AND ?" % (", ".join(
+            columns + ["SUM(%s)" % c for c in self.SUMS]), table)
+        if columns:
+            sql += " GROUP BY %s ORDER BY %s" % (", ".join(columns), ", ".join(columns))
+        with self.reader() as conn:
             found = conn.execute(sql, (first_day + " 00", last_day + " 23")).fetchall()
-        finally:
-            conn.close()
         return [(row[:len(by)], dict(zip(self.SUMS, row[len(by):]))) for row in found if row[len(by)]]
 
 
 # /api/usage?by=class: Claude Code's request classes (hint headers), "" when a request had none.
 CLASS_GROUPS = {"class": "class", "provider": "provider", "day": "substr(hour, 1, 10)", "hour": "hour"}
+
+
+def add_to(total, sums):
+    for column, value in sums.items():
+        total[column] += value
+
+
+class SharedUsage(UsageStore):
+    """The usage roll-ups in the shared store: UsageStore's statements on PostgreSQL
+    (SqlConnection), written by the recorder's thread in batches; while the store is away the
+    batches wait here, merged, and are written when it is back (every STORE_RETRY_S)."""
+
+    retry_s = STORE_RETRY_S
+
+    def __init__(self, pg):
+        super().__init__("STORE")
+        self.pg = pg
+        self.Error = pg.Error
+
+    def connect(self):
+        return SqlConnection(self.pg.connect())
+
+    def transaction(self, conn):
+        return conn.conn.transaction()
+
+    @contextlib.contextmanager
+    def reader(self):
+        try:
+            with self.pg.borrowed() as conn:
+                yield SqlConnection(conn)
+        except self.Error as exc:
+            self.pg.failed(exc)
+            raise StoreUnreadable(Said("usage_unreadable", reason=self.pg.down[1] if self.pg.down else exc))
+
+    def failed(self, exc):
+        self.pg.failed(exc)
+
+    def written(self):
+        self.pg.reached()
+
+
+class SqlConnection:
+    """A psycopg connection that runs UsageStore's statements as they are written for sqlite3:
+    ? placeholders (none of them has a % or a ? of its own)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def execute(self, sql, params=()):
+        return self.conn.execute(sql.replace("?", "%s"), params)
+
+    def close(self):
+        self.conn.close()
 
 
 def add_sums(conn, table, columns, batch):
@@ -5313,11 +5920,8 @@ def usage_report(store, currency, query):
         raise ClientError(Said("usage_by", groups=", ".join(groups)))
     if store is None:
         raise NotFound(Said("usage_off"))
-    try:
-        found = conversation_sums(store, first, last, by) if "session" in by else \
-            store.query(first.isoformat(), last.isoformat(), by)
-    except sqlite3.Error as exc:
-        raise StoreUnreadable(Said("usage_unreadable", reason=exc))
+    found = conversation_sums(store, first, last, by) if "session" in by else \
+        store.query(first.isoformat(), last.isoformat(), by)
     total = dict.fromkeys(UsageStore.SUMS, 0)
     for _, sums in found:
         for column in UsageStore.SUMS:
@@ -5389,24 +5993,28 @@ def session_of(headers):
     return escape_unprintable(value)[:SESSION_MAX] or None
 
 
-def add_conversations(conn, rows):
-    """Add a batch of records, each with its UsageStore.rows_of, to the conversations table,
-    within the caller's transaction."""
-    batch = {}
+def conversation_batch(rows, batch):
+    """Add a batch of records, each with its UsageStore.rows_of, to batch: {(conversation,
+    provider): {"sums", "first", "last", "key", "model"}}."""
     for rec, found in rows:
         if not rec.get("session"):
             continue
         for (_, provider, model, key), sums in found:
             entry = batch.setdefault((rec["session"], provider), {"sums": dict.fromkeys(UsageStore.SUMS, 0),
                                                                   "first": rec["time"], "key": key})
-            for column, value in sums.items():
-                entry["sums"][column] += value
+            add_to(entry["sums"], sums)
             entry.update(last=rec["time"], model=model)
+    return batch
+
+
+def add_conversations(conn, batch):
+    """Add a conversation_batch to the conversations table, within the caller's transaction."""
     adding = ", ".join("%s = %s + ?" % (c, c) for c in UsageStore.SUMS)
     for (session, provider), entry in batch.items():
         values = [entry["sums"][c] for c in UsageStore.SUMS]
-        if not conn.execute("UPDATE conversations SET %s, last_seen = MAX(last_seen, ?), model = ? WHERE session = ? "
-                            "AND provider = ?" % adding, values + [entry["last"], entry["model"], session, provider]).rowcount:
+        if not conn.execute("UPDATE conversations SET %s, last_seen = CASE WHEN last_seen > ? THEN last_seen ELSE ? END, "
+                            "model = ? WHERE session = ? AND provider = ?" % adding,
+                            values + [entry["last"], entry["last"], entry["model"], session, provider]).rowcount:
             conn.execute("INSERT INTO conversations (session, provider, key_name, first_seen, last_seen, model, %s) "
                          "VALUES (?, ?, ?, ?, ?, ?, %s)" % (", ".join(UsageStore.SUMS), ", ".join("?" * len(UsageStore.SUMS))),
                          [session, provider, entry["key"], entry["first"], entry["last"], entry["model"]] + values)
@@ -5415,8 +6023,7 @@ def add_conversations(conn, rows):
 def conversations(store, currency, limit=SESSIONS_LIMIT, key=None, session=None):
     """The newest conversations (or one), each with its relays and its figures (usage_row):
     [{"session", "first", "last", "relays", "key", "model", …}]."""
-    conn = store.connect()
-    try:
+    with store.reader() as conn:
         where, args = [], []
         for column, value in (("key_name", key), ("session", session)):
             if value is not None:
@@ -5429,8 +6036,6 @@ def conversations(store, currency, limit=SESSIONS_LIMIT, key=None, session=None)
         rows = conn.execute("SELECT session, provider, key_name, first_seen, last_seen, model, %s FROM conversations "
                             "WHERE session IN (%s) ORDER BY last_seen" % (", ".join(UsageStore.SUMS), ", ".join("?" * len(sessions))),
                             sessions).fetchall() if sessions else []
-    finally:
-        conn.close()
     found = {s: {"session": s, "relays": [], "first": None, "last": None,
                  "sums": dict.fromkeys(UsageStore.SUMS, 0)} for s in sessions}
     for row in rows:
@@ -5452,13 +6057,10 @@ def conversation_sums(store, first, last, by):
     columns = [CONVERSATION_GROUPS[b] for b in by]
     start = time.mktime(first.timetuple())
     end = time.mktime((last + datetime.timedelta(days=1)).timetuple())
-    conn = store.connect()
-    try:
+    with store.reader() as conn:
         found = conn.execute("SELECT %s, %s FROM conversations WHERE last_seen >= ? AND last_seen < ? GROUP BY %s "
                              "ORDER BY MAX(last_seen) DESC" % (", ".join(columns), ", ".join("SUM(%s)" % c for c in UsageStore.SUMS),
                                                                ", ".join(columns)), (start, end)).fetchall()
-    finally:
-        conn.close()
     return [(row[:len(by)], dict(zip(UsageStore.SUMS, row[len(by):]))) for row in found]
 
 
@@ -5964,6 +6566,7 @@ class Limits:
 
     def __init__(self, path):
         self.path = path
+        self.Error = sqlite3.Error
         self.idle = queue.SimpleQueue()     # sqlite connections not in use, any thread's
         self.lock = threading.Lock()
         self.totals = {}                    # key name -> (read at, day, month, tokens today, cost today, cost this month)
@@ -5984,11 +6587,23 @@ class Limits:
                     wait = seconds_until(now, days, months)
                     raise KeyLimitReached(Said(code, name=user.name, limit=limit, wait=describe_wait(wait)), wait)
 
-    def connection(self):
+    @contextlib.contextmanager
+    def reader(self):
+        """A connection to the usage store for one read, kept for the next."""
         try:
-            return self.idle.get_nowait()
+            conn = self.idle.get_nowait()
         except queue.Empty:
-            return open_store(self.path, check_same_thread=False)
+            conn = open_store(self.path, check_same_thread=False)
+        try:
+            yield conn
+        except sqlite3.Error:
+            conn.close()
+            raise
+        self.idle.put(conn)
+
+    def unreadable(self, exc, name, found, now, day, month):
+        """The totals when the store cannot be read: none (503)."""
+        raise Unavailable(Said("usage_unreadable", reason=exc))
 
     def count_request(self, user, now):
         """Count a request of the key in the current minute (fixed minutes), or refuse it: in a
@@ -6052,16 +6667,14 @@ class Limits:
         found = self.totals.get(name)
         if not fresh and found and found[1] == day and now - found[0] < KEY_TOTALS_S:
             return found
-        conn = self.connection()
         try:
-            today = conn.execute("SELECT SUM(input + output + cache_read + cache_write), SUM(cost) FROM usage "
-                                 "WHERE key_name = ? AND hour BETWEEN ? AND ?", (name, day + " 00", day + " 23")).fetchone()
-            this_month = conn.execute("SELECT SUM(cost) FROM usage WHERE key_name = ? AND hour BETWEEN ? AND ?",
-                                      (name, month + "-01 00", month + "-31 23")).fetchone()
-            self.idle.put(conn)
-        except sqlite3.Error as exc:
-            conn.close()
-            raise Unavailable(Said("usage_unreadable", reason=exc))
+            with self.reader() as conn:
+                today = conn.execute("SELECT SUM(input + output + cache_read + cache_write), SUM(cost) FROM usage "
+                                     "WHERE key_name = ? AND hour BETWEEN ? AND ?", (name, day + " 00", day + " 23")).fetchone()
+                this_month = conn.execute("SELECT SUM(cost) FROM usage WHERE key_name = ? AND hour BETWEEN ? AND ?",
+                                          (name, month + "-01 00", month + "-31 23")).fetchone()
+        except self.Error as exc:
+            return self.unreadable(exc, name, found, now, day, month)
         found = (now, day, month, today[0] or 0, today[1] or 0.0, this_month[0] or 0.0)
         with self.lock:
             self.totals[name] = found
@@ -6087,6 +6700,62 @@ class Limits:
             finally:
                 self.unlock_minutes()
         return entry[1] if isinstance(entry, list) and entry[:1] == [minute] else 0
+
+
+class SharedLimits(Limits):
+    """The key limits of several hosts, counted in the shared store: a request per minute is
+    one statement (count it unless the minute is full), so a key's rpm holds across all hosts;
+    its day and month from the shared usage. While the store is away each host counts in its
+    own file (Limits) and judges by the totals it had, and says so (Postgres.failed)."""
+
+    def __init__(self, pg, path):
+        super().__init__(path)
+        self.pg = pg
+        self.Error = pg.Error
+
+    def count_request(self, user, now):
+        minute = int(now // 60)             # the same minute on every host: UTC, whole minutes
+        try:
+            with self.pg.borrowed() as conn:
+                # Old minutes go in the same round trip: the table holds a minute or two of keys.
+                row = conn.execute(
+                    "WITH gone AS (DELETE FROM minutes WHERE minute < %s) "
+                    "INSERT INTO minutes (key_name, minute, count) VALUES (%s, %s, 1) ON CONFLICT (key_name, minute) "
+                    "DO UPDATE SET count = minutes.count + 1 WHERE minutes.count < %s RETURNING count",
+                    (minute - 1, user.name, minute, user.rpm)).fetchone()
+        except self.Error as exc:
+            self.pg.failed(exc)
+            return super().count_request(user, now)
+        self.pg.reached()
+        if row is None:
+            wait = 60 - int(now % 60)
+            raise RateLimited(Said("key_rpm", name=user.name, rpm=user.rpm, wait=describe_wait(wait)), wait)
+
+    def minute_count(self, name, now):
+        try:
+            with self.pg.borrowed() as conn:
+                row = conn.execute("SELECT count FROM minutes WHERE key_name = %s AND minute = %s",
+                                   (name, int(now // 60))).fetchone()
+        except self.Error as exc:
+            self.pg.failed(exc)
+            return super().minute_count(name, now)
+        return row[0] if row else 0
+
+    @contextlib.contextmanager
+    def reader(self):
+        with self.pg.borrowed() as conn:
+            yield SqlConnection(conn)
+
+    def unreadable(self, exc, name, found, now, day, month):
+        """The totals this host had (with what it counted since), while the store is away;
+        asked of the store again after KEY_TOTALS_S."""
+        self.pg.failed(exc)
+        if found is None or found[1] != day:
+            found = (now, day, month, 0, 0.0, 0.0 if found is None or found[2] != month else found[5])
+        found = (now,) + tuple(found[1:])
+        with self.lock:
+            self.totals[name] = found
+        return found
 
 
 def describe_wait(seconds):
@@ -6225,14 +6894,41 @@ class Health:
         self.last_model = None        # the model of the last Messages request (the page's "order now")
         self.unsaved = {}             # provider -> fixes learned whose answer is still going out (Relay.learn)
 
+    share = None        # with STORE: callable(kind, payload) that tells the other hosts (Postgres.publish)
+
     def cool_down(self, name, seconds, reason):
+        until = self.clock() + min(seconds, MAX_COOLDOWN_S)
         with self.lock:
-            self.cooling[name] = (self.clock() + min(seconds, MAX_COOLDOWN_S), reason)
+            self.cooling[name] = (until, reason)
+        if self.share is not None:
+            self.share("cool", {"name": name, "until": until, "reason": why(reason)})
 
     def recovered(self, name):
         if name in self.cooling:
             with self.lock:
                 self.cooling.pop(name, None)
+            if self.share is not None:
+                self.share("recovered", {"name": name})
+
+    def heard(self, message):
+        """Another host's cooldown of a relay, or its recovery (the shared store's listener;
+        None after a reconnection: cooldowns are short, nothing is read back)."""
+        if message is None or not isinstance(message.get("name"), str):
+            return
+        name = message["name"]
+        if message.get("kind") == "recovered":
+            with self.lock:
+                self.cooling.pop(name, None)
+            return
+        until, reason = message.get("until"), message.get("reason")
+        if not _is_number(until) or not isinstance(reason, dict):
+            return
+        reason = SaidElsewhere(reason) if reason.get("code") in MESSAGES else str(reason.get("message", ""))
+        with self.lock:
+            if self.cooling.get(name, (0,))[0] < until:
+                self.cooling[name] = (min(until, self.clock() + MAX_COOLDOWN_S), reason)
+        log.info("provider %s cools down until %s: another host's failure (%s)", name,
+                 time.strftime("%H:%M:%S", time.localtime(until)), reason)
 
     def is_cooling(self, name, now):
         entry = self.cooling.get(name)
@@ -6600,6 +7296,8 @@ def api_state(handler, params=None):
         "loaded_at": config.loaded_at,
         "reload_error": handler.server.store.reload_error,
         "restart_needed": handler.server.store.restart_needed(),
+        # with STORE: where it is, and whether it can be reached (else limits count per host)
+        "store": handler.server.store.docs.pg.status() if handler.server.store.docs.shared else None,
         "model_mapping": config.model_mapping,
         "env_models": effective_env_models(config.env_models, {}),
         "proxy_settings": claude_settings(handler.proxy_url(), "", effective_env_models(config.env_models, {}),
@@ -7386,15 +8084,22 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.throttle = Throttle()
         self.health = Health()
         config = store.view.config
-        usage = None
-        if config.usage_db and sqlite3 is None:
+        usage = self.limits = None
+        if store.docs.shared:
+            usage = SharedUsage(store.docs.pg)
+            # while the store is away, each host counts key minutes in a file of its own
+            self.limits = SharedLimits(store.docs.pg, config.usage_db or os.path.join(
+                os.path.dirname(os.path.abspath(config.path)), USAGE_DB_NAME))
+        elif config.usage_db and sqlite3 is None:
             log.warning("this Python has no sqlite3 module: usage over time is not kept (USAGE_DB)")
         elif config.usage_db:
             usage = UsageStore(config.usage_db)
+            self.limits = Limits(config.usage_db)
         self.recorder = Recorder(config.request_log, config.request_log_max, lambda: self.store.view.config, usage)
         self.balances = Balances()
-        self.limits = Limits(config.usage_db) if usage is not None else None
         self.tests = {}               # provider -> last test result
+        if store.docs.shared:
+            self.share(store.docs.pg)
         threading.Thread(target=self.housekeeping, name="ccproxy-housekeeping", daemon=True).start()
 
     def housekeeping(self):
@@ -7411,6 +8116,18 @@ class ProxyServer(http.server.ThreadingHTTPServer):
                         self.check_balances()
             except Exception:
                 log.exception("housekeeping failed; trying again")
+
+    def share(self, pg):
+        """With STORE: take the other hosts' changes as they announce them."""
+        docs = self.store.docs
+
+        def documents(message):
+            docs.heard = True
+            self.store.sync()
+        pg.handlers["documents"] = documents
+        pg.handlers["cool"] = pg.handlers["recovered"] = self.health.heard
+        self.health.share = pg.publish
+        pg.start(self.stopping)
 
     def check_balances(self, names=None, refresh=False):
         """The balances of the named providers (None: the selected one and the failover list),
@@ -7467,6 +8184,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.pool.close()
         if self.recorder is not None:       # None: the address could not be had
             self.recorder.close()
+        if self.store.docs.shared:
+            self.store.docs.close()
 
 
 def make_server(config_path, host=None, port=None, debug=False, log_level=None):
@@ -7476,7 +8195,17 @@ def make_server(config_path, host=None, port=None, debug=False, log_level=None):
     config = load_config(config_path)
     host = config.host if host is None else host
     port = config.port if port is None else port
-    store = Store(config)
+    docs = None
+    if config.store:
+        docs = SharedDocuments(config_path, Postgres(config.store))
+        docs.open(lambda: seed_documents(config_path))
+        config = docs.load_config()
+        unused = [k for k, v in shared_part(load_config(config_path).raw).items()
+                  if not k.startswith("_") and config.raw.get(k) != v]
+        if unused:
+            log.warning("%s: %s not used: STORE's are (edit them in the web page; --migrate-store --force "
+                        "copies this file's into the store)", file_name(config_path), ", ".join(unused))
+    store = Store(config, docs)
     fixed = "DEBUG" if debug else log_level
     store.on_config = lambda config: logging.getLogger().setLevel(fixed or config.log_level)
     store.on_config(config)
@@ -7538,6 +8267,10 @@ def parse_args(argv):
                         help="log request bodies too (truncated, keys redacted); for troubleshooting")
     parser.add_argument("--check", action="store_true",
                         help="validate the config file, print the problems, and exit (0 = valid)")
+    parser.add_argument("--migrate-store", action="store_true",
+                        help="copy this host's config (less its host keys), state and usage into STORE, then exit")
+    parser.add_argument("--force", action="store_true",
+                        help="with --migrate-store: replace a different config the store already holds")
     parser.add_argument("--version", action="version", version="ccproxy " + VERSION)
     return parser.parse_args(argv)
 
@@ -7587,6 +8320,14 @@ def main(argv=None):
             print("%s cannot be used:\n%s" % (os.path.abspath(args.config), "\n".join(exc.problems)), file=sys.stderr)
             return 2
         print("%s: OK" % args.config)
+        return 0
+    if args.migrate_store:
+        try:
+            print(migrate_store(args.config, args.force))
+        except ConfigError as exc:
+            print("%s cannot be copied into the store:\n%s" % (os.path.abspath(args.config), "\n".join(exc.problems)),
+                  file=sys.stderr)
+            return 2
         return 0
     created = not os.path.exists(args.config)
     try:

@@ -161,3 +161,22 @@ def wait_for(predicate, timeout=5.0):
             return False
         time.sleep(0.01)
     return True
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A PostgreSQL server of the tests' own (tests/postgres.py), for the whole run."""
+    import postgres
+    made = postgres.cluster()
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def pg_url(pg_cluster):
+    """A new, empty database on it: its URL. The server is started again if a test stopped it."""
+    try:
+        return pg_cluster.new_database()
+    except Exception:
+        pg_cluster.start()
+        return pg_cluster.new_database()

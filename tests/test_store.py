@@ -1,0 +1,279 @@
+"""STORE: several ccproxy hosts on one PostgreSQL (a real server of the tests' own, see
+tests/postgres.py). Each "host" here is a make_server in a directory of its own, with a
+config.json that holds only what a host needs to start."""
+
+import json
+import time
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ccproxy
+from conftest import APIKEY, ROOT, make_config, start_proxy, wait_for, write_config
+
+CJK_RELAY = "中转站甲"
+
+
+def host_dir(tmp_path, name, pg_url, **top):
+    """A host's own directory and its config.json: the host keys and STORE only."""
+    directory = tmp_path / name
+    directory.mkdir()
+    config = {"HOST": "127.0.0.1", "PORT": 0, "APIKEY": APIKEY, "STORE": pg_url}
+    config.update(top)
+    return write_config(directory / "config.json", config)
+
+
+@pytest.fixture
+def hosts(tmp_path, pg_url, upstream, upstream2):
+    """hosts(n): n running hosts on one new database; the first seeds it from a whole config
+    (alpha, beta and 中转站甲), the others start from their host keys alone."""
+    started = []
+
+    def start(n=2, **top):
+        whole = make_config(upstream, upstream2, STORE=pg_url, **top)
+        whole["Providers"].append({"name": CJK_RELAY, "api_base_url": upstream.url + "/v1/messages",
+                                   "api_key": "sk-cjk-relay-0123456789"})
+        first = tmp_path / "host1"
+        first.mkdir()
+        started.append(start_proxy(write_config(first / "config.json", whole)))
+        for i in range(2, n + 1):
+            started.append(start_proxy(host_dir(tmp_path, "host%d" % i, pg_url)))
+        return started
+    yield start
+    for running in started:
+        running.stop()
+
+
+def names(proxy):
+    return [p["name"] for p in proxy.api("GET", "/api/state")[1]["providers"]]
+
+
+def test_the_first_host_seeds_an_empty_store_and_the_others_take_its_config(hosts):
+    a, b = hosts(2)
+    assert names(b) == names(a) == ["alpha", "----", "beta", CJK_RELAY]
+    assert b.store.view.config.apikey == APIKEY and b.store.view.config.store
+    # The store holds the shared part only: no host key travels to the other hosts.
+    data, raw = b.store.config_file()
+    assert not set(raw) & set(ccproxy.HOST_KEYS)
+    assert a.store.config_file()[0] == data
+    status, state = b.api("GET", "/api/state")
+    assert state["store"]["ok"] and "@" not in state["store"]["where"].split("//")[1].split("/")[0][:0] + "x"
+
+
+def test_a_selection_on_one_host_is_in_force_on_the_other_at_once(hosts, upstream):
+    a, b = hosts(2)
+    status, _ = a.api("POST", "/api/select", {"provider": CJK_RELAY})
+    assert status == 200
+    assert wait_for(lambda: b.store.view.selected == CJK_RELAY, 5)
+    # and the other way round, with a preset choice
+    status, _ = b.api("POST", "/api/overrides", {"provider": "alpha", "header_override": "ua",
+                                                 "request_override": None})
+    assert status == 200
+    assert wait_for(lambda: a.store.view.targets["alpha"].header_preset_name == "ua", 5)
+
+
+def test_a_provider_edit_on_one_host_is_the_edit_for_all_with_the_same_versions(hosts):
+    a, b = hosts(2)
+    status, config = a.api("GET", "/api/config")
+    _, config_b = b.api("GET", "/api/config")
+    assert config["version"] == config_b["version"]
+    status, _, body = a.call("PUT", "/api/providers/" + "%E4%B8%AD%E8%BD%AC%E7%AB%99%E4%B9%99", {
+        "name": "中转站乙", "api_base_url": "https://relay.example/v1/messages", "api_key": "sk-relay-yi-0123456789"},
+        headers={"If-Match": config["version"]})
+    assert status == 200, body
+    version = json.loads(body)["version"]
+    assert wait_for(lambda: "中转站乙" in names(b), 5)
+    assert b.api("GET", "/api/config")[1]["version"] == version
+    # The version B saw before is stale on B too: the same If-Match rules on every host.
+    status, _, body = b.call("DELETE", "/api/providers/alpha", headers={"If-Match": config["version"]})
+    assert status == 409, body
+
+
+def test_a_key_made_on_one_host_relays_on_the_other(hosts, upstream):
+    a, b = hosts(2)
+    version = a.api("GET", "/api/config")[1]["version"]
+    status, _, body = a.call("POST", "/api/keys", {"name": "小王"}, headers={"If-Match": version})
+    assert status == 200, body
+    secret = json.loads(body)["key"]
+    assert wait_for(lambda: any(k.name == "小王" for k in b.store.view.config.keys), 5)
+    status, _, body = b.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5,
+                                                      "messages": [{"role": "user", "content": "hi"}]}, key=secret)
+    assert status == 200, body
+
+
+def test_a_host_with_the_store_away_starts_from_its_cache_and_refuses_changes_until_it_is_back(
+        hosts, pg_cluster, tmp_path, pg_url, upstream):
+    a, b = hosts(2)
+    b.stop()
+    pg_cluster.stop()
+    try:
+        c = start_proxy(str(tmp_path / "host2" / "config.json"))       # from host2's cache file
+        try:
+            assert names(c) == names(a)
+            status, _, body = c.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5,
+                                                              "messages": [{"role": "user", "content": "hi"}]})
+            assert status == 200, body            # relaying goes on
+            status, _, body = c.call("POST", "/api/select", {"provider": "beta"})
+            assert status == 503 and json.loads(body)["code"] == "store_down", body
+            assert c.store.view.selected == "alpha"
+            assert wait_for(lambda: not c.api("GET", "/api/state")[1]["store"]["ok"], 5)
+        finally:
+            pg_cluster.start()
+        # Back: a change made on one host reaches the other again.
+        assert wait_for(lambda: c.api("GET", "/api/state")[1]["store"]["ok"], 15)
+        assert wait_for(lambda: a.api("POST", "/api/select", {"provider": "beta"})[0] == 200, 15)
+        assert wait_for(lambda: c.store.view.selected == "beta", 5)
+        c.stop()
+    finally:
+        if not pg_cluster_running(pg_cluster):
+            pg_cluster.start()
+
+
+def pg_cluster_running(cluster):
+    return os.path.exists(os.path.join(cluster.data, "postmaster.pid"))
+
+
+def test_a_host_that_never_reached_the_store_refuses_to_start_and_says_why(tmp_path, pg_cluster):
+    path = host_dir(tmp_path, "fresh", "postgresql://postgres@127.0.0.1:1/nowhere")
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        ccproxy.make_server(path, "127.0.0.1", 0)
+    assert "cannot be reached" in str(caught.value) and "config.store-cache.json" in str(caught.value)
+
+
+def test_a_newer_schema_is_refused_with_a_clear_message(tmp_path, pg_url, upstream):
+    import psycopg
+    path = write_config(tmp_path / "config.json", make_config(upstream, STORE=pg_url))
+    ccproxy.make_server(path, "127.0.0.1", 0).server_close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE ccproxy.meta SET value = '99' WHERE key = 'schema'")
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        ccproxy.make_server(path, "127.0.0.1", 0)
+    assert "schema 99, newer than this ccproxy's 1" in str(caught.value)
+    said = caught.value.as_json()[0]
+    assert said["code"] == "store_schema_newer" and said["values"] == {"found": 99, "known": 1}
+
+
+def test_without_the_driver_the_message_names_the_package(tmp_path):
+    path = host_dir(tmp_path, "nodriver", "postgresql://db.example/ccproxy")
+    run = subprocess.run([sys.executable, "-c", "import sys; sys.modules['psycopg'] = None; sys.argv[0] = 'ccproxy.py'; "
+                          "sys.path.insert(0, %r); import ccproxy; sys.exit(ccproxy.main(['--config', %r]))" % (ROOT, path)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "pip install 'psycopg[binary]'" in run.stderr and "Traceback" not in run.stderr
+
+
+MESSAGE = {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "你好"}]}
+
+
+def usage_total(proxy):
+    status, report = proxy.api("GET", "/api/usage?by=provider")
+    return report["total"]["requests"] if status == 200 else None
+
+
+def test_usage_of_every_host_adds_up_in_the_store(hosts):
+    a, b, c = hosts(3)
+    for proxy in (a, b, c, a, b, a):
+        assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200
+    for proxy in (a, b, c):
+        assert wait_for(lambda: usage_total(proxy) == 6, 10), usage_total(proxy)
+    status, report = c.api("GET", "/api/usage?by=provider")
+    row = report["rows"][0]
+    assert row["provider"] == "alpha" and row["input"] == 6 * 11 and row["cache_read"] == 6 * 5
+    assert isinstance(row["input"], int)        # not a Decimal, not a float
+    status, sessions = b.api("GET", "/api/sessions")
+    assert status == 200
+
+
+def test_a_keys_rpm_holds_across_all_hosts(hosts):
+    a, b, c = hosts(3)
+    version = a.api("GET", "/api/config")[1]["version"]
+    status, _, body = a.call("POST", "/api/keys", {"name": "小李", "rpm": 4}, headers={"If-Match": version})
+    secret = json.loads(body)["key"]
+    assert wait_for(lambda: all(any(k.name == "小李" for k in p.store.view.config.keys) for p in (b, c)), 5)
+    statuses = [p.call("POST", "/v1/messages", MESSAGE, key=secret)[0] for p in (a, b, c, a, b, c)]
+    if statuses.count(200) != 4:       # a minute turned over between the requests: once more
+        statuses = [p.call("POST", "/v1/messages", MESSAGE, key=secret)[0] for p in (a, b, c, a, b, c)]
+    assert statuses.count(200) == 4 and statuses.count(429) == 2, statuses
+    assert statuses[:4] == [200] * 4
+    status, me = c.api("GET", "/api/me", key=secret)
+    assert me["used"]["rpm"] == 4
+
+
+def test_a_relay_that_fails_on_one_host_cools_down_on_the_others(hosts, upstream, upstream2):
+    a, b = hosts(2, Fallback=["beta"])
+    upstream.fail_next(status=529, body={"type": "error", "error": {"type": "overloaded_error", "message": "busy"}})
+    assert a.call("POST", "/v1/messages", MESSAGE)[0] == 200         # answered by beta
+    assert a.server.health.is_cooling("alpha", time.time())
+    assert wait_for(lambda: b.server.health.is_cooling("alpha", time.time()), 5)
+    cooling = b.api("GET", "/api/state")[1]
+    before = len(upstream.requests)
+    assert b.call("POST", "/v1/messages", MESSAGE)[0] == 200
+    assert len(upstream.requests) == before          # B did not try alpha: it cools there too
+    reason = b.server.health.snapshot()["alpha"]["why"]
+    assert "529" in reason["message"], (reason, cooling)
+
+
+def test_an_outage_of_the_store_loses_no_usage_and_limits_count_per_host(hosts, pg_cluster):
+    a, b = hosts(2)
+    version = a.api("GET", "/api/config")[1]["version"]
+    status, _, body = a.call("POST", "/api/keys", {"name": "小张", "rpm": 3}, headers={"If-Match": version})
+    secret = json.loads(body)["key"]
+    assert wait_for(lambda: any(k.name == "小张" for k in b.store.view.config.keys), 5)
+    pg_cluster.stop()
+    try:
+        answered = [a.call("POST", "/v1/messages", MESSAGE)[0] for _ in range(5)]
+        assert answered == [200] * 5
+        # per host meanwhile: 3 a minute on each (unless the minute turns over in between)
+        on_a = [a.call("POST", "/v1/messages", MESSAGE, key=secret)[0] for _ in range(4)]
+        assert on_a.count(429) <= 1 and on_a.count(200) >= 3, on_a
+        status, state = a.api("GET", "/api/state")
+        assert state["store"]["ok"] is False and state["store"]["reason"]
+    finally:
+        pg_cluster.start()
+    # back: the usage of those seconds reaches the store, seen from the other host
+    assert wait_for(lambda: usage_total(b) == 5 + on_a.count(200), 20), usage_total(b)
+    assert wait_for(lambda: a.api("GET", "/api/state")[1]["store"]["ok"], 10)
+
+
+def test_migrate_store_copies_a_file_setup_and_refuses_to_overwrite_a_different_one(tmp_path, pg_url, upstream,
+                                                                                     upstream2):
+    import psycopg
+    whole = make_config(upstream, upstream2)
+    whole["Providers"][0]["name"] = CJK_RELAY
+    path = write_config(tmp_path / "config.json", whole)
+    proxy = start_proxy(path)
+    try:     # a file setup first: a selection in its state file, usage in its sqlite store
+        assert proxy.api("POST", "/api/select", {"provider": "beta"})[0] == 200
+        assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200
+        assert wait_for(lambda: usage_total(proxy) == 1, 10)
+    finally:
+        proxy.stop()
+    whole["STORE"] = pg_url
+    write_config(tmp_path / "config.json", whole)
+    assert ccproxy.main(["--config", path, "--migrate-store"]) == 0
+    assert ccproxy.main(["--config", path, "--migrate-store"]) == 0      # the same again: nothing twice
+    with psycopg.connect(pg_url) as conn:
+        body = json.loads(conn.execute("SELECT body FROM ccproxy.documents WHERE name = 'config'").fetchone()[0])
+        assert body["Providers"][0]["name"] == CJK_RELAY and not set(body) & set(ccproxy.HOST_KEYS)
+        assert conn.execute("SELECT sum(requests) FROM ccproxy.usage").fetchone()[0] == 1
+    whole["Providers"][0]["comment"] = "改过"
+    write_config(tmp_path / "config.json", whole)
+    assert ccproxy.main(["--config", path, "--migrate-store"]) == 2      # a different config is there
+    assert ccproxy.main(["--config", path, "--migrate-store", "--force"]) == 0
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM ccproxy.config_history").fetchone()[0] == 1
+    running = start_proxy(host_dir(tmp_path, "other", pg_url))
+    try:
+        assert names(running)[0] == CJK_RELAY and running.store.view.selected == "beta"
+        assert usage_total(running) == 1
+        assert running.store.view.config.by_name[CJK_RELAY].comment == "改过"
+    finally:
+        running.stop()
+
+
+def test_migrate_store_says_why_it_cannot(tmp_path, upstream, capsys):
+    path = write_config(tmp_path / "config.json", make_config(upstream))
+    assert ccproxy.main(["--config", path, "--migrate-store"]) == 2
+    assert "STORE must be a PostgreSQL URL" in capsys.readouterr().err
