@@ -182,6 +182,7 @@ AUTH_FAIL_WINDOW_S = 60.0
 AUTH_LOCKOUT_S = 60.0
 AUTH_TRUST_S = 86400.0              # a key that worked from an address is let in during its lockout
 AUTH_TRACKED_MAX = 10000            # addresses (and trusted keys) kept before pruning
+AUTH_SHARED_DIGEST = 8              # bytes of a wrong key's SHA-256 the throttle counts (and hosts tell each other)
 DEBUG_BODY_CHARS = 2000
 STATE_SUFFIX = ".state.json"
 STALE_TEMP_S = 60.0                 # a temp file of write_atomic this old was left by a crash
@@ -1413,7 +1414,10 @@ STORE_MIGRATIONS = {
         "CREATE TABLE classes (hour text NOT NULL, class text NOT NULL, provider text NOT NULL, {sums}, "
         "PRIMARY KEY (hour, class, provider))",
         "CREATE TABLE minutes (key_name text NOT NULL, minute bigint NOT NULL, count integer NOT NULL, "
-        "PRIMARY KEY (key_name, minute))"),
+        "PRIMARY KEY (key_name, minute))",
+        "CREATE TABLE requests (id bigserial PRIMARY KEY, at double precision NOT NULL, key_name text NOT NULL, "
+        "providers text[] NOT NULL, body text NOT NULL)",
+        "CREATE INDEX requests_by_time ON requests (at)"),
 }
 STORE_LOCK = 0x63637078             # pg_advisory_xact_lock's key while a host migrates the schema
 
@@ -5133,6 +5137,7 @@ class RequestLog:
         self.file = None
         self.expected = None          # the log's size after this process's last write
         self.shared = False           # another process writes the same log (then newest() reads it)
+        self.everyone = None          # with STORE: newest(limit, provider, key) of every host (SharedUsage)
         self.write_lock = threading.Lock()
         if path:
             found = file_signature(path)
@@ -5216,6 +5221,9 @@ class RequestLog:
             return (provider is None or rec.get("provider") == provider or
                     any(a[0] == provider for a in rec.get("attempts", []))) and \
                 (key is None or rec.get("key") == key)
+        found = self.everyone(limit, provider, key) if self.everyone is not None else None
+        if found is not None:
+            return found
         out = []
         if self.path and not self.shared:
             with self.write_lock:           # not while this process writes it: then it is ours
@@ -5700,6 +5708,9 @@ class UsageStore:
     def written(self):
         pass
 
+    def add_records(self, conn):
+        """Within the batch's transaction: the records themselves, where a store keeps them."""
+
     def waiting(self):
         """Whether usage waits to be written (the recorder then tries again when idle)."""
         return bool(self.pending[0])
@@ -5748,6 +5759,7 @@ class UsageStore:
                 add_sums(self.conn, "usage", ("hour", "provider", "model", "key_name"), usage)
                 add_sums(self.conn, "classes", ("hour", "class", "provider"), kinds)
                 add_conversations(self.conn, talks)
+                self.add_records(self.conn)
         except self.Error as exc:
             # Once a minute at most (a file) or every few seconds (the shared store): a
             # broken store must not fill the log, nor be asked at every batch.
@@ -5796,6 +5808,38 @@ class SharedUsage(UsageStore):
         super().__init__("STORE")
         self.pg = pg
         self.Error = pg.Error
+        self.records = deque(maxlen=REQUEST_RING)      # records not yet in the requests table
+
+    def add(self, records):
+        self.records.extend(records)
+        super().add(records)
+
+    def add_records(self, conn):
+        """The request records, for every host's Requests panel: the newest REQUEST_RING."""
+        if not self.records:
+            return
+        with conn.conn.cursor() as cursor:
+            cursor.executemany("INSERT INTO requests (at, key_name, providers, body) VALUES (%s, %s, %s, %s)", [
+                (rec["time"], rec.get("key") or "", [a[0] for a in rec.get("attempts", [])[:-1]] + [rec["provider"] or ""],
+                 json.dumps(rec, ensure_ascii=False)) for rec in self.records])
+        conn.execute("DELETE FROM requests WHERE id <= (SELECT max(id) FROM requests) - ?", (REQUEST_RING,))
+
+    def written(self):
+        self.records.clear()
+        self.pg.reached()
+
+    def newest(self, limit, provider=None, key=None):
+        """The newest records of every host, newest first (of one provider, or one user key);
+        None when the store cannot be read (this host's own are shown then)."""
+        try:
+            with self.pg.borrowed() as conn:
+                found = conn.execute("SELECT body FROM requests WHERE (%s::text IS NULL OR %s = ANY(providers)) AND "
+                                     "(%s::text IS NULL OR key_name = %s) ORDER BY at DESC LIMIT %s",
+                                     (provider, provider, key, key, limit)).fetchall()
+        except self.Error as exc:
+            self.pg.failed(exc)
+            return None
+        return [json.loads(body) for body, in found]
 
     def connect(self):
         return SqlConnection(self.pg.connect())
@@ -5814,9 +5858,6 @@ class SharedUsage(UsageStore):
 
     def failed(self, exc):
         self.pg.failed(exc)
-
-    def written(self):
-        self.pg.reached()
 
 
 class SqlConnection:
@@ -6371,6 +6412,8 @@ class Balances:
     balance route: every BALANCE_MISSING_TTL_S), several at once; the route that answered is
     remembered per relay and asked first next time."""
 
+    share = None        # with STORE: callable(kind, payload) that tells the other hosts (Postgres.publish)
+
     def __init__(self):
         self.lock = threading.Lock()
         self.known = {}             # provider name -> (monotonic time it expires, result)
@@ -6389,7 +6432,25 @@ class Balances:
                     if result.get("route"):
                         self.routes[provider.name] = result["route"]
                     self.known[provider.name] = (now + ttl, result)
+            if self.share is not None:
+                for provider, result in zip(stale, results):
+                    self.share("balance", {"name": provider.name, "ttl": self.known[provider.name][0] - now,
+                                           "result": result})
         return self.cached([p.name for p in providers])
+
+    def heard(self, message):
+        """Another host's answer from a relay: kept as if fetched here (fetched once for all)."""
+        if message is None or not isinstance(message.get("name"), str) or not isinstance(message.get("result"), dict):
+            return
+        ttl = message.get("ttl")
+        if not _is_number(ttl):
+            return
+        result = message["result"]
+        with self.lock:
+            if result.get("route"):
+                self.routes[message["name"]] = result["route"]
+            self.known[message["name"]] = (time.monotonic() + min(ttl, BALANCE_MISSING_TTL_S), result)
+
 
     def cached(self, names):
         with self.lock:
@@ -7189,6 +7250,8 @@ class Throttle:
     The clock is injectable for tests.
     """
 
+    share = None        # with STORE: callable(kind, payload) that tells the other hosts (Postgres.publish)
+
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.lock = threading.Lock()
@@ -7212,9 +7275,23 @@ class Throttle:
             self.trust(group, key, now)
             return
         if key:
-            self.failed(group, key_digest(key), now)
+            digest = key_digest(key)[:AUTH_SHARED_DIGEST]
+            self.failed(group, digest, now)
+            if self.share is not None:
+                self.share("wrong_key", {"group": group, "digest": digest.hex()})
             raise AuthError(Said("key_invalid"))
         raise AuthError(Said("key_missing"))
+
+    def heard(self, message):
+        """Another host's wrong key: counted here as if it came here (a guesser gets one
+        throttle, not one per host)."""
+        if message is None or not isinstance(message.get("group"), str):
+            return
+        try:
+            digest = bytes.fromhex(message.get("digest", ""))
+        except (TypeError, ValueError):
+            return
+        self.failed(message["group"], digest, self.clock())
 
     def trust(self, group, key, now):
         entry = (group, key_digest(key))
@@ -8126,7 +8203,10 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             self.store.sync()
         pg.handlers["documents"] = documents
         pg.handlers["cool"] = pg.handlers["recovered"] = self.health.heard
-        self.health.share = pg.publish
+        pg.handlers["wrong_key"] = self.throttle.heard
+        pg.handlers["balance"] = self.balances.heard
+        self.health.share = self.throttle.share = self.balances.share = pg.publish
+        self.recorder.request_log.everyone = self.recorder.usage.newest
         pg.start(self.stopping)
 
     def check_balances(self, names=None, refresh=False):

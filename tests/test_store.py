@@ -277,3 +277,41 @@ def test_migrate_store_says_why_it_cannot(tmp_path, upstream, capsys):
     path = write_config(tmp_path / "config.json", make_config(upstream))
     assert ccproxy.main(["--config", path, "--migrate-store"]) == 2
     assert "STORE must be a PostgreSQL URL" in capsys.readouterr().err
+
+
+def test_a_guesser_gets_one_throttle_for_all_hosts(hosts):
+    a, b = hosts(2)
+    for proxy in (a, b):        # Claude Code with the right key, on both hosts, before the guessing
+        assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200
+    for i in range(ccproxy.AUTH_FAIL_LIMIT):           # wrong keys, spread over both hosts
+        assert (a, b)[i % 2].call("POST", "/v1/messages", MESSAGE, key="sk-guess-%d" % i)[0] == 401
+    # the last one, on B, locked the guesser out on A as well: one throttle, not one per host
+    assert wait_for(lambda: a.call("POST", "/v1/messages", MESSAGE, key="sk-guess-more")[0] == 429, 5)
+    assert b.call("POST", "/v1/messages", MESSAGE, key="sk-guess-again")[0] == 429
+    for proxy in (a, b):        # and the right key that worked from here is still let in
+        assert proxy.call("POST", "/v1/messages", MESSAGE)[0] == 200
+
+
+def test_a_relays_balance_is_fetched_once_for_all_hosts(hosts, upstream):
+    a, b = hosts(2)
+    upstream.billing = {"hard_limit_usd": 100, "total_usage": 2550}
+    status, found = a.api("GET", "/api/balance?provider=alpha")
+    assert status == 200 and found["balances"]["alpha"]["remaining"] == 74.5
+    asked = len([r for r in upstream.requests if "billing" in r.path])
+    assert wait_for(lambda: "alpha" in b.server.balances.cached(["alpha"]), 5)
+    status, found = b.api("GET", "/api/balance?provider=alpha")
+    assert found["balances"]["alpha"]["remaining"] == 74.5
+    assert len([r for r in upstream.requests if "billing" in r.path]) == asked      # B did not ask again
+
+
+def test_the_requests_panel_lists_every_hosts_requests(hosts):
+    a, b = hosts(2)
+    assert a.call("POST", "/v1/messages", dict(MESSAGE, model="claude-sonnet-4-5"))[0] == 200
+    assert b.call("POST", "/v1/messages", dict(MESSAGE, model="claude-haiku-4-5"))[0] == 200
+
+    def models(proxy):
+        return sorted(r["model"] for r in proxy.api("GET", "/api/requests?limit=10")[1]["requests"])
+    for proxy in (a, b):
+        assert wait_for(lambda: models(proxy) == ["claude-haiku-4-5", "claude-sonnet-4-5"], 10), models(proxy)
+    found = a.api("GET", "/api/requests?limit=10&provider=beta")[1]["requests"]
+    assert found == []
