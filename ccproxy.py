@@ -1692,10 +1692,14 @@ class SharedDocuments:
                 conn.execute("LOCK TABLE documents IN EXCLUSIVE MODE")  # two hosts seeding at once
                 if "config" not in self.fetch():
                     text, state = seed()
-                    self.put(conn, "config", text)
-                    self.put(conn, "state", json.dumps(state, ensure_ascii=False, indent=1))
-                    log.warning("STORE %s was empty: it now holds %s's config and state", store_where(self.pg.url),
-                                file_name(self.config_path))
+                    if any(not key.startswith("_") for key in json.loads(text)):
+                        self.put(conn, "config", text)
+                        self.put(conn, "state", json.dumps(state, ensure_ascii=False, indent=1))
+                        log.warning("STORE %s was empty: it now holds %s's config and state",
+                                    store_where(self.pg.url), file_name(self.config_path))
+                    else:       # this host's file has nothing to share: it takes the first one shared
+                        log.warning("STORE %s holds no config yet: start the first host with its whole %s, or "
+                                    "run --migrate-store there", store_where(self.pg.url), file_name(self.config_path))
             self.fetch()
         except self.pg.Error as exc:
             self.pg.failed(exc)

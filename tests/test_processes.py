@@ -129,6 +129,21 @@ def call(port, method, path, body=None, key=APIKEY, stream=False):
     return out
 
 
+def run_nginx(tmp_path, site):
+    """nginx in the foreground with a server block of the README's, everything of it under tmp_path."""
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (prefix / name).mkdir()
+    (prefix / "nginx.conf").write_text(
+        "%s\npid %s/nginx.pid;\nerror_log %s/error.log;\nevents {}\nhttp {\n access_log off;\n"
+        " client_body_temp_path %s/body;\n proxy_temp_path %s/proxy;\n fastcgi_temp_path %s/fastcgi;\n"
+        " uwsgi_temp_path %s/uwsgi;\n scgi_temp_path %s/scgi;\n%s\n}\n"
+        % ("user root;" if os.geteuid() == 0 else "", prefix, prefix, prefix, prefix, prefix, prefix, prefix, site))
+    return subprocess.Popen([NGINX or "nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+                             "-g", "daemon off;"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 @pytest.mark.skipif(not NGINX and not REQUIRE_NGINX, reason="no nginx (apt-get install nginx-light)")
 def test_two_processes_behind_nginx(tmp_path, upstream, upstream2):
     ports = [free_port(), free_port()]
@@ -141,17 +156,7 @@ def test_two_processes_behind_nginx(tmp_path, upstream, upstream2):
     site = readme_nginx().replace("3457", str(ports[0])).replace("3458", str(ports[1])) \
         .replace("listen 3456", "listen 127.0.0.1:%d" % front) \
         .replace("location / {", "location / {\n        add_header X-Upstream $upstream_addr always;")
-    prefix = tmp_path / "nginx"
-    prefix.mkdir()
-    for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (prefix / name).mkdir()
-    (prefix / "nginx.conf").write_text(
-        "%s\npid %s/nginx.pid;\nerror_log %s/error.log;\nevents {}\nhttp {\n access_log off;\n"
-        " client_body_temp_path %s/body;\n proxy_temp_path %s/proxy;\n fastcgi_temp_path %s/fastcgi;\n"
-        " uwsgi_temp_path %s/uwsgi;\n scgi_temp_path %s/scgi;\n%s\n}\n"
-        % ("user root;" if os.geteuid() == 0 else "", prefix, prefix, prefix, prefix, prefix, prefix, prefix, site))
-    nginx = subprocess.Popen([NGINX or "nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
-                              "-g", "daemon off;"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    nginx = run_nginx(tmp_path, site)
     try:
         for port, process in zip(ports, processes):
             wait_listening(port, process)

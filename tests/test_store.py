@@ -2,16 +2,23 @@
 tests/postgres.py). Each "host" here is a make_server in a directory of its own, with a
 config.json that holds only what a host needs to start."""
 
+import http.client
 import json
-import time
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
 import ccproxy
 from conftest import APIKEY, ROOT, make_config, start_proxy, wait_for, write_config
+from test_keys import same_minute
+from test_processes import NGINX, REQUIRE_NGINX, free_port, run_nginx, wait_listening
+
+SECRET = "sk-ccp-store-test-secret-0123456789abcdef"
 
 CJK_RELAY = "中转站甲"
 
@@ -60,6 +67,20 @@ def test_the_first_host_seeds_an_empty_store_and_the_others_take_its_config(host
     assert a.store.config_file()[0] == data
     status, state = b.api("GET", "/api/state")
     assert state["store"]["ok"] and "@" not in state["store"]["where"].split("//")[1].split("/")[0][:0] + "x"
+
+
+def test_a_host_with_nothing_to_share_waits_for_the_first_one_that_has(tmp_path, pg_url, upstream):
+    early = start_proxy(host_dir(tmp_path, "early", pg_url))      # started before the first host
+    try:
+        assert names(early) == []
+        first = start_proxy(write_config(tmp_path / "first.json", make_config(upstream, STORE=pg_url)))
+        try:
+            assert names(first) == ["alpha"]            # its config was not replaced by an empty one
+            assert wait_for(lambda: names(early) == ["alpha"], 5)
+        finally:
+            first.stop()
+    finally:
+        early.stop()
 
 
 def test_a_selection_on_one_host_is_in_force_on_the_other_at_once(hosts, upstream):
@@ -315,3 +336,155 @@ def test_the_requests_panel_lists_every_hosts_requests(hosts):
         assert wait_for(lambda: models(proxy) == ["claude-haiku-4-5", "claude-sonnet-4-5"], 10), models(proxy)
     found = a.api("GET", "/api/requests?limit=10&provider=beta")[1]["requests"]
     assert found == []
+
+
+# -- three real processes, each in a directory of its own, behind the README's nginx block
+
+
+def readme_hosts_nginx():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    return re.search(r"```nginx\n(# /etc/nginx/conf.d/ccproxy-hosts.conf.*?)```", text, re.S).group(1)
+
+
+class Hosts:
+    """Three ccproxy processes (python3 ccproxy.py, as systemd runs it) on one database, and
+    nginx in front with the README's block."""
+
+    def __init__(self, tmp_path, pg_url, whole):
+        self.ports = [free_port() for _ in range(3)]
+        self.front = free_port()
+        self.processes = []
+        for i, port in enumerate(self.ports):
+            directory = tmp_path / ("host%d" % (i + 1))
+            directory.mkdir()
+            config = dict(whole, STORE=pg_url) if i == 0 else {"APIKEY": APIKEY, "STORE": pg_url}
+            config.update(HOST="127.0.0.1", PORT=port, TRUSTED_PROXIES=["127.0.0.1"])
+            path = write_config(directory / "config.json", config)
+            self.processes.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"), "--config", path],
+                                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                                   cwd=str(directory)))
+            wait_listening(port, self.processes[-1], 20)      # the first makes the schema: one at a time
+        site = readme_hosts_nginx()
+        for address, port in zip(("10.0.0.11:3456", "10.0.0.12:3456", "10.0.0.13:3456"), self.ports):
+            site = site.replace(address, "127.0.0.1:%d" % port)
+        site = site.replace("listen 3456", "listen 127.0.0.1:%d" % self.front).replace(
+            "location / {", "location / {\n        add_header X-Upstream $upstream_addr always;")
+        self.nginx = run_nginx(tmp_path, site)
+        wait_listening(self.front, self.nginx)
+
+    def close(self):
+        for process in [self.nginx] + self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in [self.nginx] + self.processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.mark.skipif(not NGINX and not REQUIRE_NGINX, reason="no nginx (apt-get install nginx-light)")
+@pytest.mark.timeout(180)
+def test_three_hosts_behind_nginx_survive_a_killed_host_and_a_stopped_database(tmp_path, pg_url, pg_cluster,
+                                                                              upstream, upstream2):
+    whole = make_config(upstream, upstream2, Keys=[{"name": "小王", "sha256": ccproxy.key_sha256(SECRET), "rpm": 6}])
+    hosts = Hosts(tmp_path, pg_url, whole)
+    try:
+        a, b, c = hosts.ports
+        # A selection made on one host is in force on the others within a second.
+        assert call(a, "POST", "/api/select", {"provider": "beta"})[0] == 200
+        deadline = time.monotonic() + 1.0
+        while any(json.loads(call(p, "GET", "/api/state")[2])["selected"] != "beta" for p in (b, c)):
+            assert time.monotonic() < deadline, "the others did not take the selection within a second: %s" % [
+                json.loads(call(p, "GET", "/api/state")[2]) for p in (b, c)]
+            time.sleep(0.05)
+        # Through nginx: requests without a conversation are spread over all three...
+        answered = set()
+        for _ in range(9):
+            status, headers, body = call(hosts.front, "POST", "/v1/messages", MESSAGE)
+            assert status == 200 and headers["x-ccproxy-provider"] == "beta", body
+            answered.add(headers["x-upstream"])
+        assert answered == {"127.0.0.1:%d" % p for p in hosts.ports}
+        # ...and a conversation's requests stay on one host.
+        talk = {"X-Claude-Code-Session-Id": "6f1c2b9e-3d4a-4e8f-9b1c-2a7d5e0f4c3b"}
+        assert len({call(hosts.front, "POST", "/v1/messages", MESSAGE, headers=talk)[1]["x-upstream"]
+                    for _ in range(4)}) == 1
+        # A key's rpm holds across all three: 6 a minute through nginx, not 6 a host.
+        same_minute()
+        results = [call(hosts.front, "POST", "/v1/messages", MESSAGE, key=SECRET)[0] for _ in range(8)]
+        assert results == [200] * 6 + [429] * 2
+        # Usage adds up: every host's requests, seen from any one.
+        assert wait_for(lambda: usage_requests(c) == 9 + 4 + 6, 10), usage_requests(c)
+
+        # kill -9 one host in the middle of a burst: every request after it is answered.
+        upstream2.first_delay = 0.2
+        statuses, lock = [], threading.Lock()
+
+        def burst(n):
+            for _ in range(n):
+                status = call(hosts.front, "POST", "/v1/messages", MESSAGE)[0]
+                with lock:
+                    statuses.append((time.monotonic(), status))
+        threads = [threading.Thread(target=burst, args=(10,)) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        hosts.processes[1].kill()
+        killed = time.monotonic()
+        hosts.processes[1].wait(10)
+        for thread in threads:
+            thread.join(60)
+        after = [s for at, s in statuses if at > killed + 0.3]     # sent after the kill
+        assert after and all(s == 200 for s in after), statuses
+        assert len(statuses) == 60
+        answered_before = sum(1 for _, s in statuses if s == 200)
+
+        # PostgreSQL stopped for 10 s under load: every request is still answered...
+        upstream2.first_delay = 0.0
+        statuses.clear()
+        stop = threading.Event()
+
+        def load():
+            while not stop.is_set():
+                status = call(hosts.front, "POST", "/v1/messages", MESSAGE)[0]
+                with lock:
+                    statuses.append((time.monotonic(), status))
+                time.sleep(0.05)
+        workers = [threading.Thread(target=load) for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        time.sleep(1)
+        pg_cluster.stop()
+        time.sleep(10)
+        pg_cluster.start()
+        time.sleep(1)
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+        assert statuses and all(s == 200 for _, s in statuses), [s for _, s in statuses if s != 200]
+        # ...and their usage is in the store once it is back: nothing recorded was lost.
+        expected = 9 + 4 + 6 + answered_before + len(statuses)
+        assert wait_for(lambda: usage_requests(c) == expected, 30), (usage_requests(c), expected)
+    finally:
+        hosts.close()
+        if not pg_cluster_running(pg_cluster):
+            pg_cluster.start()
+
+
+def call(port, method, path, body=None, key=APIKEY, headers=None):
+    """(status, headers lowercased, body) of one request to a port, on a connection of its own."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        sent = {"x-api-key": key, "Content-Type": "application/json", "anthropic-version": "2023-06-01"}
+        sent.update(headers or {})
+        conn.request(method, path, body=json.dumps(body).encode() if body is not None else None, headers=sent)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def usage_requests(port):
+    status, _, body = call(port, "GET", "/api/usage?by=provider")
+    return json.loads(body)["total"]["requests"] if status == 200 else None
