@@ -1453,6 +1453,7 @@ class Postgres:
         self.host_id = "%s/%d/%s" % (socket.gethostname(), os.getpid(), secrets.token_hex(3))
         self.lock = threading.Lock()
         self.down = None                # None, or (since, reason) while the store cannot be reached
+        self.probe_at = 0.0             # while it is down: when a request may ask it again (usable)
         self.idle = queue.SimpleQueue()     # connections of request threads and the page, not in use
         self.outbox = queue.SimpleQueue()   # (kind, payload) to announce
         self.handlers = {}              # notification kind -> callable(payload)
@@ -1462,6 +1463,7 @@ class Postgres:
         conn = self.psycopg.connect(
             self.url, autocommit=True, connect_timeout=STORE_CONNECT_TIMEOUT_S, application_name="ccproxy",
             keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+            tcp_user_timeout=STORE_STATEMENT_TIMEOUT_MS,        # a server gone silent, not only one that refuses
             options="-c search_path=ccproxy -c statement_timeout=%d" % STORE_STATEMENT_TIMEOUT_MS)
         # SUM() of bigint is numeric, which psycopg gives as Decimal: ccproxy's sums are int or float
         conn.adapters.register_loader("numeric", self.number_loader())
@@ -1473,6 +1475,18 @@ class Postgres:
                 text = bytes(data).decode("ascii")
                 return int(text) if text.lstrip("-").isdigit() else float(text)
         return NumberLoader
+
+    def usable(self):
+        """Whether a request should ask the store now: while it answers, yes; while it does
+        not, one request every STORE_RETRY_S (which finds it back), the others go on without
+        it at once rather than wait on a connection attempt each."""
+        if self.down is None:
+            return True
+        with self.lock:
+            if time.monotonic() < self.probe_at:
+                return False
+            self.probe_at = time.monotonic() + STORE_RETRY_S
+            return True
 
     def reached(self):
         """The store answered: if it was down, say that it is back."""
@@ -1542,7 +1556,7 @@ class Postgres:
     def notify(self, conn, kind, **payload):
         """NOTIFY the other hosts, within the caller's transaction (sent as it commits)."""
         payload.update(kind=kind, host=self.host_id)
-        conn.execute("SELECT pg_notify(%s, %s)", (STORE_CHANNEL, json.dumps(payload, ensure_ascii=False)))
+        conn.execute("SELECT pg_notify(%s, %s)", (STORE_CHANNEL, json.dumps(payload, ensure_ascii=False, default=str)))
 
     def start(self, stopping):
         threading.Thread(target=self.listen, args=(stopping,), name="ccproxy-store-listener", daemon=True).start()
@@ -5835,6 +5849,8 @@ class SharedUsage(UsageStore):
     def newest(self, limit, provider=None, key=None):
         """The newest records of every host, newest first (of one provider, or one user key);
         None when the store cannot be read (this host's own are shown then)."""
+        if not self.pg.usable():
+            return None
         try:
             with self.pg.borrowed() as conn:
                 found = conn.execute("SELECT body FROM requests WHERE (%s::text IS NULL OR %s = ANY(providers)) AND "
@@ -5853,6 +5869,8 @@ class SharedUsage(UsageStore):
 
     @contextlib.contextmanager
     def reader(self):
+        if not self.pg.usable():
+            raise StoreUnreadable(Said("usage_unreadable", reason=self.pg.down[1]))
         try:
             with self.pg.borrowed() as conn:
                 yield SqlConnection(conn)
@@ -6780,6 +6798,8 @@ class SharedLimits(Limits):
 
     def count_request(self, user, now):
         minute = int(now // 60)             # the same minute on every host: UTC, whole minutes
+        if not self.pg.usable():
+            return super().count_request(user, now)
         try:
             with self.pg.borrowed() as conn:
                 # Old minutes go in the same round trip: the table holds a minute or two of keys.
@@ -6797,6 +6817,8 @@ class SharedLimits(Limits):
             raise RateLimited(Said("key_rpm", name=user.name, rpm=user.rpm, wait=describe_wait(wait)), wait)
 
     def minute_count(self, name, now):
+        if not self.pg.usable():
+            return super().minute_count(name, now)
         try:
             with self.pg.borrowed() as conn:
                 row = conn.execute("SELECT count FROM minutes WHERE key_name = %s AND minute = %s",
@@ -6808,6 +6830,8 @@ class SharedLimits(Limits):
 
     @contextlib.contextmanager
     def reader(self):
+        if not self.pg.usable():
+            raise self.Error("the store is unreachable (%s)" % self.pg.down[1])
         with self.pg.borrowed() as conn:
             yield SqlConnection(conn)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: what ccproxy adds over going direct. Stdlib only; not collected by pytest.
 
-    python3 tests/bench.py [--quick] [--json FILE] [--baseline FILE]
+    python3 tests/bench.py [--quick] [--json FILE] [--baseline FILE] [--store]
 
 Three processes: an asyncio mock Anthropic upstream, the real proxy (ccproxy.py started as a
 user starts it: INFO logging to a file, request log on) and this asyncio load client, which
@@ -9,6 +9,8 @@ speaks raw HTTP/1.1 over keep-alive connections. Every figure is measured twice 
 direct to the mock and through the proxy, and printed as medians/percentiles side by side.
 Event timestamps come from CLOCK_MONOTONIC, which is shared by all processes on Linux.
 Every loop is bounded in count and in time. Linux only (/proc for CPU time and RSS).
+With --store, also ccproxy on a PostgreSQL of its own (STORE; tests/postgres.py starts one, as
+the tests do), side by side with the same proxy on files.
 """
 
 import argparse
@@ -53,6 +55,14 @@ TARGETS = [
     ("rss_growth_mb", "RSS growth over the soak after warm-up", "≤ 5 MB", lambda v: v <= 5.0),
     ("models_list_ms", "/v1/models?limit=1000, 50 relays x 200 models: p50", "≤ 100 ms", lambda v: v <= 100.0),
     ("key_limits_added_ms", "a user key with limits vs the APIKEY: added p50", "≤ +0.1 ms", lambda v: v <= 0.1),
+]
+
+# STORE against the files, measured side by side in one run (--store): the issue's goals.
+STORE_TARGETS = [
+    ("store_added_ms", "STORE: 1 client, APIKEY: added p50 vs files", "≤ +0.1 ms", lambda v: v <= 0.1),
+    ("store_key_limits_added_ms", "STORE: 1 client, user key with limits: added p50", "≤ +0.3 ms",
+     lambda v: v <= 0.3),
+    ("store_ttfb_ratio", "STORE: 256 streams TTFB p99 vs files", "≤ 1.3 ×", lambda v: v <= 1.3),
 ]
 
 # ---------------------------------------------------------------- mock upstream (own process)
@@ -402,7 +412,41 @@ def start_processes(tmp):
     return mock, mock_port, proxy, proxy_port
 
 
-async def run(quick):
+async def store_phase(phase, tmp, mock_port, limits, scale, r, raw):
+    """The same proxy on files and on a PostgreSQL STORE, in turn: one client with the APIKEY
+    and with a user key with limits (its rpm is then one statement), and the 256-stream burst."""
+    sys.path.insert(0, HERE)
+    import postgres
+    cluster = postgres.cluster()
+    files, files_port = start_proxy(tmp, mock_port, "files.json", Keys=[limits])
+    shared, shared_port = start_proxy(tmp, mock_port, "shared.json", Keys=[limits], STORE=cluster.new_database())
+    try:
+        times = {"files": {APIKEY: [], USER_KEY: []}, "store": {APIKEY: [], USER_KEY: []}}
+        for end, port in (("files", files_port), ("store", shared_port)):
+            await phase("warm-up %s" % end, alternating(port, 100, PLAIN, [APIKEY, USER_KEY]))
+        for _ in range(2):                   # files, store, files, store: the same moments of the machine
+            for end, port in (("files", files_port), ("store", shared_port)):
+                found = await phase("%s: APIKEY and a user key, in turn" % end,
+                                    alternating(port, scale(1500, 500), PLAIN, [APIKEY, USER_KEY]))
+                for key in found:
+                    times[end][key] += found[key]
+        for end in times:
+            raw["%s_apikey_ms" % end] = pct(times[end][APIKEY], 0.5)
+            raw["%s_user_key_ms" % end] = pct(times[end][USER_KEY], 0.5)
+        r["store_added_ms"] = raw["store_apikey_ms"] - raw["files_apikey_ms"]
+        r["store_key_limits_added_ms"] = raw["store_user_key_ms"] - raw["files_user_key_ms"]
+        events = scale(100, 20)
+        for end, port in (("files", files_port), ("store", shared_port)):
+            _, _, ttfb = await phase("256 streams %s" % end, streams(port, 256, events, 50))
+            raw["%s_ttfb_p99" % end] = pct(ttfb, 0.99)
+        r["store_ttfb_ratio"] = raw["store_ttfb_p99"] / raw["files_ttfb_p99"]
+    finally:
+        stop_proxy(files)
+        stop_proxy(shared)
+        cluster.close()
+
+
+async def run(quick, store=False):
     scale = (lambda full, small: small) if quick else (lambda full, small: full)
     tmp = tempfile.mkdtemp(prefix="ccproxy-bench-")
     mock, mock_port, proxy, proxy_port = start_processes(tmp)
@@ -499,6 +543,8 @@ async def run(quick):
             r["key_limits_added_ms"] = raw["latency_user_key_ms"] - raw["latency_apikey_ms"]
         finally:
             stop_proxy(keyed)
+        if store:
+            await store_phase(phase, tmp, mock_port, limits, scale, r, raw)
 
         # Claude Code's /model picker: every provider's models under an alias, from stored lists
         many = [{"name": "中转站%02d" % i, "api_base_url": "http://127.0.0.1:%d/r%d" % (mock_port, i),
@@ -535,11 +581,17 @@ def report(r, raw, baseline=None):
         print("%-48s %10.3f %10.3f %+10.3f" % (label, direct, proxied, proxied - direct))
     print("%-48s %10.3f %10.3f %+10.3f" % ("1 client p50 (ms): logs off | logs on", raw["latency_quiet"],
                                            raw["latency_proxy_again"], raw["latency_proxy_again"] - raw["latency_quiet"]))
+    if "store_added_ms" in r:
+        print("%-48s %10s %10s %10s" % ("STORE", "files", "store", "diff"))
+        for label, key in (("1 client p50 (ms): APIKEY", "apikey_ms"), ("1 client p50 (ms): user key with limits",
+                                                                         "user_key_ms"), ("256 streams: TTFB p99 (ms)", "ttfb_p99")):
+            files, store = raw["files_" + key], raw["store_" + key]
+            print("%-48s %10.3f %10.3f %+10.3f" % (label, files, store, store - files))
     print()
     print("%-52s %10s %12s  %s" % ("target", "value", "goal", ""))
     ok = True
-    for key, label, goal, check in TARGETS:
-        base = baseline["targets"][key] if baseline is not None else None
+    for key, label, goal, check in TARGETS + [t for t in STORE_TARGETS if t[0] in r]:
+        base = baseline["targets"].get(key) if baseline is not None else None
         if check in (RELATIVE, REPORTED):
             if base is None or check == REPORTED:
                 print("%-52s %10.3f %12s  %s" % (label, r[key], "" if base is None else "was %.3f" % base,
@@ -559,6 +611,8 @@ def main(argv=None):
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     parser.add_argument("--baseline", metavar="FILE", help="a --json FILE of the commit before a change, run on "
                         "the same machine in the same hour: the 256-stream burst may be 1.3 x its figure")
+    parser.add_argument("--store", action="store_true", help="also measure STORE against the files, on a PostgreSQL "
+                        "of its own (initdb and pg_ctl, and psycopg, must be installed)")
     parser.add_argument("--serve-mock", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -572,7 +626,7 @@ def main(argv=None):
     if args.baseline:
         with open(args.baseline) as f:
             baseline = json.load(f)
-    r, raw = asyncio.run(run(args.quick))
+    r, raw = asyncio.run(run(args.quick, args.store))
     ok = report(r, raw, baseline)
     if args.json:
         with open(args.json, "w") as f:

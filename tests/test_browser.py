@@ -1107,3 +1107,30 @@ def test_the_page_installs_like_an_app(browser, ui_proxy):
     manifest = browser.execute_cdp_cmd("Page.getAppManifest", {})
     assert manifest["errors"] == [] and '"standalone"' in manifest["data"]
     assert browser.execute_cdp_cmd("Page.getInstallabilityErrors", {})["installabilityErrors"] == []
+
+
+def test_the_page_says_when_the_shared_store_is_away_in_chinese(browser, tmp_path, upstream, pg_url, pg_cluster):
+    """With STORE: the page says, in Chinese, that the shared store cannot be reached (a
+    banner, and a change refused with why), and that it is back."""
+    path = write_config(tmp_path / "config.json", make_config(upstream, STORE=pg_url,
+                                                              Fallback=[], Providers=[
+                                                                  {"name": "中转站甲", "api_base_url": upstream.url,
+                                                                   "api_key": "sk-relay-jia-0123456789"},
+                                                                  {"name": "中转站乙", "api_base_url": upstream.url,
+                                                                   "api_key": "sk-relay-yi-0123456789"}]))
+    proxy = start_proxy(path)
+    try:
+        login(browser, proxy, "zh")
+        assert not browser.find_element(By.ID, "store-down").is_displayed()
+        pg_cluster.stop()
+        try:
+            wait(browser, lambda d: d.find_element(By.ID, "store-down").is_displayed(), timeout=15)
+            assert "共享存储" in text_of(browser, "store-down") and "请求照常转发" in text_of(browser, "store-down")
+            click(browser, lambda d: provider_card(d, "中转站乙").find_element(By.CSS_SELECTOR, "[data-action=select]"))
+            wait(browser, lambda d: "无法连接共享存储" in d.find_element(By.ID, "toast").text)
+            assert proxy.store.view.selected == "中转站甲"
+        finally:
+            pg_cluster.start()
+        wait(browser, lambda d: not d.find_element(By.ID, "store-down").is_displayed(), timeout=20)
+    finally:
+        proxy.stop()
