@@ -1330,9 +1330,14 @@ def remove_stale_temp_files(path):
             pass    # gone already, or not ours to remove
 
 
-def state_path_for(config_path):
+def beside(config_path, suffix):
+    """A file of ccproxy's beside the config: config.json -> config<suffix>."""
     root, ext = os.path.splitext(os.path.abspath(config_path))
-    return root + STATE_SUFFIX
+    return root + suffix
+
+
+def state_path_for(config_path):
+    return beside(config_path, STATE_SUFFIX)
 
 
 def file_signature(path):
@@ -1395,7 +1400,9 @@ class FileLock:
 # driver, psycopg 3, is the one import outside the standard library, made only when STORE is
 # set: it is libpq's (URLs, PGPASSWORD, ~/.pgpass, sslmode as every PostgreSQL tool takes
 # them), waits for a notification with a timeout (Connection.notifies), and has binary wheels.
-# All the SQL of the store is here and in UsageStore's portable statements.
+# The schema and the documents' SQL are here; the rest beside the classes they extend, which
+# come later in the file: UsageStore's portable statements (SharedUsage runs them, and keeps
+# the requests table), SharedLimits' minutes.
 
 # Each schema version's statements, run in order on a database that has an older one. Tables
 # live in the schema "ccproxy" (search_path): a database shared with other programs is fine.
@@ -1626,11 +1633,6 @@ class Postgres:
                     conn = None
 
 
-def store_cache_path(config_path):
-    root, ext = os.path.splitext(os.path.abspath(config_path))
-    return root + STORE_CACHE_SUFFIX
-
-
 def shared_part(raw):
     """A config without the keys each host keeps in its own config.json (HOST_KEYS)."""
     return {k: v for k, v in raw.items() if k not in HOST_KEYS}
@@ -1650,7 +1652,7 @@ class SharedDocuments:
     def __init__(self, config_path, pg):
         self.config_path = config_path
         self.pg = pg
-        self.cache_path = store_cache_path(config_path)
+        self.cache_path = beside(config_path, STORE_CACHE_SUFFIX)
         self.conn = None                # the documents' connection, used under Store.lock
         self.in_transaction = False
         self.rows = {}                  # name -> (body, version) as last read or written
@@ -1696,15 +1698,16 @@ class SharedDocuments:
             self.rows = {}
         return self.rows
 
-    def open(self, seed):
+    def open(self, seed=None):
         """At start: migrate the schema and read the documents; an empty store gets seed()'s
-        (config text, state) first. With the store away, the cached documents, or ConfigError."""
+        (config text, state) first (a tool, without seed, reads only). With the store away, the
+        cached documents, or ConfigError."""
         try:
             conn = self.connection()
             self.pg.migrate(conn)
             with conn.transaction():
                 conn.execute("LOCK TABLE documents IN EXCLUSIVE MODE")  # two hosts seeding at once
-                if "config" not in self.fetch():
+                if "config" not in self.fetch() and seed is not None:
                     text, state = seed()
                     if any(not key.startswith("_") for key in json.loads(text)):
                         self.put(conn, "config", text)
@@ -1871,6 +1874,26 @@ def migrate_store(config_path, force=False):
     return "copied %s into %s: its config (%d providers, %d keys), its state%s" % (
         file_name(config_path), store_where(config.store), len(config.providers), len(config.keys),
         "".join(", %d %s rows of usage" % (n, table) for table, n in copied.items()))
+
+
+def check_store(config_path, url):
+    """--check with STORE: the store is reached and the config it shares, with this host's
+    keys, is valid (ConfigError otherwise); what was found, as words after "OK"."""
+    docs = SharedDocuments(config_path, Postgres(url))
+    try:
+        conn = docs.connection()
+        found = conn.execute("SELECT value FROM ccproxy.meta WHERE key = 'schema'").fetchone() \
+            if conn.execute("SELECT to_regclass('ccproxy.meta')").fetchone()[0] else None
+        config = docs.load_config() if "config" in docs.fetch() else None
+    except docs.pg.Error as exc:
+        raise ConfigError([Said("store_unreachable_start", reason=str(exc).strip().splitlines()[0],
+                                file=file_name(docs.cache_path))])
+    finally:
+        docs.close()
+    if config is None:
+        return "; STORE %s reached, and it holds no config yet" % store_where(url)
+    return "; STORE %s reached (schema %s): %d providers, %d keys" % (
+        store_where(url), found[0] if found else "-", len(config.providers), len(config.keys))
 
 
 def copy_usage(path, conn):
@@ -2706,7 +2729,7 @@ def api_settings(handler, params):
 def api_export(handler, params):
     """The providers and settings as a file to download; keys only with ?keys=1."""
     with_keys = handler.query_params().get("keys", ["0"])[0] in ("1", "true", "yes")
-    raw = read_config(handler.server.store.config_path)[1]
+    raw = handler.server.store.config_file()[1]
     data = json.dumps(exported_config(raw, with_keys), ensure_ascii=False, indent=2).encode("utf-8") + b"\n"
     handler.send_bytes(200, data, "application/json",
                        [("Content-Disposition", 'attachment; filename="ccproxy-export%s.json"'
@@ -2724,7 +2747,7 @@ def import_request(handler):
 
 def api_import_preview(handler, params):
     _, imported = import_request(handler)
-    raw = read_config(handler.server.store.config_path)[1]
+    raw = handler.server.store.config_file()[1]
     return 200, {"format": imported["format"], "providers": import_plan(raw, imported),
                  "routes": imported["routes"], "notes": imported["notes"]}
 
@@ -8423,11 +8446,12 @@ def main(argv=None):
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     if args.check:
         try:
-            load_config(args.config)
+            config = load_config(args.config)
+            shared = check_store(args.config, config.store) if config.store else ""
         except ConfigError as exc:
             print("%s cannot be used:\n%s" % (os.path.abspath(args.config), "\n".join(exc.problems)), file=sys.stderr)
             return 2
-        print("%s: OK" % args.config)
+        print("%s: OK%s" % (args.config, shared))
         return 0
     if args.migrate_store:
         try:

@@ -112,6 +112,22 @@ def test_a_provider_edit_on_one_host_is_the_edit_for_all_with_the_same_versions(
     assert status == 409, body
 
 
+def test_export_and_import_work_on_the_shared_config(hosts):
+    a, b = hosts(2)
+    status, _, body = b.call("GET", "/api/export?keys=1")
+    exported = json.loads(body)
+    assert status == 200 and [p["name"] for p in exported["Providers"]] == ["alpha", "----", "beta", CJK_RELAY]
+    assert exported["Providers"][0]["api_key"] == "sk-alpha-secret-0123456789"
+    text = json.dumps({"Providers": [{"name": "中转站丙", "api_base_url": "https://bing.example/v1/messages",
+                                      "api_key": "sk-bing-0123456789"}]}, ensure_ascii=False)
+    status, preview = b.api("POST", "/api/import/preview", {"text": text})
+    assert status == 200 and preview["providers"][0]["name"] == "中转站丙"
+    version = b.api("GET", "/api/config")[1]["version"]
+    status, _, body = b.call("POST", "/api/import", {"text": text}, headers={"If-Match": version})
+    assert status == 200, body
+    assert wait_for(lambda: "中转站丙" in names(a), 5)
+
+
 def test_a_key_made_on_one_host_relays_on_the_other(hosts, upstream):
     a, b = hosts(2)
     version = a.api("GET", "/api/config")[1]["version"]
@@ -488,3 +504,29 @@ def call(port, method, path, body=None, key=APIKEY, headers=None):
 def usage_requests(port):
     status, _, body = call(port, "GET", "/api/usage?by=provider")
     return json.loads(body)["total"]["requests"] if status == 200 else None
+
+
+def test_the_converters_read_the_shared_config_through_a_hosts_file(hosts, tmp_path):
+    a, b = hosts(2)
+    host = str(tmp_path / "host2" / "config.json")
+    out = tmp_path / "cc-router.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "ccp2ccr.py"), "--input", host,
+                          "--output", str(out)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    written = json.loads(out.read_text(encoding="utf-8"))
+    assert [p["name"] for p in written["Providers"]] == ["alpha", "beta"]
+    assert "skipped %s: it has no models" % CJK_RELAY in run.stderr       # the store's own, read from it
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "ccp_update_model.py"), "--input", host],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "Refresh models" in run.stderr
+
+
+def test_check_reaches_the_store_and_validates_the_shared_config(hosts, tmp_path, capsys):
+    a, b = hosts(2)
+    host = str(tmp_path / "host2" / "config.json")
+    assert ccproxy.main(["--check", "--config", host]) == 0
+    out = capsys.readouterr().out
+    assert "reached (schema 1): 4 providers, 0 keys" in out and "postgres@" in out
+    away = host_dir(tmp_path, "away", "postgresql://postgres@127.0.0.1:1/nowhere")
+    assert ccproxy.main(["--check", "--config", away]) == 2
+    assert "cannot be reached" in capsys.readouterr().err

@@ -29,11 +29,20 @@ def fail(message):
 
 def load(path):
     """(config, store) through ccproxy's own loading and validation; ConfigError if unusable.
+    With STORE, the config and state the hosts share, read from the database (or, while it is
+    away, from the host's copy of them).
 
     The store is built read-only: nothing is written unless a tool asks for it.
     """
     config = ccproxy.load_config(path)
-    return config, ccproxy.Store(config)
+    if not config.store:
+        return config, ccproxy.Store(config)
+    docs = ccproxy.SharedDocuments(path, ccproxy.Postgres(config.store))
+    docs.open()
+    config = docs.load_config()
+    store = ccproxy.Store(config, docs)
+    docs.close()
+    return config, store
 
 
 def with_key(providers, warn=None):

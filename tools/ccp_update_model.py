@@ -138,6 +138,9 @@ def main(argv=None):
         config = ccproxy.validate_config(raw, args.input)
     except ccproxy.ConfigError as exc:
         return fail("\n".join(exc.problems))
+    if config.store:
+        return fail("%s: STORE is set, so the providers are in the database, not this file — refresh their models "
+                    "with the web page's Refresh models (kept there for every host)" % args.input)
     positions = {}
     for index, entry in enumerate(raw.get("Providers", [])):
         positions[entry.get("name")] = index
