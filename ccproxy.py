@@ -211,6 +211,7 @@ KEY_RECENT = 20                     # requests /api/me lists
 STATE_POLL_S = 0.5                  # how often another process's change to the state file is looked for
 # STORE: PostgreSQL shared by the ccproxy processes of several hosts (the shared store section).
 STORE_SCHEMES = ("postgresql", "postgres")   # libpq's URL schemes
+STORE_DRIVER_VERSION = (3, 2)       # psycopg's oldest with Connection.notifies(timeout=)
 STORE_SCHEMA = 1                    # the schema this ccproxy writes; an older one is migrated forward at start
 STORE_CHANNEL = "ccproxy"           # LISTEN/NOTIFY channel of the hosts' changes
 STORE_CONNECT_TIMEOUT_S = 5         # a connection attempt to PostgreSQL
@@ -611,8 +612,8 @@ MESSAGES = {
     "config_invalid": "config.json would not be valid:\n{problems}",
     "store_url": "STORE must be a PostgreSQL URL such as postgresql://ccproxy@db.example:5432/ccproxy, or \"\" "
         "for the files beside config.json",
-    "store_driver": "STORE names PostgreSQL, and this Python lacks its driver: python3 -m pip install "
-        "'psycopg[binary]' (psycopg 3), or unset STORE to keep the files beside config.json",
+    "store_driver": "STORE names PostgreSQL, and this Python lacks its driver: python3 -m pip install --upgrade "
+        "'psycopg[binary]' (psycopg 3.2 or newer), or unset STORE to keep the files beside config.json",
     "store_unreachable_start": "STORE: PostgreSQL cannot be reached ({reason}) and this host has no copy of the "
         "shared config yet ({file}) — start it once while the database is up",
     "store_schema_newer": "STORE: the database has schema {found}, newer than this ccproxy's {known} — a newer "
@@ -1430,10 +1431,13 @@ STORE_LOCK = 0x63637078             # pg_advisory_xact_lock's key while a host m
 
 
 def import_psycopg():
-    """psycopg 3, or a ConfigError that says which package to install."""
+    """psycopg 3.2 or newer (its notifies() waits with a timeout), or a ConfigError that says
+    which package to install."""
     try:
         import psycopg
     except ImportError:
+        raise ConfigError([Said("store_driver")])
+    if tuple(int(n) for n in re.findall(r"\d+", psycopg.__version__)[:2]) < STORE_DRIVER_VERSION:
         raise ConfigError([Said("store_driver")])
     return psycopg
 
@@ -1843,8 +1847,9 @@ class SharedDocuments:
 def migrate_store(config_path, force=False):
     """--migrate-store: copy a host's files into the store named by its STORE: the shared part
     of config.json (refused if the store holds a different one, unless force; the old one goes
-    to config_history), its state file, and the usage roll-ups of its sqlite store (a row the
-    store already has is kept, so a second run adds nothing twice). What was copied, in a line."""
+    to config_history), its state file unless the store has a state (the hosts' own, newer),
+    and the usage roll-ups of its sqlite store (a row the store already has is kept, so a
+    second run adds nothing twice). What was copied, in a line."""
     config = load_config(config_path)
     if not config.store:
         raise ConfigError([Said("store_url")], file_name(config_path))
@@ -1855,7 +1860,8 @@ def migrate_store(config_path, force=False):
         docs.pg.migrate(conn)
         with conn.transaction():
             conn.execute("LOCK TABLE documents IN EXCLUSIVE MODE")
-            held = docs.fetch().get("config")
+            rows = docs.fetch()
+            held = rows.get("config")
             if held and held[0] != text:
                 if not force:
                     when, by = conn.execute("SELECT changed_at, changed_by FROM documents WHERE name = 'config'").fetchone()
@@ -1864,15 +1870,17 @@ def migrate_store(config_path, force=False):
                 docs.write_config(held[0].encode("utf-8"), text)
             elif not held:
                 docs.put(conn, "config", text)
-            docs.put(conn, "state", json.dumps(state, ensure_ascii=False, indent=1))
+            if "state" not in rows:
+                docs.put(conn, "state", json.dumps(state, ensure_ascii=False, indent=1))
             copied = copy_usage(config.usage_db, conn) if config.usage_db and os.path.exists(config.usage_db) else {}
     except docs.pg.Error as exc:
         raise ConfigError([Said("store_unreachable_start", reason=str(exc).strip().splitlines()[0],
                                 file=file_name(docs.cache_path))])
     finally:
         docs.close()
-    return "copied %s into %s: its config (%d providers, %d keys), its state%s" % (
+    return "copied %s into %s: its config (%d providers, %d keys), %s%s" % (
         file_name(config_path), store_where(config.store), len(config.providers), len(config.keys),
+        "its state" if "state" not in rows else "not its state (the store's is kept)",
         "".join(", %d %s rows of usage" % (n, table) for table, n in copied.items()))
 
 

@@ -192,13 +192,20 @@ def test_a_newer_schema_is_refused_with_a_clear_message(tmp_path, pg_url, upstre
     assert said["code"] == "store_schema_newer" and said["values"] == {"found": 99, "known": 1}
 
 
-def test_without_the_driver_the_message_names_the_package(tmp_path):
+@pytest.mark.parametrize("driver", ["missing", "3.1.18"])
+def test_without_the_driver_the_message_names_the_package(tmp_path, driver):
+    """No psycopg, or one older than 3.2 (whose notifies() cannot wait with a timeout): a clear
+    refusal that names the package, never a traceback."""
     path = host_dir(tmp_path, "nodriver", "postgresql://db.example/ccproxy")
-    run = subprocess.run([sys.executable, "-c", "import sys; sys.modules['psycopg'] = None; sys.argv[0] = 'ccproxy.py'; "
-                          "sys.path.insert(0, %r); import ccproxy; sys.exit(ccproxy.main(['--config', %r]))" % (ROOT, path)],
+    fake = tmp_path / "site" / "psycopg"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = %r\n" % driver)
+    setup = "sys.modules['psycopg'] = None" if driver == "missing" else "sys.path.insert(0, %r)" % str(fake.parent)
+    run = subprocess.run([sys.executable, "-c", "import sys; %s; sys.path.insert(0, %r); import ccproxy; "
+                          "sys.exit(ccproxy.main(['--config', %r]))" % (setup, ROOT, path)],
                          capture_output=True, text=True, timeout=60)
-    assert run.returncode == 2
-    assert "pip install 'psycopg[binary]'" in run.stderr and "Traceback" not in run.stderr
+    assert run.returncode == 2, run.stderr
+    assert "pip install --upgrade 'psycopg[binary]'" in run.stderr and "Traceback" not in run.stderr
 
 
 MESSAGE = {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "你好"}]}
