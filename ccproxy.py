@@ -1469,6 +1469,15 @@ class Postgres:
         self.outbox = queue.SimpleQueue()   # (kind, payload) to announce
         self.handlers = {}              # notification kind -> callable(payload)
 
+        class Numbers(self.psycopg.adapt.Loader):
+            """SUM() of bigint is numeric, which psycopg gives as Decimal: ccproxy's sums are
+            int (tokens, requests) or float (cost)."""
+
+            def load(self, data):
+                text = bytes(data).decode("ascii")
+                return int(text) if text.lstrip("-").isdigit() else float(text)
+        self.numbers = Numbers
+
     def connect(self):
         """A new autocommit connection (transactions are explicit: with conn.transaction())."""
         conn = self.psycopg.connect(
@@ -1476,16 +1485,8 @@ class Postgres:
             keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
             tcp_user_timeout=STORE_STATEMENT_TIMEOUT_MS,        # a server gone silent, not only one that refuses
             options="-c search_path=ccproxy -c statement_timeout=%d" % STORE_STATEMENT_TIMEOUT_MS)
-        # SUM() of bigint is numeric, which psycopg gives as Decimal: ccproxy's sums are int or float
-        conn.adapters.register_loader("numeric", self.number_loader())
+        conn.adapters.register_loader("numeric", self.numbers)
         return conn
-
-    def number_loader(self):
-        class NumberLoader(self.psycopg.adapt.Loader):
-            def load(self, data):
-                text = bytes(data).decode("ascii")
-                return int(text) if text.lstrip("-").isdigit() else float(text)
-        return NumberLoader
 
     def usable(self):
         """Whether a request should ask the store now: while it answers, yes; while it does
@@ -1503,18 +1504,26 @@ class Postgres:
         """The store answered: if it was down, say that it is back."""
         if self.down is not None:
             with self.lock:
-                since, self.down = self.down[0], None
-            log.warning("STORE %s is reachable again after %.0f s: shared limits, usage and changes resume",
-                        store_where(self.url), time.time() - since)
+                down, self.down = self.down, None
+            if down is not None:        # not said already by another thread
+                log.warning("STORE %s is reachable again after %.0f s: shared limits, usage and changes resume",
+                            store_where(self.url), time.time() - down[0])
 
     def failed(self, exc):
         """The store did not answer: said once until it is back (the page shows it too)."""
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = self.reason(exc)
         with self.lock:
             first, self.down = self.down is None, self.down or (time.time(), reason)
         if first:
             log.error("STORE %s cannot be reached (%s): relaying goes on with what this host has; key limits "
                       "are counted per host and usage is kept here until it is back", store_where(self.url), reason)
+
+    def reason(self, exc):
+        """What went wrong, in one line, for the log and the page: never the URL's password,
+        which libpq may quote back in a message about the URL."""
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        password = urllib.parse.urlsplit(self.url).password
+        return redact(text, [password, urllib.parse.quote(password, safe="")]) if password else text
 
     def status(self):
         """The store as /api/state shows it."""
@@ -1584,7 +1593,7 @@ class Postgres:
                 conn.execute("LISTEN " + STORE_CHANNEL)
                 self.reached()
                 for handler in list(self.handlers.values()):
-                    handler(None)
+                    self.hand(handler, None)
                 while not stopping.is_set():
                     for note in conn.notifies(timeout=STORE_LISTEN_S):
                         self.heard(note.payload)
@@ -1612,10 +1621,14 @@ class Postgres:
             return
         handler = self.handlers.get(message.get("kind")) if isinstance(message, dict) else None
         if handler is not None and message.get("host") != self.host_id:
-            try:
-                handler(message)
-            except Exception:
-                log.exception("STORE: a notification could not be taken")
+            self.hand(handler, message)
+
+    def hand(self, handler, message):
+        """One notification to its handler: a handler's bug is logged, and the listener goes on."""
+        try:
+            handler(message)
+        except Exception:
+            log.exception("STORE: a notification could not be taken")
 
     def announce(self, stopping):
         """The writer of publish(): one NOTIFY each; what cannot be sent while the store is
@@ -1874,7 +1887,7 @@ def migrate_store(config_path, force=False):
                 docs.put(conn, "state", json.dumps(state, ensure_ascii=False, indent=1))
             copied = copy_usage(config.usage_db, conn) if config.usage_db and os.path.exists(config.usage_db) else {}
     except docs.pg.Error as exc:
-        raise ConfigError([Said("store_unreachable_start", reason=str(exc).strip().splitlines()[0],
+        raise ConfigError([Said("store_unreachable_start", reason=docs.pg.reason(exc),
                                 file=file_name(docs.cache_path))])
     finally:
         docs.close()
@@ -1894,7 +1907,7 @@ def check_store(config_path, url):
             if conn.execute("SELECT to_regclass('ccproxy.meta')").fetchone()[0] else None
         config = docs.load_config() if "config" in docs.fetch() else None
     except docs.pg.Error as exc:
-        raise ConfigError([Said("store_unreachable_start", reason=str(exc).strip().splitlines()[0],
+        raise ConfigError([Said("store_unreachable_start", reason=docs.pg.reason(exc),
                                 file=file_name(docs.cache_path))])
     finally:
         docs.close()

@@ -4,12 +4,14 @@ config.json that holds only what a host needs to start."""
 
 import http.client
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
 import threading
 import time
+from urllib.parse import quote
 
 import pytest
 
@@ -87,12 +89,12 @@ def test_a_selection_on_one_host_is_in_force_on_the_other_at_once(hosts, upstrea
     a, b = hosts(2)
     status, _ = a.api("POST", "/api/select", {"provider": CJK_RELAY})
     assert status == 200
-    assert wait_for(lambda: b.store.view.selected == CJK_RELAY, 5)
+    assert wait_for(lambda: b.store.view.selected == CJK_RELAY, 1.0)     # within a second
     # and the other way round, with a preset choice
     status, _ = b.api("POST", "/api/overrides", {"provider": "alpha", "header_override": "ua",
                                                  "request_override": None})
     assert status == 200
-    assert wait_for(lambda: a.store.view.targets["alpha"].header_preset_name == "ua", 5)
+    assert wait_for(lambda: a.store.view.targets["alpha"].header_preset_name == "ua", 1.0)
 
 
 def test_a_provider_edit_on_one_host_is_the_edit_for_all_with_the_same_versions(hosts):
@@ -105,7 +107,7 @@ def test_a_provider_edit_on_one_host_is_the_edit_for_all_with_the_same_versions(
         headers={"If-Match": config["version"]})
     assert status == 200, body
     version = json.loads(body)["version"]
-    assert wait_for(lambda: "中转站乙" in names(b), 5)
+    assert wait_for(lambda: "中转站乙" in names(b), 1.0)
     assert b.api("GET", "/api/config")[1]["version"] == version
     # The version B saw before is stale on B too: the same If-Match rules on every host.
     status, _, body = b.call("DELETE", "/api/providers/alpha", headers={"If-Match": config["version"]})
@@ -134,7 +136,7 @@ def test_a_key_made_on_one_host_relays_on_the_other(hosts, upstream):
     status, _, body = a.call("POST", "/api/keys", {"name": "小王"}, headers={"If-Match": version})
     assert status == 200, body
     secret = json.loads(body)["key"]
-    assert wait_for(lambda: any(k.name == "小王" for k in b.store.view.config.keys), 5)
+    assert wait_for(lambda: any(k.name == "小王" for k in b.store.view.config.keys), 1.0)
     status, _, body = b.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5,
                                                       "messages": [{"role": "user", "content": "hi"}]}, key=secret)
     assert status == 200, body
@@ -537,3 +539,37 @@ def test_check_reaches_the_store_and_validates_the_shared_config(hosts, tmp_path
     away = host_dir(tmp_path, "away", "postgresql://postgres@127.0.0.1:1/nowhere")
     assert ccproxy.main(["--check", "--config", away]) == 2
     assert "cannot be reached" in capsys.readouterr().err
+
+
+def test_ccproxy_store_in_the_environment_wins_over_the_file(tmp_path, pg_url, upstream, monkeypatch):
+    path = write_config(tmp_path / "config.json", make_config(upstream))       # no STORE in the file
+    monkeypatch.setenv("CCPROXY_STORE", pg_url)
+    proxy = start_proxy(path)
+    try:
+        assert proxy.store.docs.shared and proxy.api("GET", "/api/state")[1]["store"]["ok"]
+    finally:
+        proxy.stop()
+    monkeypatch.delenv("CCPROXY_STORE")
+    other = start_proxy(host_dir(tmp_path, "other", pg_url))
+    try:
+        assert names(other) == ["alpha"]           # the file's config went into the store
+    finally:
+        other.stop()
+
+
+def test_the_urls_password_reaches_no_log_and_no_page(tmp_path, pg_url, upstream, caplog):
+    caplog.set_level(logging.DEBUG, logger="ccproxy")
+    secret = "pw-秘密-0123456789"
+    with_password = pg_url.replace("postgres@", "postgres:%s@" % quote(secret, safe=""))     # trust: ignored
+    proxy = start_proxy(write_config(tmp_path / "config.json", make_config(upstream, STORE=with_password)))
+    try:
+        state = proxy.api("GET", "/api/state")[1]
+        assert state["store"]["ok"] and secret not in json.dumps(state, ensure_ascii=False)
+        assert quote(secret, safe="") not in json.dumps(state)
+    finally:
+        proxy.stop()
+    away = host_dir(tmp_path, "away", "postgresql://postgres:%s@127.0.0.1:1/nowhere" % quote(secret, safe=""))
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        ccproxy.make_server(away, "127.0.0.1", 0)
+    said = str(caught.value) + caplog.text
+    assert secret not in said and quote(secret, safe="") not in said
