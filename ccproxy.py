@@ -32,7 +32,8 @@ Sections, in file order (grep -n '^# ===' ccproxy.py), each for one topic:
   messages — MESSAGES: everything ccproxy says to a person, by code (the page words it in Chinese)
   config — SETTINGS (every top-level key), config.json checked into a Config (providers, keys)
   files — atomic writes at mode 0600, backups, flock between processes
-  shared store — STORE: PostgreSQL for several hosts (Postgres, SharedDocuments, NOTIFY)
+  shared store — STORE: PostgreSQL for several hosts (Postgres: schema, NOTIFY, listener)
+  shared documents — the config and the state in the store (SharedDocuments), --migrate-store
   state — Store: the selection, choices, learned fixes and models (the state file), reloads
   config editing — the page's changes to config.json, import and export
   HTTP messages — strict parsing both ways (RFC 9110/9112), cross-site requests
@@ -1396,8 +1397,9 @@ class FileLock:
 #
 # STORE names a PostgreSQL database that several hosts' ccproxy processes share, each behind
 # the same balancer: the config (less each host's own keys, HOST_KEYS) and the state are two
-# documents there, changed in one transaction each and announced with NOTIFY, so every host
-# takes a change at once; usage, key minutes and cooldowns go there too (later sections). The
+# documents there (the next section), changed in one transaction each and announced with
+# NOTIFY, so every host takes a change at once; usage, key minutes, cooldowns, balances and
+# the wrong-key throttle go there too (later sections). The
 # driver, psycopg 3, is the one import outside the standard library, made only when STORE is
 # set: it is libpq's (URLs, PGPASSWORD, ~/.pgpass, sslmode as every PostgreSQL tool takes
 # them), waits for a notification with a timeout (Connection.notifies), and has binary wheels.
@@ -1648,6 +1650,13 @@ class Postgres:
                 if conn is not None:
                     conn.close()
                     conn = None
+
+
+# ============================================================================ shared documents
+#
+# With STORE, the config (less each host's own keys) and the state live in the store as two
+# documents; a host's config.json keeps what it starts with. --migrate-store copies a host's
+# files in, --check reaches the store and validates what it shares.
 
 
 def shared_part(raw):
