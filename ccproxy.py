@@ -617,6 +617,7 @@ MESSAGES = {
         "'psycopg[binary]' (psycopg 3.2 or newer), or unset STORE to keep the files beside config.json",
     "store_unreachable_start": "STORE: PostgreSQL cannot be reached ({reason}) and this host has no copy of the "
         "shared config yet ({file}) — start it once while the database is up",
+    "store_failed": "STORE: PostgreSQL at {where} could not be used ({reason})",
     "store_schema_newer": "STORE: the database has schema {found}, newer than this ccproxy's {known} — a newer "
         "ccproxy wrote it; upgrade this host's ccproxy.py (a schema is never migrated backward)",
     "store_down": "the shared store (PostgreSQL) cannot be reached ({reason}), so this change was not made — "
@@ -1896,8 +1897,7 @@ def migrate_store(config_path, force=False):
                 docs.put(conn, "state", json.dumps(state, ensure_ascii=False, indent=1))
             copied = copy_usage(config.usage_db, conn) if config.usage_db and os.path.exists(config.usage_db) else {}
     except docs.pg.Error as exc:
-        raise ConfigError([Said("store_unreachable_start", reason=docs.pg.reason(exc),
-                                file=file_name(docs.cache_path))])
+        raise ConfigError([Said("store_failed", where=store_where(docs.pg.url), reason=docs.pg.reason(exc))])
     finally:
         docs.close()
     return "copied %s into %s: its config (%d providers, %d keys), %s%s" % (
@@ -1914,12 +1914,14 @@ def check_store(config_path, url):
         conn = docs.connection()
         found = conn.execute("SELECT value FROM ccproxy.meta WHERE key = 'schema'").fetchone() \
             if conn.execute("SELECT to_regclass('ccproxy.meta')").fetchone()[0] else None
-        config = docs.load_config() if "config" in docs.fetch() else None
+        config = docs.load_config() if found and "config" in docs.fetch() else None
     except docs.pg.Error as exc:
-        raise ConfigError([Said("store_unreachable_start", reason=docs.pg.reason(exc),
-                                file=file_name(docs.cache_path))])
+        raise ConfigError([Said("store_failed", where=store_where(docs.pg.url), reason=docs.pg.reason(exc))])
     finally:
         docs.close()
+    if found is None:
+        return "; STORE %s reached, empty: the first start makes its tables and shares this file's config" % (
+            store_where(url))
     if config is None:
         return "; STORE %s reached, and it holds no config yet" % store_where(url)
     return "; STORE %s reached (schema %s): %d providers, %d keys" % (

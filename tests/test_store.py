@@ -530,7 +530,10 @@ def test_the_converters_read_the_shared_config_through_a_hosts_file(hosts, tmp_p
     assert run.returncode == 2 and "Refresh models" in run.stderr
 
 
-def test_check_reaches_the_store_and_validates_the_shared_config(hosts, tmp_path, capsys):
+def test_check_reaches_the_store_and_validates_the_shared_config(hosts, tmp_path, pg_url, capsys):
+    first = host_dir(tmp_path, "before", pg_url)
+    assert ccproxy.main(["--check", "--config", first]) == 0       # an empty database, before any start
+    assert "reached, empty: the first start makes its tables" in capsys.readouterr().out
     a, b = hosts(2)
     host = str(tmp_path / "host2" / "config.json")
     assert ccproxy.main(["--check", "--config", host]) == 0
@@ -538,7 +541,7 @@ def test_check_reaches_the_store_and_validates_the_shared_config(hosts, tmp_path
     assert "reached (schema 1): 4 providers, 0 keys" in out and "postgres@" in out
     away = host_dir(tmp_path, "away", "postgresql://postgres@127.0.0.1:1/nowhere")
     assert ccproxy.main(["--check", "--config", away]) == 2
-    assert "cannot be reached" in capsys.readouterr().err
+    assert "PostgreSQL at postgresql://postgres@127.0.0.1:1/nowhere could not be used" in capsys.readouterr().err
 
 
 def test_ccproxy_store_in_the_environment_wins_over_the_file(tmp_path, pg_url, upstream, monkeypatch):
