@@ -1,7 +1,8 @@
 """A real PostgreSQL for the shared-store tests: a cluster of its own in a temp directory,
 made with initdb and started with pg_ctl on a free port (Debian's postgresql package). Each
 test gets a database of its own. Without PostgreSQL or psycopg the tests are skipped, unless
-CCPROXY_REQUIRE_POSTGRES=1 (CI) makes that a failure."""
+CCPROXY_REQUIRE_POSTGRES=1 (CI) makes that a failure. Standard library only, but for psycopg:
+tests/bench.py --store uses it too."""
 
 import glob
 import os
@@ -10,12 +11,15 @@ import socket
 import subprocess
 import tempfile
 
-import pytest
-
 REQUIRED = os.environ.get("CCPROXY_REQUIRE_POSTGRES") == "1"
 
 
 def missing(why):
+    """Skip the test (fail it under CCPROXY_REQUIRE_POSTGRES=1); outside pytest, stop with why."""
+    try:
+        import pytest
+    except ImportError:
+        raise SystemExit("no PostgreSQL for --store: %s" % why)
     if REQUIRED:
         pytest.fail("CCPROXY_REQUIRE_POSTGRES=1 and %s" % why)
     pytest.skip(why)
