@@ -1464,7 +1464,8 @@ class Postgres:
         self.url = url
         self.psycopg = psycopg or import_psycopg()
         self.Error = self.psycopg.Error
-        self.host_id = "%s/%d/%s" % (socket.gethostname(), os.getpid(), secrets.token_hex(3))
+        self.host_name = socket.gethostname()
+        self.host_id = "%s/%d/%s" % (self.host_name, os.getpid(), secrets.token_hex(3))
         self.lock = threading.Lock()
         self.down = None                # None, or (since, reason) while the store cannot be reached
         self.probe_at = 0.0             # while it is down: when a request may ask it again (usable)
@@ -5884,6 +5885,8 @@ class SharedUsage(UsageStore):
         self.records = deque(maxlen=REQUEST_RING)      # records not yet in the requests table
 
     def add(self, records):
+        for rec in records:         # which host answered: the Requests panel lists every host's
+            rec["host"] = self.pg.host_name
         self.records.extend(records)
         super().add(records)
 

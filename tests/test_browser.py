@@ -9,6 +9,7 @@ import json
 import re
 import os
 import shutil
+import socket
 import time
 from urllib.parse import quote
 
@@ -1132,5 +1133,9 @@ def test_the_page_says_when_the_shared_store_is_away_in_chinese(browser, tmp_pat
         finally:
             pg_cluster.start()
         wait(browser, lambda d: not d.find_element(By.ID, "store-down").is_displayed(), timeout=20)
+        assert proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5,
+                                                   "messages": [{"role": "user", "content": "你好"}]})[0] == 200
+        go(browser, "requests")     # which host answered, under its time
+        wait(browser, lambda d: socket.gethostname() in d.find_element(By.ID, "requests").text, timeout=8)
     finally:
         proxy.stop()

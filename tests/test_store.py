@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -359,6 +360,8 @@ def test_the_requests_panel_lists_every_hosts_requests(hosts):
         return sorted(r["model"] for r in proxy.api("GET", "/api/requests?limit=10")[1]["requests"])
     for proxy in (a, b):
         assert wait_for(lambda: models(proxy) == ["claude-haiku-4-5", "claude-sonnet-4-5"], 10), models(proxy)
+    found = a.api("GET", "/api/requests?limit=10")[1]["requests"]
+    assert {r["host"] for r in found} == {socket.gethostname()}       # each says which host answered it
     found = a.api("GET", "/api/requests?limit=10&provider=beta")[1]["requests"]
     assert found == []
 
