@@ -5940,6 +5940,14 @@ class SharedUsage(UsageStore):
         self.pg.failed(exc)
 
 
+def store_metrics_lines(pg, usage):
+    """/metrics with STORE: whether the store answers, and the usage groups waiting for it."""
+    return ["# HELP ccproxy_store_up Whether the shared store (STORE) answered its last use.",
+            "# TYPE ccproxy_store_up gauge", "ccproxy_store_up %d" % (pg.down is None),
+            "# HELP ccproxy_store_waiting_usage Usage groups kept on this host until the store takes them.",
+            "# TYPE ccproxy_store_waiting_usage gauge", "ccproxy_store_waiting_usage %d" % len(usage.pending[0])]
+
+
 class SqlConnection:
     """A psycopg connection that runs UsageStore's statements as they are written for sqlite3:
     ? placeholders (none of them has a % or a ? of its own)."""
@@ -7694,8 +7702,10 @@ def hello(handler, params):
 
 
 def metrics(handler, params):
-    recorder = handler.server.recorder
+    recorder, store = handler.server.recorder, handler.server.store
     text = recorder.counters.metrics_text(recorder.cache_watch.status()) + "\n".join(handler.server.balances.metrics_lines()) + "\n"
+    if store.docs.shared:
+        text += "\n".join(store_metrics_lines(store.docs.pg, recorder.usage)) + "\n"
     handler.send_bytes(200, text.encode("utf-8"),
                        "text/plain; version=0.0.4; charset=utf-8")
     return None

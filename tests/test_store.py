@@ -277,6 +277,9 @@ def test_an_outage_of_the_store_loses_no_usage_and_limits_count_per_host(hosts, 
         assert on_a.count(429) <= 1 and on_a.count(200) >= 3, on_a
         status, state = a.api("GET", "/api/state")
         assert state["store"]["ok"] is False and state["store"]["reason"]
+        # /metrics says so too, with the usage groups that wait here for the store
+        assert wait_for(lambda: re.search(r"ccproxy_store_waiting_usage [1-9]", a.call("GET", "/metrics")[2].decode()), 5)
+        assert "ccproxy_store_up 0" in a.call("GET", "/metrics")[2].decode()
     finally:
         pg_cluster.start()
     # back: the usage of those seconds reaches the store, seen from the other host
