@@ -1796,6 +1796,8 @@ class SharedDocuments:
         """Under Store.lock: whether the state or the config changed since this host read
         them (asked of the store, unless this is within a change, which read them)."""
         if not self.in_transaction:
+            if not self.pg.usable():
+                return False            # away: the listener says when it is back
             self.heard = False
             try:
                 self.fetch()
