@@ -1428,7 +1428,8 @@ STORE_MIGRATIONS = {
         "PRIMARY KEY (key_name, minute))",
         "CREATE TABLE requests (id bigserial PRIMARY KEY, at double precision NOT NULL, key_name text NOT NULL, "
         "providers text[] NOT NULL, body text NOT NULL)",
-        "CREATE INDEX requests_by_time ON requests (at)"),
+        "CREATE INDEX requests_by_time ON requests (at)",
+        "CREATE TABLE cooldowns (name text PRIMARY KEY, until double precision NOT NULL, reason text NOT NULL)"),
 }
 STORE_LOCK = 0x63637078             # pg_advisory_xact_lock's key while a host migrates the schema
 
@@ -1610,6 +1611,26 @@ class Postgres:
                 if conn is not None:
                     conn.close()
 
+    def keep(self, conn, kind, payload):
+        """What of an announcement a host started later needs: the relays cooling down."""
+        if kind == "cool":
+            conn.execute("INSERT INTO cooldowns (name, until, reason) VALUES (%s, %s, %s) ON CONFLICT (name) DO "
+                         "UPDATE SET until = excluded.until, reason = excluded.reason WHERE cooldowns.until < excluded.until",
+                         (payload["name"], payload["until"], json.dumps(payload["reason"], ensure_ascii=False)))
+        elif kind == "recovered":
+            conn.execute("DELETE FROM cooldowns WHERE name = %s", (payload["name"],))
+
+    def cooldowns(self):
+        """The relays cooling down now, as "cool" announcements: what a host that starts, or
+        that was cut off from the store, missed."""
+        try:
+            with self.borrowed() as conn:
+                found = conn.execute("SELECT name, until, reason FROM cooldowns WHERE until > %s", (time.time(),)).fetchall()
+        except self.Error as exc:
+            self.failed(exc)
+            return []
+        return [{"kind": "cool", "name": name, "until": until, "reason": json.loads(reason)} for name, until, reason in found]
+
     def close(self):
         """Close the idle connections (the threads close their own as they stop)."""
         while True:
@@ -1646,7 +1667,9 @@ class Postgres:
             try:
                 if conn is None or conn.closed:
                     conn = self.connect()
-                self.notify(conn, kind, **payload)
+                with conn.transaction():
+                    self.keep(conn, kind, payload)
+                    self.notify(conn, kind, **payload)
             except self.Error as exc:
                 log.debug("STORE: not announced (%s): %s", kind, exc)
                 if conn is not None:
@@ -8300,7 +8323,10 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             docs.heard = True
             self.store.sync()
         pg.handlers["documents"] = documents
-        pg.handlers["cool"] = pg.handlers["recovered"] = self.health.heard
+        def cooling(message):
+            for one in pg.cooldowns() if message is None else [message]:
+                self.health.heard(one)
+        pg.handlers["cool"] = pg.handlers["recovered"] = cooling
         pg.handlers["wrong_key"] = self.throttle.heard
         pg.handlers["balance"] = self.balances.heard
         self.health.share = self.throttle.share = self.balances.share = pg.publish

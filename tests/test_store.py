@@ -248,7 +248,7 @@ def test_a_keys_rpm_holds_across_all_hosts(hosts):
     assert me["used"]["rpm"] == 4
 
 
-def test_a_relay_that_fails_on_one_host_cools_down_on_the_others(hosts, upstream, upstream2):
+def test_a_relay_that_fails_on_one_host_cools_down_on_the_others(hosts, upstream, upstream2, tmp_path, pg_url):
     a, b = hosts(2, Fallback=["beta"])
     upstream.fail_next(status=529, body={"type": "error", "error": {"type": "overloaded_error", "message": "busy"}})
     assert a.call("POST", "/v1/messages", MESSAGE)[0] == 200         # answered by beta
@@ -260,6 +260,13 @@ def test_a_relay_that_fails_on_one_host_cools_down_on_the_others(hosts, upstream
     assert len(upstream.requests) == before          # B did not try alpha: it cools there too
     reason = b.server.health.snapshot()["alpha"]["why"]
     assert "529" in reason["message"], (reason, cooling)
+    # a host started now knows it too: the store keeps what is cooling
+    c = start_proxy(host_dir(tmp_path, "late", pg_url))
+    try:
+        assert wait_for(lambda: c.server.health.is_cooling("alpha", time.time()), 5)
+        assert c.server.health.snapshot()["alpha"]["why"] == reason
+    finally:
+        c.stop()
 
 
 def test_an_outage_of_the_store_loses_no_usage_and_limits_count_per_host(hosts, pg_cluster):
