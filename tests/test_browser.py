@@ -1123,6 +1123,9 @@ def test_the_page_says_when_the_shared_store_is_away_in_chinese(browser, tmp_pat
     try:
         login(browser, proxy, "zh")
         assert not browser.find_element(By.ID, "store-down").is_displayed()
+        go(browser, "settings")         # where the settings are saved: the shared store, not config.json
+        wait(browser, lambda d: "保存在共享存储 postgresql://postgres@" in text_of(d, "settings-store"))
+        go(browser, "relays")
         pg_cluster.stop()
         try:
             wait(browser, lambda d: d.find_element(By.ID, "store-down").is_displayed(), timeout=15)
