@@ -1519,6 +1519,7 @@ class Postgres:
         reason = self.reason(exc)
         with self.lock:
             first, self.down = self.down is None, self.down or (time.time(), reason)
+        self.close()        # the idle connections went with it: new ones once it is back
         if first:
             log.error("STORE %s cannot be reached (%s): relaying goes on with what this host has; key limits "
                       "are counted per host and usage is kept here until it is back", store_where(self.url), reason)
@@ -1602,6 +1603,9 @@ class Postgres:
                 while not stopping.is_set():
                     for note in conn.notifies(timeout=STORE_LISTEN_S):
                         self.heard(note.payload)
+                    if self.down is not None:   # another use failed meanwhile: this one answers
+                        conn.execute("SELECT 1")
+                        self.reached()
             except self.Error as exc:
                 if stopping.is_set():
                     break

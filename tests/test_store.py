@@ -589,3 +589,20 @@ def test_the_urls_password_reaches_no_log_and_no_page(tmp_path, pg_url, upstream
         ccproxy.make_server(away, "127.0.0.1", 0)
     said = str(caught.value) + caplog.text
     assert secret not in said and quote(secret, safe="") not in said
+
+
+def test_the_store_is_seen_back_even_when_its_kept_connections_died_with_it(hosts, pg_cluster):
+    a, = hosts(1)
+    assert a.api("GET", "/api/usage")[0] == 200          # a connection kept for the page's next use
+    assert a.api("GET", "/api/sessions")[0] == 200
+    pg_cluster.stop()
+    try:
+        assert wait_for(lambda: not a.api("GET", "/api/state")[1]["store"]["ok"], 10)
+        assert a.api("POST", "/api/select", {"provider": "beta"})[0] == 503     # as the page's switch did
+    finally:
+        pg_cluster.start()
+    # no request needs the store now: its listener alone must find it back, and stay sure of it
+    assert wait_for(lambda: a.api("GET", "/api/state")[1]["store"]["ok"], 10)
+    time.sleep(3)
+    assert a.api("GET", "/api/state")[1]["store"]["ok"]
+    assert a.api("GET", "/api/usage")[0] == 200
