@@ -212,7 +212,7 @@ KEY_RECENT = 20                     # requests /api/me lists
 STATE_POLL_S = 0.5                  # how often another process's change to the state file is looked for
 # STORE: PostgreSQL shared by the ccproxy processes of several hosts (the shared store section).
 STORE_SCHEMES = ("postgresql", "postgres")   # libpq's URL schemes
-STORE_DRIVER_VERSION = (3, 2)       # psycopg's oldest with Connection.notifies(timeout=)
+STORE_DRIVER_VERSION = (3, 1)       # psycopg: Debian 12's python3-psycopg is 3.1.7
 STORE_SCHEMA = 1                    # the schema this ccproxy writes; an older one is migrated forward at start
 STORE_CHANNEL = "ccproxy"           # LISTEN/NOTIFY channel of the hosts' changes
 STORE_CONNECT_TIMEOUT_S = 5         # a connection attempt to PostgreSQL
@@ -613,8 +613,9 @@ MESSAGES = {
     "config_invalid": "config.json would not be valid:\n{problems}",
     "store_url": "STORE must be a PostgreSQL URL such as postgresql://ccproxy@db.example:5432/ccproxy, or \"\" "
         "for the files beside config.json",
-    "store_driver": "STORE names PostgreSQL, and this Python lacks its driver: python3 -m pip install --upgrade "
-        "'psycopg[binary]' (psycopg 3.2 or newer), or unset STORE to keep the files beside config.json",
+    "store_driver": "STORE names PostgreSQL, and this Python lacks its driver, psycopg 3.1 or newer: apt-get "
+        "install python3-psycopg (Debian 12, Ubuntu 24.04) or python3 -m pip install --upgrade 'psycopg[binary]'; "
+        "or unset STORE to keep the files beside config.json",
     "store_unreachable_start": "STORE: PostgreSQL cannot be reached ({reason}) and this host has no copy of the "
         "shared config yet ({file}) — start it once while the database is up",
     "store_failed": "STORE: PostgreSQL at {where} could not be used ({reason})",
@@ -1403,7 +1404,8 @@ class FileLock:
 # the wrong-key throttle go there too (later sections). The
 # driver, psycopg 3, is the one import outside the standard library, made only when STORE is
 # set: it is libpq's (URLs, PGPASSWORD, ~/.pgpass, sslmode as every PostgreSQL tool takes
-# them), waits for a notification with a timeout (Connection.notifies), and has binary wheels.
+# them), hands notifications to a handler (add_notify_handler), has binary wheels on PyPI, and
+# Debian 12 and Ubuntu 24.04 package it (python3-psycopg): a server may need no pip at all.
 # The schema and the documents' SQL are here; the rest beside the classes they extend, which
 # come later in the file: UsageStore's portable statements (SharedUsage runs them, and keeps
 # the requests table), SharedLimits' minutes.
@@ -1435,8 +1437,7 @@ STORE_LOCK = 0x63637078             # pg_advisory_xact_lock's key while a host m
 
 
 def import_psycopg():
-    """psycopg 3.2 or newer (its notifies() waits with a timeout), or a ConfigError that says
-    which package to install."""
+    """psycopg 3.1 or newer, or a ConfigError that says which package to install."""
     try:
         import psycopg
     except ImportError:
@@ -1596,16 +1597,18 @@ class Postgres:
             conn = None
             try:
                 conn = self.connect()
+                conn.add_notify_handler(lambda note: self.heard(note.payload))
                 conn.execute("LISTEN " + STORE_CHANNEL)
                 self.reached()
                 for handler in list(self.handlers.values()):
                     self.hand(handler, None)
                 while not stopping.is_set():
-                    for note in conn.notifies(timeout=STORE_LISTEN_S):
-                        self.heard(note.payload)
-                    if self.down is not None:   # another use failed meanwhile: this one answers
+                    # Something to read is a notification (or the server going away): a query
+                    # takes it in, and hands each notification to heard(). Idle, nothing is sent.
+                    readable = select.select([conn.fileno()], [], [], STORE_LISTEN_S)[0]
+                    if readable or self.down is not None:
                         conn.execute("SELECT 1")
-                        self.reached()
+                        self.reached()      # another use may have failed meanwhile: this one answers
             except self.Error as exc:
                 if stopping.is_set():
                     break

@@ -195,10 +195,10 @@ def test_a_newer_schema_is_refused_with_a_clear_message(tmp_path, pg_url, upstre
     assert said["code"] == "store_schema_newer" and said["values"] == {"found": 99, "known": 1}
 
 
-@pytest.mark.parametrize("driver", ["missing", "3.1.18"])
+@pytest.mark.parametrize("driver", ["missing", "3.0.18"])
 def test_without_the_driver_the_message_names_the_package(tmp_path, driver):
-    """No psycopg, or one older than 3.2 (whose notifies() cannot wait with a timeout): a clear
-    refusal that names the package, never a traceback."""
+    """No psycopg, or one older than 3.1: a clear refusal that names the packages, never a
+    traceback."""
     path = host_dir(tmp_path, "nodriver", "postgresql://db.example/ccproxy")
     fake = tmp_path / "site" / "psycopg"
     fake.mkdir(parents=True)
@@ -208,7 +208,8 @@ def test_without_the_driver_the_message_names_the_package(tmp_path, driver):
                           "sys.exit(ccproxy.main(['--config', %r]))" % (setup, ROOT, path)],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2, run.stderr
-    assert "pip install --upgrade 'psycopg[binary]'" in run.stderr and "Traceback" not in run.stderr
+    assert "apt-get install python3-psycopg" in run.stderr and "pip install --upgrade 'psycopg[binary]'" in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 MESSAGE = {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "你好"}]}
