@@ -1516,8 +1516,12 @@ class Postgres:
                             store_where(self.url), time.time() - down[0])
 
     def failed(self, exc):
-        """The store did not answer: said once until it is back (the page shows it too)."""
+        """The store did not answer: said once until it is back (the page shows it too). An
+        error of the statement itself (not of the connection) is only logged: the store is up."""
         reason = self.reason(exc)
+        if not isinstance(exc, (self.psycopg.OperationalError, self.psycopg.InterfaceError)):
+            log.error("STORE %s refused a statement: %s", store_where(self.url), reason)
+            return
         with self.lock:
             first, self.down = self.down is None, self.down or (time.time(), reason)
         self.close()        # the idle connections went with it: new ones once it is back
@@ -5776,6 +5780,7 @@ class UsageStore:
               "key": "key_name"}
 
     retry_s = USAGE_RETRY_S         # after a failure, the store is left alone this long
+    upsert = False                  # one writer at a time (the file's lock): update, else insert
 
     def __init__(self, path):
         self.path = path
@@ -5862,9 +5867,9 @@ class UsageStore:
             if self.conn is None:
                 self.conn = self.connect()
             with self.transaction(self.conn):
-                add_sums(self.conn, "usage", ("hour", "provider", "model", "key_name"), usage)
-                add_sums(self.conn, "classes", ("hour", "class", "provider"), kinds)
-                add_conversations(self.conn, talks)
+                add_sums(self.conn, "usage", ("hour", "provider", "model", "key_name"), usage, self.upsert)
+                add_sums(self.conn, "classes", ("hour", "class", "provider"), kinds, self.upsert)
+                add_conversations(self.conn, talks, self.upsert)
                 self.add_records(self.conn)
         except self.Error as exc:
             # Once a minute at most (a file) or every few seconds (the shared store): a
@@ -5909,6 +5914,7 @@ class SharedUsage(UsageStore):
     batches wait here, merged, and are written when it is back (every STORE_RETRY_S)."""
 
     retry_s = STORE_RETRY_S
+    upsert = True                   # several hosts may make the same new group at once
 
     def __init__(self, pg):
         super().__init__("STORE")
@@ -5994,9 +6000,18 @@ class SqlConnection:
         self.conn.close()
 
 
-def add_sums(conn, table, columns, batch):
+def add_sums(conn, table, columns, batch, upsert=False):
     """Add each group's SUMS of batch ({values of columns: sums}) to its row of table, made if
-    new; within the caller's transaction."""
+    new; within the caller's transaction. upsert: in one statement, as several hosts writing
+    the same new group at once need (sqlite's store has one writer at a time, and a sqlite
+    older than 3.24 has no upsert)."""
+    if upsert:
+        adding = ", ".join("%s = %s.%s + excluded.%s" % (c, table, c, c) for c in UsageStore.SUMS)
+        for group, sums in batch.items():
+            conn.execute("INSERT INTO %s (%s, %s) VALUES (%s) ON CONFLICT (%s) DO UPDATE SET %s" % (
+                table, ", ".join(columns), ", ".join(UsageStore.SUMS), ", ".join("?" * (len(columns) + len(sums))),
+                ", ".join(columns), adding), list(group) + [sums[c] for c in UsageStore.SUMS])
+        return
     adding = ", ".join("%s = %s + ?" % (c, c) for c in UsageStore.SUMS)
     where = " AND ".join("%s = ?" % c for c in columns)
     for group, sums in batch.items():
@@ -6168,8 +6183,20 @@ def conversation_batch(rows, batch):
     return batch
 
 
-def add_conversations(conn, batch):
-    """Add a conversation_batch to the conversations table, within the caller's transaction."""
+def add_conversations(conn, batch, upsert=False):
+    """Add a conversation_batch to the conversations table, within the caller's transaction
+    (upsert: in one statement each, as add_sums)."""
+    if upsert:
+        adding = ", ".join("%s = conversations.%s + excluded.%s" % (c, c, c) for c in UsageStore.SUMS)
+        for (session, provider), entry in batch.items():
+            conn.execute("INSERT INTO conversations (session, provider, key_name, first_seen, last_seen, model, %s) "
+                         "VALUES (?, ?, ?, ?, ?, ?, %s) ON CONFLICT (session, provider) DO UPDATE SET %s, "
+                         "last_seen = CASE WHEN conversations.last_seen > excluded.last_seen THEN conversations.last_seen "
+                         "ELSE excluded.last_seen END, model = excluded.model" % (
+                             ", ".join(UsageStore.SUMS), ", ".join("?" * len(UsageStore.SUMS)), adding),
+                         [session, provider, entry["key"], entry["first"], entry["last"], entry["model"]] +
+                         [entry["sums"][c] for c in UsageStore.SUMS])
+        return
     adding = ", ".join("%s = %s + ?" % (c, c) for c in UsageStore.SUMS)
     for (session, provider), entry in batch.items():
         values = [entry["sums"][c] for c in UsageStore.SUMS]

@@ -607,3 +607,31 @@ def test_the_store_is_seen_back_even_when_its_kept_connections_died_with_it(host
     time.sleep(3)
     assert a.api("GET", "/api/state")[1]["store"]["ok"]
     assert a.api("GET", "/api/usage")[0] == 200
+
+
+def test_two_hosts_making_the_same_new_usage_row_at_once_both_count(hosts, pg_url):
+    """Two hosts adding the first request of an hour for the same relay and model at once:
+    the second waits for the first's row and adds to it (an upsert). Before, its insert hit
+    the first's and the batch failed, which also said the store was down."""
+    import psycopg
+    a, = hosts(1)
+    usage = ccproxy.SharedUsage(a.store.docs.pg)           # a writer of its own, as another host's
+    now = time.time()
+    rec = {"time": now, "provider": "alpha", "model": "claude-sonnet-4-5", "status": 200, "key": None,
+           "attempts": [["alpha", "200"]], "session": "会话-1", "ttfb_ms": 12, "cost": None,
+           "usage": {"input": 10, "output": 5, "cache_read": 0, "cache_creation": 0}}
+    hour = time.strftime("%Y-%m-%d %H", time.localtime(now))
+    with psycopg.connect(pg_url) as other:                 # the other host, mid-transaction
+        other.execute("INSERT INTO ccproxy.usage (hour, provider, model, key_name, requests) "
+                      "VALUES (%s, 'alpha', 'claude-sonnet-4-5', '', 1)", (hour,))
+        other.execute("INSERT INTO ccproxy.conversations (session, provider, first_seen, last_seen, requests) "
+                      "VALUES ('会话-1', 'alpha', %s, %s, 1)", (now, now))
+        writer = threading.Thread(target=usage.add, args=([rec],))
+        writer.start()
+        time.sleep(0.5)                                    # it waits on the other's new rows
+        other.commit()
+        writer.join(10)
+    assert not usage.waiting() and a.store.docs.pg.down is None
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT requests, input FROM ccproxy.usage").fetchall() == [(2, 10)]
+        assert conn.execute("SELECT requests, output FROM ccproxy.conversations").fetchall() == [(2, 5)]
