@@ -3,9 +3,9 @@
 
     python3 tests/bench.py [--quick] [--json FILE] [--baseline FILE] [--store]
 
-Three processes: an asyncio mock Anthropic upstream, the real proxy (ccproxy.py started as a
-user starts it: INFO logging to a file, request log on) and this asyncio load client, which
-speaks raw HTTP/1.1 over keep-alive connections. Every figure is measured twice in one run,
+Three processes: an asyncio mock Anthropic upstream, the real proxy (started as run.sh starts
+it: INFO logging to a file, request log on) and this asyncio load client, which speaks raw
+HTTP/1.1 over keep-alive connections. Every figure is measured twice in one run,
 direct to the mock and through the proxy, and printed as medians/percentiles side by side.
 Event timestamps come from CLOCK_MONOTONIC, which is shared by all processes on Linux.
 Every loop is bounded in count and in time. Linux only (/proc for CPU time and RSS).
@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import json
 import os
+import py_compile
 import signal
 import socket
 import subprocess
@@ -383,15 +384,17 @@ def mock_connections(mock_port):
 
 
 def start_proxy(tmp, mock_port, name="config.json", **settings):
-    """The real proxy as a user runs it (INFO log to a file, request log on), unless settings
-    say otherwise; (process, port)."""
+    """The real proxy as run.sh and the README's systemd units run it (python3 -m ccproxy from
+    its directory, from the bytecode Python caches in __pycache__/ at the first start; INFO log
+    to a file, request log on), unless settings say otherwise; (process, port)."""
+    py_compile.compile(os.path.join(ROOT, "ccproxy.py"), doraise=True)     # even if PYTHONDONTWRITEBYTECODE
     config = os.path.join(tmp, name)
     with open(config, "w") as f:
         json.dump(dict({"APIKEY": APIKEY, "PORT": 0, "Providers": [
             {"name": "mock", "api_base_url": "http://127.0.0.1:%d/v1/messages" % mock_port, "api_key": "sk-up",
              "models": ["claude-sonnet-4-5"]}]}, **settings), f)
     log = open(os.path.join(tmp, name + ".log"), "a")
-    proxy = subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"), "--config", config],
+    proxy = subprocess.Popen([sys.executable, "-m", "ccproxy", "--config", config], cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=log, universal_newlines=True)
     return proxy, int(proxy.stdout.readline().split("http://127.0.0.1:")[1].split()[0])
 

@@ -6,6 +6,8 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -119,3 +121,59 @@ def test_first_start_shows_the_next_step_and_keeps_its_files_private(env, tmp_pa
         assert key not in out + f.read()                 # never in a log
     for path in (env["CONFIG"], env["LOGFILE"], env["PIDFILE"]):
         assert os.stat(path).st_mode & 0o777 == 0o600, path
+
+
+def cmdline(pid):
+    with open("/proc/%d/cmdline" % pid, "rb") as f:
+        return f.read().split(b"\0")
+
+
+def test_relative_paths_from_a_directory_with_its_own_ccproxy_py(env, tmp_path):
+    """start runs ccproxy as a module from run.sh's directory (from its cached bytecode): a
+    ccproxy.py in the caller's directory is not the one run, and CONFIG, LOGFILE and PIDFILE
+    given relative to the caller's directory are still found there."""
+    work = tmp_path / "工作目录"
+    work.mkdir()
+    (work / "ccproxy.py").write_text("raise SystemExit('the wrong ccproxy.py')\n")
+    os.rename(env["CONFIG"], str(work / "config.json"))
+    env = dict(env, CONFIG="config.json", LOGFILE="日志.log", PIDFILE="ccproxy.pid")
+    started = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "start"], env=env, cwd=str(work),
+                             capture_output=True, text=True, timeout=60)
+    assert started.returncode == 0, started.stderr
+    assert request(int(env["port"])) == 200
+    with open(str(work / "ccproxy.pid")) as f:
+        pid = int(f.readline())
+    assert cmdline(pid)[1:5] == [b"-m", b"ccproxy", b"--config", str(work / "config.json").encode()]
+    assert "listening on" in (work / "日志.log").read_text(encoding="utf-8")
+    stopped = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "stop"], env=env, cwd=str(work),
+                             capture_output=True, text=True, timeout=60)
+    assert "ccproxy stopped" in stopped.stdout
+    assert not os.path.exists(str(work / "ccproxy.pid"))
+
+
+def test_a_process_started_by_an_older_run_sh_is_still_known(env):
+    """run.sh before 2026-12 ran "python3 …/ccproxy.py": after an upgrade, status and stop
+    still know that process."""
+    with open(env["LOGFILE"], "ab") as log:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"), "--config", env["CONFIG"]],
+                                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        with open(env["PIDFILE"], "w") as f:
+            f.write("%d\nhttp://127.0.0.1:%s\n" % (proc.pid, env["port"]))
+        deadline = time.monotonic() + 15
+        while request_or_none(int(env["port"])) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "is running (pid %d)" % proc.pid in run(env, "status").stdout
+        assert "ccproxy stopped" in run(env, "stop").stdout
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def request_or_none(port):
+    try:
+        return request(port)
+    except OSError:
+        return None

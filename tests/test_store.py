@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -387,7 +388,8 @@ def readme_hosts_nginx():
 
 
 class Hosts:
-    """Three ccproxy processes (python3 ccproxy.py, as systemd runs it) on one database, and
+    """Three ccproxy processes on one database, each run as the README's systemd unit runs it
+    (python3 -m ccproxy in a directory holding ccproxy.py, webui.html and config.json), and
     nginx in front with the README's block."""
 
     def __init__(self, tmp_path, pg_url, whole):
@@ -400,7 +402,9 @@ class Hosts:
             config = dict(whole, STORE=pg_url) if i == 0 else {"APIKEY": APIKEY, "STORE": pg_url}
             config.update(HOST="127.0.0.1", PORT=port, TRUSTED_PROXIES=["127.0.0.1"])
             path = write_config(directory / "config.json", config)
-            self.processes.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"), "--config", path],
+            for name in ("ccproxy.py", "webui.html"):
+                shutil.copy(os.path.join(ROOT, name), str(directory))
+            self.processes.append(subprocess.Popen([sys.executable, "-m", "ccproxy", "--config", path],
                                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                                    cwd=str(directory)))
             wait_listening(port, self.processes[-1], 20)      # the first makes the schema: one at a time
