@@ -48,11 +48,10 @@ TARGETS = [
     # the fastest peer (claude-code-router), less than half of what it adds (measured apart).
     ("ttfb_added_p99_ms", "256 concurrent streams: added TTFB p99", "≤ 1.3 × the commit before", RELATIVE),
     ("big_body_ratio", "2 MB request body: latency vs direct", "≤ 2 ×", lambda v: v <= 2.0),
-    # 62 MB since the content gate and routing (docs/performance.md, 2026-12-04): the script
-    # compiles at every start and its syntax tree grows with it. 56 MB before, since the usage
-    # store and team keys: the script itself (compiled at every start)
-    # and sqlite3 hold ~6 MB more; what the 256 streams add is unchanged (docs/performance.md).
-    ("rss_peak_mb", "proxy RSS peak during the 256 streams", "≤ 62 MB", lambda v: v <= 62.0),
+    # 50 MB again since ccproxy is run from its cached bytecode, as run.sh and the systemd units
+    # start it (docs/performance.md, 2026-12-05): started as a script, the file's syntax tree
+    # stayed for the life of the process, and the budget had gone from 50 to 62 MB with it.
+    ("rss_peak_mb", "proxy RSS peak during the 256 streams", "≤ 50 MB", lambda v: v <= 50.0),
     ("rss_growth_mb", "RSS growth over the soak after warm-up", "≤ 5 MB", lambda v: v <= 5.0),
     ("models_list_ms", "/v1/models?limit=1000, 50 relays x 200 models: p50", "≤ 100 ms", lambda v: v <= 100.0),
     ("key_limits_added_ms", "a user key with limits vs the APIKEY: added p50", "≤ +0.1 ms", lambda v: v <= 0.1),
