@@ -3,7 +3,8 @@
 
 Starts ccproxy.py as a user would (a subprocess with this interpreter) against two mock
 providers, streams one request through it, switches provider, sends another, stops it with
-SIGTERM, then runs each tool in tools/ on the same config. Exit 0 and "smoke OK" on success.
+SIGTERM, then runs each tool in tools/ on the same config, then starts and stops it with run.sh
+(which runs it as a module). Exit 0 and "smoke OK" on success.
 """
 
 import http.client
@@ -62,6 +63,7 @@ def main():
             run = subprocess.run([sys.executable, os.path.join(tools, tool), "--input", config] + args,
                                  cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
             assert run.returncode == 0 and "Traceback" not in run.stderr, (tool, run.stderr)
+        run_sh(tmp, config, one)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -70,6 +72,28 @@ def main():
         two.close()
     print("smoke OK on Python %s" % sys.version.split()[0])
     return 0
+
+
+def run_sh(tmp, config, relay):
+    """run.sh start and stop with this interpreter: it runs ccproxy as a module (-m ccproxy)."""
+    env = dict(os.environ, PYTHON=sys.executable, CONFIG=config, PIDFILE=os.path.join(tmp, "ccproxy.pid"),
+               LOGFILE=os.path.join(tmp, "ccproxy.log"))
+    script = os.path.join(os.path.dirname(HERE), "run.sh")
+    start = subprocess.run(["bash", script, "start"], env=env, cwd=tmp, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    try:
+        assert start.returncode == 0, start.stderr
+        port = int(start.stdout.split("http://127.0.0.1:")[1].split("/")[0])
+        before = len(relay.requests)
+        call(port, "POST", "/api/select", {"provider": "one"})
+        status, _ = call(port, "POST", "/v1/messages", {"model": "m", "max_tokens": 5, "messages": []})
+        assert status == 200 and len(relay.requests) == before + 1, status
+    finally:
+        stop = subprocess.run(["bash", script, "stop"], env=env, cwd=tmp, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert "ccproxy stopped" in stop.stdout, (stop.stdout, stop.stderr)
+    with open(env["LOGFILE"]) as f:
+        assert "Traceback" not in f.read()
 
 
 if __name__ == "__main__":
