@@ -1087,8 +1087,10 @@ def test_routes_are_edited_as_rules_and_the_failover_order_is_shown(browser, tmp
         field.send_keys("compaction,auxiliary")
         Select(browser.find_element(By.ID, "set-fallback-order")).select_by_value("cheapest")
         save()
-        wait(browser, lambda d: config_on_disk(proxy).get("Routes") == {"*haiku*": "备用站",
-                                                                         "class=compaction,auxiliary": "备用站"})
+        # The toast (the first "saved" of this page) says the save's answer came: ccproxy writes
+        # the file, then takes it in use, so the file alone may be a moment early.
+        wait(browser, lambda d: d.find_element(By.ID, "toast").get_attribute("textContent") == "已保存到 config.json")
+        assert config_on_disk(proxy).get("Routes") == {"*haiku*": "备用站", "class=compaction,auxiliary": "备用站"}
         assert config_on_disk(proxy)["FALLBACK_ORDER"] == "cheapest"
         assert proxy.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": []},
                           headers={"x-claude-code-request-class": "auxiliary"})[1]["x-ccproxy-provider"] == "%E5%A4%87%E7%94%A8%E7%AB%99"
