@@ -6109,14 +6109,23 @@ def usage_report(store, currency, query):
             "rows": rows, "total": usage_row(total, currency)}
 
 
-def usage_csv(report):
+# The CSV's header row in Chinese (?lang=zh, the page's language); without it, the JSON's keys.
+USAGE_CSV_ZH = {"provider": "供应商", "model": "模型", "day": "日期", "hour": "小时", "key": "密钥",
+                "session": "对话", "class": "请求种类", "requests": "请求", "errors": "错误", "input": "输入",
+                "output": "输出", "cache_read": "缓存读取", "cache_write": "缓存写入", "hit_rate_pct": "命中率 %",
+                "cost": "费用", "unpriced": "无价格的请求", "currency": "币种", "ttfb_p50_ms": "首字节 中位数 ms",
+                "ttfb_p95_ms": "首字节 p95 ms"}
+
+
+def usage_csv(report, lang="en"):
     """The rows of a usage report as CSV for a spreadsheet: UTF-8 with a byte order mark, which
-    is how Excel knows to read Chinese names as UTF-8."""
+    is how Excel knows to read Chinese names as UTF-8; the header row in English (the JSON's
+    keys) or, with lang "zh", in Chinese."""
     out = io.StringIO()
     columns = report["by"] + ["requests", "errors", "input", "output", "cache_read", "cache_write",
                               "hit_rate_pct", "cost", "unpriced", "currency", "ttfb_p50_ms", "ttfb_p95_ms"]
     writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(columns)
+    writer.writerow([USAGE_CSV_ZH[c] for c in columns] if lang == "zh" else columns)
     for row in report["rows"]:
         # A cell that starts like a formula is read as text, not run: a name such as "=1+1".
         writer.writerow(["" if row[c] is None else "'" + row[c] if isinstance(row[c], str) and row[c][:1] in "=+-@"
@@ -6144,11 +6153,12 @@ def switch_estimate(server, view):
 
 
 def api_usage(handler, params):
-    """Usage and cost over days from the usage store: JSON, or CSV with ?format=csv."""
+    """Usage and cost over days from the usage store: JSON, or CSV with ?format=csv (&lang=zh:
+    its header row in Chinese)."""
     query = handler.query_params()
     report = usage_report(handler.server.recorder.usage, handler.server.store.view.config.pricing.currency, query)
     if query.get("format", ["json"])[0] == "csv":
-        handler.send_bytes(200, usage_csv(report), "text/csv; charset=utf-8",
+        handler.send_bytes(200, usage_csv(report, query.get("lang", ["en"])[0]), "text/csv; charset=utf-8",
                            [("Content-Disposition", 'attachment; filename="ccproxy-usage-%s-%s.csv"'
                              % (report["from"], report["to"])), ("Cache-Control", "no-store")])
         return None

@@ -719,6 +719,15 @@ def test_usage_cost_cache_and_balance_in_the_page(browser, tmp_path, upstream, u
         assert "USD" in cost.text
         assert browser.execute_script("const r = arguments[0].getBoundingClientRect(); return r.right <= innerWidth", cost)
         assert words[1] in browser.find_element(By.ID, "usage-total").text
+        # Download CSV: the file the page saves names its columns in the page's language.
+        browser.execute_script("const made = URL.createObjectURL; URL.createObjectURL = blob => "
+                               "{ blob.text().then(text => { window.savedCsv = text; }); return made.call(URL, blob); };")
+        click(browser, lambda d: d.find_element(By.ID, "usage-csv"))
+        saved = wait(browser, lambda d: d.execute_script("return window.savedCsv"))
+        header, first = saved.lstrip("\ufeff").splitlines()[:2]
+        assert header.startswith({"en": "day,provider,model,requests,errors,input,output",
+                                  "zh": "日期,供应商,模型,请求,错误,输入,输出"}[lang])
+        assert first.startswith(today + ",中转站A,claude-sonnet-4-5,")
         # the conversation, with the relay it was on and its cost
         wait(browser, lambda d: "0f3c9a64…" in d.find_element(By.ID, "sessions").text)
         assert "中转站A" in browser.find_element(By.CSS_SELECTOR, "#sessions tbody tr").text

@@ -6,6 +6,7 @@ import datetime
 import io
 import json
 import logging
+import re
 import time
 
 import pytest
@@ -130,6 +131,24 @@ def test_usage_as_csv_for_a_spreadsheet(relays, upstream):
     main = next(r for r in rows if r["provider"] == MAIN)
     assert main["requests"] == "4" and main["cache_read"] == "2700" and main["day"] == datetime.date.today().isoformat()
     assert next(r for r in rows if r["provider"] == SPARE)["cost"] == ""
+
+
+def test_usage_csv_header_in_chinese(relays, upstream):
+    """?lang=zh names every column in Chinese, whatever the grouping; anything else, the JSON's keys."""
+    proxy, _ = relays
+    send_known_traffic(proxy, upstream)
+    usage(proxy, "by=provider", 5)
+    body = proxy.call("GET", "/api/usage?by=provider,day&format=csv&lang=zh")[2].decode("utf-8-sig")
+    rows = list(csv.DictReader(io.StringIO(body)))
+    main = next(r for r in rows if r["供应商"] == MAIN)
+    assert main["请求"] == "4" and main["缓存读取"] == "2700" and main["日期"] == datetime.date.today().isoformat()
+    assert list(rows[0])[-3:] == ["币种", "首字节 中位数 ms", "首字节 p95 ms"]
+    english = proxy.call("GET", "/api/usage?by=provider&format=csv&lang=fr")[2].decode("utf-8-sig")
+    assert english.startswith("provider,requests,errors,")
+    for by in ("provider,model,day,hour,key", "session,provider,key", "class,provider,day,hour"):
+        status, _, body = proxy.call("GET", "/api/usage?format=csv&lang=zh&by=" + by)
+        header = body.decode("utf-8-sig").splitlines()[0]
+        assert status == 200 and not re.search("[a-z]{2,}", header.replace(" ms", "").replace("p95", "")), header
 
 
 def test_usage_query_errors_are_clear(relays):
