@@ -384,9 +384,8 @@ def mock_connections(mock_port):
 
 def start_proxy(tmp, mock_port, name="config.json", **settings):
     """The real proxy as run.sh and the README's systemd units run it (python3 -m ccproxy from
-    its directory, from the bytecode Python caches in __pycache__/ at the first start; INFO log
+    its directory, from the bytecode cached in __pycache__/, which main() writes; INFO log
     to a file, request log on), unless settings say otherwise; (process, port)."""
-    py_compile.compile(os.path.join(ROOT, "ccproxy.py"), doraise=True)     # even if PYTHONDONTWRITEBYTECODE
     config = os.path.join(tmp, name)
     with open(config, "w") as f:
         json.dump(dict({"APIKEY": APIKEY, "PORT": 0, "Providers": [
@@ -624,6 +623,8 @@ def main(argv=None):
     if args.serve_floor:
         serve_floor(args.serve_floor)
         return 0
+    # the bytecode a user's first start caches, written even if PYTHONDONTWRITEBYTECODE is set
+    py_compile.compile(os.path.join(ROOT, "ccproxy.py"), doraise=True)
     baseline = None
     if args.baseline:
         with open(args.baseline) as f:

@@ -7,11 +7,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import APIKEY, ROOT, make_config, write_config
+from test_processes import wait_listening
 
 pytestmark = pytest.mark.skipif(not shutil.which("bash"), reason="run.sh needs bash")
 
@@ -34,9 +34,9 @@ def env(tmp_path, upstream):
                    capture_output=True, timeout=30)
 
 
-def run(env, *args):
+def run(env, *args, cwd="/"):
     return subprocess.run(["bash", os.path.join(ROOT, "run.sh")] + list(args), env=env,
-                          cwd="/", capture_output=True, text=True, timeout=60)
+                          cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
 def request(port):
@@ -137,32 +137,26 @@ def test_relative_paths_from_a_directory_with_its_own_ccproxy_py(env, tmp_path):
     (work / "ccproxy.py").write_text("raise SystemExit('the wrong ccproxy.py')\n")
     os.rename(env["CONFIG"], str(work / "config.json"))
     env = dict(env, CONFIG="config.json", LOGFILE="日志.log", PIDFILE="ccproxy.pid")
-    started = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "start"], env=env, cwd=str(work),
-                             capture_output=True, text=True, timeout=60)
+    started = run(env, "start", cwd=str(work))
     assert started.returncode == 0, started.stderr
     assert request(int(env["port"])) == 200
     with open(str(work / "ccproxy.pid")) as f:
         pid = int(f.readline())
     assert cmdline(pid)[1:5] == [b"-m", b"ccproxy", b"--config", str(work / "config.json").encode()]
     assert "listening on" in (work / "日志.log").read_text(encoding="utf-8")
-    stopped = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "stop"], env=env, cwd=str(work),
-                             capture_output=True, text=True, timeout=60)
-    assert "ccproxy stopped" in stopped.stdout
+    assert "ccproxy stopped" in run(env, "stop", cwd=str(work)).stdout
     assert not os.path.exists(str(work / "ccproxy.pid"))
 
 
 def test_a_process_started_by_an_older_run_sh_is_still_known(env):
     """run.sh before 2026-12 ran "python3 …/ccproxy.py": after an upgrade, status and stop
     still know that process."""
-    with open(env["LOGFILE"], "ab") as log:
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"), "--config", env["CONFIG"]],
-                                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"), "--config", env["CONFIG"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
     try:
         with open(env["PIDFILE"], "w") as f:
             f.write("%d\nhttp://127.0.0.1:%s\n" % (proc.pid, env["port"]))
-        deadline = time.monotonic() + 15
-        while request_or_none(int(env["port"])) is None and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_listening(int(env["port"]), proc, 15)
         assert "is running (pid %d)" % proc.pid in run(env, "status").stdout
         assert "ccproxy stopped" in run(env, "stop").stdout
         assert proc.wait(timeout=10) == 0
@@ -170,10 +164,3 @@ def test_a_process_started_by_an_older_run_sh_is_still_known(env):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def request_or_none(port):
-    try:
-        return request(port)
-    except OSError:
-        return None
